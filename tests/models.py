@@ -1,0 +1,97 @@
+"""Small models and data shared by the tests, built deterministically from a seed."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+
+
+@keras.saving.register_keras_serializable(package="tfpipe_tests")
+class Scale(keras.layers.Layer):
+    """A custom layer with its own weight: y = x * alpha."""
+
+    def build(self, input_shape):
+        self.alpha = self.add_weight(shape=(input_shape[-1],), initializer="ones", name="alpha")
+
+    def call(self, x):
+        return x * self.alpha
+
+
+def mlp() -> keras.Model:
+    return keras.Sequential([
+        keras.Input((8,)),
+        keras.layers.Dense(16, activation="relu"),
+        keras.layers.Dense(16, activation="tanh"),
+        keras.layers.Dense(16, activation="relu"),
+        keras.layers.Dense(3, activation="softmax"),
+    ], name="mlp")
+
+
+def cnn() -> keras.Model:
+    return keras.Sequential([
+        keras.Input((8, 8, 1)),
+        keras.layers.Conv2D(4, 3, activation="relu"),
+        keras.layers.MaxPooling2D(),
+        keras.layers.Conv2D(6, 2, activation="relu"),
+        keras.layers.Flatten(),
+        keras.layers.Dense(3, activation="softmax"),
+    ], name="cnn")
+
+
+def functional() -> keras.Model:
+    """Functional chain with a custom layer and a nested Sequential block."""
+    inputs = keras.Input((8,), name="features")
+    h = keras.layers.Dense(16, activation="relu", name="d1")(inputs)
+    h = Scale(name="scale")(h)
+    block = keras.Sequential([keras.layers.Dense(16, activation="relu"),
+                              keras.layers.Dense(16, activation="relu")], name="block")
+    h = block(h)
+    h = keras.layers.Dense(12, activation="tanh", name="d2")(h)
+    outputs = keras.layers.Dense(3, activation="softmax", name="head")(h)
+    return keras.Model(inputs, outputs, name="functional")
+
+
+MODELS = {"mlp": mlp, "cnn": cnn, "functional": functional}
+OPTIMIZERS = {
+    "sgd": lambda: keras.optimizers.SGD(0.1, momentum=0.9),
+    "adam": lambda: keras.optimizers.Adam(0.01),
+}
+
+
+def build(kind: str, optimizer: str = "adam", seed: int = 0, **compile_kwargs) -> keras.Model:
+    """A compiled model of `kind` whose initial weights depend only on `seed`."""
+    keras.utils.set_random_seed(seed)
+    model = MODELS[kind]()
+    compile_kwargs.setdefault("loss", "sparse_categorical_crossentropy")
+    compile_kwargs.setdefault("metrics", ["accuracy"])
+    model.compile(optimizer=OPTIMIZERS[optimizer](), **compile_kwargs)
+    return model
+
+
+def data(kind: str, n: int = 64, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Inputs for `kind` and integer labels in [0, 3)."""
+    rng = np.random.default_rng(seed)
+    shape = (n, 8, 8, 1) if kind == "cnn" else (n, 8)
+    return rng.normal(size=shape).astype("float32"), rng.integers(0, 3, size=n)
+
+
+class StepLog(keras.callbacks.Callback):
+    """Records the logs Keras reports after every training batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.batches: list[dict[str, float]] = []
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.batches.append({k: float(v) for k, v in (logs or {}).items()})
+
+
+def assert_same_training(ref_model, ref_log, model, log, rtol=1e-5, atol=1e-6):
+    """Per-step losses/metrics and final weights agree to float tolerance."""
+    assert len(ref_log.batches) == len(log.batches) > 0
+    for a, b in zip(ref_log.batches, log.batches):
+        assert a.keys() == b.keys()
+        for k in a:
+            np.testing.assert_allclose(b[k], a[k], rtol=rtol, atol=atol, err_msg=k)
+    for va, vb in zip(ref_model.weights, model.weights):
+        np.testing.assert_allclose(vb.numpy(), va.numpy(), rtol=rtol, atol=atol, err_msg=va.path)

@@ -1,0 +1,125 @@
+"""Splits a batch into micro-batches and weights each micro-batch's loss so their sum is the batch loss.
+
+Design: Keras's default reduction (`sum_over_batch_size`) divides by the number of loss
+elements, so a micro-batch of b_m samples out of B contributes `(b_m / B) * loss_m`; with
+`sum` it contributes `loss_m`; with `mean_with_sample_weight` it contributes
+`(sum w_m / sum w) * loss_m`. Weighting per sample, not per micro-batch, makes uneven
+micro-batches (B not divisible by M, a short last batch) exact. Sizes are computed in the
+graph from the dynamic batch size, so one trace serves every batch size.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import keras
+import tensorflow as tf
+
+from tfpipe.errors import PipelineError
+
+SUPPORTED_REDUCTIONS = ("sum_over_batch_size", "mean", "sum", "mean_with_sample_weight")
+
+
+def loss_reduction(model: keras.Model) -> str:
+    """The one reduction shared by the model's compiled losses.
+
+    Raises:
+        PipelineError: for an uncompiled loss, a reduction we cannot split exactly, or losses
+            with different reductions.
+    """
+    if model.loss is None:
+        raise PipelineError(
+            f"Model {model.name!r} was compiled without a loss: pass loss=... to "
+            "model.compile (tfpipe trains the compiled loss)."
+        )
+    found = set()
+    for loss in keras.tree.flatten(model.loss):
+        if loss is None:
+            continue
+        found.add(getattr(loss, "reduction", "sum_over_batch_size") or "none")
+    bad = sorted(found - set(SUPPORTED_REDUCTIONS))
+    if bad or len(found) > 1:
+        raise PipelineError(
+            f"Model {model.name!r} compiles losses with reduction(s) {sorted(found)}; tfpipe "
+            f"splits a batch exactly for one of {SUPPORTED_REDUCTIONS}. Use one reduction "
+            "for all outputs (the Keras default is 'sum_over_batch_size')."
+        )
+    return found.pop() if found else "sum_over_batch_size"
+
+
+def batch_size(x: Any) -> tf.Tensor:
+    """The dynamic batch size of an input structure (first dimension of its first leaf)."""
+    leaves = [t for t in keras.tree.flatten(x) if t is not None]
+    return tf.shape(leaves[0])[0]
+
+
+@dataclass
+class MicroBatches:
+    """A batch split into M micro-batches, with per-micro-batch loss weights.
+
+    Attributes:
+        xs, ys, sample_weights: lists of M structures (or Nones), micro-batch m holding
+            samples `[start_m, start_m + b_m)` of the batch, on the caller's device.
+        sizes: int32 tensor [M], b_m = B // M + (m < B % M).
+        data_scale: M float32 scalars weighting the compiled loss of each micro-batch.
+        extra_scale: M float32 scalars `b_m / B` weighting regularisation losses.
+        batch: int32 scalar B.
+    """
+
+    xs: list[Any]
+    ys: list[Any]
+    sample_weights: list[Any]
+    sizes: tf.Tensor
+    data_scale: list[tf.Tensor]
+    extra_scale: list[tf.Tensor]
+    batch: tf.Tensor
+
+    @classmethod
+    def split(cls, x: Any, y: Any, sample_weight: Any, num: int, reduction: str) -> "MicroBatches":
+        """Splits `(x, y, sample_weight)` of batch size B into `num` micro-batches.
+
+        Raises:
+            tf.errors.InvalidArgumentError (at run time): when B < num, naming both.
+        """
+        batch = batch_size(x)
+        with tf.control_dependencies([
+            tf.debugging.assert_greater_equal(
+                batch, num,
+                message=f"tfpipe: a batch is smaller than micro_batches={num}; use a batch "
+                "size >= micro_batches (or drop_remainder=True for the last batch)",
+            )
+        ]):
+            base = tf.identity(batch // num)
+        rem = batch % num
+        sizes = base + tf.cast(tf.range(num) < rem, tf.int32)
+        xs, ys, sws = (_split(t, sizes, num) for t in (x, y, sample_weight))
+        fraction = [tf.cast(sizes[m], tf.float32) / tf.cast(batch, tf.float32) for m in range(num)]
+        if reduction == "sum":
+            data_scale = [tf.constant(1.0) for _ in range(num)]
+        elif reduction == "mean_with_sample_weight" and sample_weight is not None:
+            total = tf.reduce_sum(tf.cast(sample_weight, tf.float32))
+            data_scale = [
+                tf.math.divide_no_nan(tf.reduce_sum(tf.cast(w, tf.float32)), total) for w in sws
+            ]
+        else:
+            data_scale = fraction
+        return cls(xs, ys, sws, sizes, data_scale, fraction, batch)
+
+
+def _split(structure: Any, sizes: tf.Tensor, num: int) -> list[Any]:
+    if structure is None:
+        return [None] * num
+    leaves = keras.tree.flatten(structure)
+    parts = [tf.split(t, sizes, num=num, axis=0) if t is not None else [None] * num for t in leaves]
+    return [keras.tree.pack_sequence_as(structure, [p[m] for p in parts]) for m in range(num)]
+
+
+def check_micro_batches(micro_batches: Any) -> int:
+    """Validates the micro-batch count argument."""
+    if not isinstance(micro_batches, int) or isinstance(micro_batches, bool) or micro_batches < 1:
+        raise PipelineError(
+            f"micro_batches must be a positive integer (the number of slices each batch is cut "
+            f"into), got {micro_batches!r}."
+        )
+    return micro_batches

@@ -1,0 +1,169 @@
+"""`Pipeline`: a Keras model split into device-placed stages, trained through Keras's own `fit`.
+
+Design: `Pipeline` owns the split (stages), the schedule and the executor, and nothing of the
+training loop. `fit` / `evaluate` / `predict` lend the executor's steps to the user's model
+through Keras's documented seam (`train_step`, `test_step`, `predict_step`) for the length of
+the call and then call the model's own method, so data adapters, callbacks, the progress bar,
+History and validation are Keras's. Everything that can be wrong with the arguments is checked
+before any variable moves, so a refused pipeline leaves the user's model as it was.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, Iterator, Sequence
+
+import keras
+
+from tfpipe import schedules
+from tfpipe.devices import default_devices, resolve_devices
+from tfpipe.errors import PipelineError
+from tfpipe.executor import Executor
+from tfpipe.executor.microbatch import check_micro_batches
+from tfpipe.partition import Stage, split
+from tfpipe.placement import place_optimizer, place_stages, updates_on_variable_devices
+
+_STEPS = ("train_step", "test_step", "predict_step")
+_FUNCTIONS = ("train_function", "test_function", "predict_function")
+
+
+class Pipeline:
+    """A compiled Keras model split into stages, each on its own device.
+
+    Args:
+        model: a compiled, built Sequential or Functional Keras model. Its layers and
+            variables are shared, not copied: training the pipeline trains `model`.
+        stages: number of stages K, balanced by parameter count. Defaults to one per
+            available device (the visible GPUs, else the logical CPU devices).
+        balance: layer calls per stage, `[n1, ..., nK]`, instead of `stages`.
+        devices: device names, one per stage; fewer than K puts contiguous stages on each
+            device. Defaults to the visible GPUs, else the logical CPU devices.
+        micro_batches: M, the number of slices each batch is cut into.
+        schedule: `"gpipe"` or a `tfpipe.schedules.Schedule` for K stages and M micro-batches.
+
+    Attributes:
+        stages: the `Stage`s: `.model` (Keras sub-model), `.device`, `.num_params`, `.layers`.
+        schedule: the validated `Schedule`.
+
+    Raises:
+        PipelineError: for an uncompiled model, wrong stage counts, missing devices, or a
+            cut the model cannot take; nothing is moved in that case.
+
+    Example:
+        >>> pipe = tfpipe.Pipeline(model, stages=4, micro_batches=8)
+        >>> pipe.summary()
+        >>> pipe.fit(dataset, epochs=3)
+    """
+
+    def __init__(
+        self,
+        model: keras.Model,
+        stages: int | None = None,
+        balance: Sequence[int] | None = None,
+        devices: Sequence[str] | None = None,
+        micro_batches: int = 1,
+        schedule: str | schedules.Schedule = "gpipe",
+    ) -> None:
+        if not isinstance(model, keras.Model):
+            raise PipelineError(f"tfpipe needs a keras.Model, got {type(model).__name__}.")
+        if not getattr(model, "compiled", False) or model.optimizer is None:
+            raise PipelineError(
+                f"Model {model.name!r} is not compiled: call model.compile(optimizer=..., "
+                "loss=..., metrics=...) before tfpipe.fit / tfpipe.Pipeline."
+            )
+        if not model.built:
+            raise PipelineError(
+                f"Model {model.name!r} is not built: start it with keras.Input(shape=...), call "
+                "model.build(input_shape), or use tfpipe.fit, which builds it from the data."
+            )
+        micro_batches = check_micro_batches(micro_batches)
+        if balance is not None:
+            num_stages = len(balance)
+        elif stages is not None:
+            num_stages = stages
+        else:
+            num_stages = len(devices) if devices is not None else len(default_devices())
+        if not isinstance(num_stages, int) or isinstance(num_stages, bool) or num_stages < 1:
+            raise PipelineError(f"stages must be a positive integer, got {stages!r}.")
+        self.model = model
+        self.schedule = schedules.get(schedule, num_stages, micro_batches)
+        self.stages: list[Stage] = split(model, num_stages, balance, resolve_devices(devices, num_stages))
+        self.executor = Executor(model, self.stages, self.schedule)
+        place_stages(self.stages)
+        place_optimizer(model.optimizer, list(model.trainable_variables))
+        self._functions: dict[str, Any] = dict.fromkeys(_FUNCTIONS)
+
+    @property
+    def micro_batches(self) -> int:
+        """M, the number of micro-batches per step."""
+        return self.schedule.num_micro_batches
+
+    # Keras entry points ---------------------------------------------------------------------
+
+    def fit(self, x: Any = None, y: Any = None, **kwargs: Any) -> keras.callbacks.History:
+        """Trains the model pipelined; same arguments and return value as `keras.Model.fit`."""
+        with self._attached():
+            return self.model.fit(x, y, **kwargs)
+
+    def evaluate(self, x: Any = None, y: Any = None, **kwargs: Any) -> Any:
+        """Evaluates pipelined (forward only); same arguments as `keras.Model.evaluate`."""
+        with self._attached():
+            return self.model.evaluate(x, y, **kwargs)
+
+    def predict(self, x: Any, **kwargs: Any) -> Any:
+        """Predicts pipelined; same arguments as `keras.Model.predict`."""
+        with self._attached():
+            return self.model.predict(x, **kwargs)
+
+    @contextlib.contextmanager
+    def _attached(self) -> Iterator[None]:
+        """Lends the executor's steps (and this pipeline's traced functions) to the model."""
+        model = self.model
+        saved = {name: getattr(model, name) for name in _FUNCTIONS}
+        jit = model.jit_compile
+        for name in _STEPS:
+            model.__dict__[name] = getattr(self.executor, name)
+        for name in _FUNCTIONS:
+            setattr(model, name, self._functions[name])
+        model.jit_compile = False  # one XLA cluster cannot span several devices
+        try:
+            with updates_on_variable_devices(model.optimizer):
+                yield
+        finally:
+            for name in _FUNCTIONS:
+                self._functions[name] = getattr(model, name)
+                setattr(model, name, saved[name])
+            for name in _STEPS:
+                model.__dict__.pop(name, None)
+            model.jit_compile = jit
+
+    # reporting ------------------------------------------------------------------------------
+
+    def summary(self, print_fn: Callable[[str], None] = print) -> str:
+        """Prints (and returns) the stage table: layers, parameters and device per stage."""
+        rows = [("stage", "layers", "params", "device")]
+        for st in self.stages:
+            names = [layer.name for layer in st.layers]
+            span = names[0] if len(names) == 1 else f"{names[0]} .. {names[-1]}"
+            rows.append((str(st.index), f"{span} ({len(names)})", f"{st.num_params:,}", st.device))
+        widths = [max(len(r[i]) for r in rows) for i in range(4)]
+        lines = [
+            f"Pipeline of {self.model.name!r}: {len(self.stages)} stages x "
+            f"{self.micro_batches} micro-batches, schedule {self.schedule.name!r}"
+        ]
+        for n, row in enumerate(rows):
+            lines.append("  ".join(c.rjust(w) if i == 2 else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip())
+            if n == 0:
+                lines.append("  ".join("-" * w for w in widths))
+        total = sum(st.num_params for st in self.stages)
+        lines.append(f"Total params: {total:,}")
+        text = "\n".join(lines)
+        print_fn(text)
+        return text
+
+    def __repr__(self) -> str:
+        return (
+            f"Pipeline({self.model.name!r}, stages={len(self.stages)}, "
+            f"micro_batches={self.micro_batches}, schedule={self.schedule.name!r}, "
+            f"devices={[s.device for s in self.stages]})"
+        )

@@ -1,0 +1,99 @@
+"""Moves each stage's variables, and the optimizer slots that shadow them, onto the stage's device.
+
+Design: users build their models before calling tfpipe, so variables already exist on the
+default device. We re-create each variable's storage under `tf.device(stage.device)` through
+the Keras TF backend's own initialiser (`Variable._initialize`), which keeps the same Python
+`keras.Variable` object: the user's model, its `.keras` file and any callback still see the
+one variable, now on its stage's device. Optimizer slots are colocated with their variable
+when built after the move; slots built earlier (a model trained before) are moved the same
+way by matching the optimizer's per-variable slot lists.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Iterable, Iterator
+
+import keras
+import tensorflow as tf
+
+from tfpipe.devices import canonical
+from tfpipe.partition import Stage
+
+
+def device_of(variable: keras.Variable | tf.Variable) -> str:
+    """The canonical device of a variable's storage, for example `/device:CPU:1`."""
+    value = variable.value if isinstance(variable, keras.Variable) else variable
+    return canonical(value.device)
+
+
+def move(variable: keras.Variable, device: str) -> None:
+    """Re-creates `variable`'s storage on `device`, keeping its value and its Python identity."""
+    if device_of(variable) == canonical(device):
+        return
+    with tf.device(device):
+        variable._initialize(tf.identity(variable.value))
+
+
+def place_stages(stages: Iterable[Stage]) -> None:
+    """Moves every variable (trainable or not) of each stage onto that stage's device."""
+    for stage in stages:
+        for v in stage.model.weights:
+            move(v, stage.device)
+
+
+def place_optimizer(optimizer: keras.optimizers.Optimizer, variables: list[keras.Variable]) -> None:
+    """Builds `optimizer` for `variables` (if needed) and puts each slot beside its variable.
+
+    Args:
+        optimizer: the model's compiled optimizer.
+        variables: the model's trainable variables, already on their stage devices, in the
+            order `model.fit` passes them (`model.trainable_variables`).
+    """
+    if not optimizer.built:
+        optimizer.build(variables)
+    tracked = list(getattr(optimizer, "_trainable_variables", variables))
+    for slots in _slot_lists(optimizer, tracked):
+        for ref, slot in zip(tracked, slots):
+            if slot is not None:
+                move(slot, device_of(ref))
+
+
+def _slot_lists(
+    optimizer: keras.optimizers.Optimizer, tracked: list[keras.Variable]
+) -> list[list[keras.Variable]]:
+    """Optimizer attributes holding one variable per trainable variable, shape for shape (m, v)."""
+    found = []
+    for name, value in vars(optimizer).items():
+        if name in ("_trainable_variables", "_variables") or not isinstance(value, (list, tuple)):
+            continue
+        if len(value) != len(tracked) or not value:
+            continue
+        if all(
+            x is None or (isinstance(x, keras.Variable) and tuple(x.shape) == tuple(ref.shape))
+            for x, ref in zip(value, tracked)
+        ):
+            found.append(list(value))
+    return found
+
+
+@contextlib.contextmanager
+def updates_on_variable_devices(optimizer: keras.optimizers.Optimizer) -> Iterator[None]:
+    """Runs each variable's optimizer update on that variable's device while active.
+
+    Keras's TF optimizer calls `update_step(gradient, variable, learning_rate)` once per
+    variable (the documented override point for custom optimizers); inside a `tf.function`
+    its math would otherwise land on the caller's device. We wrap it in
+    `tf.device(variable.device)` for the duration of a pipelined call and restore it after.
+    """
+    original = optimizer.update_step
+
+    def update_step(gradient: Any, variable: Any, learning_rate: Any) -> Any:
+        with tf.device(variable.device):
+            return original(gradient, variable, learning_rate)
+
+    optimizer.__dict__["update_step"] = update_step
+    try:
+        yield
+    finally:
+        optimizer.__dict__.pop("update_step", None)

@@ -1,0 +1,103 @@
+"""`tfpipe.fit` / `evaluate` / `predict`: one-call pipelined versions of the Keras methods.
+
+Design: each builds a `Pipeline` and calls its Keras-signature method; the only work of its
+own is building a Sequential model that has no input shape yet, from the first element of
+the data, the way `model.fit` would on its first batch.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from tfpipe.pipeline import Pipeline
+from tfpipe.schedules import Schedule
+
+
+def fit(
+    model: keras.Model,
+    x: Any = None,
+    y: Any = None,
+    *,
+    batch_size: int | None = None,
+    epochs: int = 1,
+    stages: int | None = None,
+    balance: Sequence[int] | None = None,
+    micro_batches: int = 1,
+    devices: Sequence[str] | None = None,
+    schedule: str | Schedule = "gpipe",
+    callbacks: list[keras.callbacks.Callback] | None = None,
+    validation_data: Any = None,
+    verbose: str | int = "auto",
+    steps_per_epoch: int | None = None,
+    **fit_kwargs: Any,
+) -> keras.callbacks.History:
+    """Trains a compiled Keras model pipelined across devices; the result equals `model.fit`.
+
+    Args:
+        model: a compiled Sequential or Functional model (built, or buildable from `x`).
+        x: a `tf.data.Dataset` of `(x, y)` or `(x, y, sample_weight)` batches, or NumPy
+            arrays / tensors with `y` and `batch_size`, as for `model.fit`.
+        y: targets when `x` is an array.
+        batch_size: samples per batch for array inputs (Keras default 32).
+        epochs: number of epochs.
+        stages: number of pipeline stages K (see `Pipeline`).
+        balance: layer calls per stage instead of `stages`.
+        micro_batches: M; each batch of B samples becomes M micro-batches of about B/M.
+        devices: device names per stage; default the GPUs, else the logical CPU devices.
+        schedule: `"gpipe"` or a `tfpipe.schedules.Schedule`.
+        callbacks, validation_data, verbose, steps_per_epoch, **fit_kwargs: as `model.fit`.
+
+    Returns:
+        The `keras.callbacks.History` of the run; the trained weights are in `model`.
+
+    Raises:
+        PipelineError: for arguments or models that cannot be pipelined as asked.
+
+    Example:
+        >>> tfpipe.configure_cpu_devices(4)
+        >>> model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+        >>> history = tfpipe.fit(model, dataset, epochs=3, stages=4, micro_batches=8)
+    """
+    build_from_data(model, x)
+    pipe = Pipeline(model, stages=stages, balance=balance, devices=devices,
+                    micro_batches=micro_batches, schedule=schedule)
+    return pipe.fit(
+        x, y, batch_size=batch_size, epochs=epochs, callbacks=callbacks,
+        validation_data=validation_data, verbose=verbose, steps_per_epoch=steps_per_epoch,
+        **fit_kwargs,
+    )
+
+
+def evaluate(model: keras.Model, x: Any = None, y: Any = None, *, stages: int | None = None,
+             balance: Sequence[int] | None = None, micro_batches: int = 1,
+             devices: Sequence[str] | None = None, **kwargs: Any) -> Any:
+    """Evaluates pipelined; arguments as `model.evaluate` plus the pipeline's."""
+    build_from_data(model, x)
+    pipe = Pipeline(model, stages=stages, balance=balance, devices=devices, micro_batches=micro_batches)
+    return pipe.evaluate(x, y, **kwargs)
+
+
+def predict(model: keras.Model, x: Any, *, stages: int | None = None,
+            balance: Sequence[int] | None = None, micro_batches: int = 1,
+            devices: Sequence[str] | None = None, **kwargs: Any) -> Any:
+    """Predicts pipelined; arguments as `model.predict` plus the pipeline's."""
+    build_from_data(model, x)
+    pipe = Pipeline(model, stages=stages, balance=balance, devices=devices, micro_batches=micro_batches)
+    return pipe.predict(x, **kwargs)
+
+
+def build_from_data(model: keras.Model, x: Any) -> None:
+    """Builds an unbuilt Sequential model from the input shape of `x` (array or dataset)."""
+    if model.built or not isinstance(model, keras.Sequential) or x is None:
+        return
+    if isinstance(x, tf.data.Dataset):
+        spec = x.element_spec
+        spec = spec[0] if isinstance(spec, tuple) else spec
+        shape = tuple(spec.shape)
+    else:
+        shape = (None,) + tuple(np.shape(x)[1:])
+    model.build(shape)
