@@ -27,7 +27,7 @@ def configure_cpu_devices(count: int) -> list[str]:
         count: number of logical CPU devices, >= 1.
 
     Returns:
-        The logical device names, for example `["/device:CPU:0", ..., "/device:CPU:3"]`.
+        The canonical logical device names, `["/device:CPU:0", ..., "/device:CPU:3"]`.
 
     Raises:
         DeviceConfigurationError: if TensorFlow already initialised with another count.
@@ -46,13 +46,13 @@ def configure_cpu_devices(count: int) -> list[str]:
     except RuntimeError as err:
         have = tf.config.list_logical_devices("CPU")
         if len(have) == count:
-            return [d.name for d in have]
+            return [canonical(d.name) for d in have]
         raise DeviceConfigurationError(
             f"configure_cpu_devices({count}) was called after TensorFlow initialised with "
             f"{len(have)} logical CPU device(s). Call tfpipe.configure_cpu_devices({count}) at "
             "the top of the script, before creating any tensor, model or dataset."
         ) from err
-    return [d.name for d in tf.config.list_logical_devices("CPU")]
+    return [canonical(d.name) for d in tf.config.list_logical_devices("CPU")]
 
 
 def default_devices() -> list[str]:

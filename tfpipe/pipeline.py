@@ -78,6 +78,11 @@ class Pipeline:
             )
         micro_batches = check_micro_batches(micro_batches)
         if balance is not None:
+            if stages is not None and stages != len(balance):
+                raise PipelineError(
+                    f"stages={stages} but balance={list(balance)} has {len(balance)} entries: "
+                    "give one of them, or make them agree."
+                )
             num_stages = len(balance)
         elif stages is not None:
             num_stages = stages
@@ -91,6 +96,8 @@ class Pipeline:
         self.executor = Executor(model, self.stages, self.schedule)
         place_stages(self.stages)
         place_optimizer(model.optimizer, list(model.trainable_variables))
+        for name in _FUNCTIONS:  # functions traced before the move captured the old storage
+            setattr(model, name, None)
         self._functions: dict[str, Any] = dict.fromkeys(_FUNCTIONS)
 
     @property

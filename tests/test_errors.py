@@ -1,0 +1,127 @@
+"""Bad input gets a clear error naming the value and the fix, and leaves the model untouched."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import tfpipe
+from tfpipe.placement import device_of
+from tests.models import build, data
+
+
+def devices_of(model):
+    return [device_of(v) for v in model.weights]
+
+
+def test_more_stages_than_layers():
+    model = build("mlp")
+    before = devices_of(model)
+    with pytest.raises(tfpipe.PipelineError, match=r"stages=6 is more than the 4 layer calls.*use stages <= 4"):
+        tfpipe.Pipeline(model, stages=6, devices=["/cpu:0"])
+    assert devices_of(model) == before
+
+
+def test_balance_not_summing_to_layer_count():
+    model = build("mlp")
+    with pytest.raises(tfpipe.PipelineError, match=r"balance=\[1, 1\] .* summing to the model's 4 layer calls.*sums to 2"):
+        tfpipe.Pipeline(model, balance=[1, 1])
+
+
+def test_balance_and_stages_disagree():
+    with pytest.raises(tfpipe.PipelineError, match=r"stages=3 but balance=\[2, 2\]"):
+        tfpipe.Pipeline(build("mlp"), stages=3, balance=[2, 2])
+
+
+def test_model_not_compiled():
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+    with pytest.raises(tfpipe.PipelineError, match=r"not compiled: call model.compile"):
+        tfpipe.Pipeline(model, stages=1)
+
+
+def test_fewer_devices_than_stages():
+    model = build("mlp")
+    before = devices_of(model)
+    with pytest.raises(tfpipe.PipelineError, match=r"stages=4 needs 4 devices but only 2|configure_cpu_devices"):
+        tfpipe.devices.resolve_devices(None, 8)
+    with pytest.raises(tfpipe.PipelineError, match=r"needs 8 devices but only 4 are visible.*configure_cpu_devices\(8\).*devices=\[\.\.\.\]"):
+        tfpipe.Pipeline(model, balance=[1, 1, 1, 1, 0, 0, 0, 0][:4] * 2)
+    assert devices_of(model) == before
+
+
+def test_device_that_does_not_exist():
+    with pytest.raises(tfpipe.PipelineError, match=r"Device '/cpu:9' does not exist; visible devices are"):
+        tfpipe.Pipeline(build("mlp"), stages=2, devices=["/cpu:0", "/cpu:9"])
+
+
+def test_cut_that_carries_two_tensors():
+    inputs = keras.Input((8,))
+    a = keras.layers.Dense(8, name="a")(inputs)
+    b = keras.layers.Dense(8, name="b")(a)
+    c = keras.layers.Add(name="add")([a, b])
+    out = keras.layers.Dense(2, name="out")(c)
+    model = keras.Model(inputs, out)
+    model.compile("sgd", "mse")
+    before = devices_of(model)
+    with pytest.raises(tfpipe.PipelineError, match=r"cuts before layer 'add' \(stage 1\), where 2 tensors cross \(a:\(None, 8\), b:\(None, 8\)\).*Cut at one of: before 'b'.*before 'out'"):
+        tfpipe.Pipeline(model, balance=[2, 2])
+    assert devices_of(model) == before
+    # automatic balancing only cuts where one tensor crosses
+    pipe = tfpipe.Pipeline(model, stages=2)
+    assert [len(s.layers) for s in pipe.stages] in ([1, 3], [3, 1])
+    assert [s.layers[0].name for s in pipe.stages][1] in ("b", "out")
+
+
+def test_logical_devices_after_tensorflow_initialised():
+    tf.constant(1.0)
+    with pytest.raises(tfpipe.DeviceConfigurationError, match=r"configure_cpu_devices\(8\) was called after TensorFlow initialised with 4.*top of the script"):
+        tfpipe.configure_cpu_devices(8)
+    assert tfpipe.configure_cpu_devices(4) == [f"/device:CPU:{i}" for i in range(4)]
+
+
+def test_unknown_schedule():
+    with pytest.raises(ValueError, match=r"Unknown schedule 'pipedream'.*use one of"):
+        tfpipe.Pipeline(build("mlp"), stages=2, schedule="pipedream")
+
+
+def test_bad_micro_batches():
+    with pytest.raises(tfpipe.PipelineError, match=r"micro_batches must be a positive integer.*got 0"):
+        tfpipe.Pipeline(build("mlp"), stages=2, micro_batches=0)
+
+
+def test_batch_smaller_than_micro_batches():
+    model = build("mlp")
+    x, y = data("mlp", n=20)
+    with pytest.raises(tf.errors.InvalidArgumentError, match=r"smaller than micro_batches=8"):
+        tfpipe.fit(model, x, y, batch_size=16, stages=2, micro_batches=8, verbose=0)
+
+
+def test_subclassed_model_needs_one_stage():
+    class Opaque(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.d1, self.d2 = keras.layers.Dense(4), keras.layers.Dense(2)
+
+        def call(self, x):
+            return self.d2(self.d1(x))
+
+    model = Opaque()
+    model.compile("sgd", "mse")
+    model(np.zeros((1, 3), "float32"))
+    with pytest.raises(tfpipe.PipelineError, match=r"subclassed keras.Model \(Opaque\).*Functional.*stages=1"):
+        tfpipe.Pipeline(model, stages=2)
+    pipe = tfpipe.Pipeline(model, stages=1)  # whole model on one device is fine
+    pipe.fit(np.ones((8, 3), "float32"), np.ones((8, 2), "float32"), batch_size=4, verbose=0)
+
+
+def test_unbuilt_sequential_is_built_from_the_data():
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.layers.Dense(8, activation="relu"), keras.layers.Dense(3)])
+    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    x, y = data("mlp")
+    with pytest.raises(tfpipe.PipelineError, match=r"not built"):
+        tfpipe.Pipeline(model, stages=2)
+    tfpipe.fit(model, x, y, batch_size=16, stages=2, verbose=0)
+    assert model.built

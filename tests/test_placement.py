@@ -1,0 +1,87 @@
+"""Each stage's variables, optimizer slots, forward outputs, gradients and updates sit on its device."""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+import tfpipe
+from tfpipe.devices import canonical
+from tfpipe.placement import device_of
+from tests.models import build, data
+
+
+def traced_graph(pipe: tfpipe.Pipeline, x, y) -> tf.Graph:
+    spec = (tf.TensorSpec((None,) + x.shape[1:], tf.float32), tf.TensorSpec((None,), tf.int64))
+    with pipe._attached():
+        fn = tf.function(lambda a, b: pipe.executor.train_step((a, b)))
+        return fn.get_concrete_function(*spec).graph
+
+
+def test_variables_and_slots_on_stage_devices():
+    model = build("functional", "adam")
+    pipe = tfpipe.Pipeline(model, stages=4, micro_batches=2)
+    devices = [s.device for s in pipe.stages]
+    assert devices == [f"/device:CPU:{i}" for i in range(4)]
+    placed = {}
+    for stage in pipe.stages:
+        assert stage.model.weights, f"stage {stage.index} holds no variables"
+        for v in stage.model.weights:
+            assert device_of(v) == stage.device, v.path
+            placed[id(v)] = stage.device
+    assert len(placed) == len(model.weights)  # every variable of the user's model is placed
+    slots = [v for v in model.optimizer.variables if "momentum" in v.path or "velocity" in v.path]
+    assert len(slots) == 2 * len(model.trainable_variables)
+    by_shape_name = {v.path.replace("/", "_"): placed[id(v)] for v in model.trainable_variables}
+    for slot in slots:
+        owner = [d for name, d in by_shape_name.items() if name in slot.path]
+        assert owner and device_of(slot) == owner[0], slot.path
+
+
+def test_slots_built_before_the_pipeline_are_moved():
+    model = build("mlp", "adam")
+    x, y = data("mlp")
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0)  # builds Adam's slots on CPU:0
+    before = [v.numpy() for v in model.optimizer.variables]
+    pipe = tfpipe.Pipeline(model, stages=4)
+    for stage in pipe.stages:
+        for v in stage.trainable_variables:
+            name = v.path.replace("/", "_")
+            for slot in model.optimizer.variables:
+                if name in slot.path:
+                    assert device_of(slot) == stage.device, slot.path
+    for a, b in zip(before, model.optimizer.variables):  # values survive the move
+        assert (a == b.numpy()).all()
+
+
+def test_forward_backward_and_update_ops_on_stage_devices():
+    model = build("mlp", "adam")
+    x, y = data("mlp")
+    pipe = tfpipe.Pipeline(model, stages=4, micro_batches=3)
+    graph = traced_graph(pipe, x, y)
+    produced = pipe.executor.produced
+    assert len(produced) == 2 * 4 * 3  # one F and one B per stage and micro-batch
+    for action, tensors in produced.items():
+        device = pipe.stages[action.stage].device
+        assert tensors, action
+        for t in tensors:
+            if isinstance(t, tf.IndexedSlices):
+                t = t.values
+            assert canonical(t.device) == device, (action, t.name, t.device)
+    # forward ops are named after their action and placed on the stage's device
+    for op in graph.get_operations():
+        head = op.name.split("/")[0]
+        if head.startswith("stage") and op.device:
+            stage = int(head[len("stage"):].split("_")[0])
+            assert canonical(op.device) == pipe.stages[stage].device, op.name
+    # optimizer math (Adam's square roots) runs beside each stage's variables, not on the caller
+    sqrt_devices = {canonical(op.device) for op in graph.get_operations() if op.type == "Sqrt"}
+    assert sqrt_devices == {s.device for s in pipe.stages}
+
+
+def test_single_stage_keeps_everything_on_one_device():
+    model = build("cnn", "sgd")
+    pipe = tfpipe.Pipeline(model, stages=1, devices=["/cpu:2"])
+    assert all(device_of(v) == "/device:CPU:2" for v in model.weights)
+    x, y = data("cnn")
+    pipe.fit(x, y, batch_size=16, verbose=0)
+    assert all(device_of(v) == "/device:CPU:2" for v in model.weights)
