@@ -1,32 +1,88 @@
-"""Pipeline schedules as pure data: generators, validator, clock and text grid (no TensorFlow)."""
+"""Pipeline schedules as pure data: generators, validator, clock, text grid, simulator, plot.
+
+Nothing in this package imports TensorFlow or Keras (matplotlib is imported only inside
+`plot`), so schedules can be built, checked, timed and drawn anywhere, and the executor only
+interprets the resulting data.
+
+Registry convention: every `GENERATORS` entry is called as
+`generator(num_stages, num_micro_batches, chunks=1)`, where `num_stages` counts the model's
+pieces (virtual stages) and `chunks` is how many of them each rank holds, so the schedule runs
+on `num_stages // chunks` ranks. Single-stage-per-rank schedules (`gpipe`, `1f1b`, `zb-h1`)
+accept only `chunks=1`; `interleaved` accepts any `chunks` that divides `num_stages` (with
+`chunks=1` it is exactly `1f1b`).
+"""
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 from tfpipe.schedules.actions import KINDS, Action, Schedule
 from tfpipe.schedules.clock import clock, dependencies
 from tfpipe.schedules.format import format_schedule
 from tfpipe.schedules.gpipe import gpipe
+from tfpipe.schedules.interleaved import interleaved, interleaved_stages
+from tfpipe.schedules.one_f_one_b import one_f_one_b
+from tfpipe.schedules.plot import plot
+from tfpipe.schedules.simulate import Costs, Simulation, peak_in_flight, simulate
 from tfpipe.schedules.validate import ScheduleError, validate
+from tfpipe.schedules.zb_h1 import zb_h1
 
-GENERATORS: dict[str, Callable[[int, int], Schedule]] = {"gpipe": gpipe}
+Generator = Callable[..., Schedule]
 
 
-def get(name_or_schedule: "str | Schedule", num_stages: int, num_micro_batches: int) -> Schedule:
+def _one_stage_per_rank(name: str, generator: Callable[[int, int], Schedule]) -> Generator:
+    """Adapts `generator(K, M)` to the registry form `(K, M, chunks=1)`."""
+
+    @functools.wraps(generator)
+    def generate(num_stages: int, num_micro_batches: int, chunks: int = 1) -> Schedule:
+        if chunks != 1:
+            raise ValueError(
+                f"Schedule {name!r} runs one stage per rank, but chunks={chunks!r} was asked "
+                f"for: use chunks=1, or schedule='interleaved' to give each rank {chunks!r} "
+                "stages."
+            )
+        return generator(num_stages, num_micro_batches)
+
+    return generate
+
+
+GENERATORS: dict[str, Generator] = {
+    "gpipe": _one_stage_per_rank("gpipe", gpipe),
+    "1f1b": _one_stage_per_rank("1f1b", one_f_one_b),
+    "interleaved": interleaved_stages,
+    "zb-h1": _one_stage_per_rank("zb-h1", zb_h1),
+}
+
+
+def get(
+    name_or_schedule: "str | Schedule",
+    num_stages: int,
+    num_micro_batches: int,
+    chunks: int = 1,
+) -> Schedule:
     """Resolves a schedule name (or a user-made `Schedule`) and validates it.
 
     Args:
         name_or_schedule: one of `GENERATORS`' names, or a `Schedule`.
-        num_stages: K, the pipeline's stage count.
+        num_stages: K, the number of model stages (virtual stages when `chunks > 1`).
         num_micro_batches: M, the micro-batch count.
+        chunks: stages per rank; the schedule runs on `K // chunks` ranks. Only
+            `"interleaved"` (or a user `Schedule` with that many ranks) takes `chunks > 1`.
 
     Returns:
         A validated `Schedule` for K stages and M micro-batches.
 
     Raises:
-        ValueError: for an unknown name, or a user schedule of another size.
+        ValueError: for an unknown name, a user schedule of another size or rank count, or a
+            `chunks` the schedule cannot use.
         ScheduleError: for a schedule that breaks a rule (with its grid).
+
+    Example:
+        >>> get("1f1b", 2, 3).to_text()
+        ['F0 F1 B0 F2 B1 B2', 'F0 B0 F1 B1 F2 B2']
+        >>> get("interleaved", 4, 4, chunks=2).num_ranks
+        2
     """
     if isinstance(name_or_schedule, Schedule):
         sched = name_or_schedule
@@ -36,16 +92,24 @@ def get(name_or_schedule: "str | Schedule", num_stages: int, num_micro_batches: 
                 f"{sched.num_micro_batches} micro-batches, but the pipeline has {num_stages} "
                 f"stages x {num_micro_batches} micro-batches: build it for that size."
             )
+        if chunks != 1 and sched.num_ranks * chunks != num_stages:
+            raise ValueError(
+                f"Schedule {sched.name!r} runs {num_stages} stages on {sched.num_ranks} ranks, "
+                f"but chunks={chunks} asks for {num_stages} // {chunks} ranks: build it with "
+                f"{chunks} stages per rank, or leave chunks at 1 to use its own placement."
+            )
         return validate(sched)
     if name_or_schedule not in GENERATORS:
         raise ValueError(
             f"Unknown schedule {name_or_schedule!r}: use one of {sorted(GENERATORS)} or pass "
             "a tfpipe.schedules.Schedule."
         )
-    return validate(GENERATORS[name_or_schedule](num_stages, num_micro_batches))
+    return validate(GENERATORS[name_or_schedule](num_stages, num_micro_batches, chunks))
 
 
 __all__ = [
-    "KINDS", "Action", "Schedule", "ScheduleError", "GENERATORS", "clock", "dependencies",
-    "format_schedule", "get", "gpipe", "validate",
+    "KINDS", "Action", "Costs", "GENERATORS", "Generator", "Schedule", "ScheduleError",
+    "Simulation", "clock", "dependencies", "format_schedule", "get", "gpipe", "interleaved",
+    "interleaved_stages", "one_f_one_b", "peak_in_flight", "plot", "simulate", "validate",
+    "zb_h1",
 ]

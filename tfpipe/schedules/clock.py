@@ -21,7 +21,15 @@ Timeline = list[tuple[int, Action]]
 
 
 def dependencies(action: Action, schedule: Schedule) -> list[Action]:
-    """The actions that must finish before `action` may start."""
+    """The actions that must finish before `action` may start.
+
+    Args:
+        action: an action of `schedule`.
+        schedule: the schedule, which says whether stage s+1 splits its backward.
+
+    Returns:
+        The actions `action` consumes the outputs of (see the module docstring).
+    """
     s, m, last = action.stage, action.micro_batch, schedule.num_stages - 1
     if action.kind == "F":
         return [Action(s - 1, "F", m)] if s > 0 else []
@@ -54,6 +62,11 @@ def clock(schedule: Schedule) -> Timeline:
     Raises:
         Deadlock: when no rank can run its next action; carries the partial timeline and the
             blocked actions so that `validate` can print the grid.
+
+    Example:
+        >>> from tfpipe.schedules import gpipe
+        >>> [(step, a.text(with_stage=True)) for step, a in clock(gpipe(2, 1))]
+        [(0, '0F0'), (1, '1F0'), (2, '1B0'), (3, '0B0')]
     """
     pos = [0] * schedule.num_ranks
     done_at: dict[Action, int] = {}

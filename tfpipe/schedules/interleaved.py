@@ -110,7 +110,9 @@ def _groups(num_ranks: int, num_micro_batches: int) -> list[range]:
     return [range(a, b) for a, b in zip(starts, starts[1:])]
 
 
-def _rank_order(rank: int, num_ranks: int, num_micro_batches: int, chunks: int) -> tuple[Action, ...]:
+def _rank_order(
+    rank: int, num_ranks: int, num_micro_batches: int, chunks: int
+) -> tuple[Action, ...]:
     groups = _groups(num_ranks, num_micro_batches)
     table = [(m, c) for group in groups for c in range(chunks) for m in group]
     forwards = [Action(c * num_ranks + rank, "F", m) for m, c in table]

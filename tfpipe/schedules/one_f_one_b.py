@@ -4,15 +4,16 @@ With K stages and M micro-batches, rank s runs `min(K - s - 1, M)` warm-up forwa
 alternates one forward and one backward until the forwards run out, then drains the remaining
 backwards. Unit-time actions give this grid (K=3, M=4):
 
-    step   0   1   2   3   4   5   6   7   8   9   10  11  12  13
-    rank0  F0  F1  F2  .   .   .   B0  F3  .   B1  .   B2  .   B3
-    rank1  .   F0  F1  .   .   B0  F2  B1  F3  B2  .   B3
-    rank2  .   .   F0  .   B0  F1  B1  F2  B2  F3  B3
+    step   0   1   2   3   4   5   6   7   8   9   10  11
+    rank0  F0  F1  F2  .   .   B0  F3  B1  .   B2  .   B3
+    rank1  .   F0  F1  .   B0  F2  B1  F3  B2  .   B3  .
+    rank2  .   .   F0  B0  F1  B1  F2  B2  F3  B3  .   .
 
-Why this order: the step time is the same as GPipe's (the bubble is (K-1)/(M+K-1) when a
-backward costs a fixed multiple of a forward), but stage s never holds more than `K - s`
-micro-batches' activations instead of all M, because each backward frees one micro-batch
-before the next forward starts. That bound is what lets M grow to shrink the bubble.
+Why this order: the step time is GPipe's (with equal stage costs F and B and no transfer
+delay, (M + K - 1)(F + B): a bubble of (K-1)/(M+K-1)), but stage s never holds more than
+`K - s` micro-batches' activations instead of all M, because each backward frees one
+micro-batch before the next forward starts. That bound is what lets M grow to shrink the
+bubble without running out of memory.
 """
 
 from __future__ import annotations

@@ -20,7 +20,6 @@ from tfpipe.schedules.actions import Action, Schedule
 from tfpipe.schedules.clock import dependencies
 from tfpipe.schedules.validate import validate
 
-PerStage = "float | Sequence[float]"
 TimedAction = tuple[int, Action, float, float]
 
 

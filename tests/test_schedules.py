@@ -1,0 +1,406 @@
+"""Schedules as data: literal grids of the generators, text round trips, validation errors, registry."""
+
+from __future__ import annotations
+
+import ast
+import doctest
+import importlib
+import pathlib
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from tfpipe.schedules import (
+    GENERATORS, Action, Costs, Schedule, ScheduleError, format_schedule, get, gpipe,
+    interleaved, interleaved_stages, one_f_one_b, simulate, validate, zb_h1,
+)
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SCHEDULES_DIR = ROOT / "tfpipe" / "schedules"
+
+
+def grid(text: str) -> str:
+    return textwrap.dedent(text).strip("\n")
+
+
+# ----------------------------------------------------------------------------------------
+# Literal grids and text forms of each generator.
+
+LITERAL_CASES = [
+    (gpipe(2, 2), """
+        step   0   1   2   3   4   5
+        rank0  F0  F1  .   .   B0  B1
+        rank1  .   F0  F1  B0  B1  .
+        """, ["F0 F1 B0 B1", "F0 F1 B0 B1"]),
+    (gpipe(3, 3), """
+        step   0   1   2   3   4   5   6   7   8   9
+        rank0  F0  F1  F2  .   .   .   .   B0  B1  B2
+        rank1  .   F0  F1  F2  .   .   B0  B1  B2  .
+        rank2  .   .   F0  F1  F2  B0  B1  B2  .   .
+        """, ["F0 F1 F2 B0 B1 B2"] * 3),
+    (gpipe(4, 6), """
+        step   0   1   2   3   4   5   6   7   8   9   10  11  12  13  14  15  16  17
+        rank0  F0  F1  F2  F3  F4  F5  .   .   .   .   .   .   B0  B1  B2  B3  B4  B5
+        rank1  .   F0  F1  F2  F3  F4  F5  .   .   .   .   B0  B1  B2  B3  B4  B5  .
+        rank2  .   .   F0  F1  F2  F3  F4  F5  .   .   B0  B1  B2  B3  B4  B5  .   .
+        rank3  .   .   .   F0  F1  F2  F3  F4  F5  B0  B1  B2  B3  B4  B5  .   .   .
+        """, ["F0 F1 F2 F3 F4 F5 B0 B1 B2 B3 B4 B5"] * 4),
+    (one_f_one_b(2, 4), """
+        step   0   1   2   3   4   5   6   7   8   9
+        rank0  F0  F1  .   B0  F2  B1  F3  B2  .   B3
+        rank1  .   F0  B0  F1  B1  F2  B2  F3  B3  .
+        """, ["F0 F1 B0 F2 B1 F3 B2 B3", "F0 B0 F1 B1 F2 B2 F3 B3"]),
+    (one_f_one_b(3, 5), """
+        step   0   1   2   3   4   5   6   7   8   9   10  11  12  13
+        rank0  F0  F1  F2  .   .   B0  F3  B1  F4  B2  .   B3  .   B4
+        rank1  .   F0  F1  .   B0  F2  B1  F3  B2  F4  B3  .   B4  .
+        rank2  .   .   F0  B0  F1  B1  F2  B2  F3  B3  F4  B4  .   .
+        """, [
+        "F0 F1 F2 B0 F3 B1 F4 B2 B3 B4",
+        "F0 F1 B0 F2 B1 F3 B2 F4 B3 B4",
+        "F0 B0 F1 B1 F2 B2 F3 B3 F4 B4",
+    ]),
+    (one_f_one_b(4, 8), """
+        step   0   1   2   3   4   5   6   7   8   9   10  11  12  13  14  15  16  17  18  19  20  21
+        rank0  F0  F1  F2  F3  .   .   .   B0  F4  B1  F5  B2  F6  B3  F7  B4  .   B5  .   B6  .   B7
+        rank1  .   F0  F1  F2  .   .   B0  F3  B1  F4  B2  F5  B3  F6  B4  F7  B5  .   B6  .   B7  .
+        rank2  .   .   F0  F1  .   B0  F2  B1  F3  B2  F4  B3  F5  B4  F6  B5  F7  B6  .   B7  .   .
+        rank3  .   .   .   F0  B0  F1  B1  F2  B2  F3  B3  F4  B4  F5  B5  F6  B6  F7  B7  .   .   .
+        """, [
+        "F0 F1 F2 F3 B0 F4 B1 F5 B2 F6 B3 F7 B4 B5 B6 B7",
+        "F0 F1 F2 B0 F3 B1 F4 B2 F5 B3 F6 B4 F7 B5 B6 B7",
+        "F0 F1 B0 F2 B1 F3 B2 F4 B3 F5 B4 F6 B5 F7 B6 B7",
+        "F0 B0 F1 B1 F2 B2 F3 B3 F4 B4 F5 B5 F6 B6 F7 B7",
+    ]),
+    (one_f_one_b(4, 2), """
+        step   0   1   2   3   4   5   6   7   8   9
+        rank0  F0  F1  .   .   .   .   .   B0  .   B1
+        rank1  .   F0  F1  .   .   .   B0  .   B1  .
+        rank2  .   .   F0  F1  .   B0  .   B1  .   .
+        rank3  .   .   .   F0  B0  F1  B1  .   .   .
+        """, ["F0 F1 B0 B1", "F0 F1 B0 B1", "F0 F1 B0 B1", "F0 B0 F1 B1"]),
+    (interleaved(2, 4, chunks=2), """
+        step   0    1    2    3    4    5    6    7    8    9    10   11   12   13   14   15   16   17
+        rank0  0F0  0F1  2F0  2F1  0F2  2B0  0F3  2B1  2F2  0B0  2F3  0B1  .    2B2  .    2B3  0B2  0B3
+        rank1  .    1F0  1F1  3F0  3B0  3F1  3B1  1F2  1B0  1F3  1B1  3F2  3B2  3F3  3B3  1B2  1B3  .
+        """, [
+        "0F0 0F1 2F0 2F1 0F2 2B0 0F3 2B1 2F2 0B0 2F3 0B1 2B2 2B3 0B2 0B3",
+        "1F0 1F1 3F0 3B0 3F1 3B1 1F2 1B0 1F3 1B1 3F2 3B2 3F3 3B3 1B2 1B3",
+    ]),
+    (zb_h1(2, 4), """
+        step   0   1   2   3   4   5   6   7   8   9   10  11  12
+        rank0  F0  F1  .   I0  W0  F2  I1  W1  F3  I2  W2  I3  W3
+        rank1  .   F0  I0  F1  I1  W0  F2  I2  W1  F3  I3  W2  W3
+        """, ["F0 F1 I0 W0 F2 I1 W1 F3 I2 W2 I3 W3", "F0 I0 F1 I1 W0 F2 I2 W1 F3 I3 W2 W3"]),
+    (zb_h1(3, 6), """
+        step   0   1   2   3   4   5   6   7   8   9   10  11  12  13  14  15  16  17  18  19
+        rank0  F0  F1  F2  .   .   I0  W0  F3  I1  W1  F4  I2  W2  F5  I3  W3  I4  W4  I5  W5
+        rank1  .   F0  F1  .   I0  F2  I1  W0  F3  I2  W1  F4  I3  W2  F5  I4  W3  I5  W4  W5
+        rank2  .   .   F0  I0  F1  I1  F2  I2  W0  F3  I3  W1  F4  I4  W2  F5  I5  W3  W4  W5
+        """, [
+        "F0 F1 F2 I0 W0 F3 I1 W1 F4 I2 W2 F5 I3 W3 I4 W4 I5 W5",
+        "F0 F1 I0 F2 I1 W0 F3 I2 W1 F4 I3 W2 F5 I4 W3 I5 W4 W5",
+        "F0 I0 F1 I1 F2 I2 W0 F3 I3 W1 F4 I4 W2 F5 I5 W3 W4 W5",
+    ]),
+]
+LITERAL_IDS = [
+    f"{s.name}-K{s.num_stages}-M{s.num_micro_batches}" for s, _, _ in LITERAL_CASES
+]
+
+
+@pytest.mark.parametrize("schedule,expected_grid,expected_text", LITERAL_CASES, ids=LITERAL_IDS)
+def test_literal_grid_and_text(schedule: Schedule, expected_grid: str, expected_text: list[str]):
+    assert format_schedule(validate(schedule)) == grid(expected_grid)
+    assert schedule.to_text() == expected_text
+
+
+@pytest.mark.parametrize("schedule,expected_grid,expected_text", LITERAL_CASES, ids=LITERAL_IDS)
+def test_text_round_trip(schedule: Schedule, expected_grid: str, expected_text: list[str]):
+    parsed = Schedule.from_text(expected_text, name=schedule.name)
+    assert parsed == schedule
+    assert parsed.to_text() == expected_text
+    for actions in schedule.ranks:
+        for a in actions:
+            assert Action.parse(a.text(with_stage=True)) == a
+            assert Action.parse(str(a), stage=a.stage) == a
+
+
+def test_interleaved_places_stage_on_rank_modulo_ranks():
+    s = interleaved(3, 6, chunks=4)
+    assert (s.num_ranks, s.num_stages) == (3, 12)
+    assert all(s.rank_of(stage) == stage % 3 for stage in range(12))
+
+
+def test_interleaved_with_one_chunk_is_1f1b():
+    assert interleaved(4, 6, chunks=1).ranks == one_f_one_b(4, 6).ranks
+
+
+def test_zb_h1_has_only_split_backwards():
+    s = zb_h1(3, 4)
+    assert s.has_split_backward and all(s.splits_backward(k) for k in range(3))
+    assert not any(a.kind == "B" for r in s.ranks for a in r)
+
+
+@pytest.mark.parametrize("module,schedule", [
+    ("gpipe", gpipe(3, 3)),
+    ("one_f_one_b", one_f_one_b(3, 4)),
+    ("interleaved", interleaved(2, 4, chunks=2)),
+    ("zb_h1", zb_h1(3, 4)),
+])
+def test_module_docstring_shows_the_real_grid(module: str, schedule: Schedule):
+    doc = importlib.import_module(f"tfpipe.schedules.{module}").__doc__
+    assert textwrap.indent(format_schedule(schedule), "    ") in doc
+
+
+# ----------------------------------------------------------------------------------------
+# Action and schedule text parsing.
+
+def test_action_text_forms():
+    assert str(Action(2, "F", 3)) == "F3"
+    assert Action(2, "F", 3).text(with_stage=True) == "2F3"
+    assert Action.parse("2W13") == Action(2, "W", 13)
+    assert Action.parse(" I0 ", stage=5) == Action(5, "I", 0)
+
+
+@pytest.mark.parametrize("text,fragment", [
+    ("X3", "Cannot parse action 'X3'"),
+    ("F", "Cannot parse action 'F'"),
+    ("F3", "names no stage"),
+])
+def test_action_parse_errors(text: str, fragment: str):
+    with pytest.raises(ValueError, match=fragment):
+        Action.parse(text)
+
+
+def test_action_rejects_bad_fields():
+    with pytest.raises(ValueError, match="Unknown action kind 'X'"):
+        Action(0, "X", 0)
+    with pytest.raises(ValueError, match=">= 0"):
+        Action(-1, "F", 0)
+
+
+def test_schedule_rejects_a_stage_on_two_ranks():
+    with pytest.raises(ValueError, match="stage 0 has actions on rank 0 and rank 1"):
+        Schedule.from_text(["F0 B0", "0F1 0B1"])
+
+
+def test_rank_of_unknown_stage_names_the_known_stages():
+    with pytest.raises(KeyError, match=r"no action for stage 7.*\[0, 1\]"):
+        gpipe(2, 2).rank_of(7)
+
+
+# ----------------------------------------------------------------------------------------
+# Validation: each rule, with the grid and the offending action marked.
+
+def assert_grid_error(error: pytest.ExceptionInfo, *fragments: str) -> None:
+    message = str(error.value)
+    assert "step   0" in message and "rank0" in message, message
+    for fragment in fragments:
+        assert fragment in message, f"{fragment!r} not in:\n{message}"
+
+
+def test_validate_duplicate_action():
+    with pytest.raises(ScheduleError) as error:
+        validate(Schedule.from_text(["F0 F0 B0", "F0 B0"]))
+    assert_grid_error(error, "0F0 (stage 0) appears 2 times", ">F0<", "keep one")
+
+
+def test_validate_missing_backward():
+    with pytest.raises(ScheduleError) as error:
+        validate(Schedule.from_text(["F0 F1 B0 B1", "F0 B0 F1"]))
+    assert_grid_error(error, "stage 1 has no backward (B, or I and W) for micro-batch 1",
+                      ">F1<", "add B1 after F1")
+
+
+def test_validate_missing_forward():
+    with pytest.raises(ScheduleError) as error:
+        validate(Schedule.from_text(["F0 F1 B0 B1", "F0 B0 B1"]))
+    assert_grid_error(error, "stage 1 never runs the forward F1", ">!B1!<")
+
+
+def test_validate_backward_before_forward_on_its_rank():
+    with pytest.raises(ScheduleError) as error:
+        validate(Schedule.from_text(["F0 B0", "B0 F0"]))
+    assert_grid_error(error, "1B0 comes before F0 of stage 1 on rank 1", ">!B0!<")
+
+
+def test_validate_weight_grad_before_input_grad():
+    with pytest.raises(ScheduleError) as error:
+        validate(Schedule.from_text(["F0 I0 W0", "F0 W0 I0"]))
+    assert_grid_error(error, "1W0 comes before I0 of stage 1 on rank 1", ">!W0!<")
+
+
+def test_validate_input_grad_without_weight_grad():
+    with pytest.raises(ScheduleError) as error:
+        validate(Schedule.from_text(["F0 I0 W0", "F0 I0"]))
+    assert_grid_error(error, "stage 1 splits the backward of micro-batch 0 into I and W but "
+                      "has no W0", ">I0<")
+
+
+def test_validate_both_full_and_split_backward():
+    with pytest.raises(ScheduleError) as error:
+        validate(Schedule.from_text(["F0 B0", "F0 B0 I0 W0"]))
+    assert_grid_error(error, "stage 1 has both B0 and I0", ">B0<")
+
+
+def test_validate_stage_mixing_full_and_split_backwards():
+    with pytest.raises(ScheduleError) as error:
+        validate(Schedule.from_text(["F0 F1 B0 B1", "F0 B0 F1 I1 W1"]))
+    assert_grid_error(error, "stage 1 mixes B with I/W backwards", ">B0<")
+
+
+def test_validate_action_outside_the_sizes():
+    with pytest.raises(ScheduleError) as error:
+        validate(Schedule.from_text(["F0 F5 B0 B5", "F0 B0"], num_micro_batches=2))
+    assert_grid_error(error, "0F5 is outside 2 stages x 2 micro-batches", ">F5<")
+
+
+def test_validate_deadlock_marks_the_blocked_actions():
+    deadlocked = Schedule.from_text(["F0 B0 F1 B1", "F1 F0 B0 B1"], name="crossed")
+    with pytest.raises(ScheduleError) as error:
+        validate(deadlocked)
+    assert str(error.value) == grid("""
+        Schedule 'crossed' deadlocks: 0B0, 1F1 wait for each other (a stage's forward needs the previous stage's forward, its backward the next stage's backward). Reorder the actions.
+        step   0
+        rank0  F0    |     !B0!  F1    B1
+        rank1  .     |     !F1!  F0    B0    B1
+        (! marks actions waiting on an input that never comes: deadlock)
+        """)
+
+
+@pytest.mark.parametrize("name", sorted(GENERATORS))
+def test_generated_schedules_validate(name: str):
+    chunks = 2 if name == "interleaved" else 1
+    for k in (2, 4):
+        for m in (1, 3, 8):
+            schedule = get(name, k * chunks, m, chunks=chunks)
+            assert schedule.num_ranks == k
+
+
+# ----------------------------------------------------------------------------------------
+# Registry and `get`.
+
+def test_registry_names():
+    assert sorted(GENERATORS) == ["1f1b", "gpipe", "interleaved", "zb-h1"]
+
+
+def test_get_keeps_the_two_size_form():
+    assert get("gpipe", 3, 4) == gpipe(3, 4)
+    assert get("1f1b", 3, 4) == one_f_one_b(3, 4)
+    assert get("zb-h1", 3, 4) == zb_h1(3, 4)
+    assert GENERATORS["gpipe"](3, 4) == gpipe(3, 4)
+
+
+def test_get_interleaved_counts_virtual_stages():
+    s = get("interleaved", 6, 6, chunks=3)
+    assert s == interleaved(2, 6, chunks=3) == interleaved_stages(6, 6, chunks=3)
+    assert get("interleaved", 4, 4).ranks == one_f_one_b(4, 4).ranks
+
+
+def test_get_interleaved_indivisible_stages_names_the_fix():
+    with pytest.raises(ValueError, match=r"num_stages=5 is not divisible by chunks=2.*4 or 6"):
+        get("interleaved", 5, 4, chunks=2)
+
+
+def test_get_rejects_chunks_for_one_stage_per_rank_schedules():
+    with pytest.raises(ValueError, match=r"'1f1b' runs one stage per rank.*'interleaved'"):
+        get("1f1b", 4, 4, chunks=2)
+
+
+def test_get_unknown_name():
+    with pytest.raises(ValueError, match=r"Unknown schedule 'pipedream'.*'1f1b'"):
+        get("pipedream", 2, 2)
+
+
+def test_get_user_schedule_checks_its_size_and_rank_count():
+    user = interleaved(2, 4, chunks=2)
+    assert get(user, 4, 4) is user
+    assert get(user, 4, 4, chunks=2) is user
+    with pytest.raises(ValueError, match="is for 4 stages x 4 micro-batches"):
+        get(user, 4, 8)
+    with pytest.raises(ValueError, match="runs 4 stages on 2 ranks, but chunks=4"):
+        get(user, 4, 4, chunks=4)
+
+
+@pytest.mark.parametrize("args,fragment", [
+    ((0, 4), "num_stages must be a positive integer, got 0"),
+    ((2, 0), "num_micro_batches must be a positive integer, got 0"),
+    ((2.0, 4), "num_stages must be a positive integer, got 2.0"),
+    ((True, 4), "num_stages must be a positive integer, got True"),
+])
+def test_generators_reject_bad_sizes(args: tuple, fragment: str):
+    for generate in (gpipe, one_f_one_b, zb_h1, interleaved):
+        with pytest.raises(ValueError, match=fragment):
+            generate(*args)
+
+
+def test_interleaved_rejects_bad_chunks():
+    with pytest.raises(ValueError, match="chunks must be a positive integer"):
+        interleaved(2, 4, chunks=0)
+
+
+# ----------------------------------------------------------------------------------------
+# Costs errors.
+
+def test_costs_per_stage_length_must_match():
+    with pytest.raises(ValueError, match=r"Costs.forward has 2 per-stage values .* 3 stages"):
+        simulate(gpipe(3, 2), Costs(forward=[1.0, 2.0], backward=2.0))
+
+
+def test_costs_must_be_non_negative():
+    with pytest.raises(ValueError, match=r"Costs.transfer must be finite and >= 0, got \[-1.0\]"):
+        simulate(gpipe(2, 2), Costs(forward=1.0, backward=2.0, transfer=-1.0))
+
+
+def test_simulate_validates_first():
+    with pytest.raises(ScheduleError, match="no backward"):
+        simulate(Schedule.from_text(["F0 B0", "F0"]), Costs(1.0, 2.0))
+
+
+# ----------------------------------------------------------------------------------------
+# Pure data: no TensorFlow, Keras or module-level matplotlib anywhere in the package.
+
+def test_no_framework_imports_in_source():
+    for path in sorted(SCHEDULES_DIR.glob("*.py")):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            for name in names:
+                root = name.split(".")[0]
+                assert root not in ("tensorflow", "keras", "tf_keras"), f"{path.name}: {name}"
+        for node in tree.body:
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                module = node.module if isinstance(node, ast.ImportFrom) else node.names[0].name
+                assert not (module or "").startswith("matplotlib"), f"{path.name}: {module}"
+
+
+def test_package_imports_without_tensorflow_keras_or_matplotlib():
+    # Load tfpipe.schedules under an empty `tfpipe` package so that tfpipe/__init__.py (which
+    # is allowed to import TensorFlow) does not run.
+    code = textwrap.dedent(f"""
+        import sys, types
+        pkg = types.ModuleType("tfpipe")
+        pkg.__path__ = [{str(ROOT / "tfpipe")!r}]
+        sys.modules["tfpipe"] = pkg
+        import tfpipe.schedules as s
+        s.simulate(s.get("zb-h1", 3, 4), s.Costs(1.0, 2.0))
+        bad = sorted(m for m in sys.modules
+                     if m.split(".")[0] in ("tensorflow", "keras", "matplotlib"))
+        assert not bad, bad
+    """)
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+@pytest.mark.parametrize("module", sorted(
+    p.stem for p in SCHEDULES_DIR.glob("*.py") if p.stem != "__init__"
+) + ["__init__"])
+def test_docstring_examples(module: str):
+    name = "tfpipe.schedules" + ("" if module == "__init__" else f".{module}")
+    result = doctest.testmod(importlib.import_module(name), optionflags=doctest.ELLIPSIS)
+    assert result.failed == 0
