@@ -139,3 +139,12 @@ def test_explicit_devices_fewer_than_stages_equal_keras():
                                                "/device:CPU:1", "/device:CPU:1"]
     pipe.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0, callbacks=[log])
     assert_same_training(ref_model, ref_log, model, log)
+
+
+def test_step_traces_once_across_epochs():
+    x, y = data("mlp")
+    model = build("mlp", "adam")
+    pipe = tfpipe.Pipeline(model, stages=4, micro_batches=4)
+    pipe.fit(x, y, batch_size=16, epochs=3, verbose=0)
+    pipe.fit(x, y, batch_size=16, epochs=2, verbose=0)  # a second fit reuses the traced step
+    assert pipe.executor.traces["train"] == 1
