@@ -31,7 +31,7 @@ def test_balance_not_summing_to_layer_count():
 
 
 def test_balance_and_stages_disagree():
-    with pytest.raises(tfpipe.PipelineError, match=r"stages=3 but balance=\[2, 2\]"):
+    with pytest.raises(tfpipe.PipelineError, match=r"stages=3 with chunks=1 needs 3 balance entries, but balance=\[2, 2\] has 2"):
         tfpipe.Pipeline(build("mlp"), stages=3, balance=[2, 2])
 
 

@@ -39,10 +39,16 @@ class Pipeline:
         devices: device names, one per stage; fewer than K puts contiguous stages on each
             device. Defaults to the visible GPUs, else the logical CPU devices.
         micro_batches: M, the number of slices each batch is cut into.
-        schedule: `"gpipe"` or a `tfpipe.schedules.Schedule` for K stages and M micro-batches.
+        schedule: `"gpipe"`, `"1f1b"`, `"interleaved"`, `"zb-h1"`, or a
+            `tfpipe.schedules.Schedule` (its ranks are the devices, its stages the model pieces).
+        chunks: for `"interleaved"`, model pieces per device, v (default 2): the model is cut
+            into K*v stages and device r holds stages r, r+K, r+2K, ...
+        profile: record when each action of a training step started and ended;
+            `timeline()` returns the latest step's measured timeline.
 
     Attributes:
-        stages: the `Stage`s: `.model` (Keras sub-model), `.device`, `.num_params`, `.layers`.
+        stages: the `Stage`s: `.model` (Keras sub-model), `.device`, `.num_params`, `.layers`;
+            K*v of them for interleaved schedules.
         schedule: the validated `Schedule`.
 
     Raises:
@@ -63,6 +69,8 @@ class Pipeline:
         devices: Sequence[str] | None = None,
         micro_batches: int = 1,
         schedule: str | schedules.Schedule = "gpipe",
+        chunks: int | None = None,
+        profile: bool = False,
     ) -> None:
         if not isinstance(model, keras.Model):
             raise PipelineError(f"tfpipe needs a keras.Model, got {type(model).__name__}.")
@@ -77,28 +85,23 @@ class Pipeline:
                 "model.build(input_shape), or use tfpipe.fit, which builds it from the data."
             )
         micro_batches = check_micro_batches(micro_batches)
-        if balance is not None:
-            if stages is not None and stages != len(balance):
-                raise PipelineError(
-                    f"stages={stages} but balance={list(balance)} has {len(balance)} entries: "
-                    "give one of them, or make them agree."
-                )
-            num_stages = len(balance)
-        elif stages is not None:
-            num_stages = stages
-        else:
-            num_stages = len(devices) if devices is not None else len(default_devices())
-        if not isinstance(num_stages, int) or isinstance(num_stages, bool) or num_stages < 1:
-            raise PipelineError(f"stages must be a positive integer, got {stages!r}.")
+        chunks = _check_chunks(schedule, chunks)
+        num_stages = _count_stages(schedule, stages, balance, devices, chunks)
         self.model = model
-        self.schedule = schedules.get(schedule, num_stages, micro_batches)
-        self.stages: list[Stage] = split(model, num_stages, balance, resolve_devices(devices, num_stages))
-        self.executor = Executor(model, self.stages, self.schedule)
+        self.schedule = schedules.get(schedule, num_stages, micro_batches, chunks=chunks)
+        rank_devices = resolve_devices(devices, self.schedule.num_ranks)
+        stage_devices = [rank_devices[self.schedule.rank_of(k)] for k in range(num_stages)]
+        self.stages: list[Stage] = split(model, num_stages, balance, stage_devices)
+        self.executor = Executor(model, self.stages, self.schedule, profile=profile)
         place_stages(self.stages)
         place_optimizer(model.optimizer, list(model.trainable_variables))
         for name in _FUNCTIONS:  # functions traced before the move captured the old storage
             setattr(model, name, None)
         self._functions: dict[str, Any] = dict.fromkeys(_FUNCTIONS)
+
+    def timeline(self) -> list[tuple[int, schedules.Action, float, float]]:
+        """Measured `(rank, action, start_ms, end_ms)` of the latest step (needs `profile=True`)."""
+        return self.executor.timeline()
 
     @property
     def micro_batches(self) -> int:
@@ -174,3 +177,41 @@ class Pipeline:
             f"micro_batches={self.micro_batches}, schedule={self.schedule.name!r}, "
             f"devices={[s.device for s in self.stages]})"
         )
+
+
+def _check_chunks(schedule: Any, chunks: int | None) -> int:
+    """Chunks per device: 2 by default for "interleaved", 1 otherwise."""
+    if chunks is None:
+        return 2 if schedule == "interleaved" else 1
+    if not isinstance(chunks, int) or isinstance(chunks, bool) or chunks < 1:
+        raise PipelineError(f"chunks must be a positive integer, got {chunks!r}.")
+    if chunks > 1 and schedule != "interleaved" and not isinstance(schedule, schedules.Schedule):
+        raise PipelineError(
+            f"chunks={chunks} needs schedule='interleaved' (several model pieces per device); "
+            f"schedule {schedule!r} runs one piece per device. Drop chunks or change the schedule."
+        )
+    return chunks
+
+
+def _count_stages(
+    schedule: Any,
+    stages: int | None,
+    balance: Sequence[int] | None,
+    devices: Sequence[str] | None,
+    chunks: int,
+) -> int:
+    """Model pieces to cut: K (devices / ranks) times chunks, or as `balance` or the schedule say."""
+    if isinstance(schedule, schedules.Schedule):
+        return schedule.num_stages
+    if balance is not None:
+        if stages is not None and stages * chunks != len(balance):
+            raise PipelineError(
+                f"stages={stages} with chunks={chunks} needs {stages * chunks} balance entries, "
+                f"but balance={list(balance)} has {len(balance)}: make them agree, or give only one."
+            )
+        return len(balance)
+    if stages is None:
+        stages = len(devices) if devices is not None else len(default_devices())
+    if not isinstance(stages, int) or isinstance(stages, bool) or stages < 1:
+        raise PipelineError(f"stages must be a positive integer, got {stages!r}.")
+    return stages * chunks

@@ -29,6 +29,7 @@ def fit(
     micro_batches: int = 1,
     devices: Sequence[str] | None = None,
     schedule: str | Schedule = "gpipe",
+    chunks: int | None = None,
     callbacks: list[keras.callbacks.Callback] | None = None,
     validation_data: Any = None,
     verbose: str | int = "auto",
@@ -48,7 +49,9 @@ def fit(
         balance: layer calls per stage instead of `stages`.
         micro_batches: M; each batch of B samples becomes M micro-batches of about B/M.
         devices: device names per stage; default the GPUs, else the logical CPU devices.
-        schedule: `"gpipe"` or a `tfpipe.schedules.Schedule`.
+        schedule: `"gpipe"`, `"1f1b"`, `"interleaved"`, `"zb-h1"` or a
+            `tfpipe.schedules.Schedule`.
+        chunks: model pieces per device for `"interleaved"` (default 2).
         callbacks, validation_data, verbose, steps_per_epoch, **fit_kwargs: as `model.fit`.
 
     Returns:
@@ -64,7 +67,7 @@ def fit(
     """
     build_from_data(model, x)
     pipe = Pipeline(model, stages=stages, balance=balance, devices=devices,
-                    micro_batches=micro_batches, schedule=schedule)
+                    micro_batches=micro_batches, schedule=schedule, chunks=chunks)
     return pipe.fit(
         x, y, batch_size=batch_size, epochs=epochs, callbacks=callbacks,
         validation_data=validation_data, verbose=verbose, steps_per_epoch=steps_per_epoch,

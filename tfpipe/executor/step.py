@@ -3,27 +3,38 @@
 Design:
 - One source of truth: the executor never hard-codes an order. It traces the schedule's
   actions in the order of `schedules.clock`, so every input an action needs exists when it is
-  traced, and the resulting dataflow graph is exactly the schedule's dependency graph.
+  traced, and the dataflow graph is exactly the schedule's dependency graph.
 - Per-stage backward: the forward of stage s on micro-batch m is recorded by its own
   `GradientTape` under `tf.device(stage.device)`; its `B` action asks that tape for the
   vector-Jacobian product with the gradient arriving from stage s+1, again under the stage's
   device. One tape around the whole forward would put the backward on the caller's device.
+  Split backward (`I` then `W`, zero-bubble schedules) asks a persistent tape twice: first
+  for the input gradient (which unblocks stage s-1), later for the weight gradient.
+- Keeping the schedule's promises with few dependencies: dataflow alone already orders
+  actions that consume each other's results. What it does not do is hold back a forward
+  until the backward that the schedule put before it on the same rank has run, and that is
+  what bounds in-flight activations (1F1B: stage s starts F(m+K-s) only after B(m)). So each
+  `F` gets one control dependency: on the latest backward-type action (`B`, `I` or `W`)
+  before it on its rank, if any. GPipe gets none, 1F1B gets exactly the warm-up bound.
 - Accumulation sums each stage's weight gradients over micro-batches on the stage's device
   (IndexedSlices are concatenated, which is exact); then the model's own optimizer applies one
   step to all variables at once, so the step counter, learning-rate schedule and any global
-  gradient clipping see one step, as in `model.fit`. Keras's TF optimizer colocates each
-  variable's update with the variable.
+  gradient clipping see one step, as in `model.fit`.
 - Losses and metrics are Keras's own: the compiled loss per micro-batch, weighted so the
   micro-batches add up to the batch loss; the compiled metrics updated per micro-batch; the
   loss tracker updated once per batch with the batch loss and size.
 - These functions replace `train_step` / `test_step` / `predict_step`, the seam Keras offers
   for custom steps, so `model.fit` keeps its data adapters, callbacks, progress bar, History
   and validation, and traces the step once as a `tf.function`.
+- Profiling (`profile=True`) brackets each action with `tf.timestamp()` ops tied to its
+  inputs and outputs and stores them in a variable, so one step's measured timeline can be
+  read back and drawn beside the simulated one.
 """
 
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import dataclass, field
 from typing import Any
 
 import keras
@@ -33,6 +44,8 @@ from keras.src.losses.loss import unscale_loss_for_distribution
 from tfpipe.executor.microbatch import MicroBatches, loss_reduction
 from tfpipe.partition import Stage
 from tfpipe.schedules import Action, Schedule, clock
+
+Key = tuple[int, int]
 
 
 def _accumulate(total: Any, grad: Any) -> Any:
@@ -52,6 +65,50 @@ def _float_leaves(structure: Any) -> list[tf.Tensor]:
     return [t for t in keras.tree.flatten(structure) if t is not None and t.dtype.is_floating]
 
 
+def _dense(tensors: list[Any]) -> list[tf.Tensor]:
+    return [t.values if isinstance(t, tf.IndexedSlices) else t for t in tensors if t is not None]
+
+
+def rank_waits(schedule: Schedule) -> dict[Action, Action]:
+    """For each forward, the latest backward-type action before it on its rank (if any)."""
+    waits: dict[Action, Action] = {}
+    for actions in schedule.ranks:
+        latest = None
+        for a in actions:
+            if a.kind == "F" and latest is not None:
+                waits[a] = latest
+            elif a.kind != "F":
+                latest = a
+    return waits
+
+
+@dataclass
+class _Recorded:
+    """What a stage's forward on one micro-batch left for its backward.
+
+    `seeds` are the output gradients for `targets`: ones for loss terms, to which the next
+    stage's input gradients are prepended (for the stage output) once they exist.
+    """
+
+    tape: tf.GradientTape
+    watched: list[tf.Tensor]
+    targets: list[tf.Tensor]
+    seeds: list[tf.Tensor]
+
+
+@dataclass
+class _StepState:
+    """Trace-time bookkeeping of one training step, keyed by (stage, micro-batch)."""
+
+    mb: MicroBatches
+    grads: list[list[Any]]
+    outputs: dict[Key, Any] = field(default_factory=dict)
+    recorded: dict[Key, _Recorded] = field(default_factory=dict)
+    losses: list[tf.Tensor] = field(default_factory=list)
+    done: dict[Action, list[tf.Tensor]] = field(default_factory=dict)
+    stamps: list[tf.Tensor] = field(default_factory=list)
+
+
 class Executor:
     """Runs one pipelined step of a Keras model from a schedule.
 
@@ -59,25 +116,34 @@ class Executor:
         model: the user's compiled Keras model (its optimizer, loss, metrics are used).
         stages: the model's stages, stage k feeding stage k+1, variables already placed.
         schedule: a validated schedule for `len(stages)` stages.
+        profile: record each action's start and end time in every training step.
 
     Attributes:
         traces: how many times each step kind was traced (`"train"`, `"test"`, `"predict"`);
             Python code in a `tf.function` runs once per trace.
         produced: from the latest training trace, the symbolic tensors each action made
-            (`F`: the stage outputs and loss terms; `B`: input and weight gradients), for
-            checking their devices.
+            (`F`: the stage outputs and loss terms; `B`/`I`/`W`: gradients), for checking
+            their devices.
+        waits: the one control dependency each forward gets (see the module docstring).
     """
 
-    def __init__(self, model: keras.Model, stages: list[Stage], schedule: Schedule) -> None:
+    def __init__(
+        self, model: keras.Model, stages: list[Stage], schedule: Schedule, profile: bool = False
+    ) -> None:
         self.model = model
         self.stages = stages
         self.schedule = schedule
         self.micro_batches = schedule.num_micro_batches
         self.order: list[Action] = [a for _, a in clock(schedule)]
         self.forward_order = [a for a in self.order if a.kind == "F"]
+        self.waits = rank_waits(schedule)
         self.reduction = loss_reduction(model)
         self.traces: Counter[str] = Counter()
         self.produced: dict[Action, list[Any]] = {}
+        self.stamps: tf.Variable | None = None
+        if profile:
+            self.stamps = tf.Variable(tf.zeros((len(self.order), 2), tf.float64), trainable=False,
+                                      name="tfpipe_action_times")
 
     # Keras step functions -------------------------------------------------------------------
 
@@ -91,59 +157,20 @@ class Executor:
         model = self.model
         x, y, sw = keras.utils.unpack_x_y_sample_weight(data)
         mb = MicroBatches.split(x, y, sw, self.micro_batches, self.reduction)
-        last = len(self.stages) - 1
-        outputs: dict[tuple[int, int], Any] = {}
-        tapes: dict[tuple[int, int], tuple[tf.GradientTape, list, list, list]] = {}
-        input_grads: dict[tuple[int, int], list[tf.Tensor]] = {}
-        grads: list[list[Any]] = [[None] * len(s.trainable_variables) for s in self.stages]
-        losses: list[tf.Tensor] = []
+        state = _StepState(mb, [[None] * len(s.trainable_variables) for s in self.stages])
         self.produced = {}
+        run = {"F": self._forward, "B": self._backward, "I": self._input_grad, "W": self._weight_grad}
         for action in self.order:
-            s, m = action.stage, action.micro_batch
-            stage = self.stages[s]
-            with tf.device(stage.device), tf.name_scope(f"stage{s}_{action}"):
-                if action.kind == "F":
-                    inputs = mb.xs[m] if s == 0 else outputs.pop((s - 1, m))
-                    tape = tf.GradientTape()
-                    with tape:
-                        watched = _float_leaves(inputs) if s > 0 else []
-                        tape.watch(watched)
-                        out = stage.model(inputs, training=True)
-                        targets, seeds = [], []
-                        if s == last:
-                            loss = self._data_loss(mb, m, out)
-                            model.compute_metrics(mb.xs[m], mb.ys[m], out, mb.sample_weights[m])
-                        else:
-                            outputs[(s, m)] = out
-                            loss = None
-                        extra = self._extra_loss(stage, mb, m)
-                        for term in (loss, extra):
-                            if term is not None:
-                                losses.append(term)
-                                scaled = model.optimizer.scale_loss(term)
-                                targets.append(scaled)
-                                seeds.append(tf.ones_like(scaled))
-                    if s < last:
-                        targets = _float_leaves(out) + targets
-                    tapes[(s, m)] = (tape, watched, targets, seeds)
-                    self.produced[action] = keras.tree.flatten(out) + targets
-                else:
-                    tape, watched, targets, seeds = tapes.pop((s, m))
-                    if s < last:
-                        seeds = input_grads.pop((s + 1, m)) + seeds
-                    variables = stage.trainable_variables
-                    result = tape.gradient(
-                        targets,
-                        watched + variables,
-                        output_gradients=seeds,
-                        unconnected_gradients=tf.UnconnectedGradients.ZERO,
-                    )
-                    if s > 0:
-                        input_grads[(s, m)] = result[: len(watched)]
-                    grads[s] = [_accumulate(t, g) for t, g in zip(grads[s], result[len(watched):])]
-                    self.produced[action] = list(result) + list(grads[s])
-        self._apply(grads)
-        total = tf.add_n(losses)
+            stage = self.stages[action.stage]
+            with tf.device(stage.device), tf.name_scope(f"stage{action.stage}_{action}"):
+                produced = run[action.kind](action, stage, state)
+            self.produced[action] = produced
+            state.done[action] = _dense(produced)
+        if self.stamps is not None:
+            with tf.control_dependencies([t for ts in state.done.values() for t in ts]):
+                self.stamps.assign(tf.reshape(tf.stack(state.stamps), (len(self.order), 2)))
+        self._apply(state.grads)
+        total = tf.add_n(state.losses)
         model._loss_tracker.update_state(
             unscale_loss_for_distribution(total), sample_weight=mb.batch
         )
@@ -154,7 +181,7 @@ class Executor:
         self.traces["test"] += 1
         x, y, sw = keras.utils.unpack_x_y_sample_weight(data)
         mb = MicroBatches.split(x, y, sw, self.micro_batches, self.reduction)
-        preds, losses = self._forward(mb, training=False)
+        preds, losses = self._forward_only(mb, training=False)
         for m, out in enumerate(preds):
             with tf.device(self.stages[-1].device):
                 losses.append(self._data_loss(mb, m, out))
@@ -170,18 +197,147 @@ class Executor:
         self.traces["predict"] += 1
         x, _, _ = keras.utils.unpack_x_y_sample_weight(data)
         mb = MicroBatches.split(x, None, None, self.micro_batches, self.reduction)
-        preds, _ = self._forward(mb, training=False)
+        preds, _ = self._forward_only(mb, training=False)
         return keras.tree.map_structure(lambda *parts: tf.concat(parts, axis=0), *preds)
+
+    # actions --------------------------------------------------------------------------------
+
+    def _forward(self, action: Action, stage: Stage, state: _StepState) -> list[Any]:
+        """F: run the stage on micro-batch m under a tape; the last stage adds the loss."""
+        s, m = action.stage, action.micro_batch
+        last = s == len(self.stages) - 1
+        inputs = state.mb.xs[m] if s == 0 else state.outputs.pop((s - 1, m))
+        after = list(state.done.get(self.waits.get(action), []))
+        inputs = self._start(inputs, after, state)
+        split = self.schedule.splits_backward(s)
+        tape = tf.GradientTape(persistent=split)
+        with tape:
+            watched = _float_leaves(inputs) if s > 0 else []
+            tape.watch(watched)
+            out = stage.model(inputs, training=True)
+            terms = []
+            if last:
+                terms.append(self._data_loss(state.mb, m, out))
+                self.model.compute_metrics(state.mb.xs[m], state.mb.ys[m], out,
+                                           state.mb.sample_weights[m])
+            extra = self._extra_loss(stage, state.mb, m)
+            if extra is not None:
+                terms.append(extra)
+            targets = [self.model.optimizer.scale_loss(t) for t in terms]
+        state.losses.extend(terms)
+        if not last:
+            state.outputs[(s, m)] = out
+        seeds = [tf.ones_like(t) for t in targets]
+        if not last:
+            targets = _float_leaves(out) + targets
+        state.recorded[(s, m)] = _Recorded(tape, watched, targets, seeds)
+        produced = keras.tree.flatten(out) + terms
+        self._end(produced, state)
+        return produced
+
+    def _backward(self, action: Action, stage: Stage, state: _StepState) -> list[Any]:
+        """B: VJP of the stage's forward for its input and weights, in one pass."""
+        rec = state.recorded.pop((action.stage, action.micro_batch))
+        self._start(None, [], state, ready=rec.seeds)
+        variables = stage.trainable_variables
+        result = rec.tape.gradient(rec.targets, rec.watched + variables,
+                                   output_gradients=rec.seeds,
+                                   unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        produced = self._keep(action, stage, state, result[: len(rec.watched)], result[len(rec.watched):])
+        self._end(produced, state)
+        return produced
+
+    def _input_grad(self, action: Action, stage: Stage, state: _StepState) -> list[Any]:
+        """I: VJP for the stage's input only, so the previous stage can go on."""
+        rec = state.recorded[(action.stage, action.micro_batch)]
+        self._start(None, [], state, ready=rec.seeds)
+        result = []
+        if rec.watched:
+            result = rec.tape.gradient(rec.targets, rec.watched, output_gradients=rec.seeds,
+                                       unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        produced = self._keep(action, stage, state, result, [])
+        if not produced:  # stage 0 has no input gradient; mark the action done all the same
+            produced = [tf.identity(s) for s in rec.seeds[:1]]
+        self._end(produced, state)
+        return produced
+
+    def _weight_grad(self, action: Action, stage: Stage, state: _StepState) -> list[Any]:
+        """W: VJP for the stage's weights, deferred by the schedule into a bubble."""
+        rec = state.recorded.pop((action.stage, action.micro_batch))
+        self._start(None, [], state, ready=state.done[Action(action.stage, "I", action.micro_batch)])
+        result = rec.tape.gradient(rec.targets, stage.trainable_variables,
+                                   output_gradients=rec.seeds,
+                                   unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        del rec.tape
+        produced = self._keep(action, stage, state, [], result)
+        self._end(produced, state)
+        return produced
+
+    def _keep(self, action: Action, stage: Stage, state: _StepState, input_grads: list[Any],
+              weight_grads: list[Any]) -> list[Any]:
+        """Seeds stage s-1's backward with the input gradients; adds weight gradients to the sums."""
+        s = action.stage
+        if s > 0 and action.kind in ("B", "I"):
+            before = state.recorded[(s - 1, action.micro_batch)]
+            before.seeds = list(input_grads) + before.seeds
+        if weight_grads:
+            state.grads[s] = [_accumulate(t, g) for t, g in zip(state.grads[s], weight_grads)]
+        return list(input_grads) + (list(state.grads[s]) if weight_grads else [])
+
+    # profiling hooks --------------------------------------------------------------------------
+
+    def _start(self, inputs: Any, after: list[tf.Tensor], state: _StepState,
+               ready: list[tf.Tensor] | None = None) -> Any:
+        """Holds `inputs` until `after` ran; with profiling, stamps the action's start.
+
+        Args:
+            inputs: the action's input structure (forwards), or None.
+            after: tensors of the action the schedule puts first on this rank.
+            state: the step's bookkeeping (receives the start stamp).
+            ready: for backward-type actions, the tensors whose arrival starts them.
+        """
+        gate = list(after)
+        if self.stamps is not None:
+            arrived = keras.tree.flatten(inputs) if inputs is not None else list(ready or [])
+            with tf.control_dependencies(_dense(arrived) + gate):
+                stamp = tf.timestamp()
+            state.stamps.append(stamp)
+            gate = [stamp]
+        if inputs is None or not gate:
+            return inputs
+        with tf.control_dependencies(gate):
+            return keras.tree.map_structure(
+                lambda t: tf.identity(t) if t is not None else None, inputs)
+
+    def _end(self, produced: list[Any], state: _StepState) -> None:
+        if self.stamps is not None:
+            with tf.control_dependencies(_dense(produced)):
+                state.stamps.append(tf.timestamp())
+
+    def timeline(self) -> list[tuple[int, Action, float, float]]:
+        """The measured `(rank, action, start, end)` of the latest profiled step, in ms from its start.
+
+        Raises:
+            ValueError: when the pipeline was built without `profile=True`.
+        """
+        if self.stamps is None:
+            raise ValueError("No timeline: build the Pipeline with profile=True, then fit.")
+        times = self.stamps.numpy()
+        origin = times[:, 0].min()
+        return [
+            (self.schedule.rank_of(a.stage), a, 1e3 * (t0 - origin), 1e3 * (t1 - origin))
+            for a, (t0, t1) in zip(self.order, times)
+        ]
 
     # pieces ---------------------------------------------------------------------------------
 
-    def _forward(self, mb: MicroBatches, training: bool) -> tuple[list[Any], list[tf.Tensor]]:
+    def _forward_only(self, mb: MicroBatches, training: bool) -> tuple[list[Any], list[tf.Tensor]]:
         """Runs the schedule's forward actions only.
 
         Returns:
             The last stage's outputs per micro-batch, and the stages' weighted extra losses.
         """
-        outputs: dict[tuple[int, int], Any] = {}
+        outputs: dict[Key, Any] = {}
         extras: list[tf.Tensor] = []
         last = len(self.stages) - 1
         for action in self.forward_order:
