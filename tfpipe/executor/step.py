@@ -238,7 +238,7 @@ class Executor:
     def _backward(self, action: Action, stage: Stage, state: _StepState) -> list[Any]:
         """B: VJP of the stage's forward for its input and weights, in one pass."""
         rec = state.recorded.pop((action.stage, action.micro_batch))
-        self._start(None, [], state, ready=rec.seeds)
+        rec.seeds = self._start(rec.seeds, [], state)
         variables = stage.trainable_variables
         result = rec.tape.gradient(rec.targets, rec.watched + variables,
                                    output_gradients=rec.seeds,
@@ -250,7 +250,7 @@ class Executor:
     def _input_grad(self, action: Action, stage: Stage, state: _StepState) -> list[Any]:
         """I: VJP for the stage's input only, so the previous stage can go on."""
         rec = state.recorded[(action.stage, action.micro_batch)]
-        self._start(None, [], state, ready=rec.seeds)
+        rec.seeds = self._start(rec.seeds, [], state)
         result = []
         if rec.watched:
             result = rec.tape.gradient(rec.targets, rec.watched, output_gradients=rec.seeds,
@@ -264,9 +264,9 @@ class Executor:
     def _weight_grad(self, action: Action, stage: Stage, state: _StepState) -> list[Any]:
         """W: VJP for the stage's weights, deferred by the schedule into a bubble."""
         rec = state.recorded.pop((action.stage, action.micro_batch))
-        self._start(None, [], state, ready=state.done[Action(action.stage, "I", action.micro_batch)])
+        seeds = self._start(rec.seeds, state.done[Action(action.stage, "I", action.micro_batch)], state)
         result = rec.tape.gradient(rec.targets, stage.trainable_variables,
-                                   output_gradients=rec.seeds,
+                                   output_gradients=seeds,
                                    unconnected_gradients=tf.UnconnectedGradients.ZERO)
         del rec.tape
         produced = self._keep(action, stage, state, [], result)
@@ -286,24 +286,26 @@ class Executor:
 
     # profiling hooks --------------------------------------------------------------------------
 
-    def _start(self, inputs: Any, after: list[tf.Tensor], state: _StepState,
-               ready: list[tf.Tensor] | None = None) -> Any:
-        """Holds `inputs` until `after` ran; with profiling, stamps the action's start.
+    def _start(self, inputs: Any, after: list[tf.Tensor], state: _StepState) -> Any:
+        """Holds an action's `inputs` until `after` ran; with profiling, stamps its start.
 
         Args:
-            inputs: the action's input structure (forwards), or None.
-            after: tensors of the action the schedule puts first on this rank.
+            inputs: what the action consumes: a forward's input structure, or the output
+                gradients (seeds) of a backward-type action.
+            after: tensors of the action that must run first (on this rank, by the schedule).
             state: the step's bookkeeping (receives the start stamp).
-            ready: for backward-type actions, the tensors whose arrival starts them.
+
+        Returns:
+            `inputs`, passed through `tf.identity` under the gate when there is one, so the
+            action's compute cannot start before the gate (and the stamp) ran.
         """
         gate = list(after)
         if self.stamps is not None:
-            arrived = keras.tree.flatten(inputs) if inputs is not None else list(ready or [])
-            with tf.control_dependencies(_dense(arrived) + gate):
+            with tf.control_dependencies(_dense(keras.tree.flatten(inputs)) + gate):
                 stamp = tf.timestamp()
             state.stamps.append(stamp)
             gate = [stamp]
-        if inputs is None or not gate:
+        if not gate:
             return inputs
         with tf.control_dependencies(gate):
             return keras.tree.map_structure(
