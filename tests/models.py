@@ -51,7 +51,17 @@ def functional() -> keras.Model:
     return keras.Model(inputs, outputs, name="functional")
 
 
-MODELS = {"mlp": mlp, "cnn": cnn, "functional": functional}
+def deep() -> keras.Model:
+    """Nine Dense layers: enough cut points for 4 devices x 2 interleaved chunks."""
+    return keras.Sequential(
+        [keras.Input((8,))]
+        + [keras.layers.Dense(12, activation="tanh") for _ in range(8)]
+        + [keras.layers.Dense(3, activation="softmax")],
+        name="deep",
+    )
+
+
+MODELS = {"mlp": mlp, "cnn": cnn, "functional": functional, "deep": deep}
 OPTIMIZERS = {
     "sgd": lambda: keras.optimizers.SGD(0.1, momentum=0.9),
     "adam": lambda: keras.optimizers.Adam(0.01),
@@ -71,7 +81,7 @@ def build(kind: str, optimizer: str = "adam", seed: int = 0, **compile_kwargs) -
 def data(kind: str, n: int = 64, seed: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """Inputs for `kind` and integer labels in [0, 3)."""
     rng = np.random.default_rng(seed)
-    shape = (n, 8, 8, 1) if kind == "cnn" else (n, 8)
+    shape = (n, 8, 8, 1) if kind == "cnn" else (n, 8)  # every other kind reads 8 features
     return rng.normal(size=shape).astype("float32"), rng.integers(0, 3, size=n)
 
 

@@ -27,12 +27,12 @@ CASES = [
     for schedule in ("gpipe", "1f1b", "zb-h1")
     for stages in (2, 4)
     for m in (4, 8)
-] + [("interleaved", 2, 4), ("interleaved", 2, 8)]
+] + [("interleaved", 2, 4), ("interleaved", 2, 8), ("interleaved", 4, 4), ("interleaved", 4, 8)]
 
 
 @pytest.mark.parametrize("schedule,stages,micro_batches", CASES)
 def test_schedule_equals_keras(schedule, stages, micro_batches):
-    kind = "mlp" if schedule == "interleaved" else "functional"
+    kind = "deep" if schedule == "interleaved" else "functional"
     ref, ref_log = reference(kind)
     model, log = build(kind, "adam"), StepLog()
     x, y = data(kind)
