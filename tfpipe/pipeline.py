@@ -45,6 +45,8 @@ class Pipeline:
             into K*v stages and device r holds stages r, r+K, r+2K, ...
         profile: record when each action of a training step started and ended;
             `timeline()` returns the latest step's measured timeline.
+        split_points: layer names where a new stage starts, instead of `stages`/`balance`,
+            for example `["block_3", "block_7"]` for three stages.
 
     Attributes:
         stages: the `Stage`s: `.model` (Keras sub-model), `.device`, `.num_params`, `.layers`;
@@ -71,6 +73,7 @@ class Pipeline:
         schedule: str | schedules.Schedule = "gpipe",
         chunks: int | None = None,
         profile: bool = False,
+        split_points: Sequence[str] | None = None,
     ) -> None:
         if not isinstance(model, keras.Model):
             raise PipelineError(f"tfpipe needs a keras.Model, got {type(model).__name__}.")
@@ -86,12 +89,19 @@ class Pipeline:
             )
         micro_batches = check_micro_batches(micro_batches)
         chunks = _check_chunks(schedule, chunks)
-        num_stages = _count_stages(schedule, stages, balance, devices, chunks)
+        if split_points is not None:
+            if balance is not None:
+                raise PipelineError("Give balance= or split_points=, not both.")
+            balance_or_points: Sequence[Any] | None = [None] * (len(list(split_points)) + 1)
+        else:
+            balance_or_points = balance
+        num_stages = _count_stages(schedule, stages, balance_or_points, devices, chunks)
         self.model = model
         self.schedule = schedules.get(schedule, num_stages, micro_batches, chunks=chunks)
         rank_devices = resolve_devices(devices, self.schedule.num_ranks)
         stage_devices = [rank_devices[self.schedule.rank_of(k)] for k in range(num_stages)]
-        self.stages: list[Stage] = split(model, num_stages, balance, stage_devices)
+        self.stages: list[Stage] = split(model, num_stages, balance, stage_devices,
+                                         split_points=split_points)
         self.executor = Executor(model, self.stages, self.schedule, profile=profile)
         place_stages(self.stages)
         place_optimizer(model.optimizer, list(model.trainable_variables))
@@ -206,8 +216,8 @@ def _count_stages(
     if balance is not None:
         if stages is not None and stages * chunks != len(balance):
             raise PipelineError(
-                f"stages={stages} with chunks={chunks} needs {stages * chunks} balance entries, "
-                f"but balance={list(balance)} has {len(balance)}: make them agree, or give only one."
+                f"stages={stages} with chunks={chunks} makes {stages * chunks} stages, but "
+                f"balance/split_points give {len(balance)}: make them agree, or give only one."
             )
         return len(balance)
     if stages is None:

@@ -12,7 +12,7 @@ way by matching the optimizer's per-variable slot lists.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterator, Sequence
 
 import keras
 import tensorflow as tf
@@ -35,11 +35,22 @@ def move(variable: keras.Variable, device: str) -> None:
         variable._initialize(tf.identity(variable.value))
 
 
-def place_stages(stages: Iterable[Stage]) -> None:
-    """Moves every variable (trainable or not) of each stage onto that stage's device."""
+def owners(stages: Sequence[Stage]) -> dict[int, int]:
+    """For each variable (by id), the first stage that uses it: the stage whose device holds it."""
+    owner: dict[int, int] = {}
     for stage in stages:
         for v in stage.model.weights:
-            move(v, stage.device)
+            owner.setdefault(id(v), stage.index)
+    return owner
+
+
+def place_stages(stages: Sequence[Stage]) -> None:
+    """Moves every variable (trainable or not) onto the device of the first stage that uses it."""
+    owner = owners(stages)
+    for stage in stages:
+        for v in stage.model.weights:
+            if owner[id(v)] == stage.index:
+                move(v, stage.device)
 
 
 def place_optimizer(optimizer: keras.optimizers.Optimizer, variables: list[keras.Variable]) -> None:

@@ -30,6 +30,7 @@ def fit(
     devices: Sequence[str] | None = None,
     schedule: str | Schedule = "gpipe",
     chunks: int | None = None,
+    split_points: Sequence[str] | None = None,
     callbacks: list[keras.callbacks.Callback] | None = None,
     validation_data: Any = None,
     verbose: str | int = "auto",
@@ -52,6 +53,7 @@ def fit(
         schedule: `"gpipe"`, `"1f1b"`, `"interleaved"`, `"zb-h1"` or a
             `tfpipe.schedules.Schedule`.
         chunks: model pieces per device for `"interleaved"` (default 2).
+        split_points: layer names where a new stage starts, instead of `stages`/`balance`.
         callbacks, validation_data, verbose, steps_per_epoch, **fit_kwargs: as `model.fit`.
 
     Returns:
@@ -67,7 +69,8 @@ def fit(
     """
     build_from_data(model, x)
     pipe = Pipeline(model, stages=stages, balance=balance, devices=devices,
-                    micro_batches=micro_batches, schedule=schedule, chunks=chunks)
+                    micro_batches=micro_batches, schedule=schedule, chunks=chunks,
+                    split_points=split_points)
     return pipe.fit(
         x, y, batch_size=batch_size, epochs=epochs, callbacks=callbacks,
         validation_data=validation_data, verbose=verbose, steps_per_epoch=steps_per_epoch,

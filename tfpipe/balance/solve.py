@@ -2,42 +2,36 @@
 
 Design: pipeline throughput is bounded by the slowest stage, so the objective is the largest
 part. Ties are broken by the largest part's length, which spreads cost-free layers (Dropout,
-Flatten) instead of piling them on one stage. Cuts may be restricted to allowed positions
-(where a single tensor crosses), so the same solver serves every balancing mode. Dynamic
-programming over allowed cuts: O(K * P^2) for P allowed cut positions.
+Flatten) instead of piling them on one stage. The same solver serves every balancing mode
+(parameters, profiled time, profiled memory). Dynamic programming: O(K * n^2) for n items.
 """
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from typing import Sequence
 
 
-def solve(costs: Sequence[float], parts: int, allowed_cuts: Iterable[int] | None = None) -> list[int]:
+def solve(costs: Sequence[float], parts: int) -> list[int]:
     """Splits `costs` into `parts` contiguous non-empty blocks minimising the largest block.
 
     Args:
         costs: cost of each item (layer), len n >= parts.
         parts: K >= 1.
-        allowed_cuts: positions 1..n-1 where a block may start; None allows all.
 
     Returns:
         Block sizes `[n1, ..., nK]`, summing to n.
 
     Raises:
-        ValueError: when fewer than K-1 allowed cuts exist (names them).
+        ValueError: when there are fewer items than parts.
 
     Example:
         >>> solve([1, 1, 1, 1, 4], 2)
         [4, 1]
     """
     n = len(costs)
-    cuts = sorted(set(range(1, n)) if allowed_cuts is None else {c for c in allowed_cuts if 0 < c < n})
-    if parts < 1 or len(cuts) < parts - 1:
-        raise ValueError(
-            f"Cannot split {n} items into {parts} parts: only {len(cuts)} allowed cut "
-            f"position(s) {cuts}."
-        )
-    points = [0] + cuts + [n]
+    if parts < 1 or parts > n:
+        raise ValueError(f"Cannot split {n} items into {parts} non-empty parts.")
+    points = list(range(n + 1))
     prefix = [0.0]
     for c in costs:
         prefix.append(prefix[-1] + float(c))

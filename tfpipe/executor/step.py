@@ -41,8 +41,11 @@ import keras
 import tensorflow as tf
 from keras.src.losses.loss import unscale_loss_for_distribution
 
+from tfpipe.errors import PipelineError
 from tfpipe.executor.microbatch import MicroBatches, loss_reduction
 from tfpipe.partition import Stage
+from tfpipe.partition.graph import model_io
+from tfpipe.placement import owners
 from tfpipe.schedules import Action, Schedule, clock
 
 Key = tuple[int, int]
@@ -86,23 +89,32 @@ def rank_waits(schedule: Schedule) -> dict[Action, Action]:
 class _Recorded:
     """What a stage's forward on one micro-batch left for its backward.
 
-    `seeds` are the output gradients for `targets`: ones for loss terms, to which the next
-    stage's input gradients are prepended (for the stage output) once they exist.
+    `targets` are the stage's float outputs that other stages consume (ids in `target_ids`)
+    followed by its loss terms; `seeds` are their output gradients: ones for loss terms, and,
+    prepended when the backward runs, the gradients the consumers sent back.
     """
 
     tape: tf.GradientTape
     watched: list[tf.Tensor]
+    watched_ids: list[int]
     targets: list[tf.Tensor]
+    target_ids: list[int]
     seeds: list[tf.Tensor]
 
 
 @dataclass
 class _StepState:
-    """Trace-time bookkeeping of one training step, keyed by (stage, micro-batch)."""
+    """Trace-time bookkeeping of one step.
+
+    `values` and `input_grads` are keyed by (micro-batch, id of a KerasTensor of the user's
+    graph): the value of that tensor for that micro-batch, and the sum of the gradients that
+    its consumer stages sent back for it. `recorded` is keyed by (stage, micro-batch).
+    """
 
     mb: MicroBatches
     grads: list[list[Any]]
-    outputs: dict[Key, Any] = field(default_factory=dict)
+    values: dict[Key, Any] = field(default_factory=dict)
+    input_grads: dict[Key, Any] = field(default_factory=dict)
     recorded: dict[Key, _Recorded] = field(default_factory=dict)
     losses: list[tf.Tensor] = field(default_factory=list)
     done: dict[Action, list[tf.Tensor]] = field(default_factory=dict)
@@ -138,6 +150,18 @@ class Executor:
         self.forward_order = [a for a in self.order if a.kind == "F"]
         self.waits = rank_waits(schedule)
         self.reduction = loss_reduction(model)
+        self.opaque = stages[0].inputs is None
+        if not self.opaque:
+            struct_in, struct_out = model_io(model)
+            self.input_struct = struct_in
+            self.input_ids = [id(t) for t in keras.tree.flatten(struct_in)]
+            self.output_struct = struct_out
+            self.output_ids = [id(t) for t in keras.tree.flatten(struct_out)]
+            made_by = {id(t): st.index for st in stages for t in st.outputs}
+            last = len(stages) - 1
+            # model outputs made before the last stage: its tape watches them for the loss
+            self.early_outputs = [i for i in self.output_ids if made_by.get(i, last) != last]
+        self.owner = owners(stages)
         self.traces: Counter[str] = Counter()
         self.produced: dict[Action, list[Any]] = {}
         self.stamps: tf.Variable | None = None
@@ -158,6 +182,7 @@ class Executor:
         x, y, sw = keras.utils.unpack_x_y_sample_weight(data)
         mb = MicroBatches.split(x, y, sw, self.micro_batches, self.reduction)
         state = _StepState(mb, [[None] * len(s.trainable_variables) for s in self.stages])
+        self._feed(state)
         self.produced = {}
         run = {"F": self._forward, "B": self._backward, "I": self._input_grad, "W": self._weight_grad}
         for action in self.order:
@@ -206,57 +231,59 @@ class Executor:
         """F: run the stage on micro-batch m under a tape; the last stage adds the loss."""
         s, m = action.stage, action.micro_batch
         last = s == len(self.stages) - 1
-        inputs = state.mb.xs[m] if s == 0 else state.outputs.pop((s - 1, m))
-        after = list(state.done.get(self.waits.get(action), []))
-        inputs = self._start(inputs, after, state)
-        split = self.schedule.splits_backward(s)
-        tape = tf.GradientTape(persistent=split)
+        inputs, in_ids = self._inputs(stage, m, state, last)
+        inputs = self._start(inputs, list(state.done.get(self.waits.get(action), [])), state)
+        watched = [(i, v) for i, v in zip(in_ids, inputs)
+                   if not self.opaque and i not in self.input_ids and v.dtype.is_floating]
+        tape = tf.GradientTape(persistent=self.schedule.splits_backward(s))
         with tape:
-            watched = _float_leaves(inputs) if s > 0 else []
-            tape.watch(watched)
-            out = stage.model(inputs, training=True)
+            tape.watch([v for _, v in watched])
+            outs = self._call(stage, inputs, training=True)
+            self._publish(stage, m, outs, state)
             terms = []
             if last:
-                terms.append(self._data_loss(state.mb, m, out))
-                self.model.compute_metrics(state.mb.xs[m], state.mb.ys[m], out,
+                y_pred = self._prediction(stage, m, outs, state, dict(zip(in_ids, inputs)))
+                terms.append(self._data_loss(state.mb, m, y_pred))
+                self.model.compute_metrics(state.mb.xs[m], state.mb.ys[m], y_pred,
                                            state.mb.sample_weights[m])
             extra = self._extra_loss(stage, state.mb, m)
             if extra is not None:
                 terms.append(extra)
-            targets = [self.model.optimizer.scale_loss(t) for t in terms]
+            scaled = [self.model.optimizer.scale_loss(t) for t in terms]
         state.losses.extend(terms)
-        if not last:
-            state.outputs[(s, m)] = out
-        seeds = [tf.ones_like(t) for t in targets]
-        if not last:
-            targets = _float_leaves(out) + targets
-        state.recorded[(s, m)] = _Recorded(tape, watched, targets, seeds)
-        produced = keras.tree.flatten(out) + terms
+        sent = [] if last else [(id(t), v) for t, v in zip(stage.outputs, outs) if v.dtype.is_floating]
+        state.recorded[(s, m)] = _Recorded(
+            tape,
+            watched=[v for _, v in watched], watched_ids=[i for i, _ in watched],
+            targets=[v for _, v in sent] + scaled, target_ids=[i for i, _ in sent],
+            seeds=[tf.ones_like(t) for t in scaled],
+        )
+        produced = keras.tree.flatten(outs) + terms
         self._end(produced, state)
         return produced
 
     def _backward(self, action: Action, stage: Stage, state: _StepState) -> list[Any]:
-        """B: VJP of the stage's forward for its input and weights, in one pass."""
+        """B: VJP of the stage's forward for its inputs and weights, in one pass."""
         rec = state.recorded.pop((action.stage, action.micro_batch))
-        rec.seeds = self._start(rec.seeds, [], state)
+        seeds = self._start(self._seeds(rec, action, state), [], state)
         variables = stage.trainable_variables
-        result = rec.tape.gradient(rec.targets, rec.watched + variables,
-                                   output_gradients=rec.seeds,
+        result = rec.tape.gradient(rec.targets, rec.watched + variables, output_gradients=seeds,
                                    unconnected_gradients=tf.UnconnectedGradients.ZERO)
-        produced = self._keep(action, stage, state, result[: len(rec.watched)], result[len(rec.watched):])
+        n = len(rec.watched)
+        produced = self._keep(action, state, rec, result[:n], result[n:])
         self._end(produced, state)
         return produced
 
     def _input_grad(self, action: Action, stage: Stage, state: _StepState) -> list[Any]:
-        """I: VJP for the stage's input only, so the previous stage can go on."""
+        """I: VJP for the stage's inputs only, so the stages that made them can go on."""
         rec = state.recorded[(action.stage, action.micro_batch)]
-        rec.seeds = self._start(rec.seeds, [], state)
+        rec.seeds = self._start(self._seeds(rec, action, state), [], state)
         result = []
         if rec.watched:
             result = rec.tape.gradient(rec.targets, rec.watched, output_gradients=rec.seeds,
                                        unconnected_gradients=tf.UnconnectedGradients.ZERO)
-        produced = self._keep(action, stage, state, result, [])
-        if not produced:  # stage 0 has no input gradient; mark the action done all the same
+        produced = self._keep(action, state, rec, result, [])
+        if not produced:  # nothing to send back (first stage): mark the action done all the same
             produced = [tf.identity(s) for s in rec.seeds[:1]]
         self._end(produced, state)
         return produced
@@ -265,21 +292,30 @@ class Executor:
         """W: VJP for the stage's weights, deferred by the schedule into a bubble."""
         rec = state.recorded.pop((action.stage, action.micro_batch))
         seeds = self._start(rec.seeds, state.done[Action(action.stage, "I", action.micro_batch)], state)
-        result = rec.tape.gradient(rec.targets, stage.trainable_variables,
-                                   output_gradients=seeds,
+        result = rec.tape.gradient(rec.targets, stage.trainable_variables, output_gradients=seeds,
                                    unconnected_gradients=tf.UnconnectedGradients.ZERO)
         del rec.tape
-        produced = self._keep(action, stage, state, [], result)
+        produced = self._keep(action, state, rec, [], result)
         self._end(produced, state)
         return produced
 
-    def _keep(self, action: Action, stage: Stage, state: _StepState, input_grads: list[Any],
+    def _seeds(self, rec: _Recorded, action: Action, state: _StepState) -> list[tf.Tensor]:
+        """Output gradients for the stage's targets: what its consumers sent, then the ones."""
+        m = action.micro_batch
+        sent = []
+        for i, t in zip(rec.target_ids, rec.targets):
+            g = state.input_grads.pop((m, i), None)
+            sent.append(tf.zeros_like(t) if g is None else g)
+        return sent + rec.seeds
+
+    def _keep(self, action: Action, state: _StepState, rec: _Recorded, input_grads: list[Any],
               weight_grads: list[Any]) -> list[Any]:
-        """Seeds stage s-1's backward with the input gradients; adds weight gradients to the sums."""
-        s = action.stage
-        if s > 0 and action.kind in ("B", "I"):
-            before = state.recorded[(s - 1, action.micro_batch)]
-            before.seeds = list(input_grads) + before.seeds
+        """Sends input gradients to the stages that made those inputs; sums weight gradients."""
+        s, m = action.stage, action.micro_batch
+        for i, g in zip(rec.watched_ids, input_grads):
+            g = tf.convert_to_tensor(g)
+            prev = state.input_grads.get((m, i))
+            state.input_grads[(m, i)] = g if prev is None else prev + g
         if weight_grads:
             state.grads[s] = [_accumulate(t, g) for t, g in zip(state.grads[s], weight_grads)]
         return list(input_grads) + (list(state.grads[s]) if weight_grads else [])
@@ -337,21 +373,87 @@ class Executor:
         """Runs the schedule's forward actions only.
 
         Returns:
-            The last stage's outputs per micro-batch, and the stages' weighted extra losses.
+            The model's predictions per micro-batch, and the stages' weighted extra losses.
         """
-        outputs: dict[Key, Any] = {}
+        state = _StepState(mb, [])
+        self._feed(state)
+        preds: list[Any] = [None] * self.micro_batches
         extras: list[tf.Tensor] = []
         last = len(self.stages) - 1
         for action in self.forward_order:
             s, m = action.stage, action.micro_batch
             stage = self.stages[s]
             with tf.device(stage.device), tf.name_scope(f"stage{s}_{action}"):
-                inputs = mb.xs[m] if s == 0 else outputs.pop((s - 1, m))
-                outputs[(s, m)] = stage.model(inputs, training=training)
+                inputs, in_ids = self._inputs(stage, m, state, s == last)
+                outs = self._call(stage, inputs, training=training)
+                self._publish(stage, m, outs, state)
+                if s == last:
+                    preds[m] = self._prediction(stage, m, outs, state, dict(zip(in_ids, inputs)))
                 extra = self._extra_loss(stage, mb, m)
                 if extra is not None:
                     extras.append(extra)
-        return [outputs[(last, m)] for m in range(self.micro_batches)], extras
+        return preds, extras
+
+    def _feed(self, state: _StepState) -> None:
+        """Makes each micro-batch's model inputs available to the stages that consume them."""
+        if self.opaque:
+            return
+        for m, x in enumerate(state.mb.xs):
+            for i, v in zip(self.input_ids, self._flatten_inputs(x)):
+                state.values[(m, i)] = v
+
+    def _flatten_inputs(self, x: Any) -> list[Any]:
+        """The data's inputs in the order of the model's input tensors (dicts by input name)."""
+        flat_struct = keras.tree.flatten(self.input_struct)
+        names = [t._keras_history.operation.name for t in flat_struct]
+        if isinstance(x, dict) and not isinstance(self.input_struct, dict):
+            missing = [n for n in names if n not in x]
+            if missing:
+                raise PipelineError(
+                    f"The data's inputs are a dict with keys {sorted(x)}, but model "
+                    f"{self.model.name!r} needs inputs named {names}; missing {missing}. "
+                    "Name the dict keys after the model's keras.Input names."
+                )
+            return [x[n] for n in names]
+        flat = keras.tree.flatten(x)
+        if len(flat) != len(names):
+            raise PipelineError(
+                f"Model {self.model.name!r} takes {len(names)} input(s) {names}, but each data "
+                f"element gives {len(flat)}: pass x as a tuple/list or dict of {len(names)} arrays."
+            )
+        return flat
+
+    def _inputs(self, stage: Stage, m: int, state: _StepState, last: bool) -> tuple[list[Any], list[Any]]:
+        """A stage's input values for micro-batch m and the ids of the tensors they stand for.
+
+        The last stage also takes the model outputs that earlier stages made, for the loss.
+        """
+        if self.opaque:
+            return [state.mb.xs[m]], [None]
+        ids = [id(t) for t in stage.inputs]
+        if last:
+            ids += [i for i in self.early_outputs if i not in ids]
+        return [state.values[(m, i)] for i in ids], ids
+
+    def _call(self, stage: Stage, inputs: list[Any], training: bool) -> list[Any]:
+        """Calls the stage's sub-model; records its outputs' values for later stages."""
+        if self.opaque:
+            return [stage.model(inputs[0], training=training)]
+        return keras.tree.flatten(stage.model(inputs[: len(stage.inputs)], training=training))
+
+    def _publish(self, stage: Stage, m: int, outs: list[Any], state: _StepState) -> None:
+        """Makes a stage's outputs for micro-batch m available to the stages that consume them."""
+        if not self.opaque:
+            for t, v in zip(stage.outputs, outs):
+                state.values[(m, id(t))] = v
+
+    def _prediction(self, stage: Stage, m: int, outs: list[Any], state: _StepState,
+                    local: dict[Any, Any]) -> Any:
+        """The model's output structure for micro-batch m, from the last stage's view of it."""
+        if self.opaque:
+            return outs[0]
+        local = {**local, **{id(t): v for t, v in zip(stage.outputs, outs)}}
+        return keras.tree.pack_sequence_as(self.output_struct, [local[i] for i in self.output_ids])
 
     def _data_loss(self, mb: MicroBatches, m: int, y_pred: Any) -> tf.Tensor:
         """Compiled loss of micro-batch m, weighted to its share of the batch loss."""
@@ -359,19 +461,34 @@ class Executor:
         return loss * tf.cast(mb.data_scale[m], loss.dtype)
 
     def _extra_loss(self, stage: Stage, mb: MicroBatches, m: int) -> tf.Tensor | None:
-        """The stage's regulariser and `add_loss` terms from its latest call, weighted b_m / B."""
+        """The stage's `add_loss` / activity terms from its latest call and the regularisers of the
+        variables it owns, weighted b_m / B (a variable shared by two stages counts once).
+
+        Keras lists a model's losses as the layers' own terms followed by one weight
+        regularisation term per regularised trainable variable.
+        """
         terms = stage.model.losses
-        if not terms:
+        regularised = [v for v in stage.trainable_variables if v.regularizer is not None]
+        activity = terms[: len(terms) - len(regularised)]
+        weights = [v.regularizer(v) for v in regularised if self.owner[id(v)] == stage.index]
+        if not activity and not weights:
             return None
-        total = tf.add_n([tf.cast(tf.reduce_sum(t), tf.float32) for t in terms])
+        total = tf.add_n([tf.cast(tf.reduce_sum(t), tf.float32) for t in activity + weights])
         return total * mb.extra_scale[m]
 
     def _apply(self, grads: list[list[Any]]) -> None:
-        """One optimizer step over all stages, in `model.trainable_variables` order."""
-        by_var = {
-            id(v): g
-            for stage, stage_grads in zip(self.stages, grads)
-            for v, g in zip(stage.trainable_variables, stage_grads)
-        }
+        """One optimizer step over all stages, in `model.trainable_variables` order.
+
+        A variable used by several stages gets the sum of their gradients, added on the
+        device of the stage that owns it.
+        """
+        by_var: dict[int, Any] = {}
+        for stage, stage_grads in zip(self.stages, grads):
+            for v, g in zip(stage.trainable_variables, stage_grads):
+                if id(v) in by_var:
+                    with tf.device(self.stages[self.owner[id(v)]].device):
+                        by_var[id(v)] = _accumulate(by_var[id(v)], g)
+                else:
+                    by_var[id(v)] = g
         variables = self.model.trainable_variables
         self.model.optimizer.apply_gradients([(by_var[id(v)], v) for v in variables])

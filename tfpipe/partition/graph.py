@@ -1,10 +1,10 @@
-"""Reads a Keras model's layer graph: layer calls in topological order and the tensors each cut crosses.
+"""Reads a Keras model's layer graph: its layer calls in topological order.
 
 Design: we walk Keras's own symbolic graph (`KerasTensor._keras_history` -> `Node`) instead of
-`model.layers`, because a layer called twice (shared weights) is two nodes, and a cut is a
-property of the graph of calls, not of the list of layers. Ties in the topological order are
-broken by the layer's position in `model.layers`, so `balance=[...]` counts layers in the order
-the user sees in `model.summary()`.
+`model.layers`, because a layer called twice (shared weights) is two nodes, and a stage
+boundary is a property of the graph of calls, not of the list of layers. Ties in the
+topological order are broken by the layer's position in `model.layers`, so `balance=[...]`
+counts layers in the order the user sees in `model.summary()`.
 """
 
 from __future__ import annotations
@@ -35,25 +35,6 @@ class Graph:
     def layers(self) -> list[keras.layers.Layer]:
         """The layer of each node, in node order."""
         return [n.operation for n in self.nodes]
-
-    def crossing(self, cut: int) -> list[Any]:
-        """KerasTensors that cross the cut before node `cut`, in a stable order.
-
-        A tensor crosses if it is a model input or made by a node before the cut, and is used
-        by a node at or after the cut, or is a model output (for cuts inside the model).
-        """
-        made = {id(t) for t in keras.tree.flatten(self.inputs)}
-        order: dict[int, Any] = {id(t): t for t in keras.tree.flatten(self.inputs)}
-        for node in self.nodes[:cut]:
-            for t in node.outputs:
-                made.add(id(t))
-                order[id(t)] = t
-        used: set[int] = set()
-        for node in self.nodes[cut:]:
-            used.update(id(t) for t in node.arguments.keras_tensors)
-        if cut < len(self.nodes):
-            used.update(id(t) for t in keras.tree.flatten(self.outputs))
-        return [t for key, t in order.items() if key in made and key in used]
 
 
 def model_io(model: keras.Model) -> tuple[Any, Any]:

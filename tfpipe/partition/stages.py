@@ -1,10 +1,21 @@
 """Splits a Keras model into stages: contiguous runs of layer calls, each a Keras sub-model.
 
-Design: each stage is `keras.Model(boundary_in, boundary_out)` built from the user's own
-graph, so it shares the user's layers and variables (training a stage trains the user's model;
-`model.save` needs no copy-back). A cut is allowed where exactly one tensor crosses it (chains
-of layers or blocks); multi-tensor cuts (skip connections) arrive with the Functional-graph
-work and are refused here with the tensors named.
+Design:
+- Each stage is `keras.Model(stage_inputs, stage_outputs)` built from the user's own graph, so
+  it shares the user's layers and variables (training a stage trains the user's model;
+  `model.save` needs no copy-back).
+- Any cut of the topological order is allowed. A stage's inputs are every tensor its layer
+  calls consume that another stage (or the model's input) made; its outputs are every tensor
+  it makes that a later stage consumes or that is a model output. A skip connection that
+  jumps over several stages therefore travels straight from the stage that makes it to the
+  stage that uses it (one device-to-device copy, torchgpipe's "portal" idea), and its
+  gradient flows straight back.
+- A layer called in two stages (tied weights) keeps one variable, placed on the first stage
+  that uses it; both stages' backwards produce a gradient for it and the executor sums them
+  before the one optimizer step.
+- `split_points=[names]` starts a new stage at each named layer; `balance=[counts]` gives
+  layer calls per stage; otherwise costs (parameters by default) are balanced by
+  `tfpipe.balance.solve`.
 """
 
 from __future__ import annotations
@@ -25,21 +36,29 @@ class Stage:
     """One pipeline stage.
 
     Attributes:
-        index: stage number, 0 = reads the model's inputs.
-        model: a Keras sub-model sharing the user's layers and weights.
+        index: stage number, 0 = the first stage.
+        model: a Keras sub-model sharing the user's layers and weights. It takes the list
+            `inputs` and returns the list `outputs` (the whole model, for an opaque model
+            trained as one stage: then `inputs` and `outputs` are None).
         device: the device that holds the stage's variables and runs its forward and
             backward, for example `/device:CPU:1`.
         layers: the layers called in this stage, in order.
+        inputs: KerasTensors of the user's graph that this stage consumes and another stage
+            (or the model input) makes.
+        outputs: KerasTensors this stage makes that later stages consume or that are model
+            outputs.
     """
 
     index: int
     model: keras.Model
     device: str
     layers: list[keras.layers.Layer] = field(default_factory=list)
+    inputs: list[Any] | None = None
+    outputs: list[Any] | None = None
 
     @property
     def num_params(self) -> int:
-        """Number of parameters (trainable and not) held by the stage."""
+        """Number of parameters (trainable and not) held by the stage's layers."""
         return int(sum(math.prod(v.shape) for v in self.model.weights))
 
     @property
@@ -48,33 +67,39 @@ class Stage:
         return list(self.model.trainable_variables)
 
 
-def allowed_cuts(graph: Graph) -> list[int]:
-    """Cut positions (a stage may start at node i) where exactly one tensor crosses."""
-    return [i for i in range(1, len(graph.nodes)) if len(graph.crossing(i)) == 1]
-
-
 def plan_balance(
     model: keras.Model,
     graph: Graph,
     stages: int | None,
     balance: Sequence[int] | None,
+    split_points: Sequence[str] | None = None,
+    costs: Sequence[float] | None = None,
 ) -> list[int]:
-    """Decides layer counts per stage: `balance` as given (checked), or by parameter count.
+    """Decides layer calls per stage: from `balance`, from `split_points`, or by costs.
 
     Args:
         model: the user's model (for messages).
         graph: its call graph.
-        stages: K, or None when `balance` is given.
-        balance: explicit layer counts, or None.
+        stages: K, or None when `balance` or `split_points` decide it.
+        balance: explicit layer-call counts, or None.
+        split_points: layer names where a new stage starts, or None.
+        costs: per layer call, for automatic balancing; default the parameter counts.
 
     Returns:
-        Layer counts per stage.
+        Layer calls per stage.
 
     Raises:
-        PipelineError: wrong counts, too many stages, or a cut that carries several tensors.
+        PipelineError: wrong counts, too many stages, or an unknown layer name.
     """
     n = len(graph.nodes)
     names = [layer.name for layer in graph.layers]
+    if split_points is not None:
+        balance = _balance_from_split_points(model, names, split_points)
+        if stages is not None and stages != len(balance):
+            raise PipelineError(
+                f"stages={stages} but split_points={list(split_points)} make {len(balance)} "
+                "stages: give one of them, or make them agree."
+            )
     if balance is not None:
         balance = list(balance)
         if stages is not None and stages != len(balance):
@@ -87,18 +112,6 @@ def plan_balance(
                 f"balance={balance} must be positive layer counts summing to the model's "
                 f"{n} layer calls ({', '.join(names)}); it sums to {sum(balance)}."
             )
-        start = 0
-        for s, count in enumerate(balance[:-1]):
-            start += count
-            crossing = graph.crossing(start)
-            if len(crossing) != 1:
-                raise PipelineError(
-                    f"balance={balance} cuts before layer {names[start]!r} (stage {s + 1}), "
-                    f"where {len(crossing)} tensors cross "
-                    f"({', '.join(_tensor_name(t) for t in crossing)}); this version splits "
-                    f"only where one tensor crosses. Cut at one of: "
-                    f"{_describe_cuts(graph)}."
-                )
         return balance
     if stages is None or not isinstance(stages, int) or stages < 1:
         raise PipelineError(f"stages must be a positive integer, got {stages!r}.")
@@ -107,15 +120,71 @@ def plan_balance(
             f"stages={stages} is more than the {n} layer calls of model {model.name!r} "
             f"({', '.join(names)}); use stages <= {n}."
         )
-    costs = [layer.count_params() if layer.built else 0 for layer in graph.layers]
-    try:
-        return solve(costs, stages, allowed_cuts(graph))
-    except ValueError:
+    if costs is None:
+        costs = param_costs(graph)
+    return solve(costs, stages)
+
+
+def param_costs(graph: Graph) -> list[float]:
+    """Parameters per layer call; a layer called several times counts once (its first call)."""
+    seen: set[int] = set()
+    costs = []
+    for layer in graph.layers:
+        first = id(layer) not in seen
+        seen.add(id(layer))
+        costs.append(float(layer.count_params()) if first and layer.built else 0.0)
+    return costs
+
+
+def _balance_from_split_points(model: keras.Model, names: list[str],
+                               split_points: Sequence[str]) -> list[int]:
+    if isinstance(split_points, str):
+        split_points = [split_points]
+    starts = []
+    for name in split_points:
+        if name not in names:
+            raise PipelineError(
+                f"split_points names layer {name!r}, which model {model.name!r} does not call; "
+                f"its layer calls are: {', '.join(names)}."
+            )
+        starts.append(names.index(name))
+    if starts != sorted(set(starts)) or 0 in starts:
         raise PipelineError(
-            f"stages={stages}: model {model.name!r} has only {len(allowed_cuts(graph))} places "
-            f"where a single tensor crosses ({_describe_cuts(graph)}), so it splits into at "
-            f"most {len(allowed_cuts(graph)) + 1} stages in this version; use fewer stages."
-        ) from None
+            f"split_points={list(split_points)} must name distinct layers in model order, not "
+            f"the first layer {names[0]!r} (each named layer starts a new stage)."
+        )
+    bounds = [0] + starts + [len(names)]
+    return [b - a for a, b in zip(bounds, bounds[1:])]
+
+
+def stage_io(graph: Graph, sizes: Sequence[int]) -> list[tuple[list[Any], list[Any]]]:
+    """Each stage's input and output KerasTensors for a split into `sizes` layer calls.
+
+    Returns:
+        Per stage `(inputs, outputs)`: tensors consumed from elsewhere (first-use order),
+        and tensors made here that another stage consumes or that are model outputs.
+    """
+    producer: dict[int, int] = {}
+    stage_of_node: list[int] = []
+    for k, size in enumerate(sizes):
+        stage_of_node.extend([k] * size)
+    for node, k in zip(graph.nodes, stage_of_node):
+        for t in node.outputs:
+            producer[id(t)] = k
+    model_outputs = {id(t) for t in keras.tree.flatten(graph.outputs)}
+    ins: list[dict[int, Any]] = [{} for _ in sizes]
+    needed_elsewhere: set[int] = set(model_outputs)
+    for node, k in zip(graph.nodes, stage_of_node):
+        for t in node.arguments.keras_tensors:
+            if producer.get(id(t), -1) != k:
+                ins[k].setdefault(id(t), t)
+                needed_elsewhere.add(id(t))
+    outs: list[dict[int, Any]] = [{} for _ in sizes]
+    for node, k in zip(graph.nodes, stage_of_node):
+        for t in node.outputs:
+            if id(t) in needed_elsewhere:
+                outs[k].setdefault(id(t), t)
+    return [(list(i.values()), list(o.values())) for i, o in zip(ins, outs)]
 
 
 def split(
@@ -123,64 +192,39 @@ def split(
     stages: int | None = None,
     balance: Sequence[int] | None = None,
     devices: Sequence[str] = (),
+    split_points: Sequence[str] | None = None,
+    costs: Sequence[float] | None = None,
 ) -> list[Stage]:
     """Splits `model` into stages placed on `devices`.
 
     Args:
         model: a built Sequential or Functional model; a subclassed model only with 1 stage.
-        stages: K, balanced by parameter count; or None with `balance`.
+        stages: K, balanced by `costs` (default parameter counts); or None with `balance` /
+            `split_points`.
         balance: layer calls per stage.
         devices: one device name per stage.
+        split_points: layer names where a new stage starts.
+        costs: per layer call, for automatic balancing.
 
     Returns:
-        K `Stage`s whose sub-models chain: stage k's output feeds stage k+1.
+        K `Stage`s; stage inputs come from earlier stages or the model input.
 
     Raises:
         PipelineError: see `plan_balance` and `graph.model_io`.
     """
-    if stages == 1 and balance is None and not _is_graph_model(model):
+    if stages == 1 and balance is None and split_points is None and not _is_graph_model(model):
         return [Stage(0, model, devices[0], list(model.layers))]
     graph = read_graph(model)
     if not graph.nodes:
         raise PipelineError(f"Model {model.name!r} has no layers to split.")
-    sizes = plan_balance(model, graph, stages, balance)
+    sizes = plan_balance(model, graph, stages, balance, split_points, costs)
     out, start = [], 0
-    for k, size in enumerate(sizes):
-        end = start + size
-        inputs = graph.inputs if start == 0 else graph.crossing(start)[0]
-        outputs = graph.outputs if end == len(graph.nodes) else graph.crossing(end)[0]
+    for k, (size, (inputs, outputs)) in enumerate(zip(sizes, stage_io(graph, sizes))):
         sub = keras.Model(inputs, outputs, name=f"{model.name}_stage{k}")
-        out.append(Stage(k, sub, devices[k], graph.layers[start:end]))
-        start = end
-    _refuse_shared_variables(out)
+        out.append(Stage(k, sub, devices[k], graph.layers[start:start + size], inputs, outputs))
+        start += size
     return out
 
 
 def _is_graph_model(model: keras.Model) -> bool:
     return isinstance(model, keras.Sequential) or hasattr(model, "_outputs_struct")
-
-
-def _refuse_shared_variables(stages: list[Stage]) -> None:
-    owner: dict[int, tuple[int, str]] = {}
-    for stage in stages:
-        for layer in stage.layers:
-            for v in layer.weights:
-                prev = owner.setdefault(id(v), (stage.index, layer.name))
-                if prev[0] != stage.index:
-                    raise PipelineError(
-                        f"Layer {layer.name!r} shares variable {v.path!r} between stage "
-                        f"{prev[0]} and stage {stage.index}; shared layers across stages are "
-                        "not supported in this version. Choose balance= so both uses fall in "
-                        "one stage."
-                    )
-
-
-def _tensor_name(tensor: Any) -> str:
-    op = tensor._keras_history.operation
-    return f"{op.name}:{tuple(tensor.shape)}"
-
-
-def _describe_cuts(graph: Graph) -> str:
-    names = [layer.name for layer in graph.layers]
-    cuts = allowed_cuts(graph)
-    return ", ".join(f"before {names[c]!r} (balance prefix {c})" for c in cuts) or "none"

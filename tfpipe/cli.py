@@ -1,0 +1,210 @@
+"""The `tfpipe` command line: `tfpipe schedule` draws and times a schedule, `tfpipe info` reports versions and devices.
+
+Design: each subcommand imports what it needs inside its own function. `schedule` uses only
+the pure-data `tfpipe.schedules` modules (no TensorFlow work, no devices); `info` imports
+TensorFlow, Keras and NumPy to report them and lists devices, the one thing that starts
+TensorFlow's runtime. Usage errors (an unknown schedule, a size that is not a positive
+integer, chunks a schedule cannot use) print one line naming the value and exit with status
+2, like argparse's own errors; nothing prints a traceback for them.
+
+Note: `python -m tfpipe` and the `tfpipe` console script import the `tfpipe` package first,
+and its `__init__` imports TensorFlow, so even `tfpipe schedule` pays TensorFlow's import time
+(and its start-up log lines on stderr) until that import is made lazy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+from typing import NoReturn, Sequence
+
+EXIT_USAGE = 2
+EXIT_FAILURE = 1
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line on stderr and exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _positive_int(text: str) -> int:
+    """argparse type: a positive integer, with an error that names the value."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `tfpipe` argument parser with its `schedule` and `info` subcommands."""
+    from tfpipe.schedules import GENERATORS
+
+    parser = _Parser(
+        prog="tfpipe",
+        description="Pipeline-parallel training for Keras 3 on TensorFlow: command-line tools.",
+    )
+    parser.add_argument("--version", action="version", version=f"tfpipe {_tfpipe_version()}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    names = ", ".join(GENERATORS)
+    sched = sub.add_parser(
+        "schedule",
+        help="print a schedule's step x rank grid, its simulated bubble and peak memory",
+        description=(
+            "Print a pipeline schedule's step x rank grid (unit-time steps), then time it with "
+            "forward = 1 and backward = 2 per stage and no transfer delay: step time, bubble "
+            "fraction and the peak number of micro-batches in flight per stage. No TensorFlow "
+            "work is done."
+        ),
+    )
+    sched.add_argument("name", metavar="NAME", help=f"schedule name: one of {names}")
+    sched.add_argument(
+        "--stages", type=_positive_int, required=True, metavar="K",
+        help="pipeline stages K, one per device (rank), as tfpipe.fit(stages=K)",
+    )
+    sched.add_argument(
+        "--micro-batches", type=_positive_int, required=True, metavar="M",
+        help="micro-batches M per training step",
+    )
+    sched.add_argument(
+        "--chunks", type=_positive_int, default=None, metavar="V",
+        help="model pieces per device for 'interleaved' (default 2; the model is cut into "
+        "K*V stages); other schedules take only 1",
+    )
+    sched.add_argument("--png", metavar="PATH", default=None,
+                       help="also write the simulated timeline as a PNG (needs matplotlib)")
+    sched.set_defaults(func=_schedule)
+
+    info = sub.add_parser(
+        "info",
+        help="print tfpipe, TensorFlow, Keras, NumPy and Python versions and the devices",
+        description="Print the versions tfpipe runs with and the devices TensorFlow sees.",
+    )
+    info.set_defaults(func=_info)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the `tfpipe` command line; returns the exit status.
+
+    Args:
+        argv: the arguments after the program name; defaults to `sys.argv[1:]`.
+
+    Returns:
+        0 on success, 2 for a usage error, 1 when an output file cannot be written.
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "func", None) is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    return int(args.func(args))
+
+
+def _tfpipe_version() -> str:
+    from tfpipe import __version__
+
+    return __version__
+
+
+def _fail(command: str, message: str, status: int = EXIT_USAGE) -> int:
+    print(f"tfpipe {command}: error: {message}", file=sys.stderr)
+    return status
+
+
+def _number(value: float) -> str:
+    return f"{value:.6g}"
+
+
+def _schedule(args: argparse.Namespace) -> int:
+    from tfpipe.schedules import GENERATORS, get
+    from tfpipe.schedules.format import format_schedule
+    from tfpipe.schedules.simulate import Costs, peak_in_flight, simulate
+
+    if args.name not in GENERATORS:
+        return _fail("schedule", f"unknown schedule {args.name!r}: use one of "
+                     f"{', '.join(GENERATORS)}")
+    interleaved = args.name == "interleaved"
+    chunks = args.chunks if args.chunks is not None else (2 if interleaved else 1)
+    if chunks != 1 and not interleaved:
+        return _fail("schedule", f"--chunks {chunks} needs schedule 'interleaved'; "
+                     f"{args.name!r} runs one stage per device (leave --chunks out)")
+    try:
+        schedule = get(args.name, args.stages * chunks, args.micro_batches, chunks=chunks)
+    except ValueError as err:  # unknown name, chunks a schedule cannot use; ScheduleError too
+        return _fail("schedule", str(err).splitlines()[0])
+    # Per-stage costs forward 1, backward 2; a rank's v chunks share them (1/v and 2/v each),
+    # so step times compare across schedules and the bubble is the same as with Costs(1, 2).
+    costs = Costs(forward=1.0 / chunks, backward=2.0 / chunks)
+    sim = simulate(schedule, costs)
+    pieces = f", {schedule.num_stages} model pieces ({chunks} per rank)" if chunks > 1 else ""
+    print(f"schedule {schedule.name!r}: {schedule.num_ranks} stages x "
+          f"{schedule.num_micro_batches} micro-batches{pieces}")
+    print(format_schedule(schedule))
+    print()
+    per = f" per stage ({_number(1 / chunks)} and {_number(2 / chunks)} per piece)" if chunks > 1 \
+        else " per stage"
+    print(f"simulated with forward = 1, backward = 2{per}, no transfer delay:")
+    print(f"  step time: {_number(sim.step_time)}")
+    print(f"  bubble fraction: {sim.bubble_fraction:.4f} ({100 * sim.bubble_fraction:.1f}% idle)")
+    label = "model piece" if chunks > 1 else "stage"
+    peaks = ", ".join(str(p) for p in peak_in_flight(schedule))
+    print(f"  peak micro-batches in flight per {label}: {peaks}")
+    if args.png is not None:
+        try:
+            from tfpipe.schedules.plot import plot
+
+            path = plot(sim, args.png)
+        except ImportError as err:
+            return _fail("schedule", f"--png needs matplotlib ({err}); install it with "
+                         "pip install 'tfpipe[plot]'", EXIT_FAILURE)
+        except OSError as err:
+            return _fail("schedule", f"cannot write --png {args.png!r}: {err}", EXIT_FAILURE)
+        print(f"wrote {path}")
+    return 0
+
+
+def _info(args: argparse.Namespace) -> int:
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    build = tf.sysconfig.get_build_info()
+    cuda = "CUDA build" if build.get("is_cuda_build") else "no CUDA"
+    rows = [
+        ("tfpipe", _tfpipe_version()),
+        ("TensorFlow", f"{tf.__version__} ({cuda})"),
+        ("Keras", f"{keras.__version__} (backend {keras.backend.backend()})"),
+        ("NumPy", np.__version__),
+        ("Python", f"{platform.python_version()} ({platform.python_implementation()}, "
+                   f"{sys.executable})"),
+        ("platform", platform.platform()),
+    ]
+    width = max(len(name) for name, _ in rows)
+    for name, value in rows:
+        print(f"{name.ljust(width)}  {value}")
+    physical = tf.config.list_physical_devices()
+    # Listing logical devices starts TensorFlow's runtime; without memory growth that would
+    # reserve most of each GPU's memory for this short-lived process.
+    for gpu in tf.config.list_physical_devices("GPU"):
+        try:
+            tf.config.experimental.set_memory_growth(gpu, True)
+        except (RuntimeError, ValueError):
+            pass
+    logical = tf.config.list_logical_devices()
+    print(f"physical devices ({len(physical)}):")
+    for d in physical:
+        print(f"  {d.name}  ({d.device_type})")
+    print(f"logical devices ({len(logical)}):")
+    for d in logical:
+        print(f"  {d.name}  ({d.device_type})")
+    if not tf.config.list_physical_devices("GPU"):
+        print("no GPU visible: call tfpipe.configure_cpu_devices(n) first thing in a script to "
+              "split the CPU into n logical devices (placement and correctness, not speed)")
+    return 0
