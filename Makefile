@@ -1,10 +1,12 @@
-# tfpipe: `make demo` trains a Transformer pipelined across devices; `make test` runs the suite.
+# tfpipe: `make demo` trains a Transformer pipelined across devices; `make test` runs the suite
+# (which also builds the docs with --strict); `make docs` builds the documentation site into site/.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
+export NO_MKDOCS_2_WARNING := 1
 
-.PHONY: demo test install clean
+.PHONY: demo test docs install clean
 
 install: $(STAMP)
 
@@ -20,5 +22,8 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
+docs: $(STAMP)
+	$(PY) -m mkdocs build --strict --site-dir site
+
 clean:
-	rm -rf $(VENV) build dist *.egg-info .pytest_cache
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache site

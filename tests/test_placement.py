@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import tensorflow as tf
 
 import tfpipe
@@ -40,7 +41,7 @@ def test_variables_and_slots_on_stage_devices():
 def test_slots_built_before_the_pipeline_are_moved():
     model = build("mlp", "adam")
     x, y = data("mlp")
-    model.fit(x, y, batch_size=16, epochs=1, verbose=0)  # builds Adam's slots on CPU:0
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0, shuffle=False)  # Adam slots on CPU:0
     before = [v.numpy() for v in model.optimizer.variables]
     pipe = tfpipe.Pipeline(model, stages=4)
     for stage in pipe.stages:
@@ -51,6 +52,32 @@ def test_slots_built_before_the_pipeline_are_moved():
                     assert device_of(slot) == stage.device, slot.path
     for a, b in zip(before, model.optimizer.variables):  # values survive the move
         assert (a == b.numpy()).all()
+    # and training goes on with the moved optimizer exactly as plain Keras would
+    ref = build("mlp", "adam")
+    ref.fit(x, y, batch_size=16, epochs=1, verbose=0, shuffle=False)
+    ref.fit(x, y, batch_size=16, epochs=1, verbose=0, shuffle=False)
+    pipe.fit(x, y, batch_size=16, epochs=1, verbose=0, shuffle=False)
+    for a, b in zip(ref.weights, model.weights):
+        np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_weight_decay_exclusions_survive_the_move():
+    import keras
+
+    def make():
+        model = build("mlp", "sgd")
+        opt = keras.optimizers.AdamW(0.01, weight_decay=0.5)
+        opt.exclude_from_weight_decay(var_list=[model.layers[0].kernel])
+        model.compile(optimizer=opt, loss="sparse_categorical_crossentropy")
+        return model
+
+    x, y = data("mlp")
+    ref = make()
+    ref.fit(x, y, batch_size=16, epochs=1, verbose=0, shuffle=False)
+    model = make()
+    tfpipe.fit(model, x, y, batch_size=16, stages=4, micro_batches=2, verbose=0, shuffle=False)
+    for a, b in zip(ref.weights, model.weights):
+        np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-5, atol=1e-6)
 
 
 def test_forward_backward_and_update_ops_on_stage_devices():

@@ -16,12 +16,18 @@ from typing import Any, Callable, Iterator, Sequence
 import keras
 
 from tfpipe import schedules
+from tfpipe.balance import LayerCost, activation_bytes_per_sample, imbalance, profile_layers
 from tfpipe.devices import default_devices, resolve_devices
 from tfpipe.errors import PipelineError
 from tfpipe.executor import Executor
 from tfpipe.executor.microbatch import check_micro_batches
-from tfpipe.partition import Stage, split
-from tfpipe.placement import place_optimizer, place_stages, updates_on_variable_devices
+from tfpipe.partition import Stage, read_graph, split
+from tfpipe.placement import (
+    place_optimizer,
+    place_stages,
+    storage_keys,
+    updates_on_variable_devices,
+)
 
 _STEPS = ("train_step", "test_step", "predict_step")
 _FUNCTIONS = ("train_function", "test_function", "predict_function")
@@ -35,7 +41,10 @@ class Pipeline:
             variables are shared, not copied: training the pipeline trains `model`.
         stages: number of stages K, balanced by parameter count. Defaults to one per
             available device (the visible GPUs, else the logical CPU devices).
-        balance: layer calls per stage, `[n1, ..., nK]`, instead of `stages`.
+        balance: how to balance the `stages`: `"params"` (default: parameter counts),
+            `"time"` (profiled forward+backward time per layer on `sample`), `"memory"`
+            (profiled activation + parameter + optimizer bytes), or layer calls per stage
+            `[n1, ..., nK]` instead of `stages`.
         devices: device names, one per stage; fewer than K puts contiguous stages on each
             device. Defaults to the visible GPUs, else the logical CPU devices.
         micro_batches: M, the number of slices each batch is cut into.
@@ -47,6 +56,8 @@ class Pipeline:
             `timeline()` returns the latest step's measured timeline.
         split_points: layer names where a new stage starts, instead of `stages`/`balance`,
             for example `["block_3", "block_7"]` for three stages.
+        sample: a batch of inputs for `balance="time"` / `"memory"` (`tfpipe.fit` passes the
+            first batch of its data).
 
     Attributes:
         stages: the `Stage`s: `.model` (Keras sub-model), `.device`, `.num_params`, `.layers`;
@@ -74,6 +85,7 @@ class Pipeline:
         chunks: int | None = None,
         profile: bool = False,
         split_points: Sequence[str] | None = None,
+        sample: Any = None,
     ) -> None:
         if not isinstance(model, keras.Model):
             raise PipelineError(f"tfpipe needs a keras.Model, got {type(model).__name__}.")
@@ -89,22 +101,42 @@ class Pipeline:
             )
         micro_batches = check_micro_batches(micro_batches)
         chunks = _check_chunks(schedule, chunks)
+        mode = balance if isinstance(balance, str) else None
+        counts = None if mode else balance
+        if mode not in (None, "params", "time", "memory"):
+            raise PipelineError(
+                f"balance={balance!r}: use 'params', 'time', 'memory' or a list of layer counts."
+            )
+        if mode in ("time", "memory") and sample is None:
+            raise PipelineError(
+                f"balance={mode!r} profiles each layer on a sample batch: pass sample=<a batch "
+                "of inputs> (tfpipe.fit does this from its data), or use balance='params'."
+            )
         if split_points is not None:
-            if balance is not None:
-                raise PipelineError("Give balance= or split_points=, not both.")
-            balance_or_points: Sequence[Any] | None = [None] * (len(list(split_points)) + 1)
+            if counts is not None:
+                raise PipelineError("Give balance=[...] or split_points=[...], not both.")
+            counts_or_points: Sequence[Any] | None = [None] * (len(list(split_points)) + 1)
         else:
-            balance_or_points = balance
-        num_stages = _count_stages(schedule, stages, balance_or_points, devices, chunks)
+            counts_or_points = counts
+        num_stages = _count_stages(schedule, stages, counts_or_points, devices, chunks)
         self.model = model
         self.schedule = schedules.get(schedule, num_stages, micro_batches, chunks=chunks)
         rank_devices = resolve_devices(devices, self.schedule.num_ranks)
         stage_devices = [rank_devices[self.schedule.rank_of(k)] for k in range(num_stages)]
-        self.stages: list[Stage] = split(model, num_stages, balance, stage_devices,
-                                         split_points=split_points)
+        self.layer_costs: list[LayerCost] | None = None
+        if mode in ("time", "memory"):
+            self.layer_costs = profile_layers(model, sample, device=stage_devices[0])
+        self.balanced_by = mode or ("layer counts" if counts is not None or split_points else "params")
+        costs = None
+        if self.layer_costs is not None:
+            costs = [c.seconds if mode == "time" else c.memory_bytes for c in self.layer_costs]
+        self.stages: list[Stage] = split(model, num_stages, counts, stage_devices,
+                                         split_points=split_points, costs=costs)
         self.executor = Executor(model, self.stages, self.schedule, profile=profile)
+        variables = list(model.trainable_variables)
+        keys = storage_keys(model.optimizer, variables)
         place_stages(self.stages)
-        place_optimizer(model.optimizer, list(model.trainable_variables))
+        place_optimizer(model.optimizer, variables, keys)
         for name in _FUNCTIONS:  # functions traced before the move captured the old storage
             setattr(model, name, None)
         self._functions: dict[str, Any] = dict.fromkeys(_FUNCTIONS)
@@ -160,26 +192,54 @@ class Pipeline:
     # reporting ------------------------------------------------------------------------------
 
     def summary(self, print_fn: Callable[[str], None] = print) -> str:
-        """Prints (and returns) the stage table: layers, parameters and device per stage."""
-        rows = [("stage", "layers", "params", "device")]
+        """Prints (and returns) the stage table.
+
+        Per stage: its layers, parameters, estimated activation bytes per sample (outputs of
+        its layer calls), profiled forward+backward time when balanced by time or memory,
+        and its device; then the imbalance (largest stage / mean) of the balanced cost.
+        """
+        per_layer_act = self._per_layer(lambda: activation_bytes_per_sample(read_graph(self.model)))
+        per_layer_time = (None if self.layer_costs is None
+                          else [c.seconds * 1e3 for c in self.layer_costs])
+        header = ["stage", "layers", "params", "act/sample"]
+        if per_layer_time is not None:
+            header.append("time ms")
+        header.append("device")
+        rows, start = [header], 0
         for st in self.stages:
             names = [layer.name for layer in st.layers]
             span = names[0] if len(names) == 1 else f"{names[0]} .. {names[-1]}"
-            rows.append((str(st.index), f"{span} ({len(names)})", f"{st.num_params:,}", st.device))
-        widths = [max(len(r[i]) for r in rows) for i in range(4)]
+            n = len(names)
+            row = [str(st.index), f"{span} ({n})", f"{st.num_params:,}"]
+            row.append(_bytes(sum(per_layer_act[start:start + n])) if per_layer_act else "-")
+            if per_layer_time is not None:
+                row.append(f"{sum(per_layer_time[start:start + n]):.2f}")
+            row.append(st.device)
+            rows.append(row)
+            start += n
+        widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+        numeric = {2, 3, 4} if per_layer_time is not None else {2, 3}
         lines = [
             f"Pipeline of {self.model.name!r}: {len(self.stages)} stages x "
-            f"{self.micro_batches} micro-batches, schedule {self.schedule.name!r}"
+            f"{self.micro_batches} micro-batches, schedule {self.schedule.name!r}, "
+            f"balanced by {self.balanced_by}"
         ]
         for n, row in enumerate(rows):
-            lines.append("  ".join(c.rjust(w) if i == 2 else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths))).rstrip())
+            lines.append("  ".join(c.rjust(w) if i in numeric else c.ljust(w)
+                                   for i, (c, w) in enumerate(zip(row, widths))).rstrip())
             if n == 0:
                 lines.append("  ".join("-" * w for w in widths))
-        total = sum(st.num_params for st in self.stages)
-        lines.append(f"Total params: {total:,}")
+        cost = ([float(r[4]) for r in rows[1:]] if per_layer_time is not None
+                else [float(st.num_params) for st in self.stages])
+        lines.append(f"Total params: {sum(st.num_params for st in self.stages):,}; imbalance "
+                     f"(largest / mean {'time' if per_layer_time else 'params'}): {imbalance(cost):.2f}")
         text = "\n".join(lines)
         print_fn(text)
         return text
+
+    def _per_layer(self, fn: Callable[[], list[float]]) -> list[float] | None:
+        """Per-layer-call figures, or None for an opaque model trained as one stage."""
+        return None if self.stages[0].inputs is None else fn()
 
     def __repr__(self) -> str:
         return (
@@ -225,3 +285,11 @@ def _count_stages(
     if not isinstance(stages, int) or isinstance(stages, bool) or stages < 1:
         raise PipelineError(f"stages must be a positive integer, got {stages!r}.")
     return stages * chunks
+
+
+def _bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"

@@ -53,14 +53,37 @@ def place_stages(stages: Sequence[Stage]) -> None:
                 move(v, stage.device)
 
 
-def place_optimizer(optimizer: keras.optimizers.Optimizer, variables: list[keras.Variable]) -> None:
-    """Builds `optimizer` for `variables` (if needed) and puts each slot beside its variable.
+def storage_keys(optimizer: keras.optimizers.Optimizer,
+                 variables: list[keras.Variable]) -> dict[Any, keras.Variable]:
+    """The optimizer's keys for `variables`, taken before a move changes them.
+
+    Keras's TF optimizer keys its per-variable bookkeeping by the storage's unique id, which a
+    move replaces; `place_optimizer` uses these old keys to re-key that bookkeeping.
+    """
+    return {optimizer._var_key(v): v for v in variables}
+
+
+def place_optimizer(optimizer: keras.optimizers.Optimizer, variables: list[keras.Variable],
+                    old_keys: dict[Any, keras.Variable] | None = None) -> None:
+    """Builds `optimizer` for `variables` (if needed), puts each slot beside its variable, and
+    re-keys what a pre-built optimizer recorded against the variables' old storage.
 
     Args:
         optimizer: the model's compiled optimizer.
         variables: the model's trainable variables, already on their stage devices, in the
             order `model.fit` passes them (`model.trainable_variables`).
+        old_keys: `storage_keys(optimizer, variables)` taken before the variables moved.
     """
+    if optimizer.built:
+        optimizer._trainable_variables_indices = {
+            optimizer._var_key(v): i for i, v in enumerate(optimizer._trainable_variables)
+        }
+    excluded = getattr(optimizer, "_exclude_from_weight_decay", None)
+    if excluded and old_keys:
+        optimizer._exclude_from_weight_decay = {
+            optimizer._var_key(old_keys[k]) if k in old_keys else k for k in excluded
+        }
+        optimizer._exclude_from_weight_decay_cache = {}
     if not optimizer.built:
         optimizer.build(variables)
     tracked = list(getattr(optimizer, "_trainable_variables", variables))

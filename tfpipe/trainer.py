@@ -25,7 +25,7 @@ def fit(
     batch_size: int | None = None,
     epochs: int = 1,
     stages: int | None = None,
-    balance: Sequence[int] | None = None,
+    balance: str | Sequence[int] | None = None,
     micro_batches: int = 1,
     devices: Sequence[str] | None = None,
     schedule: str | Schedule = "gpipe",
@@ -47,7 +47,8 @@ def fit(
         batch_size: samples per batch for array inputs (Keras default 32).
         epochs: number of epochs.
         stages: number of pipeline stages K (see `Pipeline`).
-        balance: layer calls per stage instead of `stages`.
+        balance: `"params"` (default), `"time"` or `"memory"` (profiled on the first batch of
+            `x`), or layer calls per stage instead of `stages`.
         micro_batches: M; each batch of B samples becomes M micro-batches of about B/M.
         devices: device names per stage; default the GPUs, else the logical CPU devices.
         schedule: `"gpipe"`, `"1f1b"`, `"interleaved"`, `"zb-h1"` or a
@@ -68,9 +69,10 @@ def fit(
         >>> history = tfpipe.fit(model, dataset, epochs=3, stages=4, micro_batches=8)
     """
     build_from_data(model, x)
+    sample = first_inputs(x, batch_size) if balance in ("time", "memory") else None
     pipe = Pipeline(model, stages=stages, balance=balance, devices=devices,
                     micro_batches=micro_batches, schedule=schedule, chunks=chunks,
-                    split_points=split_points)
+                    split_points=split_points, sample=sample)
     return pipe.fit(
         x, y, batch_size=batch_size, epochs=epochs, callbacks=callbacks,
         validation_data=validation_data, verbose=verbose, steps_per_epoch=steps_per_epoch,
@@ -107,3 +109,12 @@ def build_from_data(model: keras.Model, x: Any) -> None:
     else:
         shape = (None,) + tuple(np.shape(x)[1:])
     model.build(shape)
+
+
+def first_inputs(x: Any, batch_size: int | None) -> Any:
+    """The inputs of the first batch of `x` (a dataset, or arrays cut to `batch_size`)."""
+    if isinstance(x, tf.data.Dataset):
+        element = next(iter(x))
+        return element[0] if isinstance(element, tuple) else element
+    size = batch_size or 32
+    return keras.tree.map_structure(lambda a: a[:size], x)

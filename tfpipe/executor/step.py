@@ -17,7 +17,7 @@ Design:
   `F` gets one control dependency: on the latest backward-type action (`B`, `I` or `W`)
   before it on its rank, if any. GPipe gets none, 1F1B gets exactly the warm-up bound.
 - Accumulation sums each stage's weight gradients over micro-batches on the stage's device
-  (IndexedSlices are concatenated, which is exact); then the model's own optimizer applies one
+  (IndexedSlices keep the structure a full batch would give, see `_accumulate`); then the model's own optimizer applies one
   step to all variables at once, so the step counter, learning-rate schedule and any global
   gradient clipping see one step, as in `model.fit`.
 - Losses and metrics are Keras's own: the compiled loss per micro-batch, weighted so the
@@ -51,17 +51,62 @@ from tfpipe.schedules import Action, Schedule, clock
 Key = tuple[int, int]
 
 
+class SparseParts(list):
+    """The IndexedSlices gradients of one variable from several micro-batches, combined by
+    `combine_sparse` once all are known."""
+
+
 def _accumulate(total: Any, grad: Any) -> Any:
-    """Adds two gradients of one variable; IndexedSlices are concatenated (exact, sparse)."""
+    """Adds a micro-batch's gradient of one variable to the running total.
+
+    Dense gradients are summed as they come. IndexedSlices (embedding gradients) are kept per
+    micro-batch and combined by `combine_sparse` at the end.
+    """
     if total is None:
-        return grad
-    if isinstance(total, tf.IndexedSlices) and isinstance(grad, tf.IndexedSlices):
-        return tf.IndexedSlices(
-            tf.concat([total.values, grad.values], 0),
-            tf.concat([total.indices, grad.indices], 0),
-            total.dense_shape,
-        )
+        return SparseParts([grad]) if isinstance(grad, tf.IndexedSlices) else grad
+    if isinstance(total, SparseParts):
+        if isinstance(grad, tf.IndexedSlices):
+            return SparseParts([*total, grad])
+        total = combine_sparse(total)
     return tf.convert_to_tensor(total) + tf.convert_to_tensor(grad)
+
+
+def combine_sparse(parts: Any) -> Any:
+    """One IndexedSlices with the structure a full batch would give.
+
+    Keras's optimizers square slices before summing duplicates (Adam's v), so the structure
+    matters: a gather on per-sample ids gives one slice per id, so micro-batches are
+    concatenated; a gather on the same ids in every micro-batch (a position table) gives one
+    slice per id, so values are added when every micro-batch's indices are equal (checked in
+    the graph).
+    """
+    if not isinstance(parts, SparseParts):
+        return parts
+    if len(parts) == 1:
+        return parts[0]
+    first = parts[0].indices
+
+    def equal(indices: tf.Tensor) -> tf.Tensor:
+        same_shape = tf.reduce_all(tf.equal(tf.shape(indices), tf.shape(first)))
+        return tf.cond(same_shape, lambda: tf.reduce_all(tf.equal(indices, first)),
+                       lambda: tf.constant(False))
+
+    all_equal = tf.reduce_all(tf.stack([equal(p.indices) for p in parts[1:]]))
+    values, indices = tf.cond(
+        all_equal,
+        lambda: (tf.add_n([p.values for p in parts]), first),
+        lambda: (tf.concat([p.values for p in parts], 0), tf.concat([p.indices for p in parts], 0)),
+    )
+    return tf.IndexedSlices(values, indices, parts[0].dense_shape)
+
+
+def _sum_uses(a: Any, b: Any) -> Any:
+    """Sums the gradients of one variable from two stages that use it, as TensorFlow sums the
+    gradients of two uses: IndexedSlices are concatenated, anything else is added densely."""
+    if isinstance(a, tf.IndexedSlices) and isinstance(b, tf.IndexedSlices):
+        return tf.IndexedSlices(tf.concat([a.values, b.values], 0),
+                                tf.concat([a.indices, b.indices], 0), a.dense_shape)
+    return tf.convert_to_tensor(a) + tf.convert_to_tensor(b)
 
 
 def _float_leaves(structure: Any) -> list[tf.Tensor]:
@@ -69,7 +114,13 @@ def _float_leaves(structure: Any) -> list[tf.Tensor]:
 
 
 def _dense(tensors: list[Any]) -> list[tf.Tensor]:
-    return [t.values if isinstance(t, tf.IndexedSlices) else t for t in tensors if t is not None]
+    """Plain tensors standing for `tensors` (slices' values), for control dependencies."""
+    out = []
+    for t in tensors:
+        for part in (t if isinstance(t, SparseParts) else [t]):
+            if part is not None:
+                out.append(part.values if isinstance(part, tf.IndexedSlices) else part)
+    return out
 
 
 def rank_waits(schedule: Schedule) -> dict[Action, Action]:
@@ -484,10 +535,12 @@ class Executor:
         """
         by_var: dict[int, Any] = {}
         for stage, stage_grads in zip(self.stages, grads):
+            with tf.device(stage.device):
+                stage_grads = [combine_sparse(g) for g in stage_grads]
             for v, g in zip(stage.trainable_variables, stage_grads):
                 if id(v) in by_var:
                     with tf.device(self.stages[self.owner[id(v)]].device):
-                        by_var[id(v)] = _accumulate(by_var[id(v)], g)
+                        by_var[id(v)] = _sum_uses(by_var[id(v)], g)
                 else:
                     by_var[id(v)] = g
         variables = self.model.trainable_variables

@@ -119,3 +119,14 @@ def _topological(nodes: dict[int, Any], parents: dict[int, list[int]], key: Any)
             if not waiting[c]:
                 ready.append(c)
     return out
+
+
+def param_costs(graph: Graph) -> list[float]:
+    """Parameters per layer call; a layer called several times counts once (its first call)."""
+    seen: set[int] = set()
+    costs = []
+    for layer in graph.layers:
+        first = id(layer) not in seen
+        seen.add(id(layer))
+        costs.append(float(layer.count_params()) if first and getattr(layer, "built", False) else 0.0)
+    return costs

@@ -26,9 +26,9 @@ from typing import Any, Sequence
 
 import keras
 
-from tfpipe.balance import solve
+from tfpipe.balance.solve import solve
 from tfpipe.errors import PipelineError
-from tfpipe.partition.graph import Graph, read_graph
+from tfpipe.partition.graph import Graph, param_costs, read_graph
 
 
 @dataclass
@@ -123,17 +123,6 @@ def plan_balance(
     if costs is None:
         costs = param_costs(graph)
     return solve(costs, stages)
-
-
-def param_costs(graph: Graph) -> list[float]:
-    """Parameters per layer call; a layer called several times counts once (its first call)."""
-    seen: set[int] = set()
-    costs = []
-    for layer in graph.layers:
-        first = id(layer) not in seen
-        seen.add(id(layer))
-        costs.append(float(layer.count_params()) if first and layer.built else 0.0)
-    return costs
 
 
 def _balance_from_split_points(model: keras.Model, names: list[str],

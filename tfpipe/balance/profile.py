@@ -1,0 +1,172 @@
+"""Per-layer costs for balancing: parameters, profiled forward+backward time, and memory bytes.
+
+Design: costs are per layer call (graph node), the unit `solve` partitions. Time is measured
+by running each call on its real inputs (the sample batch pushed through the model once),
+forward plus a backward for its float inputs and weights, as a small `tf.function` on the
+target device, median of a few runs after a warm-up. Memory counts what a stage must hold:
+the call's output activations for the sample batch, plus parameters, their gradients and the
+optimizer's slots (as many per-variable lists as the built optimizer keeps: 2 for Adam).
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Sequence
+
+import keras
+import tensorflow as tf
+
+from tfpipe.balance.solve import solve
+
+if TYPE_CHECKING:
+    from tfpipe.partition.graph import Graph
+
+
+@dataclass(frozen=True)
+class LayerCost:
+    """Profiled cost of one layer call.
+
+    Attributes:
+        name: the layer's name.
+        params: parameters it owns (0 for a second call of a shared layer).
+        seconds: forward + backward time on the sample batch.
+        activation_bytes: bytes of its outputs for the sample batch.
+        state_bytes: parameter + gradient + optimizer-slot bytes.
+    """
+
+    name: str
+    params: float
+    seconds: float
+    activation_bytes: float
+    state_bytes: float
+
+    @property
+    def memory_bytes(self) -> float:
+        """Activation plus state bytes."""
+        return self.activation_bytes + self.state_bytes
+
+
+def activation_bytes_per_sample(graph: "Graph") -> list[float]:
+    """Static estimate per layer call: bytes of its outputs for one sample (batch dim dropped)."""
+    out = []
+    for node in graph.nodes:
+        total = 0.0
+        for t in node.outputs:
+            dims = [d for d in t.shape[1:]]
+            if all(d is not None for d in dims):
+                total += math.prod(dims) * tf.as_dtype(t.dtype).size
+        out.append(total)
+    return out
+
+
+def profile_layers(model: keras.Model, sample: Any, device: str | None = None,
+                   repeats: int = 5) -> list[LayerCost]:
+    """Profiles every layer call of `model` on `sample`.
+
+    Args:
+        model: a built Sequential or Functional model (compiled, for the optimizer's slots).
+        sample: a batch of inputs, structured like the model's input.
+        device: where to time the calls; default the first visible GPU, else `/device:CPU:0`.
+        repeats: timed runs per call (the median is kept).
+
+    Returns:
+        One `LayerCost` per layer call, in the order of `balance=[...]`.
+    """
+    from tfpipe.partition.graph import param_costs, read_graph  # partition imports balance
+
+    graph = read_graph(model)
+    device = device or ("/device:GPU:0" if tf.config.list_logical_devices("GPU") else "/device:CPU:0")
+    values: dict[int, Any] = {}
+    flat_in = keras.tree.flatten(graph.inputs)
+    flat_sample = _flatten_sample(sample, graph.inputs)
+    for t, v in zip(flat_in, flat_sample):
+        values[id(t)] = tf.convert_to_tensor(v, dtype=t.dtype)
+    slots = _slots_per_variable(model)
+    params = param_costs(graph)
+    costs = []
+    for node, n_params in zip(graph.nodes, params):
+        args, kwargs = node.arguments.fill_in(values)
+        layer = node.operation
+        with tf.device(device):
+            outputs = layer(*args, **kwargs)
+        for t, v in zip(node.outputs, keras.tree.flatten(outputs)):
+            values[id(t)] = v
+        seconds = _time_call(layer, args, kwargs, device, repeats)
+        act = float(sum(v.shape.num_elements() * v.dtype.size for v in keras.tree.flatten(outputs)))
+        costs.append(LayerCost(layer.name, n_params, seconds, act, n_params * 4.0 * (2 + slots)))
+    return costs
+
+
+def _flatten_sample(sample: Any, inputs: Any) -> list[Any]:
+    flat = keras.tree.flatten(inputs)
+    if isinstance(sample, dict) and not isinstance(inputs, dict):
+        return [sample[t._keras_history.operation.name] for t in flat]
+    return keras.tree.flatten(sample)
+
+
+def _time_call(layer: keras.layers.Layer, args: tuple, kwargs: dict, device: str,
+               repeats: int) -> float:
+    floats = [a for a in keras.tree.flatten((args, kwargs)) if tf.is_tensor(a) and a.dtype.is_floating]
+
+    @tf.function
+    def step() -> list[tf.Tensor]:
+        with tf.device(device), tf.GradientTape() as tape:
+            tape.watch(floats)
+            out = keras.tree.flatten(layer(*args, **kwargs))
+            total = tf.add_n([tf.reduce_sum(tf.cast(o, tf.float32)) for o in out if o.dtype.is_floating]
+                             or [tf.constant(0.0)])
+        sources = floats + list(layer.trainable_variables)
+        grads = tape.gradient(total, sources, unconnected_gradients=tf.UnconnectedGradients.ZERO) if sources else []
+        return [total] + [tf.reduce_sum(tf.convert_to_tensor(g)) for g in grads]
+
+    step()  # trace and warm up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        [t.numpy() for t in step()]
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _slots_per_variable(model: keras.Model) -> int:
+    """How many per-variable buffers the model's optimizer keeps (Adam: m and v)."""
+    from tfpipe.placement import _slot_lists
+
+    optimizer = getattr(model, "optimizer", None)
+    if optimizer is None:
+        return 0
+    if not optimizer.built:
+        optimizer.build(model.trainable_variables)
+    tracked = list(getattr(optimizer, "_trainable_variables", model.trainable_variables))
+    return len(_slot_lists(optimizer, tracked))
+
+
+def by_params(model: keras.Model, stages: int) -> list[int]:
+    """Layer calls per stage, balancing parameter counts."""
+    from tfpipe.partition.graph import param_costs, read_graph
+
+    return solve(param_costs(read_graph(model)), stages)
+
+
+def by_time(model: keras.Model, sample: Any, stages: int, device: str | None = None) -> list[int]:
+    """Layer calls per stage, balancing profiled forward+backward time on `sample`.
+
+    Example:
+        >>> tfpipe.balance.by_time(model, x[:64], stages=4)
+        [3, 1, 2, 4]
+    """
+    return solve([c.seconds for c in profile_layers(model, sample, device)], stages)
+
+
+def by_memory(model: keras.Model, sample: Any, stages: int) -> list[int]:
+    """Layer calls per stage, balancing activation + parameter + gradient + optimizer bytes."""
+    return solve([c.memory_bytes for c in profile_layers(model, sample)], stages)
+
+
+def imbalance(costs: Sequence[float]) -> float:
+    """Largest stage cost over the mean stage cost (1.0 is perfect balance)."""
+    mean = sum(costs) / len(costs)
+    return max(costs) / mean if mean > 0 else 1.0
