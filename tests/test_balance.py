@@ -55,11 +55,11 @@ def test_solver_is_optimal(costs, parts):
 
 @keras.saving.register_keras_serializable(package="tfpipe_tests")
 class Heavy(keras.layers.Layer):
-    """No parameters, much compute: 40 chained products with a fixed matrix."""
+    """No parameters, much compute: 60 chained products with a fixed matrix."""
 
     def call(self, x):
         m = keras.ops.eye(x.shape[-1]) * 0.5
-        for _ in range(40):
+        for _ in range(60):
             x = keras.ops.tanh(keras.ops.matmul(x, m) + x)
         return x
 
@@ -77,7 +77,7 @@ def heavy_model():
 def test_by_time_puts_the_heavy_layer_alone():
     model = heavy_model()
     model.compile("sgd", "mse")
-    sample = np.random.default_rng(0).normal(size=(256, 64)).astype("float32")
+    sample = np.random.default_rng(0).normal(size=(512, 64)).astype("float32")
     sizes = tfpipe.balance.by_time(model, sample, stages=3)
     names = [layer.name for layer in model.layers]
     bounds = np.cumsum([0] + sizes)
@@ -92,7 +92,7 @@ def test_by_time_puts_the_heavy_layer_alone():
 def test_balance_time_and_memory_in_pipeline_and_summary():
     model = heavy_model()
     model.compile("sgd", "mse")
-    x = np.random.default_rng(0).normal(size=(64, 64)).astype("float32")
+    x = np.random.default_rng(0).normal(size=(512, 64)).astype("float32")
     pipe = tfpipe.Pipeline(model, stages=3, balance="time", sample=x)
     text = pipe.summary(print_fn=lambda s: None)
     assert "balanced by time" in text and "time ms" in text and "imbalance" in text

@@ -58,6 +58,10 @@ class Pipeline:
             for example `["block_3", "block_7"]` for three stages.
         sample: a batch of inputs for `balance="time"` / `"memory"` (`tfpipe.fit` passes the
             first batch of its data).
+        recompute: activation recomputation: `"never"`, `"except_last"` (every stage but the
+            last), `"always"`, or one entry per stage (`True`/`False` or those names). A
+            recomputed stage keeps only its inputs per in-flight micro-batch and runs its
+            forward again during its backward.
 
     Attributes:
         stages: the `Stage`s: `.model` (Keras sub-model), `.device`, `.num_params`, `.layers`;
@@ -86,6 +90,7 @@ class Pipeline:
         profile: bool = False,
         split_points: Sequence[str] | None = None,
         sample: Any = None,
+        recompute: str | Sequence[str | bool] = "never",
     ) -> None:
         if not isinstance(model, keras.Model):
             raise PipelineError(f"tfpipe needs a keras.Model, got {type(model).__name__}.")
@@ -132,7 +137,9 @@ class Pipeline:
             costs = [c.seconds if mode == "time" else c.memory_bytes for c in self.layer_costs]
         self.stages: list[Stage] = split(model, num_stages, counts, stage_devices,
                                          split_points=split_points, costs=costs)
-        self.executor = Executor(model, self.stages, self.schedule, profile=profile)
+        self.recompute = _recompute_flags(recompute, len(self.stages))
+        self.executor = Executor(model, self.stages, self.schedule, profile=profile,
+                                 recompute=self.recompute)
         variables = list(model.trainable_variables)
         keys = storage_keys(model.optimizer, variables)
         place_stages(self.stages)
@@ -293,3 +300,33 @@ def _bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return f"{n:.1f} GiB"
+
+
+def _recompute_flags(recompute: Any, num_stages: int) -> list[bool]:
+    """Per-stage recomputation flags from `"never"`, `"except_last"`, `"always"` or a list."""
+    modes = {"never": lambda k: False, "always": lambda k: True,
+             "except_last": lambda k: k < num_stages - 1}
+    if isinstance(recompute, str):
+        if recompute not in modes:
+            raise PipelineError(
+                f"recompute={recompute!r}: use 'never', 'except_last', 'always', or a list with "
+                f"one entry per stage ({num_stages} here)."
+            )
+        return [modes[recompute](k) for k in range(num_stages)]
+    flags = list(recompute)
+    if len(flags) != num_stages:
+        raise PipelineError(
+            f"recompute={flags} has {len(flags)} entries for {num_stages} stages: give one per "
+            "stage, or 'never' / 'except_last' / 'always'."
+        )
+    out = []
+    for k, flag in enumerate(flags):
+        if isinstance(flag, bool):
+            out.append(flag)
+        elif flag in ("never", "always"):
+            out.append(flag == "always")
+        else:
+            raise PipelineError(
+                f"recompute entry {flag!r} for stage {k}: use True/False or 'never'/'always'."
+            )
+    return out

@@ -31,6 +31,7 @@ def fit(
     schedule: str | Schedule = "gpipe",
     chunks: int | None = None,
     split_points: Sequence[str] | None = None,
+    recompute: str | Sequence[str | bool] = "never",
     callbacks: list[keras.callbacks.Callback] | None = None,
     validation_data: Any = None,
     verbose: str | int = "auto",
@@ -55,6 +56,8 @@ def fit(
             `tfpipe.schedules.Schedule`.
         chunks: model pieces per device for `"interleaved"` (default 2).
         split_points: layer names where a new stage starts, instead of `stages`/`balance`.
+        recompute: `"never"`, `"except_last"`, `"always"` or one flag per stage: recompute a
+            stage's forward in its backward instead of keeping its activations.
         callbacks, validation_data, verbose, steps_per_epoch, **fit_kwargs: as `model.fit`.
 
     Returns:
@@ -72,7 +75,7 @@ def fit(
     sample = first_inputs(x, batch_size) if balance in ("time", "memory") else None
     pipe = Pipeline(model, stages=stages, balance=balance, devices=devices,
                     micro_batches=micro_batches, schedule=schedule, chunks=chunks,
-                    split_points=split_points, sample=sample)
+                    split_points=split_points, sample=sample, recompute=recompute)
     return pipe.fit(
         x, y, batch_size=batch_size, epochs=epochs, callbacks=callbacks,
         validation_data=validation_data, verbose=verbose, steps_per_epoch=steps_per_epoch,

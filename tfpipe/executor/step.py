@@ -33,9 +33,10 @@ Design:
 
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 import keras
 import tensorflow as tf
@@ -136,21 +137,42 @@ def rank_waits(schedule: Schedule) -> dict[Action, Action]:
     return waits
 
 
+def backward_waits(schedule: Schedule) -> dict[Action, Action]:
+    """For each `B` / `I`, the latest backward-type action before it on its rank (if any).
+
+    Used only for recomputed stages: a replay holds a micro-batch's activations, so replays on
+    one rank run one after another, in the schedule's order, instead of all at once.
+    """
+    waits: dict[Action, Action] = {}
+    for actions in schedule.ranks:
+        latest = None
+        for a in actions:
+            if a.kind in ("B", "I") and latest is not None:
+                waits[a] = latest
+            if a.kind != "F":
+                latest = a
+    return waits
+
+
 @dataclass
 class _Recorded:
     """What a stage's forward on one micro-batch left for its backward.
 
+    With recomputation `tape` is None and `replay` holds the stage inputs, their ids and the
+    stage's non-trainable state before the forward, for `_replay`.
+
     `targets` are the stage's float outputs that other stages consume (ids in `target_ids`)
-    followed by its loss terms; `seeds` are their output gradients: ones for loss terms, and,
-    prepended when the backward runs, the gradients the consumers sent back.
+    followed by its loss terms; `seeds`, set by an `I` action for its `W`, are their output
+    gradients: the gradients the consumers sent back, then ones for the loss terms.
     """
 
-    tape: tf.GradientTape
+    tape: tf.GradientTape | None
     watched: list[tf.Tensor]
     watched_ids: list[int]
     targets: list[tf.Tensor]
     target_ids: list[int]
     seeds: list[tf.Tensor]
+    replay: tuple[list[Any], list[Any], list[tf.Tensor]] | None = None
 
 
 @dataclass
@@ -180,6 +202,8 @@ class Executor:
         stages: the model's stages, stage k feeding stage k+1, variables already placed.
         schedule: a validated schedule for `len(stages)` stages.
         profile: record each action's start and end time in every training step.
+        recompute: per stage, whether its forward is recomputed during its backward instead
+            of keeping its activations.
 
     Attributes:
         traces: how many times each step kind was traced (`"train"`, `"test"`, `"predict"`);
@@ -191,7 +215,12 @@ class Executor:
     """
 
     def __init__(
-        self, model: keras.Model, stages: list[Stage], schedule: Schedule, profile: bool = False
+        self,
+        model: keras.Model,
+        stages: list[Stage],
+        schedule: Schedule,
+        profile: bool = False,
+        recompute: Sequence[bool] | None = None,
     ) -> None:
         self.model = model
         self.stages = stages
@@ -200,6 +229,8 @@ class Executor:
         self.order: list[Action] = [a for _, a in clock(schedule)]
         self.forward_order = [a for a in self.order if a.kind == "F"]
         self.waits = rank_waits(schedule)
+        self.replay_waits = backward_waits(schedule)
+        self.recompute = list(recompute) if recompute is not None else [False] * len(stages)
         self.reduction = loss_reduction(model)
         self.opaque = stages[0].inputs is None
         if not self.opaque:
@@ -279,44 +310,99 @@ class Executor:
     # actions --------------------------------------------------------------------------------
 
     def _forward(self, action: Action, stage: Stage, state: _StepState) -> list[Any]:
-        """F: run the stage on micro-batch m under a tape; the last stage adds the loss."""
+        """F: run the stage on micro-batch m; the last stage adds the loss and metrics.
+
+        Without recomputation the forward runs under a tape kept for the backward. With it,
+        the forward runs without a tape (its activations are freed at once) and the backward
+        replays it from the kept inputs and the stage's state as it was (`_replay`).
+        """
         s, m = action.stage, action.micro_batch
-        last = s == len(self.stages) - 1
-        inputs, in_ids = self._inputs(stage, m, state, last)
+        inputs, in_ids = self._inputs(stage, m, state, s == len(self.stages) - 1)
         inputs = self._start(inputs, list(state.done.get(self.waits.get(action), [])), state)
-        watched = [(i, v) for i, v in zip(in_ids, inputs)
-                   if not self.opaque and i not in self.input_ids and v.dtype.is_floating]
-        tape = tf.GradientTape(persistent=self.schedule.splits_backward(s))
-        with tape:
-            tape.watch([v for _, v in watched])
-            outs = self._call(stage, inputs, training=True)
-            self._publish(stage, m, outs, state)
-            terms = []
-            if last:
-                y_pred = self._prediction(stage, m, outs, state, dict(zip(in_ids, inputs)))
-                terms.append(self._data_loss(state.mb, m, y_pred))
-                self.model.compute_metrics(state.mb.xs[m], state.mb.ys[m], y_pred,
-                                           state.mb.sample_weights[m])
-            extra = self._extra_loss(stage, state.mb, m)
-            if extra is not None:
-                terms.append(extra)
-            scaled = [self.model.optimizer.scale_loss(t) for t in terms]
+        if self.recompute[s]:
+            snapshot = [tf.identity(v.value) for v in stage.model.non_trainable_variables]
+            outs, terms, rec = self._record(stage, m, inputs, in_ids, state, tape=None)
+            rec.replay = (inputs, in_ids, snapshot)
+        else:
+            tape = tf.GradientTape(persistent=self.schedule.splits_backward(s))
+            outs, terms, rec = self._record(stage, m, inputs, in_ids, state, tape=tape)
         state.losses.extend(terms)
-        sent = [] if last else [(id(t), v) for t, v in zip(stage.outputs, outs) if v.dtype.is_floating]
-        state.recorded[(s, m)] = _Recorded(
-            tape,
-            watched=[v for _, v in watched], watched_ids=[i for i, _ in watched],
-            targets=[v for _, v in sent] + scaled, target_ids=[i for i, _ in sent],
-            seeds=[tf.ones_like(t) for t in scaled],
-        )
+        state.recorded[(s, m)] = rec
         produced = keras.tree.flatten(outs) + terms
         self._end(produced, state)
         return produced
 
+    def _record(self, stage: Stage, m: int, inputs: list[Any], in_ids: list[Any],
+                state: _StepState, tape: tf.GradientTape | None,
+                replaying: bool = False) -> tuple[list[Any], list[tf.Tensor], _Recorded]:
+        """Runs a stage's forward (under `tape` if given) and what its backward will need.
+
+        Returns:
+            The stage outputs, its weighted loss terms (data loss on the last stage, extra
+            losses), and the `_Recorded` targets and seeds for its backward.
+        """
+        s = stage.index
+        last = s == len(self.stages) - 1
+        watched = [(i, v) for i, v in zip(in_ids, inputs)
+                   if not self.opaque and i not in self.input_ids and v.dtype.is_floating]
+        with tape if tape is not None else contextlib.nullcontext():
+            if tape is not None:
+                tape.watch([v for _, v in watched])
+            outs = self._call(stage, inputs, training=True)
+            if not replaying:
+                self._publish(stage, m, outs, state)
+            terms = []
+            if last:
+                y_pred = self._prediction(stage, m, outs, state, dict(zip(in_ids, inputs)))
+                terms.append(self._data_loss(state.mb, m, y_pred))
+                if not replaying:
+                    self.model.compute_metrics(state.mb.xs[m], state.mb.ys[m], y_pred,
+                                               state.mb.sample_weights[m])
+            extra = self._extra_loss(stage, state.mb, m)
+            if extra is not None:
+                terms.append(extra)
+            scaled = [self.model.optimizer.scale_loss(t) for t in terms]
+        sent = [] if last else [(id(t), v) for t, v in zip(stage.outputs, outs) if v.dtype.is_floating]
+        rec = _Recorded(
+            tape,
+            watched=[v for _, v in watched], watched_ids=[i for i, _ in watched],
+            targets=[v for _, v in sent] + scaled, target_ids=[i for i, _ in sent], seeds=[],
+        )
+        return outs, terms, rec
+
+    def _replay(self, action: Action, stage: Stage, rec: _Recorded, state: _StepState,
+                seeds_ready: list[tf.Tensor]) -> _Recorded:
+        """Re-runs a recomputed stage's forward under a tape, as it ran the first time.
+
+        The stage's non-trainable state (BatchNorm statistics, the seed generators that drive
+        Dropout) is set back to its value before the first run, so the replay sees the same
+        statistics and draws the same random masks, then restored, so the replay changes
+        nothing. TensorFlow orders these reads and writes in program order. A replay starts
+        when its output gradients have arrived and the previous backward on its rank is done.
+        """
+        if rec.replay is None:
+            return rec
+        inputs, in_ids, snapshot = rec.replay
+        before = state.done.get(self.replay_waits.get(action), [])
+        with tf.control_dependencies(_dense(seeds_ready) + list(before)):
+            inputs = [tf.identity(v) for v in inputs]
+        variables = stage.model.non_trainable_variables
+        current = [tf.identity(v.value) for v in variables]
+        for v, value in zip(variables, snapshot):
+            v.assign(value)
+        tape = tf.GradientTape(persistent=self.schedule.splits_backward(stage.index))
+        _, _, replayed = self._record(stage, action.micro_batch, inputs, in_ids, state, tape=tape,
+                                      replaying=True)
+        for v, value in zip(variables, current):
+            v.assign(value)
+        return replayed
+
     def _backward(self, action: Action, stage: Stage, state: _StepState) -> list[Any]:
         """B: VJP of the stage's forward for its inputs and weights, in one pass."""
         rec = state.recorded.pop((action.stage, action.micro_batch))
-        seeds = self._start(self._seeds(rec, action, state), [], state)
+        seeds = self._seeds(rec, action, state)
+        rec = self._replay(action, stage, rec, state, seeds)
+        seeds = self._start(seeds, [], state)
         variables = stage.trainable_variables
         result = rec.tape.gradient(rec.targets, rec.watched + variables, output_gradients=seeds,
                                    unconnected_gradients=tf.UnconnectedGradients.ZERO)
@@ -328,7 +414,10 @@ class Executor:
     def _input_grad(self, action: Action, stage: Stage, state: _StepState) -> list[Any]:
         """I: VJP for the stage's inputs only, so the stages that made them can go on."""
         rec = state.recorded[(action.stage, action.micro_batch)]
-        rec.seeds = self._start(self._seeds(rec, action, state), [], state)
+        seeds = self._seeds(rec, action, state)
+        rec = self._replay(action, stage, rec, state, seeds)
+        state.recorded[(action.stage, action.micro_batch)] = rec
+        rec.seeds = self._start(seeds, [], state)
         result = []
         if rec.watched:
             result = rec.tape.gradient(rec.targets, rec.watched, output_gradients=rec.seeds,
@@ -357,7 +446,7 @@ class Executor:
         for i, t in zip(rec.target_ids, rec.targets):
             g = state.input_grads.pop((m, i), None)
             sent.append(tf.zeros_like(t) if g is None else g)
-        return sent + rec.seeds
+        return sent + [tf.ones_like(t) for t in rec.targets[len(rec.target_ids):]]
 
     def _keep(self, action: Action, state: _StepState, rec: _Recorded, input_grads: list[Any],
               weight_grads: list[Any]) -> list[Any]:
