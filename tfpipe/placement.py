@@ -63,10 +63,20 @@ def storage_keys(optimizer: keras.optimizers.Optimizer,
     return {optimizer._var_key(v): v for v in variables}
 
 
+def optimizer_chain(optimizer: keras.optimizers.Optimizer) -> list[keras.optimizers.Optimizer]:
+    """The optimizer and the ones it wraps (a `LossScaleOptimizer`'s inner optimizer)."""
+    chain = [optimizer]
+    while getattr(chain[-1], "inner_optimizer", None) is not None:
+        chain.append(chain[-1].inner_optimizer)
+    return chain
+
+
 def place_optimizer(optimizer: keras.optimizers.Optimizer, variables: list[keras.Variable],
                     old_keys: dict[Any, keras.Variable] | None = None) -> None:
     """Builds `optimizer` for `variables` (if needed), puts each slot beside its variable, and
     re-keys what a pre-built optimizer recorded against the variables' old storage.
+
+    Applies to a wrapped optimizer too (mixed precision's `LossScaleOptimizer`).
 
     Args:
         optimizer: the model's compiled optimizer.
@@ -74,23 +84,26 @@ def place_optimizer(optimizer: keras.optimizers.Optimizer, variables: list[keras
             order `model.fit` passes them (`model.trainable_variables`).
         old_keys: `storage_keys(optimizer, variables)` taken before the variables moved.
     """
-    if optimizer.built:
-        optimizer._trainable_variables_indices = {
-            optimizer._var_key(v): i for i, v in enumerate(optimizer._trainable_variables)
-        }
-    excluded = getattr(optimizer, "_exclude_from_weight_decay", None)
-    if excluded and old_keys:
-        optimizer._exclude_from_weight_decay = {
-            optimizer._var_key(old_keys[k]) if k in old_keys else k for k in excluded
-        }
-        optimizer._exclude_from_weight_decay_cache = {}
+    chain = optimizer_chain(optimizer)
+    for opt in chain:
+        if opt.built:
+            opt._trainable_variables_indices = {
+                opt._var_key(v): i for i, v in enumerate(opt._trainable_variables)
+            }
+        excluded = getattr(opt, "_exclude_from_weight_decay", None)
+        if excluded and old_keys:
+            opt._exclude_from_weight_decay = {
+                opt._var_key(old_keys[k]) if k in old_keys else k for k in excluded
+            }
+            opt._exclude_from_weight_decay_cache = {}
     if not optimizer.built:
         optimizer.build(variables)
-    tracked = list(getattr(optimizer, "_trainable_variables", variables))
-    for slots in _slot_lists(optimizer, tracked):
-        for ref, slot in zip(tracked, slots):
-            if slot is not None:
-                move(slot, device_of(ref))
+    for opt in chain:
+        tracked = list(getattr(opt, "_trainable_variables", variables))
+        for slots in _slot_lists(opt, tracked):
+            for ref, slot in zip(tracked, slots):
+                if slot is not None:
+                    move(slot, device_of(ref))
 
 
 def _slot_lists(
@@ -118,16 +131,22 @@ def updates_on_variable_devices(optimizer: keras.optimizers.Optimizer) -> Iterat
     Keras's TF optimizer calls `update_step(gradient, variable, learning_rate)` once per
     variable (the documented override point for custom optimizers); inside a `tf.function`
     its math would otherwise land on the caller's device. We wrap it in
-    `tf.device(variable.device)` for the duration of a pipelined call and restore it after.
+    `tf.device(variable.device)`, on the optimizer and any optimizer it wraps, for the
+    duration of a pipelined call and restore it after.
     """
-    original = optimizer.update_step
-
-    def update_step(gradient: Any, variable: Any, learning_rate: Any) -> Any:
-        with tf.device(variable.device):
-            return original(gradient, variable, learning_rate)
-
-    optimizer.__dict__["update_step"] = update_step
+    chain = optimizer_chain(optimizer)
+    for opt in chain:
+        opt.__dict__["update_step"] = _on_variable_device(opt.update_step)
     try:
         yield
     finally:
-        optimizer.__dict__.pop("update_step", None)
+        for opt in chain:
+            opt.__dict__.pop("update_step", None)
+
+
+def _on_variable_device(update_step: Any) -> Any:
+    def wrapped(gradient: Any, variable: Any, learning_rate: Any) -> Any:
+        with tf.device(variable.device):
+            return update_step(gradient, variable, learning_rate)
+
+    return wrapped
