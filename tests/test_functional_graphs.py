@@ -103,11 +103,13 @@ def test_skip_connections_across_stages(schedule, stages, micro_batches):
     assert any(t._keras_history.operation.name == "d0" for t in last.inputs) or len(pipe.stages) <= 2
 
 
-def test_unet_skip_concatenation():
+def test_unet_skip_from_first_to_last_stage():
     x = RNG.normal(size=(64, 8, 8, 1)).astype("float32")
-    pipe, _, _ = fit_both(unet, x, Y3, dict(stages=4, micro_batches=4, schedule="1f1b"))
-    names = {t._keras_history.operation.name for s in pipe.stages for t in s.inputs}
-    assert "enc1" in names  # the encoder skip crosses stages
+    pipe, _, _ = fit_both(unet, x, Y3, dict(split_points=["pool", "up", "skip"], micro_batches=4,
+                                            schedule="1f1b"))
+    assert [l.name for l in pipe.stages[0].layers] == ["enc1"]
+    last_inputs = {t._keras_history.operation.name for t in pipe.stages[-1].inputs}
+    assert last_inputs == {"up", "enc1"}  # the encoder skip goes from stage 0 straight to stage 3
 
 
 def test_two_inputs_two_outputs_with_loss_weights_and_metrics():
