@@ -62,6 +62,8 @@ class Pipeline:
             last), `"always"`, or one entry per stage (`True`/`False` or those names). A
             recomputed stage keeps only its inputs per in-flight micro-batch and runs its
             forward again during its backward.
+        check_numerics: stop at the first NaN or Inf with an error naming the stage, the
+            layer and whether it was the forward or the backward (slower: for debugging).
 
     Attributes:
         stages: the `Stage`s: `.model` (Keras sub-model), `.device`, `.num_params`, `.layers`;
@@ -91,6 +93,7 @@ class Pipeline:
         split_points: Sequence[str] | None = None,
         sample: Any = None,
         recompute: str | Sequence[str | bool] = "never",
+        check_numerics: bool = False,
     ) -> None:
         if not isinstance(model, keras.Model):
             raise PipelineError(f"tfpipe needs a keras.Model, got {type(model).__name__}.")
@@ -139,7 +142,7 @@ class Pipeline:
                                          split_points=split_points, costs=costs)
         self.recompute = _recompute_flags(recompute, len(self.stages))
         self.executor = Executor(model, self.stages, self.schedule, profile=profile,
-                                 recompute=self.recompute)
+                                 recompute=self.recompute, check_numerics=check_numerics)
         variables = list(model.trainable_variables)
         keys = storage_keys(model.optimizer, variables)
         place_stages(self.stages)

@@ -32,6 +32,7 @@ def fit(
     chunks: int | None = None,
     split_points: Sequence[str] | None = None,
     recompute: str | Sequence[str | bool] = "never",
+    check_numerics: bool = False,
     callbacks: list[keras.callbacks.Callback] | None = None,
     validation_data: Any = None,
     verbose: str | int = "auto",
@@ -58,6 +59,7 @@ def fit(
         split_points: layer names where a new stage starts, instead of `stages`/`balance`.
         recompute: `"never"`, `"except_last"`, `"always"` or one flag per stage: recompute a
             stage's forward in its backward instead of keeping its activations.
+        check_numerics: stop at the first NaN/Inf, naming the stage, layer and pass.
         callbacks, validation_data, verbose, steps_per_epoch, **fit_kwargs: as `model.fit`.
 
     Returns:
@@ -75,7 +77,8 @@ def fit(
     sample = first_inputs(x, batch_size) if balance in ("time", "memory") else None
     pipe = Pipeline(model, stages=stages, balance=balance, devices=devices,
                     micro_batches=micro_batches, schedule=schedule, chunks=chunks,
-                    split_points=split_points, sample=sample, recompute=recompute)
+                    split_points=split_points, sample=sample, recompute=recompute,
+                    check_numerics=check_numerics)
     return pipe.fit(
         x, y, batch_size=batch_size, epochs=epochs, callbacks=callbacks,
         validation_data=validation_data, verbose=verbose, steps_per_epoch=steps_per_epoch,

@@ -44,6 +44,7 @@ from keras.src.losses.loss import unscale_loss_for_distribution
 
 from tfpipe.errors import PipelineError
 from tfpipe.executor.microbatch import MicroBatches, loss_reduction
+from tfpipe.executor.numerics import call_checked, check_gradients
 from tfpipe.partition import Stage
 from tfpipe.partition.graph import model_io
 from tfpipe.placement import owners
@@ -204,6 +205,8 @@ class Executor:
         profile: record each action's start and end time in every training step.
         recompute: per stage, whether its forward is recomputed during its backward instead
             of keeping its activations.
+        check_numerics: stop at the first NaN or Inf, naming the stage, the layer and the pass
+            (see `tfpipe.executor.numerics`).
 
     Attributes:
         traces: how many times each step kind was traced (`"train"`, `"test"`, `"predict"`);
@@ -221,6 +224,7 @@ class Executor:
         schedule: Schedule,
         profile: bool = False,
         recompute: Sequence[bool] | None = None,
+        check_numerics: bool = False,
     ) -> None:
         self.model = model
         self.stages = stages
@@ -231,6 +235,9 @@ class Executor:
         self.waits = rank_waits(schedule)
         self.replay_waits = backward_waits(schedule)
         self.recompute = list(recompute) if recompute is not None else [False] * len(stages)
+        self.check_numerics = check_numerics
+        self.made_by = {id(t): t._keras_history.operation.name
+                        for st in stages for t in (st.outputs or [])}
         self.reduction = loss_reduction(model)
         self.opaque = stages[0].inputs is None
         if not self.opaque:
@@ -348,7 +355,7 @@ class Executor:
         with tape if tape is not None else contextlib.nullcontext():
             if tape is not None:
                 tape.watch([v for _, v in watched])
-            outs = self._call(stage, inputs, training=True)
+            outs = self._call(stage, inputs, training=True, micro_batch=m)
             if not replaying:
                 self._publish(stage, m, outs, state)
             terms = []
@@ -452,6 +459,10 @@ class Executor:
               weight_grads: list[Any]) -> list[Any]:
         """Sends input gradients to the stages that made those inputs; sums weight gradients."""
         s, m = action.stage, action.micro_batch
+        if self.check_numerics:
+            input_grads, weight_grads = check_gradients(
+                self.stages[s], m, action.kind, rec.watched_ids, input_grads, weight_grads,
+                self.made_by)
         for i, g in zip(rec.watched_ids, input_grads):
             g = tf.convert_to_tensor(g)
             prev = state.input_grads.get((m, i))
@@ -525,7 +536,7 @@ class Executor:
             stage = self.stages[s]
             with tf.device(stage.device), tf.name_scope(f"stage{s}_{action}"):
                 inputs, in_ids = self._inputs(stage, m, state, s == last)
-                outs = self._call(stage, inputs, training=training)
+                outs = self._call(stage, inputs, training=training, micro_batch=m)
                 self._publish(stage, m, outs, state)
                 if s == last:
                     preds[m] = self._prediction(stage, m, outs, state, dict(zip(in_ids, inputs)))
@@ -575,11 +586,14 @@ class Executor:
             ids += [i for i in self.early_outputs if i not in ids]
         return [state.values[(m, i)] for i in ids], ids
 
-    def _call(self, stage: Stage, inputs: list[Any], training: bool) -> list[Any]:
-        """Calls the stage's sub-model; records its outputs' values for later stages."""
+    def _call(self, stage: Stage, inputs: list[Any], training: bool, micro_batch: int) -> list[Any]:
+        """Calls the stage's sub-model (layer by layer, checked, with `check_numerics`)."""
         if self.opaque:
             return [stage.model(inputs[0], training=training)]
-        return keras.tree.flatten(stage.model(inputs[: len(stage.inputs)], training=training))
+        inputs = inputs[: len(stage.inputs)]
+        if self.check_numerics:
+            return keras.tree.flatten(call_checked(stage, inputs, training, micro_batch))
+        return keras.tree.flatten(stage.model(inputs, training=training))
 
     def _publish(self, stage: Stage, m: int, outs: list[Any], state: _StepState) -> None:
         """Makes a stage's outputs for micro-batch m available to the stages that consume them."""
