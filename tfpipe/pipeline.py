@@ -141,6 +141,13 @@ class Pipeline:
         self.stages: list[Stage] = split(model, num_stages, counts, stage_devices,
                                          split_points=split_points, costs=costs)
         self.recompute = _recompute_flags(recompute, len(self.stages))
+        for st, flag in zip(self.stages, self.recompute):
+            if flag and not st.trainable_variables and not isinstance(recompute, str):
+                raise PipelineError(
+                    f"recompute asks stage {st.index} ({', '.join(l.name for l in st.layers)}) to "
+                    "recompute, but it has no trainable weights: its backward needs no saved "
+                    f"activations of its own. Set entry {st.index} to False."
+                )
         self.executor = Executor(model, self.stages, self.schedule, profile=profile,
                                  recompute=self.recompute, check_numerics=check_numerics)
         variables = list(model.trainable_variables)

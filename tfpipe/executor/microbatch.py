@@ -80,9 +80,16 @@ class MicroBatches:
         """Splits `(x, y, sample_weight)` of batch size B into `num` micro-batches.
 
         Raises:
+            PipelineError: when the batch size is known while tracing and B < num.
             tf.errors.InvalidArgumentError (at run time): when B < num, naming both.
         """
         batch = batch_size(x)
+        static = next(t for t in keras.tree.flatten(x) if t is not None).shape[0]
+        if static is not None and static < num:
+            raise PipelineError(
+                f"tfpipe: a batch of {static} samples is smaller than micro_batches={num}; use "
+                f"a batch size >= micro_batches (or drop_remainder=True for the last batch)."
+            )
         with tf.control_dependencies([
             tf.debugging.assert_greater_equal(
                 batch, num,

@@ -269,6 +269,12 @@ class Executor:
         self.traces["train"] += 1
         model = self.model
         x, y, sw = keras.utils.unpack_x_y_sample_weight(data)
+        if y is None:
+            raise PipelineError(
+                f"The data gives inputs but no targets: model {model.name!r} is compiled with "
+                f"loss {model.loss!r}, so each batch must be (x, y) or (x, y, sample_weight). "
+                "Pass y=... with array inputs, or a dataset of (x, y) pairs."
+            )
         mb = MicroBatches.split(x, y, sw, self.micro_batches, self.reduction)
         state = _StepState(mb, [[None] * len(s.trainable_variables) for s in self.stages])
         self._feed(state)

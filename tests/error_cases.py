@@ -1,0 +1,232 @@
+"""The catalogue of bad inputs: each case, the error it must raise, and the fix the message gives.
+
+`python -m tests.error_cases > docs/errors.md` writes the user-facing list from the real
+messages; `tests/test_error_catalog.py` checks every case and that the docs list them all.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+import tfpipe
+from tfpipe.schedules import Schedule
+from tests.models import build, data
+
+
+@dataclass(frozen=True)
+class Case:
+    name: str
+    run: Callable[[], Any]
+    error: type[BaseException] | tuple[type[BaseException], ...]
+    pattern: str
+
+
+def mlp():
+    return build("mlp")
+
+
+def xy(n=64):
+    return data("mlp", n=n)
+
+
+def fit(model, **kwargs):
+    x, y = xy()
+    kwargs.setdefault("batch_size", 16)
+    return tfpipe.fit(model, x, y, verbose=0, **kwargs)
+
+
+def uncompiled():
+    return keras.Sequential([keras.Input((8,)), keras.layers.Dense(3)])
+
+
+def no_loss():
+    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(3)])
+    model.compile("sgd")
+    return model
+
+
+def mixed_reductions():
+    inputs = keras.Input((8,))
+    a = keras.layers.Dense(1, name="a")(inputs)
+    b = keras.layers.Dense(1, name="b")(inputs)
+    model = keras.Model(inputs, {"a": a, "b": b})
+    model.compile("sgd", loss={"a": keras.losses.MeanSquaredError(reduction="sum"),
+                               "b": keras.losses.MeanSquaredError()})
+    return model
+
+
+def opaque():
+    class Opaque(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.d = keras.layers.Dense(3)
+
+        def call(self, x):
+            return self.d(x)
+
+    model = Opaque()
+    model.compile("sgd", "mse")
+    model(np.zeros((1, 8), "float32"))
+    return model
+
+
+def two_inputs():
+    a, b = keras.Input((8,), name="left"), keras.Input((8,), name="right")
+    out = keras.layers.Dense(3, name="head")(keras.layers.Concatenate()([a, b]))
+    model = keras.Model([a, b], out)
+    model.compile("sgd", "sparse_categorical_crossentropy")
+    return model
+
+
+def identity_model():
+    inputs = keras.Input((8,))
+    model = keras.Model(inputs, inputs)
+    model.compile("sgd", "mse")
+    return model
+
+
+def weightless_middle():
+    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(8), keras.layers.Activation("relu"),
+                              keras.layers.Dense(3)])
+    model.compile("sgd", "sparse_categorical_crossentropy")
+    return model
+
+
+BAD = Schedule.from_text(["F0 B0 F1 B1", "F1 F0 B0 B1"], name="mine")
+
+CASES = [
+    Case("not a Keras model", lambda: tfpipe.Pipeline("model"), tfpipe.PipelineError,
+         r"needs a keras.Model, got str"),
+    Case("model not compiled", lambda: tfpipe.Pipeline(uncompiled(), stages=1),
+         tfpipe.PipelineError, r"not compiled: call model.compile"),
+    Case("model compiled without a loss", lambda: tfpipe.Pipeline(no_loss(), stages=1),
+         tfpipe.PipelineError, r"compiled without a loss: pass loss="),
+    Case("losses with different reductions", lambda: tfpipe.Pipeline(mixed_reductions(), stages=1),
+         tfpipe.PipelineError, r"reduction\(s\) \['sum', 'sum_over_batch_size'\].*Use one reduction"),
+    Case("model not built", lambda: tfpipe.Pipeline(_unbuilt(), stages=1), tfpipe.PipelineError,
+         r"not built: start it with keras.Input"),
+    Case("subclassed model split into stages", lambda: tfpipe.Pipeline(opaque(), stages=2),
+         tfpipe.PipelineError, r"subclassed keras.Model \(Opaque\).*stages=1"),
+    Case("model with no layers", lambda: tfpipe.Pipeline(identity_model(), stages=2),
+         tfpipe.PipelineError, r"has no layers to split"),
+    Case("stages not a positive integer", lambda: tfpipe.Pipeline(mlp(), stages=0),
+         tfpipe.PipelineError, r"stages must be a positive integer, got 0"),
+    Case("more stages than layers", lambda: tfpipe.Pipeline(mlp(), stages=5, devices=["/cpu:0"]),
+         tfpipe.PipelineError, r"stages=5 is more than the 4 layer calls.*use stages <= 4"),
+    Case("balance not summing to the layer count", lambda: tfpipe.Pipeline(mlp(), balance=[1, 2]),
+         tfpipe.PipelineError, r"balance=\[1, 2\] must be positive layer counts summing to .* 4 layer calls"),
+    Case("balance with a zero entry", lambda: tfpipe.Pipeline(mlp(), balance=[0, 4]),
+         tfpipe.PipelineError, r"balance=\[0, 4\] must be positive"),
+    Case("stages and balance disagree", lambda: tfpipe.Pipeline(mlp(), stages=3, balance=[2, 2]),
+         tfpipe.PipelineError, r"stages=3 with chunks=1 makes 3 stages, but balance/split_points give 2"),
+    Case("unknown balance mode", lambda: tfpipe.Pipeline(mlp(), stages=2, balance="flops"),
+         tfpipe.PipelineError, r"balance='flops': use 'params', 'time', 'memory'"),
+    Case("balance by time without a sample", lambda: tfpipe.Pipeline(mlp(), stages=2, balance="time"),
+         tfpipe.PipelineError, r"balance='time' profiles each layer on a sample batch: pass sample="),
+    Case("split point that names no layer", lambda: tfpipe.Pipeline(mlp(), split_points=["dense_9"]),
+         tfpipe.PipelineError, r"split_points names layer 'dense_9'.*its layer calls are"),
+    Case("split points out of order", lambda: _split_out_of_order(), tfpipe.PipelineError,
+         r"must name distinct layers in model order"),
+    Case("split points and balance together", lambda: tfpipe.Pipeline(mlp(), balance=[2, 2], split_points=["x"]),
+         tfpipe.PipelineError, r"Give balance=\[...\] or split_points=\[...\], not both"),
+    Case("fewer visible devices than stages", lambda: tfpipe.Pipeline(_deep(), stages=8),
+         tfpipe.PipelineError, r"stages=8 needs 8 devices but only 4 are visible.*configure_cpu_devices\(8\)"),
+    Case("device that does not exist", lambda: tfpipe.Pipeline(mlp(), stages=2, devices=["/cpu:0", "/gpu:7"]),
+         tfpipe.PipelineError, r"Device '/gpu:7' does not exist; visible devices are"),
+    Case("devices given as one string", lambda: tfpipe.Pipeline(mlp(), stages=2, devices="/cpu:0"),
+         tfpipe.PipelineError, r"devices must be a non-empty list of device names, got '/cpu:0'"),
+    Case("logical devices requested after TensorFlow initialised",
+         lambda: (tf.constant(0), tfpipe.configure_cpu_devices(6)), tfpipe.DeviceConfigurationError,
+         r"configure_cpu_devices\(6\) was called after TensorFlow initialised with 4"),
+    Case("logical device count not positive", lambda: tfpipe.configure_cpu_devices(0),
+         tfpipe.PipelineError, r"configure_cpu_devices needs a positive integer, got 0"),
+    Case("micro-batch count not positive", lambda: tfpipe.Pipeline(mlp(), stages=2, micro_batches=0),
+         tfpipe.PipelineError, r"micro_batches must be a positive integer .* got 0"),
+    Case("batch smaller than the micro-batch count", lambda: fit(mlp(), stages=2, micro_batches=32),
+         (tfpipe.PipelineError, tf.errors.InvalidArgumentError),
+         r"a batch (of 16 samples )?is smaller than micro_batches=32"),
+    Case("unknown schedule name", lambda: tfpipe.Pipeline(mlp(), stages=2, schedule="pipedream"),
+         ValueError, r"Unknown schedule 'pipedream': use one of"),
+    Case("invalid user-made schedule (prints the grid)", lambda: tfpipe.Pipeline(mlp(), micro_batches=2, schedule=BAD),
+         ValueError, r"(?s)Schedule 'mine'.*rank0.*rank1"),
+    Case("user-made schedule of another size", lambda: tfpipe.Pipeline(mlp(), micro_batches=4, schedule=Schedule.from_text(["F0 B0", "F0 B0"], name="small")),
+         ValueError, r"Schedule 'small' is for 2 stages x 1 micro-batches, but the pipeline has 2 stages x 4"),
+    Case("chunks without the interleaved schedule", lambda: tfpipe.Pipeline(mlp(), stages=2, chunks=2),
+         tfpipe.PipelineError, r"chunks=2 needs schedule='interleaved'"),
+    Case("interleaved model too small for stages x chunks", lambda: tfpipe.Pipeline(mlp(), stages=4, schedule="interleaved"),
+         tfpipe.PipelineError, r"stages=8 is more than the 4 layer calls"),
+    Case("unknown recompute mode", lambda: tfpipe.Pipeline(mlp(), stages=2, recompute="sometimes"),
+         tfpipe.PipelineError, r"recompute='sometimes': use 'never', 'except_last', 'always'"),
+    Case("recompute list of the wrong length", lambda: tfpipe.Pipeline(mlp(), stages=2, recompute=[True]),
+         tfpipe.PipelineError, r"recompute=\[True\] has 1 entries for 2 stages"),
+    Case("recompute on a stage without trainable weights", lambda: tfpipe.Pipeline(weightless_middle(), balance=[1, 1, 1], recompute=[False, True, False]),
+         tfpipe.PipelineError, r"recompute asks stage 1 \(activation\).*no trainable weights.*Set entry 1 to False"),
+    Case("data without targets", lambda: tfpipe.fit(mlp(), xy()[0], batch_size=16, stages=2, verbose=0),
+         tfpipe.PipelineError, r"The data gives inputs but no targets.*\(x, y\)"),
+    Case("dict inputs missing a model input", lambda: tfpipe.fit(two_inputs(), {"left": xy()[0]}, xy()[1], batch_size=16, stages=1, verbose=0),
+         (tfpipe.PipelineError, ValueError, KeyError), r"right"),
+    Case("wrong number of inputs", lambda: tfpipe.fit(two_inputs(), (xy()[0],), xy()[1], batch_size=16, stages=2, verbose=0),
+         (tfpipe.PipelineError, ValueError), r"takes 2 input\(s\) \['left', 'right'\], but each data element gives 1|expects 2 input"),
+    Case("labels of the wrong shape", lambda: tfpipe.fit(mlp(), xy()[0], np.zeros((64, 5, 2)), batch_size=16, stages=2, verbose=0),
+         (ValueError, tf.errors.InvalidArgumentError), r"shape|Shape"),
+    Case("timeline without profiling", lambda: tfpipe.Pipeline(mlp(), stages=2).timeline(),
+         ValueError, r"No timeline: build the Pipeline with profile=True"),
+]
+
+
+def _unbuilt():
+    model = keras.Sequential([keras.layers.Dense(3)])
+    model.compile("sgd", "mse")
+    return model
+
+
+def _deep():
+    model = build("deep")
+    return model
+
+
+def _split_out_of_order():
+    model = build("mlp")
+    names = [layer.name for layer in model.layers]
+    return tfpipe.Pipeline(model, split_points=[names[3], names[1]])
+
+
+def message_of(case: Case) -> str:
+    try:
+        case.run()
+    except case.error as err:
+        return str(err)
+    raise AssertionError(f"{case.name}: no error raised")
+
+
+def markdown() -> str:
+    lines = [
+        "# Errors",
+        "",
+        "Every bad input tfpipe knows of, and the message a user sees (from a real run of",
+        "`tests/error_cases.py`; regenerate with `python -m tests.error_cases > docs/errors.md`).",
+        "Configuration errors are raised before any variable moves, so the model is left as it was.",
+        "",
+    ]
+    for n, case in enumerate(CASES, 1):
+        text = message_of(case)
+        text = re.sub(r"\n\s*\[\[.*", "", text, flags=re.S)
+        if "Graph execution error" in text:
+            text = text[text.rfind("INVALID_ARGUMENT"):].split("\n")[0]
+        text = text.strip()
+        if len(text) > 1200:
+            text = text[:1200] + " ..."
+        kind = case.error.__name__ if isinstance(case.error, type) else case.error[0].__name__
+        lines += [f"## {n}. {case.name}", "", f"`{kind}`", "", "```text", text, "```", ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    tfpipe.configure_cpu_devices(4)
+    print(markdown())
