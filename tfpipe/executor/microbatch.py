@@ -84,6 +84,9 @@ class MicroBatches:
             tf.errors.InvalidArgumentError (at run time): when B < num, naming both.
         """
         batch = batch_size(x)
+        if num == 1:  # the batch is its own micro-batch: no split, no weighting
+            one = [tf.constant(1.0)]
+            return cls([x], [y], [sample_weight], tf.reshape(batch, [1]), one, one, batch)
         static = next(t for t in keras.tree.flatten(x) if t is not None).shape[0]
         if static is not None and static < num:
             raise PipelineError(
