@@ -78,3 +78,36 @@ def side_by_side(runs: dict[str, Callable[[StepTimer], None]], repeats: int) -> 
 
 def median(values: list[float]) -> float:
     return statistics.median(values)
+
+
+def wide_data(batch: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """One batch of inputs for `deep_mlp` and 10-class labels."""
+    rng = np.random.default_rng(0)
+    return rng.normal(size=(batch, width)).astype("float32"), rng.integers(0, 10, size=batch)
+
+
+def deep_mlp(width: int, layers: int) -> keras.Model:
+    """A compiled MLP whose activations dominate its memory for large batches (SGD, seed 0)."""
+    keras.utils.set_random_seed(0)
+    model = mlp(width=width, depth=layers)
+    model.compile(optimizer=keras.optimizers.SGD(0.01),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    return model
+
+
+def step_peak(pipe: Any, x: np.ndarray, y: np.ndarray, repeats: int) -> tuple[float, float]:
+    """Median allocator peak (MiB above the resting level) and seconds of one training step.
+
+    Logical CPU devices share one allocator, so `CPU:0`'s figures cover the whole pipeline.
+    """
+    fit = dict(batch_size=len(x), epochs=1, verbose=0)
+    pipe.fit(x, y, **fit)  # trace and warm up
+    peaks, times = [], []
+    for _ in range(repeats):
+        tf.config.experimental.reset_memory_stats("CPU:0")
+        base = tf.config.experimental.get_memory_info("CPU:0")["current"]
+        start = time.perf_counter()
+        pipe.fit(x, y, **fit)
+        times.append(time.perf_counter() - start)
+        peaks.append(tf.config.experimental.get_memory_info("CPU:0")["peak"] - base)
+    return statistics.median(peaks) / 2**20, statistics.median(times)

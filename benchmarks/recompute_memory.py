@@ -15,10 +15,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
-import time
+import sys
+from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
 def main() -> None:
@@ -36,37 +37,16 @@ def main() -> None:
     import tfpipe
 
     tfpipe.configure_cpu_devices(args.stages)
-    import keras
-    import numpy as np
-    import tensorflow as tf
+    from common import deep_mlp, step_peak, wide_data
 
-    rng = np.random.default_rng(0)
-    x = rng.normal(size=(args.batch, args.width)).astype("float32")
-    y = rng.integers(0, 10, size=args.batch)
-
+    x, y = wide_data(args.batch, args.width)
     results = []
     for mode in ("never", "except_last", "always"):
-        keras.utils.set_random_seed(0)
-        model = keras.Sequential(
-            [keras.Input((args.width,))]
-            + [keras.layers.Dense(args.width, activation="relu") for _ in range(args.layers)]
-            + [keras.layers.Dense(10)]
-        )
-        model.compile(optimizer=keras.optimizers.SGD(0.01),
-                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-        pipe = tfpipe.Pipeline(model, stages=args.stages, micro_batches=args.micro_batches,
-                               schedule=args.schedule, recompute=mode)
-        pipe.fit(x, y, batch_size=args.batch, epochs=1, verbose=0)
-        peaks, times = [], []
-        for _ in range(args.repeats):
-            tf.config.experimental.reset_memory_stats("CPU:0")
-            base = tf.config.experimental.get_memory_info("CPU:0")["current"]
-            start = time.perf_counter()
-            pipe.fit(x, y, batch_size=args.batch, epochs=1, verbose=0)
-            times.append(time.perf_counter() - start)
-            peaks.append(tf.config.experimental.get_memory_info("CPU:0")["peak"] - base)
-        results.append({"recompute": mode, "peak_mib": statistics.median(peaks) / 2**20,
-                        "step_s": statistics.median(times)})
+        pipe = tfpipe.Pipeline(deep_mlp(args.width, args.layers), stages=args.stages,
+                               micro_batches=args.micro_batches, schedule=args.schedule,
+                               recompute=mode)
+        peak, step = step_peak(pipe, x, y, args.repeats)
+        results.append({"recompute": mode, "peak_mib": peak, "step_s": step})
 
     print(f"K={args.stages} M={args.micro_batches} schedule={args.schedule} batch={args.batch} "
           f"width={args.width} layers={args.layers}, median of {args.repeats}")
