@@ -103,8 +103,8 @@ BAD = Schedule.from_text(["F0 B0 F1 B1", "F1 F0 B0 B1"], name="mine")
 CASES = [
     Case("not a Keras model", lambda: tfpipe.Pipeline("model"), tfpipe.PipelineError,
          r"needs a keras.Model, got str"),
-    Case("model not compiled", lambda: tfpipe.Pipeline(uncompiled(), stages=1),
-         tfpipe.PipelineError, r"not compiled: call model.compile"),
+    Case("model not compiled, then fit", lambda: fit(uncompiled(), stages=1),
+         tfpipe.PipelineError, r"not compiled: call model.compile.*before fit"),
     Case("model compiled without a loss", lambda: tfpipe.Pipeline(no_loss(), stages=1),
          tfpipe.PipelineError, r"compiled without a loss: pass loss="),
     Case("losses with different reductions", lambda: tfpipe.Pipeline(mixed_reductions(), stages=1),

@@ -35,10 +35,16 @@ def test_balance_and_stages_disagree():
         tfpipe.Pipeline(build("mlp"), stages=3, balance=[2, 2])
 
 
-def test_model_not_compiled():
-    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
-    with pytest.raises(tfpipe.PipelineError, match=r"not compiled: call model.compile"):
-        tfpipe.Pipeline(model, stages=1)
+def test_model_not_compiled_predicts_but_does_not_train():
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3), keras.layers.Dense(2)])
+    x = np.ones((8, 4), "float32")
+    pipe = tfpipe.Pipeline(model, stages=2, micro_batches=2)
+    np.testing.assert_allclose(pipe.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-6)
+    with pytest.raises(tfpipe.PipelineError, match=r"not compiled: call model.compile.*before fit"):
+        pipe.fit(x, np.ones((8, 2), "float32"))
+    with pytest.raises(tfpipe.PipelineError, match=r"before evaluate"):
+        pipe.evaluate(x, np.ones((8, 2), "float32"))
 
 
 def test_fewer_devices_than_stages():

@@ -37,7 +37,7 @@ class Pipeline:
     """A compiled Keras model split into stages, each on its own device.
 
     Args:
-        model: a compiled, built Sequential or Functional Keras model. Its layers and
+        model: a built Sequential or Functional Keras model (compiled, to train or evaluate). Its layers and
             variables are shared, not copied: training the pipeline trains `model`.
         stages: number of stages K, balanced by parameter count. Defaults to one per
             available device (the visible GPUs, else the logical CPU devices).
@@ -71,8 +71,8 @@ class Pipeline:
         schedule: the validated `Schedule`.
 
     Raises:
-        PipelineError: for an uncompiled model, wrong stage counts, missing devices, or a
-            cut the model cannot take; nothing is moved in that case.
+        PipelineError: for wrong stage counts, missing devices, or a split the model cannot
+            take; nothing is moved in that case. `fit` and `evaluate` need a compiled model.
 
     Example:
         >>> pipe = tfpipe.Pipeline(model, stages=4, micro_batches=8)
@@ -97,11 +97,6 @@ class Pipeline:
     ) -> None:
         if not isinstance(model, keras.Model):
             raise PipelineError(f"tfpipe needs a keras.Model, got {type(model).__name__}.")
-        if not getattr(model, "compiled", False) or model.optimizer is None:
-            raise PipelineError(
-                f"Model {model.name!r} is not compiled: call model.compile(optimizer=..., "
-                "loss=..., metrics=...) before tfpipe.fit / tfpipe.Pipeline."
-            )
         if not model.built:
             raise PipelineError(
                 f"Model {model.name!r} is not built: start it with keras.Input(shape=...), call "
@@ -151,9 +146,11 @@ class Pipeline:
         self.executor = Executor(model, self.stages, self.schedule, profile=profile,
                                  recompute=self.recompute, check_numerics=check_numerics)
         variables = list(model.trainable_variables)
-        keys = storage_keys(model.optimizer, variables)
+        optimizer = model.optimizer if _compiled(model) else None
+        keys = storage_keys(optimizer, variables) if optimizer is not None else None
         place_stages(self.stages)
-        place_optimizer(model.optimizer, variables, keys)
+        if optimizer is not None:
+            place_optimizer(optimizer, variables, keys)
         for name in _FUNCTIONS:  # functions traced before the move captured the old storage
             setattr(model, name, None)
         self._functions: dict[str, Any] = dict.fromkeys(_FUNCTIONS)
@@ -170,12 +167,18 @@ class Pipeline:
     # Keras entry points ---------------------------------------------------------------------
 
     def fit(self, x: Any = None, y: Any = None, **kwargs: Any) -> keras.callbacks.History:
-        """Trains the model pipelined; same arguments and return value as `keras.Model.fit`."""
+        """Trains the model pipelined; same arguments and return value as `keras.Model.fit`.
+
+        Raises:
+            PipelineError: when the model is not compiled.
+        """
+        self._require_compiled("fit")
         with self._attached():
             return self.model.fit(x, y, **kwargs)
 
     def evaluate(self, x: Any = None, y: Any = None, **kwargs: Any) -> Any:
         """Evaluates pipelined (forward only); same arguments as `keras.Model.evaluate`."""
+        self._require_compiled("evaluate")
         with self._attached():
             return self.model.evaluate(x, y, **kwargs)
 
@@ -183,6 +186,13 @@ class Pipeline:
         """Predicts pipelined; same arguments as `keras.Model.predict`."""
         with self._attached():
             return self.model.predict(x, **kwargs)
+
+    def _require_compiled(self, what: str) -> None:
+        if not _compiled(self.model):
+            raise PipelineError(
+                f"Model {self.model.name!r} is not compiled: call model.compile(optimizer=..., "
+                f"loss=..., metrics=...) before {what} (predict needs no compile)."
+            )
 
     @contextlib.contextmanager
     def _attached(self) -> Iterator[None]:
@@ -196,8 +206,11 @@ class Pipeline:
             setattr(model, name, self._functions[name])
         model.jit_compile = False  # one XLA cluster cannot span several devices
         try:
-            with updates_on_variable_devices(model.optimizer):
+            if getattr(model, "optimizer", None) is None:
                 yield
+            else:
+                with updates_on_variable_devices(model.optimizer):
+                    yield
         finally:
             for name in _FUNCTIONS:
                 self._functions[name] = getattr(model, name)
@@ -264,6 +277,10 @@ class Pipeline:
             f"micro_batches={self.micro_batches}, schedule={self.schedule.name!r}, "
             f"devices={[s.device for s in self.stages]})"
         )
+
+
+def _compiled(model: keras.Model) -> bool:
+    return bool(getattr(model, "compiled", False)) and getattr(model, "optimizer", None) is not None
 
 
 def _check_chunks(schedule: Any, chunks: int | None) -> int:

@@ -91,7 +91,8 @@ def evaluate(model: keras.Model, x: Any = None, y: Any = None, *, stages: int | 
              devices: Sequence[str] | None = None, **kwargs: Any) -> Any:
     """Evaluates pipelined; arguments as `model.evaluate` plus the pipeline's."""
     build_from_data(model, x)
-    pipe = Pipeline(model, stages=stages, balance=balance, devices=devices, micro_batches=micro_batches)
+    pipe = Pipeline(model, stages=stages, balance=balance, devices=devices,
+                    micro_batches=micro_batches)
     return pipe.evaluate(x, y, **kwargs)
 
 
@@ -100,7 +101,8 @@ def predict(model: keras.Model, x: Any, *, stages: int | None = None,
             devices: Sequence[str] | None = None, **kwargs: Any) -> Any:
     """Predicts pipelined; arguments as `model.predict` plus the pipeline's."""
     build_from_data(model, x)
-    pipe = Pipeline(model, stages=stages, balance=balance, devices=devices, micro_batches=micro_batches)
+    pipe = Pipeline(model, stages=stages, balance=balance, devices=devices,
+                    micro_batches=micro_batches)
     return pipe.predict(x, **kwargs)
 
 

@@ -238,7 +238,8 @@ class Executor:
         self.check_numerics = check_numerics
         self.made_by = {id(t): t._keras_history.operation.name
                         for st in stages for t in (st.outputs or [])}
-        self.reduction = loss_reduction(model)
+        # a model compiled only for prediction has no loss to split
+        self.reduction = loss_reduction(model) if getattr(model, "compiled", False) else "sum"
         self.opaque = stages[0].inputs is None
         if not self.opaque:
             struct_in, struct_out = model_io(model)
