@@ -1,0 +1,83 @@
+"""Keras callbacks that show what the pipeline does: per-stage compute, idle time and memory.
+
+Design: the measurement is the executor's (`Pipeline(profile=True)` stamps every action of each
+training step); this callback only turns the latest step's timeline into TensorBoard scalars
+at each epoch end, and draws it once as a PNG after the first epoch. Compute time of a rank is
+the summed span of its actions; idle time is the rest of the step (its share of the bubble).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import keras
+import tensorflow as tf
+
+from tfpipe.errors import PipelineError
+from tfpipe.schedules import plot
+
+
+class PipelineMonitor(keras.callbacks.Callback):
+    """Writes per-rank compute and idle time and memory to TensorBoard, and the timeline PNG.
+
+    Args:
+        pipeline: a `tfpipe.Pipeline` built with `profile=True`.
+        log_dir: TensorBoard log directory (scalars go to `log_dir/pipeline`).
+        png: where to draw the measured timeline after the first epoch; default
+            `log_dir/timeline.png`; None to skip.
+
+    Raises:
+        PipelineError: when the pipeline was not built with `profile=True`.
+
+    Example:
+        >>> pipe = tfpipe.Pipeline(model, stages=4, micro_batches=8, profile=True)
+        >>> pipe.fit(data, epochs=3, callbacks=[tfpipe.callbacks.PipelineMonitor(pipe, "logs")])
+    """
+
+    def __init__(self, pipeline: Any, log_dir: str, png: str | None = "") -> None:
+        super().__init__()
+        if pipeline.executor.stamps is None:
+            raise PipelineError(
+                "PipelineMonitor reads the measured timeline: build the Pipeline with "
+                "profile=True, for example tfpipe.Pipeline(model, stages=4, profile=True)."
+            )
+        self.pipeline = pipeline
+        self.log_dir = log_dir
+        self.png = os.path.join(log_dir, "timeline.png") if png == "" else png
+        self.writer = tf.summary.create_file_writer(os.path.join(log_dir, "pipeline"))
+        self.last: dict[str, float] = {}
+
+    def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
+        timeline = self.pipeline.timeline()
+        step = max(end for *_, end in timeline) - min(start for _, _, start, _ in timeline)
+        busy: dict[int, float] = {}
+        for rank, _, start, end in timeline:
+            busy[rank] = busy.get(rank, 0.0) + (end - start)
+        devices = {self.pipeline.stages[st].device: r for st, r in
+                   ((st.index, self.pipeline.schedule.rank_of(st.index)) for st in self.pipeline.stages)}
+        self.last = {"step_ms": step}
+        with self.writer.as_default(step=epoch):
+            tf.summary.scalar("step_ms", step)
+            for rank, ms in sorted(busy.items()):
+                self.last[f"rank{rank}/compute_ms"] = ms
+                self.last[f"rank{rank}/idle_ms"] = max(step - ms, 0.0)
+                tf.summary.scalar(f"rank{rank}/compute_ms", ms)
+                tf.summary.scalar(f"rank{rank}/idle_ms", max(step - ms, 0.0))
+            for device, rank in devices.items():
+                peak = _peak_mib(device)
+                if peak is not None:
+                    self.last[f"rank{rank}/peak_mib"] = peak
+                    tf.summary.scalar(f"rank{rank}/peak_mib", peak)
+        self.writer.flush()
+        if epoch == 0 and self.png:
+            plot(timeline, self.png, title=f"measured step, epoch 1: {step:.1f} ms")
+
+
+def _peak_mib(device: str) -> float | None:
+    """The allocator peak of a local device in MiB (logical CPUs share one allocator)."""
+    name = device.split("device:")[-1]
+    try:
+        return tf.config.experimental.get_memory_info(name)["peak"] / 2**20
+    except (ValueError, tf.errors.OpError):
+        return None
