@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import keras
 import numpy as np
@@ -48,8 +49,10 @@ def data_for(name: str, batch: int, steps: int) -> tf.data.Dataset:
 def compiled(name: str, seed: int = 0) -> keras.Model:
     keras.utils.set_random_seed(seed)
     model = mlp() if name == "mlp" else transformer()
-    model.compile(optimizer=keras.optimizers.SGD(0.01),
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.compile(
+        optimizer=keras.optimizers.SGD(0.01),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
     return model
 
 
@@ -65,7 +68,9 @@ class StepTimer(keras.callbacks.Callback):
         self.per_step = (time.perf_counter() - self.start) / self.last
 
 
-def side_by_side(runs: dict[str, Callable[[StepTimer], None]], repeats: int) -> dict[str, list[float]]:
+def side_by_side(
+    runs: dict[str, Callable[[StepTimer], None]], repeats: int
+) -> dict[str, list[float]]:
     """Runs each labelled fit in turn (A B C A B C ...), `repeats` times; seconds per step."""
     times: dict[str, list[float]] = {k: [] for k in runs}
     for _ in range(repeats):
@@ -90,8 +95,10 @@ def deep_mlp(width: int, layers: int) -> keras.Model:
     """A compiled MLP whose activations dominate its memory for large batches (SGD, seed 0)."""
     keras.utils.set_random_seed(0)
     model = mlp(width=width, depth=layers)
-    model.compile(optimizer=keras.optimizers.SGD(0.01),
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.compile(
+        optimizer=keras.optimizers.SGD(0.01),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
     return model
 
 

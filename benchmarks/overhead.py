@@ -35,9 +35,9 @@ def main() -> None:
     args = parser.parse_args()
 
     import tensorflow as tf
+    from common import compiled, data_for, median, side_by_side
 
     import tfpipe
-    from common import compiled, data_for, median, side_by_side
 
     report = {"args": vars(args), "overhead": {}, "micro_batching": {}}
     for name in args.models.split(","):
@@ -46,17 +46,24 @@ def main() -> None:
         plain, piped = compiled(name), compiled(name)
         pipe = tfpipe.Pipeline(piped, stages=1, devices=["/cpu:0"])
         fit = dict(epochs=1, steps_per_epoch=args.steps, verbose=0)
-        times = side_by_side({
-            "model.fit": lambda t: plain.fit(data, callbacks=[t], **fit),
-            "tfpipe": lambda t: pipe.fit(data, callbacks=[t], **fit),
-        }, args.repeats)
+        times = side_by_side(
+            {
+                "model.fit": lambda t: plain.fit(data, callbacks=[t], **fit),
+                "tfpipe": lambda t: pipe.fit(data, callbacks=[t], **fit),
+            },
+            args.repeats,
+        )
         ratio = median(times["model.fit"]) / median(times["tfpipe"])
-        report["overhead"][name] = {"model_fit_ms": 1e3 * median(times["model.fit"]),
-                                    "tfpipe_ms": 1e3 * median(times["tfpipe"]),
-                                    "throughput_ratio": ratio}
-        print(f"[overhead] {name}: model.fit {1e3 * median(times['model.fit']):.1f} ms/step, "
-              f"tfpipe (1 stage, M=1) {1e3 * median(times['tfpipe']):.1f} ms/step, "
-              f"throughput ratio {ratio:.3f}")
+        report["overhead"][name] = {
+            "model_fit_ms": 1e3 * median(times["model.fit"]),
+            "tfpipe_ms": 1e3 * median(times["tfpipe"]),
+            "throughput_ratio": ratio,
+        }
+        print(
+            f"[overhead] {name}: model.fit {1e3 * median(times['model.fit']):.1f} ms/step, "
+            f"tfpipe (1 stage, M=1) {1e3 * median(times['tfpipe']):.1f} ms/step, "
+            f"throughput ratio {ratio:.3f}"
+        )
 
         runs = {}
         counts = [1] + [int(m) for m in args.micro_batches.split(",")]
@@ -68,14 +75,22 @@ def main() -> None:
                 runs[f"sequential M={m}"] = _sequential(compiled(name), data, m, args.steps, tf)
         times = side_by_side(runs, args.repeats)
         base = median(times["tfpipe M=1"])
-        print(f"[micro-batching] {name}, batch {batch}: "
-              f"{'M':>3} {'ms/step':>8} {'vs M=1':>7} {'seq. ms':>8} {'tfpipe/seq':>10}")
+        print(
+            f"[micro-batching] {name}, batch {batch}: "
+            f"{'M':>3} {'ms/step':>8} {'vs M=1':>7} {'seq. ms':>8} {'tfpipe/seq':>10}"
+        )
         for m in counts:
             t = median(times[f"tfpipe M={m}"])
             seq = median(times[f"sequential M={m}"]) if m > 1 else t
             report["micro_batching"].setdefault(name, []).append(
-                {"M": m, "ms": 1e3 * t, "throughput_vs_M1": base / t, "sequential_ms": 1e3 * seq,
-                 "throughput_vs_sequential": seq / t})
+                {
+                    "M": m,
+                    "ms": 1e3 * t,
+                    "throughput_vs_M1": base / t,
+                    "sequential_ms": 1e3 * seq,
+                    "throughput_vs_sequential": seq / t,
+                }
+            )
             print(f"{'':>30}{m:>3} {1e3 * t:8.1f} {base / t:7.2f} {1e3 * seq:8.1f} {seq / t:10.2f}")
     if args.json:
         os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)

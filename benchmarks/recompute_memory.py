@@ -1,9 +1,10 @@
-"""Allocator peak and step time of one training step with recompute="never" / "except_last" / "always".
+"""Allocator peak and step time of one training step for each recompute mode.
 
 A deep MLP whose activations dominate (`--layers` x Dense(width, relu), a large batch, a
 narrow width), K stages on logical CPU devices, M micro-batches, 1F1B by default (with GPipe
-every micro-batch's stage inputs stay alive, which recomputation cannot remove). Logical CPU devices share one allocator: the
-figure is the whole pipeline's peak. Ratios are to "never", measured in the same run.
+every micro-batch's stage inputs stay alive, which recomputation cannot remove). Logical CPU
+devices share one allocator: the figure is the whole pipeline's peak. Modes: "never",
+"except_last", "always"; ratios are to "never", measured in the same run.
 
 Usage:
     python benchmarks/recompute_memory.py [--stages 4] [--micro-batches 8] [--batch 16384]
@@ -42,20 +43,28 @@ def main() -> None:
     x, y = wide_data(args.batch, args.width)
     results = []
     for mode in ("never", "except_last", "always"):
-        pipe = tfpipe.Pipeline(deep_mlp(args.width, args.layers), stages=args.stages,
-                               micro_batches=args.micro_batches, schedule=args.schedule,
-                               recompute=mode)
+        pipe = tfpipe.Pipeline(
+            deep_mlp(args.width, args.layers),
+            stages=args.stages,
+            micro_batches=args.micro_batches,
+            schedule=args.schedule,
+            recompute=mode,
+        )
         peak, step = step_peak(pipe, x, y, args.repeats)
         results.append({"recompute": mode, "peak_mib": peak, "step_s": step})
 
-    print(f"K={args.stages} M={args.micro_batches} schedule={args.schedule} batch={args.batch} "
-          f"width={args.width} layers={args.layers}, median of {args.repeats}")
+    print(
+        f"K={args.stages} M={args.micro_batches} schedule={args.schedule} batch={args.batch} "
+        f"width={args.width} layers={args.layers}, median of {args.repeats}"
+    )
     print(f"{'recompute':12} {'peak MiB':>9} {'vs never':>9} {'step s':>8} {'time ratio':>10}")
     for r in results:
         r["peak_ratio"] = r["peak_mib"] / results[0]["peak_mib"]
         r["time_ratio"] = r["step_s"] / results[0]["step_s"]
-        print(f"{r['recompute']:12} {r['peak_mib']:9.1f} {r['peak_ratio']:9.2f} {r['step_s']:8.3f} "
-              f"{r['time_ratio']:10.2f}")
+        print(
+            f"{r['recompute']:12} {r['peak_mib']:9.1f} {r['peak_ratio']:9.2f} {r['step_s']:8.3f} "
+            f"{r['time_ratio']:10.2f}"
+        )
     if args.json:
         os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
         with open(args.json, "w") as f:

@@ -43,24 +43,38 @@ def main() -> None:
     x, y = wide_data(args.batch, args.width)
     results = []
     for name in args.schedules.split(","):
-        pipe = tfpipe.Pipeline(deep_mlp(args.width, args.layers), stages=args.stages,
-                               micro_batches=args.micro_batches, schedule=name)
+        pipe = tfpipe.Pipeline(
+            deep_mlp(args.width, args.layers),
+            stages=args.stages,
+            micro_batches=args.micro_batches,
+            schedule=name,
+        )
         peak, step = step_peak(pipe, x, y, args.repeats)
-        results.append({
-            "schedule": name, "peak_mib": peak, "step_s": step,
-            "predicted_in_flight": list(tfpipe.schedules.peak_in_flight(pipe.schedule)),
-        })
+        results.append(
+            {
+                "schedule": name,
+                "peak_mib": peak,
+                "step_s": step,
+                "predicted_in_flight": list(tfpipe.schedules.peak_in_flight(pipe.schedule)),
+            }
+        )
 
     base = results[0]
-    print(f"K={args.stages} M={args.micro_batches} batch={args.batch} width={args.width} "
-          f"layers={args.layers}, median of {args.repeats}")
-    print(f"{'schedule':10} {'peak MiB':>9} {'vs ' + base['schedule']:>10} {'step s':>8} "
-          f"{'time ratio':>10}  predicted in-flight per stage")
+    print(
+        f"K={args.stages} M={args.micro_batches} batch={args.batch} width={args.width} "
+        f"layers={args.layers}, median of {args.repeats}"
+    )
+    print(
+        f"{'schedule':10} {'peak MiB':>9} {'vs ' + base['schedule']:>10} {'step s':>8} "
+        f"{'time ratio':>10}  predicted in-flight per stage"
+    )
     for r in results:
         r["peak_ratio"] = r["peak_mib"] / base["peak_mib"]
         r["time_ratio"] = r["step_s"] / base["step_s"]
-        print(f"{r['schedule']:10} {r['peak_mib']:9.1f} {r['peak_ratio']:10.2f} {r['step_s']:8.3f} "
-              f"{r['time_ratio']:10.2f}  {r['predicted_in_flight']}")
+        print(
+            f"{r['schedule']:10} {r['peak_mib']:9.1f} {r['peak_ratio']:10.2f} {r['step_s']:8.3f} "
+            f"{r['time_ratio']:10.2f}  {r['predicted_in_flight']}"
+        )
     if args.json:
         os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
         with open(args.json, "w") as f:

@@ -49,10 +49,12 @@ def main() -> None:
             + [keras.layers.Dense(args.width, activation="relu") for _ in range(2 * args.stages)]
             + [keras.layers.Dense(10)]
         )
-        model.compile(optimizer="sgd",
-                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-        pipe = tfpipe.Pipeline(model, stages=args.stages, micro_batches=args.micro_batches,
-                               schedule=name, profile=True)
+        model.compile(
+            optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+        )
+        pipe = tfpipe.Pipeline(
+            model, stages=args.stages, micro_batches=args.micro_batches, schedule=name, profile=True
+        )
         pipe.fit(x, y, batch_size=args.batch, epochs=3, verbose=0)
         measured = pipe.timeline()
         costs = {}
@@ -62,19 +64,31 @@ def main() -> None:
                 spans = [t1 - t0 for _, a, t0, t1 in measured if a.kind == kind and a.stage == s]
                 per_stage.append(statistics.median(spans) if spans else 0.0)
             costs[kind] = per_stage
-        predicted = simulate(pipe.schedule, Costs(
-            forward=costs["F"], backward=costs["B"] if any(costs["B"]) else 1.0,
-            input_grad=costs["I"] if any(costs["I"]) else None,
-            weight_grad=costs["W"] if any(costs["W"]) else None,
-        ))
+        predicted = simulate(
+            pipe.schedule,
+            Costs(
+                forward=costs["F"],
+                backward=costs["B"] if any(costs["B"]) else 1.0,
+                input_grad=costs["I"] if any(costs["I"]) else None,
+                weight_grad=costs["W"] if any(costs["W"]) else None,
+            ),
+        )
         step = max(t1 for *_, t1 in measured)
-        plot(measured, os.path.join(args.out, f"{name}_measured.png"),
-             title=f"{name}: measured step, {step:.1f} ms (K={args.stages}, M={args.micro_batches})")
-        plot(predicted, os.path.join(args.out, f"{name}_predicted.png"),
-             title=f"{name}: predicted from measured costs, {predicted.step_time:.1f} ms, "
-                   f"bubble {predicted.bubble_fraction:.2f}")
-        print(f"== {name}: measured step {step:.1f} ms, predicted {predicted.step_time:.1f} ms, "
-              f"predicted bubble {predicted.bubble_fraction:.2f}")
+        plot(
+            measured,
+            os.path.join(args.out, f"{name}_measured.png"),
+            title=f"{name}: measured step, {step:.1f} ms (K={args.stages}, M={args.micro_batches})",
+        )
+        plot(
+            predicted,
+            os.path.join(args.out, f"{name}_predicted.png"),
+            title=f"{name}: predicted from measured costs, {predicted.step_time:.1f} ms, "
+            f"bubble {predicted.bubble_fraction:.2f}",
+        )
+        print(
+            f"== {name}: measured step {step:.1f} ms, predicted {predicted.step_time:.1f} ms, "
+            f"predicted bubble {predicted.bubble_fraction:.2f}"
+        )
         print(format_schedule(pipe.schedule))
 
 

@@ -35,20 +35,28 @@ def main() -> None:
     rows = []
     for m in [int(v) for v in args.micro_batches.split(",")]:
         keras.utils.set_random_seed(0)
-        model = keras.Sequential([keras.Input((256,))]
-                                 + [keras.layers.Dense(256, activation="relu") for _ in range(8)]
-                                 + [keras.layers.Dense(10)])
+        model = keras.Sequential(
+            [keras.Input((256,))]
+            + [keras.layers.Dense(256, activation="relu") for _ in range(8)]
+            + [keras.layers.Dense(10)]
+        )
         model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
         pipe = tfpipe.Pipeline(model, stages=args.stages, micro_batches=m, schedule=args.schedule)
         spec = (tf.TensorSpec((None, 256), tf.float32), tf.TensorSpec((None,), tf.int64))
         with pipe._attached():
             start = time.perf_counter()
-            graph = tf.function(lambda x, y: pipe.executor.train_step((x, y))).get_concrete_function(*spec).graph
+            graph = (
+                tf.function(lambda x, y: pipe.executor.train_step((x, y)))
+                .get_concrete_function(*spec)
+                .graph
+            )
             seconds = time.perf_counter() - start
         ops = len(graph.get_operations())
         rows.append({"M": m, "trace_s": seconds, "ops": ops, "ops_per_micro_batch": ops / m})
-        print(f"K={args.stages} M={m:3d} schedule={args.schedule}: trace {seconds:6.2f} s, "
-              f"{ops:7d} ops ({ops / m:.0f} per micro-batch)")
+        print(
+            f"K={args.stages} M={m:3d} schedule={args.schedule}: trace {seconds:6.2f} s, "
+            f"{ops:7d} ops ({ops / m:.0f} per micro-batch)"
+        )
     if args.json:
         os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
         with open(args.json, "w") as f:

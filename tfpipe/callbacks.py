@@ -54,8 +54,12 @@ class PipelineMonitor(keras.callbacks.Callback):
         busy: dict[int, float] = {}
         for rank, _, start, end in timeline:
             busy[rank] = busy.get(rank, 0.0) + (end - start)
-        devices = {self.pipeline.stages[st].device: r for st, r in
-                   ((st.index, self.pipeline.schedule.rank_of(st.index)) for st in self.pipeline.stages)}
+        devices = {
+            self.pipeline.stages[st].device: r
+            for st, r in (
+                (st.index, self.pipeline.schedule.rank_of(st.index)) for st in self.pipeline.stages
+            )
+        }
         self.last = {"step_ms": step}
         with self.writer.as_default(step=epoch):
             tf.summary.scalar("step_ms", step)

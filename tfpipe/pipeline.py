@@ -11,7 +11,8 @@ before any variable moves, so a refused pipeline leaves the user's model as it w
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import keras
 
@@ -37,8 +38,9 @@ class Pipeline:
     """A compiled Keras model split into stages, each on its own device.
 
     Args:
-        model: a built Sequential or Functional Keras model (compiled, to train or evaluate). Its layers and
-            variables are shared, not copied: training the pipeline trains `model`.
+        model: a built Sequential or Functional Keras model (compiled, to train or
+            evaluate). Its layers and variables are shared, not copied: training the
+            pipeline trains `model`.
         stages: number of stages K, balanced by parameter count. Defaults to one per
             available device (the visible GPUs, else the logical CPU devices).
         balance: how to balance the `stages`: `"params"` (default: parameter counts),
@@ -129,22 +131,32 @@ class Pipeline:
         self.layer_costs: list[LayerCost] | None = None
         if mode in ("time", "memory"):
             self.layer_costs = profile_layers(model, sample, device=stage_devices[0])
-        self.balanced_by = mode or ("layer counts" if counts is not None or split_points else "params")
+        self.balanced_by = mode or (
+            "layer counts" if counts is not None or split_points else "params"
+        )
         costs = None
         if self.layer_costs is not None:
             costs = [c.seconds if mode == "time" else c.memory_bytes for c in self.layer_costs]
-        self.stages: list[Stage] = split(model, num_stages, counts, stage_devices,
-                                         split_points=split_points, costs=costs)
+        self.stages: list[Stage] = split(
+            model, num_stages, counts, stage_devices, split_points=split_points, costs=costs
+        )
         self.recompute = _recompute_flags(recompute, len(self.stages))
         for st, flag in zip(self.stages, self.recompute):
             if flag and not st.trainable_variables and not isinstance(recompute, str):
+                names = ", ".join(layer.name for layer in st.layers)
                 raise PipelineError(
-                    f"recompute asks stage {st.index} ({', '.join(l.name for l in st.layers)}) to "
+                    f"recompute asks stage {st.index} ({names}) to "
                     "recompute, but it has no trainable weights: its backward needs no saved "
                     f"activations of its own. Set entry {st.index} to False."
                 )
-        self.executor = Executor(model, self.stages, self.schedule, profile=profile,
-                                 recompute=self.recompute, check_numerics=check_numerics)
+        self.executor = Executor(
+            model,
+            self.stages,
+            self.schedule,
+            profile=profile,
+            recompute=self.recompute,
+            check_numerics=check_numerics,
+        )
         variables = list(model.trainable_variables)
         optimizer = model.optimizer if _compiled(model) else None
         keys = storage_keys(optimizer, variables) if optimizer is not None else None
@@ -229,8 +241,9 @@ class Pipeline:
         and its device; then the imbalance (largest stage / mean) of the balanced cost.
         """
         per_layer_act = self._per_layer(lambda: activation_bytes_per_sample(read_graph(self.model)))
-        per_layer_time = (None if self.layer_costs is None
-                          else [c.seconds * 1e3 for c in self.layer_costs])
+        per_layer_time = (
+            None if self.layer_costs is None else [c.seconds * 1e3 for c in self.layer_costs]
+        )
         header = ["stage", "layers", "params", "act/sample"]
         if per_layer_time is not None:
             header.append("time ms")
@@ -241,9 +254,9 @@ class Pipeline:
             span = names[0] if len(names) == 1 else f"{names[0]} .. {names[-1]}"
             n = len(names)
             row = [str(st.index), f"{span} ({n})", f"{st.num_params:,}"]
-            row.append(_bytes(sum(per_layer_act[start:start + n])) if per_layer_act else "-")
+            row.append(_bytes(sum(per_layer_act[start : start + n])) if per_layer_act else "-")
             if per_layer_time is not None:
-                row.append(f"{sum(per_layer_time[start:start + n]):.2f}")
+                row.append(f"{sum(per_layer_time[start : start + n]):.2f}")
             row.append(st.device)
             rows.append(row)
             start += n
@@ -255,14 +268,23 @@ class Pipeline:
             f"balanced by {self.balanced_by}"
         ]
         for n, row in enumerate(rows):
-            lines.append("  ".join(c.rjust(w) if i in numeric else c.ljust(w)
-                                   for i, (c, w) in enumerate(zip(row, widths))).rstrip())
+            lines.append(
+                "  ".join(
+                    c.rjust(w) if i in numeric else c.ljust(w)
+                    for i, (c, w) in enumerate(zip(row, widths))
+                ).rstrip()
+            )
             if n == 0:
                 lines.append("  ".join("-" * w for w in widths))
-        cost = ([float(r[4]) for r in rows[1:]] if per_layer_time is not None
-                else [float(st.num_params) for st in self.stages])
-        lines.append(f"Total params: {sum(st.num_params for st in self.stages):,}; imbalance "
-                     f"(largest / mean {'time' if per_layer_time else 'params'}): {imbalance(cost):.2f}")
+        cost = (
+            [float(r[4]) for r in rows[1:]]
+            if per_layer_time is not None
+            else [float(st.num_params) for st in self.stages]
+        )
+        lines.append(
+            f"Total params: {sum(st.num_params for st in self.stages):,}; imbalance "
+            f"(largest / mean {'time' if per_layer_time else 'params'}): {imbalance(cost):.2f}"
+        )
         text = "\n".join(lines)
         print_fn(text)
         return text
@@ -304,7 +326,7 @@ def _count_stages(
     devices: Sequence[str] | None,
     chunks: int,
 ) -> int:
-    """Model pieces to cut: K (devices / ranks) times chunks, or as `balance` or the schedule say."""
+    """Model pieces to cut: K devices times chunks, or as `balance` or the schedule says."""
     if isinstance(schedule, schedules.Schedule):
         return schedule.num_stages
     if balance is not None:
@@ -331,8 +353,11 @@ def _bytes(n: float) -> str:
 
 def _recompute_flags(recompute: Any, num_stages: int) -> list[bool]:
     """Per-stage recomputation flags from `"never"`, `"except_last"`, `"always"` or a list."""
-    modes = {"never": lambda k: False, "always": lambda k: True,
-             "except_last": lambda k: k < num_stages - 1}
+    modes = {
+        "never": lambda k: False,
+        "always": lambda k: True,
+        "except_last": lambda k: k < num_stages - 1,
+    }
     if isinstance(recompute, str):
         if recompute not in modes:
             raise PipelineError(

@@ -12,7 +12,8 @@ way by matching the optimizer's per-variable slot lists.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import keras
 import tensorflow as tf
@@ -53,8 +54,9 @@ def place_stages(stages: Sequence[Stage]) -> None:
                 move(v, stage.device)
 
 
-def storage_keys(optimizer: keras.optimizers.Optimizer,
-                 variables: list[keras.Variable]) -> dict[Any, keras.Variable]:
+def storage_keys(
+    optimizer: keras.optimizers.Optimizer, variables: list[keras.Variable]
+) -> dict[Any, keras.Variable]:
     """The optimizer's keys for `variables`, taken before a move changes them.
 
     Keras's TF optimizer keys its per-variable bookkeeping by the storage's unique id, which a
@@ -71,8 +73,11 @@ def optimizer_chain(optimizer: keras.optimizers.Optimizer) -> list[keras.optimiz
     return chain
 
 
-def place_optimizer(optimizer: keras.optimizers.Optimizer, variables: list[keras.Variable],
-                    old_keys: dict[Any, keras.Variable] | None = None) -> None:
+def place_optimizer(
+    optimizer: keras.optimizers.Optimizer,
+    variables: list[keras.Variable],
+    old_keys: dict[Any, keras.Variable] | None = None,
+) -> None:
     """Builds `optimizer` for `variables` (if needed), puts each slot beside its variable, and
     re-keys what a pre-built optimizer recorded against the variables' old storage.
 

@@ -7,7 +7,8 @@ the data, the way `model.fit` would on its first batch.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import keras
 import numpy as np
@@ -75,34 +76,66 @@ def fit(
     """
     build_from_data(model, x)
     sample = first_inputs(x, batch_size) if balance in ("time", "memory") else None
-    pipe = Pipeline(model, stages=stages, balance=balance, devices=devices,
-                    micro_batches=micro_batches, schedule=schedule, chunks=chunks,
-                    split_points=split_points, sample=sample, recompute=recompute,
-                    check_numerics=check_numerics)
+    pipe = Pipeline(
+        model,
+        stages=stages,
+        balance=balance,
+        devices=devices,
+        micro_batches=micro_batches,
+        schedule=schedule,
+        chunks=chunks,
+        split_points=split_points,
+        sample=sample,
+        recompute=recompute,
+        check_numerics=check_numerics,
+    )
     return pipe.fit(
-        x, y, batch_size=batch_size, epochs=epochs, callbacks=callbacks,
-        validation_data=validation_data, verbose=verbose, steps_per_epoch=steps_per_epoch,
+        x,
+        y,
+        batch_size=batch_size,
+        epochs=epochs,
+        callbacks=callbacks,
+        validation_data=validation_data,
+        verbose=verbose,
+        steps_per_epoch=steps_per_epoch,
         **fit_kwargs,
     )
 
 
-def evaluate(model: keras.Model, x: Any = None, y: Any = None, *, stages: int | None = None,
-             balance: Sequence[int] | None = None, micro_batches: int = 1,
-             devices: Sequence[str] | None = None, **kwargs: Any) -> Any:
+def evaluate(
+    model: keras.Model,
+    x: Any = None,
+    y: Any = None,
+    *,
+    stages: int | None = None,
+    balance: Sequence[int] | None = None,
+    micro_batches: int = 1,
+    devices: Sequence[str] | None = None,
+    **kwargs: Any,
+) -> Any:
     """Evaluates pipelined; arguments as `model.evaluate` plus the pipeline's."""
     build_from_data(model, x)
-    pipe = Pipeline(model, stages=stages, balance=balance, devices=devices,
-                    micro_batches=micro_batches)
+    pipe = Pipeline(
+        model, stages=stages, balance=balance, devices=devices, micro_batches=micro_batches
+    )
     return pipe.evaluate(x, y, **kwargs)
 
 
-def predict(model: keras.Model, x: Any, *, stages: int | None = None,
-            balance: Sequence[int] | None = None, micro_batches: int = 1,
-            devices: Sequence[str] | None = None, **kwargs: Any) -> Any:
+def predict(
+    model: keras.Model,
+    x: Any,
+    *,
+    stages: int | None = None,
+    balance: Sequence[int] | None = None,
+    micro_batches: int = 1,
+    devices: Sequence[str] | None = None,
+    **kwargs: Any,
+) -> Any:
     """Predicts pipelined; arguments as `model.predict` plus the pipeline's."""
     build_from_data(model, x)
-    pipe = Pipeline(model, stages=stages, balance=balance, devices=devices,
-                    micro_batches=micro_batches)
+    pipe = Pipeline(
+        model, stages=stages, balance=balance, devices=devices, micro_batches=micro_batches
+    )
     return pipe.predict(x, **kwargs)
 
 

@@ -12,6 +12,12 @@ from tfpipe.balance.profile import (
 from tfpipe.balance.solve import solve
 
 __all__ = [
-    "LayerCost", "activation_bytes_per_sample", "by_memory", "by_params", "by_time",
-    "imbalance", "profile_layers", "solve",
+    "LayerCost",
+    "activation_bytes_per_sample",
+    "by_memory",
+    "by_params",
+    "by_time",
+    "imbalance",
+    "profile_layers",
+    "solve",
 ]

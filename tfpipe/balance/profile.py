@@ -13,8 +13,9 @@ from __future__ import annotations
 import math
 import statistics
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import keras
 import tensorflow as tf
@@ -49,7 +50,7 @@ class LayerCost:
         return self.activation_bytes + self.state_bytes
 
 
-def activation_bytes_per_sample(graph: "Graph") -> list[float]:
+def activation_bytes_per_sample(graph: Graph) -> list[float]:
     """Static estimate per layer call: bytes of its outputs for one sample (batch dim dropped)."""
     out = []
     for node in graph.nodes:
@@ -62,8 +63,9 @@ def activation_bytes_per_sample(graph: "Graph") -> list[float]:
     return out
 
 
-def profile_layers(model: keras.Model, sample: Any, device: str | None = None,
-                   repeats: int = 5) -> list[LayerCost]:
+def profile_layers(
+    model: keras.Model, sample: Any, device: str | None = None, repeats: int = 5
+) -> list[LayerCost]:
     """Profiles every layer call of `model` on `sample`.
 
     Args:
@@ -78,7 +80,9 @@ def profile_layers(model: keras.Model, sample: Any, device: str | None = None,
     from tfpipe.partition.graph import param_costs, read_graph  # partition imports balance
 
     graph = read_graph(model)
-    device = device or ("/device:GPU:0" if tf.config.list_logical_devices("GPU") else "/device:CPU:0")
+    device = device or (
+        "/device:GPU:0" if tf.config.list_logical_devices("GPU") else "/device:CPU:0"
+    )
     values: dict[int, Any] = {}
     flat_in = keras.tree.flatten(graph.inputs)
     flat_sample = _flatten_sample(sample, graph.inputs)
@@ -107,19 +111,28 @@ def _flatten_sample(sample: Any, inputs: Any) -> list[Any]:
     return keras.tree.flatten(sample)
 
 
-def _time_call(layer: keras.layers.Layer, args: tuple, kwargs: dict, device: str,
-               repeats: int) -> float:
-    floats = [a for a in keras.tree.flatten((args, kwargs)) if tf.is_tensor(a) and a.dtype.is_floating]
+def _time_call(
+    layer: keras.layers.Layer, args: tuple, kwargs: dict, device: str, repeats: int
+) -> float:
+    floats = [
+        a for a in keras.tree.flatten((args, kwargs)) if tf.is_tensor(a) and a.dtype.is_floating
+    ]
 
     @tf.function
     def step() -> list[tf.Tensor]:
         with tf.device(device), tf.GradientTape() as tape:
             tape.watch(floats)
             out = keras.tree.flatten(layer(*args, **kwargs))
-            total = tf.add_n([tf.reduce_sum(tf.cast(o, tf.float32)) for o in out if o.dtype.is_floating]
-                             or [tf.constant(0.0)])
+            total = tf.add_n(
+                [tf.reduce_sum(tf.cast(o, tf.float32)) for o in out if o.dtype.is_floating]
+                or [tf.constant(0.0)]
+            )
         sources = floats + list(layer.trainable_variables)
-        grads = tape.gradient(total, sources, unconnected_gradients=tf.UnconnectedGradients.ZERO) if sources else []
+        grads = (
+            tape.gradient(total, sources, unconnected_gradients=tf.UnconnectedGradients.ZERO)
+            if sources
+            else []
+        )
         return [total] + [tf.reduce_sum(tf.convert_to_tensor(g)) for g in grads]
 
     step()  # trace and warm up

@@ -1,4 +1,4 @@
-"""Optimal contiguous block partition: split a sequence of costs into K parts, minimising the largest.
+"""Optimal contiguous block partition: K parts of a cost sequence, minimising the largest.
 
 Design: pipeline throughput is bounded by the slowest stage, so the objective is the largest
 part. Ties are broken by the largest part's length, which spreads cost-free layers (Dropout,
@@ -8,7 +8,7 @@ Flatten) instead of piling them on one stage. The same solver serves every balan
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 
 def solve(costs: Sequence[float], parts: int) -> list[int]:

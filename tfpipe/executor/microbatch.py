@@ -1,4 +1,4 @@
-"""Splits a batch into micro-batches and weights each micro-batch's loss so their sum is the batch loss.
+"""Splits a batch into micro-batches, weighting their losses to add up to the batch loss.
 
 Design: Keras's default reduction (`sum_over_batch_size`) divides by the number of loss
 elements, so a micro-batch of b_m samples out of B contributes `(b_m / B) * loss_m`; with
@@ -76,7 +76,7 @@ class MicroBatches:
     batch: tf.Tensor
 
     @classmethod
-    def split(cls, x: Any, y: Any, sample_weight: Any, num: int, reduction: str) -> "MicroBatches":
+    def split(cls, x: Any, y: Any, sample_weight: Any, num: int, reduction: str) -> MicroBatches:
         """Splits `(x, y, sample_weight)` of batch size B into `num` micro-batches.
 
         Raises:
@@ -93,13 +93,16 @@ class MicroBatches:
                 f"tfpipe: a batch of {static} samples is smaller than micro_batches={num}; use "
                 f"a batch size >= micro_batches (or drop_remainder=True for the last batch)."
             )
-        with tf.control_dependencies([
-            tf.debugging.assert_greater_equal(
-                batch, num,
-                message=f"tfpipe: a batch is smaller than micro_batches={num}; use a batch "
-                "size >= micro_batches (or drop_remainder=True for the last batch)",
-            )
-        ]):
+        with tf.control_dependencies(
+            [
+                tf.debugging.assert_greater_equal(
+                    batch,
+                    num,
+                    message=f"tfpipe: a batch is smaller than micro_batches={num}; use a batch "
+                    "size >= micro_batches (or drop_remainder=True for the last batch)",
+                )
+            ]
+        ):
             base = tf.identity(batch // num)
         rem = batch % num
         sizes = base + tf.cast(tf.range(num) < rem, tf.int32)

@@ -39,8 +39,9 @@ def _checked_output(value: Any, forward: str, backward: str) -> Any:
 
 def _check(value: Any, message: str) -> Any:
     if isinstance(value, tf.IndexedSlices):
-        return tf.IndexedSlices(tf.debugging.check_numerics(value.values, message),
-                                value.indices, value.dense_shape)
+        return tf.IndexedSlices(
+            tf.debugging.check_numerics(value.values, message), value.indices, value.dense_shape
+        )
     if tf.is_tensor(value) and value.dtype.is_floating:
         return tf.debugging.check_numerics(value, message)
     return value
@@ -62,16 +63,22 @@ def call_checked(stage: Stage, inputs: list[Any], training: bool, micro_batch: i
         tf.errors.InvalidArgumentError (at run time): "tfpipe check_numerics: NaN or Inf in
             the forward of layer 'name' (stage s, micro-batch m)".
     """
+
     def checked_op(op: Any) -> Any:
         call = operation_fn(op, training=training)
 
         def run(*args: Any, **kwargs: Any) -> Any:
             where = f"(stage {stage.index}, micro-batch {micro_batch})"
-            forward = f"tfpipe check_numerics: NaN or Inf in the forward of layer {op.name!r} {where}"
-            backward = (f"tfpipe check_numerics: NaN or Inf in the backward: the gradient with "
-                        f"respect to the output of layer {op.name!r} {where}")
-            return keras.tree.map_structure(lambda t: _checked_output(t, forward, backward),
-                                            call(*args, **kwargs))
+            forward = (
+                f"tfpipe check_numerics: NaN or Inf in the forward of layer {op.name!r} {where}"
+            )
+            backward = (
+                f"tfpipe check_numerics: NaN or Inf in the backward: the gradient with "
+                f"respect to the output of layer {op.name!r} {where}"
+            )
+            return keras.tree.map_structure(
+                lambda t: _checked_output(t, forward, backward), call(*args, **kwargs)
+            )
 
         return run
 
@@ -80,9 +87,15 @@ def call_checked(stage: Stage, inputs: list[Any], training: bool, micro_batch: i
     return outputs[0] if isinstance(outputs, (list, tuple)) and len(outputs) == 1 else outputs
 
 
-def check_gradients(stage: Stage, micro_batch: int, kind: str, input_ids: list[int],
-                    input_grads: list[Any], weight_grads: list[Any],
-                    names: dict[int, str]) -> tuple[list[Any], list[Any]]:
+def check_gradients(
+    stage: Stage,
+    micro_batch: int,
+    kind: str,
+    input_ids: list[int],
+    input_grads: list[Any],
+    weight_grads: list[Any],
+    names: dict[int, str],
+) -> tuple[list[Any], list[Any]]:
     """Checks a backward's results, naming the layer of each weight and the tensor of each input.
 
     Args:
@@ -100,13 +113,19 @@ def check_gradients(stage: Stage, micro_batch: int, kind: str, input_ids: list[i
     owner = {id(v): layer.name for layer in stage.layers for v in getattr(layer, "weights", [])}
     where = f"(stage {stage.index}, micro-batch {micro_batch}, action {kind})"
     checked_inputs = [
-        _check(g, f"tfpipe check_numerics: NaN or Inf in the backward: the gradient sent back "
-                  f"for the output of layer {names.get(i, '?')!r} {where}")
+        _check(
+            g,
+            f"tfpipe check_numerics: NaN or Inf in the backward: the gradient sent back "
+            f"for the output of layer {names.get(i, '?')!r} {where}",
+        )
         for i, g in zip(input_ids, input_grads)
     ]
     checked_weights = [
-        _check(g, f"tfpipe check_numerics: NaN or Inf in the backward: the gradient of weight "
-                  f"{v.path!r} of layer {owner.get(id(v), '?')!r} {where}")
+        _check(
+            g,
+            f"tfpipe check_numerics: NaN or Inf in the backward: the gradient of weight "
+            f"{v.path!r} of layer {owner.get(id(v), '?')!r} {where}",
+        )
         for v, g in zip(stage.trainable_variables, weight_grads)
     ]
     return checked_inputs, checked_weights

@@ -1,4 +1,4 @@
-"""Interprets a schedule into Keras train/test/predict steps: per-stage forward and VJP on each stage's device.
+"""Interprets a schedule as Keras train/test/predict steps: per-stage forward and VJP per device.
 
 Design:
 - One source of truth: the executor never hard-codes an order. It traces the schedule's
@@ -17,7 +17,8 @@ Design:
   `F` gets one control dependency: on the latest backward-type action (`B`, `I` or `W`)
   before it on its rank, if any. GPipe gets none, 1F1B gets exactly the warm-up bound.
 - Accumulation sums each stage's weight gradients over micro-batches on the stage's device
-  (IndexedSlices keep the structure a full batch would give, see `_accumulate`); then the model's own optimizer applies one
+  (IndexedSlices keep the structure a full batch would give, see `combine_sparse`); then the
+  model's own optimizer applies one
   step to all variables at once, so the step counter, learning-rate schedule and any global
   gradient clipping see one step, as in `model.fit`.
 - Losses and metrics are Keras's own: the compiled loss per micro-batch, weighted so the
@@ -35,8 +36,9 @@ from __future__ import annotations
 
 import contextlib
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import keras
 import tensorflow as tf
@@ -90,8 +92,9 @@ def combine_sparse(parts: Any) -> Any:
 
     def equal(indices: tf.Tensor) -> tf.Tensor:
         same_shape = tf.reduce_all(tf.equal(tf.shape(indices), tf.shape(first)))
-        return tf.cond(same_shape, lambda: tf.reduce_all(tf.equal(indices, first)),
-                       lambda: tf.constant(False))
+        return tf.cond(
+            same_shape, lambda: tf.reduce_all(tf.equal(indices, first)), lambda: tf.constant(False)
+        )
 
     all_equal = tf.reduce_all(tf.stack([equal(p.indices) for p in parts[1:]]))
     values, indices = tf.cond(
@@ -106,8 +109,9 @@ def _sum_uses(a: Any, b: Any) -> Any:
     """Sums the gradients of one variable from two stages that use it, as TensorFlow sums the
     gradients of two uses: IndexedSlices are concatenated, anything else is added densely."""
     if isinstance(a, tf.IndexedSlices) and isinstance(b, tf.IndexedSlices):
-        return tf.IndexedSlices(tf.concat([a.values, b.values], 0),
-                                tf.concat([a.indices, b.indices], 0), a.dense_shape)
+        return tf.IndexedSlices(
+            tf.concat([a.values, b.values], 0), tf.concat([a.indices, b.indices], 0), a.dense_shape
+        )
     return tf.convert_to_tensor(a) + tf.convert_to_tensor(b)
 
 
@@ -119,7 +123,7 @@ def _dense(tensors: list[Any]) -> list[tf.Tensor]:
     """Plain tensors standing for `tensors` (slices' values), for control dependencies."""
     out = []
     for t in tensors:
-        for part in (t if isinstance(t, SparseParts) else [t]):
+        for part in t if isinstance(t, SparseParts) else [t]:
             if part is not None:
                 out.append(part.values if isinstance(part, tf.IndexedSlices) else part)
     return out
@@ -236,8 +240,9 @@ class Executor:
         self.replay_waits = backward_waits(schedule)
         self.recompute = list(recompute) if recompute is not None else [False] * len(stages)
         self.check_numerics = check_numerics
-        self.made_by = {id(t): t._keras_history.operation.name
-                        for st in stages for t in (st.outputs or [])}
+        self.made_by = {
+            id(t): t._keras_history.operation.name for st in stages for t in (st.outputs or [])
+        }
         # a model compiled only for prediction has no loss to split
         self.reduction = loss_reduction(model) if getattr(model, "compiled", False) else "sum"
         self.opaque = stages[0].inputs is None
@@ -256,8 +261,11 @@ class Executor:
         self.produced: dict[Action, list[Any]] = {}
         self.stamps: tf.Variable | None = None
         if profile:
-            self.stamps = tf.Variable(tf.zeros((len(self.order), 2), tf.float64), trainable=False,
-                                      name="tfpipe_action_times")
+            self.stamps = tf.Variable(
+                tf.zeros((len(self.order), 2), tf.float64),
+                trainable=False,
+                name="tfpipe_action_times",
+            )
 
     # Keras step functions -------------------------------------------------------------------
 
@@ -280,7 +288,12 @@ class Executor:
         state = _StepState(mb, [[None] * len(s.trainable_variables) for s in self.stages])
         self._feed(state)
         self.produced = {}
-        run = {"F": self._forward, "B": self._backward, "I": self._input_grad, "W": self._weight_grad}
+        run = {
+            "F": self._forward,
+            "B": self._backward,
+            "I": self._input_grad,
+            "W": self._weight_grad,
+        }
         for action in self.order:
             stage = self.stages[action.stage]
             with tf.device(stage.device), tf.name_scope(f"stage{action.stage}_{action}"):
@@ -314,7 +327,7 @@ class Executor:
         return self.model.get_metrics_result()
 
     def predict_step(self, data: Any) -> Any:
-        """One pipelined prediction step: the last stage's outputs, concatenated over micro-batches."""
+        """One pipelined prediction step: the model outputs, concatenated over micro-batches."""
         self.traces["predict"] += 1
         x, _, _ = keras.utils.unpack_x_y_sample_weight(data)
         mb = MicroBatches.split(x, None, None, self.micro_batches, self.reduction)
@@ -346,9 +359,16 @@ class Executor:
         self._end(produced, state)
         return produced
 
-    def _record(self, stage: Stage, m: int, inputs: list[Any], in_ids: list[Any],
-                state: _StepState, tape: tf.GradientTape | None,
-                replaying: bool = False) -> tuple[list[Any], list[tf.Tensor], _Recorded]:
+    def _record(
+        self,
+        stage: Stage,
+        m: int,
+        inputs: list[Any],
+        in_ids: list[Any],
+        state: _StepState,
+        tape: tf.GradientTape | None,
+        replaying: bool = False,
+    ) -> tuple[list[Any], list[tf.Tensor], _Recorded]:
         """Runs a stage's forward (under `tape` if given) and what its backward will need.
 
         Returns:
@@ -357,8 +377,11 @@ class Executor:
         """
         s = stage.index
         last = s == len(self.stages) - 1
-        watched = [(i, v) for i, v in zip(in_ids, inputs)
-                   if not self.opaque and i not in self.input_ids and v.dtype.is_floating]
+        watched = [
+            (i, v)
+            for i, v in zip(in_ids, inputs)
+            if not self.opaque and i not in self.input_ids and v.dtype.is_floating
+        ]
         with tape if tape is not None else contextlib.nullcontext():
             if tape is not None:
                 tape.watch([v for _, v in watched])
@@ -370,22 +393,34 @@ class Executor:
                 y_pred = self._prediction(stage, m, outs, state, dict(zip(in_ids, inputs)))
                 terms.append(self._data_loss(state.mb, m, y_pred))
                 if not replaying:
-                    self.model.compute_metrics(state.mb.xs[m], state.mb.ys[m], y_pred,
-                                               state.mb.sample_weights[m])
+                    self.model.compute_metrics(
+                        state.mb.xs[m], state.mb.ys[m], y_pred, state.mb.sample_weights[m]
+                    )
             extra = self._extra_loss(stage, state.mb, m)
             if extra is not None:
                 terms.append(extra)
             scaled = [self.model.optimizer.scale_loss(t) for t in terms]
-        sent = [] if last else [(id(t), v) for t, v in zip(stage.outputs, outs) if v.dtype.is_floating]
+        sent = (
+            [] if last else [(id(t), v) for t, v in zip(stage.outputs, outs) if v.dtype.is_floating]
+        )
         rec = _Recorded(
             tape,
-            watched=[v for _, v in watched], watched_ids=[i for i, _ in watched],
-            targets=[v for _, v in sent] + scaled, target_ids=[i for i, _ in sent], seeds=[],
+            watched=[v for _, v in watched],
+            watched_ids=[i for i, _ in watched],
+            targets=[v for _, v in sent] + scaled,
+            target_ids=[i for i, _ in sent],
+            seeds=[],
         )
         return outs, terms, rec
 
-    def _replay(self, action: Action, stage: Stage, rec: _Recorded, state: _StepState,
-                seeds_ready: list[tf.Tensor]) -> _Recorded:
+    def _replay(
+        self,
+        action: Action,
+        stage: Stage,
+        rec: _Recorded,
+        state: _StepState,
+        seeds_ready: list[tf.Tensor],
+    ) -> _Recorded:
         """Re-runs a recomputed stage's forward under a tape, as it ran the first time.
 
         The stage's non-trainable state (BatchNorm statistics, the seed generators that drive
@@ -405,8 +440,9 @@ class Executor:
         for v, value in zip(variables, snapshot):
             v.assign(value)
         tape = tf.GradientTape(persistent=self.schedule.splits_backward(stage.index))
-        _, _, replayed = self._record(stage, action.micro_batch, inputs, in_ids, state, tape=tape,
-                                      replaying=True)
+        _, _, replayed = self._record(
+            stage, action.micro_batch, inputs, in_ids, state, tape=tape, replaying=True
+        )
         for v, value in zip(variables, current):
             v.assign(value)
         return replayed
@@ -418,8 +454,12 @@ class Executor:
         rec = self._replay(action, stage, rec, state, seeds)
         seeds = self._start(seeds, [], state)
         variables = stage.trainable_variables
-        result = rec.tape.gradient(rec.targets, rec.watched + variables, output_gradients=seeds,
-                                   unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        result = rec.tape.gradient(
+            rec.targets,
+            rec.watched + variables,
+            output_gradients=seeds,
+            unconnected_gradients=tf.UnconnectedGradients.ZERO,
+        )
         n = len(rec.watched)
         produced = self._keep(action, state, rec, result[:n], result[n:])
         self._end(produced, state)
@@ -434,8 +474,12 @@ class Executor:
         rec.seeds = self._start(seeds, [], state)
         result = []
         if rec.watched:
-            result = rec.tape.gradient(rec.targets, rec.watched, output_gradients=rec.seeds,
-                                       unconnected_gradients=tf.UnconnectedGradients.ZERO)
+            result = rec.tape.gradient(
+                rec.targets,
+                rec.watched,
+                output_gradients=rec.seeds,
+                unconnected_gradients=tf.UnconnectedGradients.ZERO,
+            )
         produced = self._keep(action, state, rec, result, [])
         if not produced:  # nothing to send back (first stage): mark the action done all the same
             produced = [tf.identity(s) for s in rec.seeds[:1]]
@@ -445,9 +489,15 @@ class Executor:
     def _weight_grad(self, action: Action, stage: Stage, state: _StepState) -> list[Any]:
         """W: VJP for the stage's weights, deferred by the schedule into a bubble."""
         rec = state.recorded.pop((action.stage, action.micro_batch))
-        seeds = self._start(rec.seeds, state.done[Action(action.stage, "I", action.micro_batch)], state)
-        result = rec.tape.gradient(rec.targets, stage.trainable_variables, output_gradients=seeds,
-                                   unconnected_gradients=tf.UnconnectedGradients.ZERO)
+        seeds = self._start(
+            rec.seeds, state.done[Action(action.stage, "I", action.micro_batch)], state
+        )
+        result = rec.tape.gradient(
+            rec.targets,
+            stage.trainable_variables,
+            output_gradients=seeds,
+            unconnected_gradients=tf.UnconnectedGradients.ZERO,
+        )
         del rec.tape
         produced = self._keep(action, state, rec, [], result)
         self._end(produced, state)
@@ -460,16 +510,28 @@ class Executor:
         for i, t in zip(rec.target_ids, rec.targets):
             g = state.input_grads.pop((m, i), None)
             sent.append(tf.zeros_like(t) if g is None else g)
-        return sent + [tf.ones_like(t) for t in rec.targets[len(rec.target_ids):]]
+        return sent + [tf.ones_like(t) for t in rec.targets[len(rec.target_ids) :]]
 
-    def _keep(self, action: Action, state: _StepState, rec: _Recorded, input_grads: list[Any],
-              weight_grads: list[Any]) -> list[Any]:
+    def _keep(
+        self,
+        action: Action,
+        state: _StepState,
+        rec: _Recorded,
+        input_grads: list[Any],
+        weight_grads: list[Any],
+    ) -> list[Any]:
         """Sends input gradients to the stages that made those inputs; sums weight gradients."""
         s, m = action.stage, action.micro_batch
         if self.check_numerics:
             input_grads, weight_grads = check_gradients(
-                self.stages[s], m, action.kind, rec.watched_ids, input_grads, weight_grads,
-                self.made_by)
+                self.stages[s],
+                m,
+                action.kind,
+                rec.watched_ids,
+                input_grads,
+                weight_grads,
+                self.made_by,
+            )
         for i, g in zip(rec.watched_ids, input_grads):
             g = tf.convert_to_tensor(g)
             prev = state.input_grads.get((m, i))
@@ -503,7 +565,8 @@ class Executor:
             return inputs
         with tf.control_dependencies(gate):
             return keras.tree.map_structure(
-                lambda t: tf.identity(t) if t is not None else None, inputs)
+                lambda t: tf.identity(t) if t is not None else None, inputs
+            )
 
     def _end(self, produced: list[Any], state: _StepState) -> None:
         if self.stamps is not None:
@@ -511,7 +574,7 @@ class Executor:
                 state.stamps.append(tf.timestamp())
 
     def timeline(self) -> list[tuple[int, Action, float, float]]:
-        """The measured `(rank, action, start, end)` of the latest profiled step, in ms from its start.
+        """Measured `(rank, action, start, end)` of the latest profiled step, ms from its start.
 
         Raises:
             ValueError: when the pipeline was built without `profile=True`.
@@ -581,7 +644,9 @@ class Executor:
             )
         return flat
 
-    def _inputs(self, stage: Stage, m: int, state: _StepState, last: bool) -> tuple[list[Any], list[Any]]:
+    def _inputs(
+        self, stage: Stage, m: int, state: _StepState, last: bool
+    ) -> tuple[list[Any], list[Any]]:
         """A stage's input values for micro-batch m and the ids of the tensors they stand for.
 
         The last stage also takes the model outputs that earlier stages made, for the loss.
@@ -608,8 +673,9 @@ class Executor:
             for t, v in zip(stage.outputs, outs):
                 state.values[(m, id(t))] = v
 
-    def _prediction(self, stage: Stage, m: int, outs: list[Any], state: _StepState,
-                    local: dict[Any, Any]) -> Any:
+    def _prediction(
+        self, stage: Stage, m: int, outs: list[Any], state: _StepState, local: dict[Any, Any]
+    ) -> Any:
         """The model's output structure for micro-batch m, from the last stage's view of it."""
         if self.opaque:
             return outs[0]

@@ -52,7 +52,9 @@ def model_io(model: keras.Model) -> tuple[Any, Any]:
                 f"Sequential model {model.name!r} is not built: give it a keras.Input(shape=...) "
                 "as first layer or call model.build(input_shape) before splitting it."
             ) from err
-        return inputs[0] if len(inputs) == 1 else inputs, outputs[0] if len(outputs) == 1 else outputs
+        return inputs[0] if len(inputs) == 1 else inputs, outputs[0] if len(
+            outputs
+        ) == 1 else outputs
     if hasattr(model, "_inputs_struct") and hasattr(model, "_outputs_struct"):
         return model.input, model.output
     raise PipelineError(
@@ -96,8 +98,11 @@ def read_graph(model: keras.Model) -> Graph:
         ]
         stack.extend(args)
     rank = {id(layer): i for i, layer in enumerate(model.layers)}
-    ordered = _topological(nodes, parents, key=lambda n: (rank.get(id(n.operation), len(rank)),
-                                                          n.operation._inbound_nodes.index(n)))
+    ordered = _topological(
+        nodes,
+        parents,
+        key=lambda n: (rank.get(id(n.operation), len(rank)), n.operation._inbound_nodes.index(n)),
+    )
     return Graph(inputs=inputs, outputs=outputs, nodes=tuple(ordered))
 
 
@@ -128,5 +133,7 @@ def param_costs(graph: Graph) -> list[float]:
     for layer in graph.layers:
         first = id(layer) not in seen
         seen.add(id(layer))
-        costs.append(float(layer.count_params()) if first and getattr(layer, "built", False) else 0.0)
+        costs.append(
+            float(layer.count_params()) if first and getattr(layer, "built", False) else 0.0
+        )
     return costs

@@ -21,8 +21,9 @@ Design:
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import keras
 
@@ -125,8 +126,9 @@ def plan_balance(
     return solve(costs, stages)
 
 
-def _balance_from_split_points(model: keras.Model, names: list[str],
-                               split_points: Sequence[str]) -> list[int]:
+def _balance_from_split_points(
+    model: keras.Model, names: list[str], split_points: Sequence[str]
+) -> list[int]:
     if isinstance(split_points, str):
         split_points = [split_points]
     starts = []
@@ -210,7 +212,7 @@ def split(
     out, start = [], 0
     for k, (size, (inputs, outputs)) in enumerate(zip(sizes, stage_io(graph, sizes))):
         sub = keras.Model(inputs, outputs, name=f"{model.name}_stage{k}")
-        out.append(Stage(k, sub, devices[k], graph.layers[start:start + size], inputs, outputs))
+        out.append(Stage(k, sub, devices[k], graph.layers[start : start + size], inputs, outputs))
         start += size
     return out
 

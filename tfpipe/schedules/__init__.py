@@ -15,7 +15,7 @@ accept only `chunks=1`; `interleaved` accepts any `chunks` that divides `num_sta
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from collections.abc import Callable
 
 from tfpipe.schedules.actions import KINDS, Action, Schedule
 from tfpipe.schedules.clock import clock, dependencies
@@ -56,7 +56,7 @@ GENERATORS: dict[str, Generator] = {
 
 
 def get(
-    name_or_schedule: "str | Schedule",
+    name_or_schedule: str | Schedule,
     num_stages: int,
     num_micro_batches: int,
     chunks: int = 1,
@@ -108,8 +108,25 @@ def get(
 
 
 __all__ = [
-    "KINDS", "Action", "Costs", "GENERATORS", "Generator", "Schedule", "ScheduleError",
-    "Simulation", "clock", "dependencies", "format_schedule", "get", "gpipe", "interleaved",
-    "interleaved_stages", "one_f_one_b", "peak_in_flight", "plot", "simulate", "validate",
+    "KINDS",
+    "Action",
+    "Costs",
+    "GENERATORS",
+    "Generator",
+    "Schedule",
+    "ScheduleError",
+    "Simulation",
+    "clock",
+    "dependencies",
+    "format_schedule",
+    "get",
+    "gpipe",
+    "interleaved",
+    "interleaved_stages",
+    "one_f_one_b",
+    "peak_in_flight",
+    "plot",
+    "simulate",
+    "validate",
     "zb_h1",
 ]

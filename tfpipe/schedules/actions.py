@@ -43,9 +43,7 @@ class Action:
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
-            raise ValueError(
-                f"Unknown action kind {self.kind!r} in {self!r}: use one of {KINDS}."
-            )
+            raise ValueError(f"Unknown action kind {self.kind!r} in {self!r}: use one of {KINDS}.")
         if self.stage < 0 or self.micro_batch < 0:
             raise ValueError(f"Stage and micro-batch must be >= 0, got {self!r}.")
 
@@ -57,7 +55,7 @@ class Action:
         return f"{self.stage}{self}" if with_stage else str(self)
 
     @classmethod
-    def parse(cls, text: str, stage: int | None = None) -> "Action":
+    def parse(cls, text: str, stage: int | None = None) -> Action:
         """Parses `F3` (stage given separately) or `2F3` (stage in the text).
 
         Raises:
@@ -162,7 +160,7 @@ class Schedule:
         name: str = "custom",
         num_stages: int | None = None,
         num_micro_batches: int | None = None,
-    ) -> "Schedule":
+    ) -> Schedule:
         """Builds a schedule from one line of actions per rank.
 
         In a line without stage prefixes, rank r's actions belong to stage r.
@@ -177,7 +175,8 @@ class Schedule:
             A `Schedule` (not yet validated: call `tfpipe.schedules.validate`).
         """
         ranks = tuple(
-            tuple(Action.parse(tok, stage=r) for tok in line.split()) for r, line in enumerate(lines)
+            tuple(Action.parse(tok, stage=r) for tok in line.split())
+            for r, line in enumerate(lines)
         )
         all_actions = [a for r in ranks for a in r]
         if not all_actions:

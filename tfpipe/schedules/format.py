@@ -43,8 +43,10 @@ def grid(
     blocked: list[Action] | None = None,
 ) -> str:
     """Renders a (possibly partial) timeline as the step x rank grid."""
-    multi = any(len({a.stage for a in r}) > 1 or any(a.stage != i for a in r)
-                for i, r in enumerate(schedule.ranks))
+    multi = any(
+        len({a.stage for a in r}) > 1 or any(a.stage != i for a in r)
+        for i, r in enumerate(schedule.ranks)
+    )
     steps = 1 + max((t for t, _ in timeline), default=-1)
     cells = [["."] * steps for _ in schedule.ranks]
     placed: set[Action] = set()
@@ -59,7 +61,9 @@ def grid(
             cells[r].extend(_cell(a, multi, mark, a in blocked) for a in rest)
     width = max([len(c) for row in cells for c in row] + [len(str(steps)), 2]) + 2
     header = "step   " + "".join(str(t).ljust(width) for t in range(steps))
-    rows = [f"rank{r}".ljust(7) + "".join(c.ljust(width) for c in row) for r, row in enumerate(cells)]
+    rows = [
+        f"rank{r}".ljust(7) + "".join(c.ljust(width) for c in row) for r, row in enumerate(cells)
+    ]
     text = "\n".join([header.rstrip()] + [row.rstrip() for row in rows])
     if blocked:
         text += "\n(! marks actions waiting on an input that never comes: deadlock)"

@@ -37,4 +37,3 @@ def gpipe(num_stages: int, num_micro_batches: int) -> Schedule:
         for s in range(num_stages)
     )
     return Schedule("gpipe", num_stages, num_micro_batches, ranks)
-

@@ -58,9 +58,7 @@ def interleaved(num_ranks: int, num_micro_batches: int, chunks: int = 2) -> Sche
     _check_chunks(chunks)
     if chunks == 1:
         return one_f_one_b(num_ranks, num_micro_batches)
-    ranks = tuple(
-        _rank_order(r, num_ranks, num_micro_batches, chunks) for r in range(num_ranks)
-    )
+    ranks = tuple(_rank_order(r, num_ranks, num_micro_batches, chunks) for r in range(num_ranks))
     return Schedule("interleaved", num_ranks * chunks, num_micro_batches, ranks)
 
 
@@ -123,5 +121,5 @@ def _rank_order(
     order = forwards[:warmup]
     for i in range(total - warmup):
         order += [forwards[warmup + i], backwards[i]]
-    order += backwards[total - warmup:]
+    order += backwards[total - warmup :]
     return tuple(order)

@@ -41,9 +41,7 @@ def one_f_one_b(num_stages: int, num_micro_batches: int) -> Schedule:
         ['F0 F1 B0 F2 B1 B2', 'F0 B0 F1 B1 F2 B2']
     """
     check_sizes(num_stages, num_micro_batches)
-    ranks = tuple(
-        _rank_order(s, num_stages, num_micro_batches) for s in range(num_stages)
-    )
+    ranks = tuple(_rank_order(s, num_stages, num_micro_batches) for s in range(num_stages))
     return Schedule("1f1b", num_stages, num_micro_batches, ranks)
 
 

@@ -20,13 +20,16 @@ if TYPE_CHECKING:
 
 COLORS: dict[str, str] = {"F": "#4C72B0", "B": "#55A868", "I": "#DD8452", "W": "#8172B3"}
 LABELS: dict[str, str] = {
-    "F": "F forward", "B": "B backward", "I": "I input grad", "W": "W weight grad",
+    "F": "F forward",
+    "B": "B backward",
+    "I": "I input grad",
+    "W": "W weight grad",
 }
 
 
 def plot(
-    simulation_or_timeline: "Simulation | Iterable[tuple[int, Action | str, float, float]]",
-    path: "str | os.PathLike[str]",
+    simulation_or_timeline: Simulation | Iterable[tuple[int, Action | str, float, float]],
+    path: str | os.PathLike[str],
     title: str | None = None,
 ) -> str:
     """Writes a timeline PNG: ranks as rows, time along x, a bar per action coloured by kind.
@@ -72,12 +75,21 @@ def plot(
     for rank, action, start, end in rows:
         y = num_ranks - 1 - rank
         chunk = action.stage // num_ranks if multi else 0
-        ax.barh(y, end - start, left=start, height=0.8, color=COLORS[action.kind],
-                alpha=1.0 - 0.3 * (chunk % 2), edgecolor="white", linewidth=0.6)
+        ax.barh(
+            y,
+            end - start,
+            left=start,
+            height=0.8,
+            color=COLORS[action.kind],
+            alpha=1.0 - 0.3 * (chunk % 2),
+            edgecolor="white",
+            linewidth=0.6,
+        )
         label = str(action.micro_batch)
         if (end - start) * points_per_unit >= 5.0 * len(label):
-            ax.text((start + end) / 2, y, label, ha="center", va="center",
-                    fontsize=7, color="white")
+            ax.text(
+                (start + end) / 2, y, label, ha="center", va="center", fontsize=7, color="white"
+            )
     ax.set_yticks(range(num_ranks))
     ax.set_yticklabels([f"rank{r}" for r in reversed(range(num_ranks))])
     ax.set_xlim(t0, t0 + span)
@@ -85,8 +97,13 @@ def plot(
     ax.set_xlabel("time")
     ax.grid(axis="x", linestyle=":", linewidth=0.5)
     kinds = [k for k in COLORS if any(a.kind == k for _, a, _, _ in rows)]
-    ax.legend(handles=[Patch(color=COLORS[k], label=LABELS[k]) for k in kinds],
-              loc="upper left", bbox_to_anchor=(1.0, 1.0), fontsize=8, frameon=False)
+    ax.legend(
+        handles=[Patch(color=COLORS[k], label=LABELS[k]) for k in kinds],
+        loc="upper left",
+        bbox_to_anchor=(1.0, 1.0),
+        fontsize=8,
+        frameon=False,
+    )
     extra = " (lighter bars: odd model chunks)" if multi else ""
     ax.set_title((title if title is not None else default_title) + extra, fontsize=10)
     fig.tight_layout()
@@ -103,9 +120,11 @@ def _rows(source: object) -> tuple[list[tuple[int, Action, float, float]], str]:
     timeline = getattr(source, "timeline", None)
     if timeline is not None:
         sched = source.schedule  # type: ignore[attr-defined]
-        title = (f"{sched.name}: {sched.num_stages} stages, {sched.num_micro_batches} "
-                 f"micro-batches, step {source.step_time:.4g}, "  # type: ignore[attr-defined]
-                 f"bubble {100 * source.bubble_fraction:.1f}%")  # type: ignore[attr-defined]
+        title = (
+            f"{sched.name}: {sched.num_stages} stages, {sched.num_micro_batches} "
+            f"micro-batches, step {source.step_time:.4g}, "  # type: ignore[attr-defined]
+            f"bubble {100 * source.bubble_fraction:.1f}%"
+        )  # type: ignore[attr-defined]
     else:
         timeline, title = source, "timeline"
     rows = []
@@ -120,9 +139,7 @@ def _rows(source: object) -> tuple[list[tuple[int, Action, float, float]], str]:
             action = Action.parse(action, stage=int(rank))
         rank, start, end = int(rank), float(start), float(end)
         if rank < 0 or end < start:
-            raise ValueError(
-                f"Timeline entry {n} is {item!r}: rank must be >= 0 and end >= start."
-            )
+            raise ValueError(f"Timeline entry {n} is {item!r}: rank must be >= 0 and end >= start.")
         rows.append((rank, action, start, end))
     if not rows:
         raise ValueError("Nothing to plot: the timeline is empty.")

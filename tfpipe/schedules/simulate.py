@@ -66,10 +66,14 @@ class Costs:
         forward = _expand("forward", self.forward, num_stages)
         backward = _expand("backward", self.backward, num_stages)
         half = tuple(b / 2 for b in backward)
-        input_grad = half if self.input_grad is None else _expand(
-            "input_grad", self.input_grad, num_stages)
-        weight_grad = half if self.weight_grad is None else _expand(
-            "weight_grad", self.weight_grad, num_stages)
+        input_grad = (
+            half if self.input_grad is None else _expand("input_grad", self.input_grad, num_stages)
+        )
+        weight_grad = (
+            half
+            if self.weight_grad is None
+            else _expand("weight_grad", self.weight_grad, num_stages)
+        )
         _expand("transfer", self.transfer, 1)
         return {"F": forward, "B": backward, "I": input_grad, "W": weight_grad}
 
@@ -160,9 +164,13 @@ def simulate(schedule: Schedule, costs: Costs) -> Simulation:
                 deps = dependencies(action, schedule)
                 if any(d not in ends for d in deps):
                     break
-                start = max([free[r]] + [
-                    ends[d] + (transfer if schedule.rank_of(d.stage) != r else 0.0) for d in deps
-                ])
+                start = max(
+                    [free[r]]
+                    + [
+                        ends[d] + (transfer if schedule.rank_of(d.stage) != r else 0.0)
+                        for d in deps
+                    ]
+                )
                 end = start + durations[action.kind][action.stage]
                 ends[action] = free[r] = end
                 timeline.append((r, action, start, end))
@@ -172,9 +180,7 @@ def simulate(schedule: Schedule, costs: Costs) -> Simulation:
     assert len(timeline) == sum(len(a) for a in schedule.ranks), "simulate lost actions"
     timeline.sort(key=lambda t: (t[2], t[0], t[3]))
     step_time = max((t[3] for t in timeline), default=0.0)
-    busy = tuple(
-        sum(durations[a.kind][a.stage] for a in actions) for actions in schedule.ranks
-    )
+    busy = tuple(sum(durations[a.kind][a.stage] for a in actions) for actions in schedule.ranks)
     capacity = schedule.num_ranks * step_time
     bubble = 1.0 - sum(busy) / capacity if capacity > 0 else 0.0
     return Simulation(

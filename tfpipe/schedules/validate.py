@@ -45,8 +45,8 @@ def validate(schedule: Schedule) -> Schedule:
         >>> try:
         ...     validate(Schedule.from_text(["F0 B0", "B0 F0"]))
         ... except ScheduleError as error:
-        ...     print(str(error).splitlines()[0])
-        Schedule 'custom' (2 stages, 1 micro-batches) is invalid: 1B0 comes before F0 of stage 1 on rank 1; move it after.
+        ...     print(str(error).splitlines()[0][:60])
+        Schedule 'custom' (2 stages, 1 micro-batches) is invalid: 1B
     """
     K, M = schedule.num_stages, schedule.num_micro_batches
     seen = Counter(a for r in schedule.ranks for a in r)
@@ -61,35 +61,58 @@ def validate(schedule: Schedule) -> Schedule:
             i, w = Action(s, "I", m), Action(s, "W", m)
             if f not in seen:
                 back = next((x for x in (b, i, w) if x in seen), None)
-                _fail(schedule, f"stage {s} never runs the forward F{m}; add it before its "
-                      "backward", back)
+                _fail(
+                    schedule,
+                    f"stage {s} never runs the forward F{m}; add it before its backward",
+                    back,
+                )
             if b in seen and i in seen:
-                _fail(schedule, f"stage {s} has both B{m} and I{m} for micro-batch {m}; run "
-                      "either B, or I and W", b)
+                _fail(
+                    schedule,
+                    f"stage {s} has both B{m} and I{m} for micro-batch {m}; run "
+                    "either B, or I and W",
+                    b,
+                )
             if b not in seen and i not in seen and w not in seen:
-                _fail(schedule, f"stage {s} has no backward (B, or I and W) for micro-batch "
-                      f"{m}; add B{m} after F{m}", f)
+                _fail(
+                    schedule,
+                    f"stage {s} has no backward (B, or I and W) for micro-batch "
+                    f"{m}; add B{m} after F{m}",
+                    f,
+                )
             if (i in seen) != (w in seen):
                 missing = "W" if i in seen else "I"
-                _fail(schedule, f"stage {s} splits the backward of micro-batch {m} into I "
-                      f"and W but has no {missing}{m}; add it", i if i in seen else w)
+                _fail(
+                    schedule,
+                    f"stage {s} splits the backward of micro-batch {m} into I "
+                    f"and W but has no {missing}{m}; add it",
+                    i if i in seen else w,
+                )
     for s in range(K):
         full = [a for a in seen if a.stage == s and a.kind == "B"]
         if full and len(full) < M:
-            _fail(schedule, f"stage {s} mixes B with I/W backwards; split all of its "
-                  "backwards or none", min(full))
+            _fail(
+                schedule,
+                f"stage {s} mixes B with I/W backwards; split all of its backwards or none",
+                min(full),
+            )
     for r, actions in enumerate(schedule.ranks):
         index = {a: n for n, a in enumerate(actions)}
         for a in actions:
             before = {"B": "F", "I": "F", "W": "I"}.get(a.kind)
             if before and index[Action(a.stage, before, a.micro_batch)] > index[a]:
-                _fail(schedule, f"{a.text(True)} comes before {before}{a.micro_batch} of "
-                      f"stage {a.stage} on rank {r}; move it after", a)
+                _fail(
+                    schedule,
+                    f"{a.text(True)} comes before {before}{a.micro_batch} of "
+                    f"stage {a.stage} on rank {r}; move it after",
+                    a,
+                )
     try:
         clock(schedule)
     except Deadlock as dead:
+        blocked = ", ".join(a.text(True) for a in dead.blocked)
         raise ScheduleError(
-            f"Schedule {schedule.name!r} deadlocks: {', '.join(a.text(True) for a in dead.blocked)} "
+            f"Schedule {schedule.name!r} deadlocks: {blocked} "
             "wait for each other (a stage's forward needs the previous stage's forward, its "
             "backward the next stage's backward). Reorder the actions.\n"
             + grid(schedule, dead.timeline, blocked=dead.blocked)
