@@ -171,6 +171,9 @@ def test_tied_embedding_as_output_projection():
                               dict(loss=loss, metrics=[]))
     table = model.get_layer("embed").embeddings
     assert device_of(table) == pipe.stages[0].device
+    # the tied table counts once, on the stage that holds it
+    assert sum(s.num_params for s in pipe.stages) == model.count_params()
+    assert pipe.stages[-1].shared_from == {id(table): 0}
     assert pipe.stages[-1].layers[-1].name == "tied_logits"
 
 

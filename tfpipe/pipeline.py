@@ -11,12 +11,14 @@ before any variable moves, so a refused pipeline leaves the user's model as it w
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import keras
 
 from tfpipe import schedules
+from tfpipe.atomic import atomic_saves
 from tfpipe.balance import LayerCost, activation_bytes_per_sample, imbalance, profile_layers
 from tfpipe.devices import default_devices, resolve_devices
 from tfpipe.errors import PipelineError
@@ -86,7 +88,7 @@ class Pipeline:
         self,
         model: keras.Model,
         stages: int | None = None,
-        balance: Sequence[int] | None = None,
+        balance: str | Sequence[int] | None = None,
         devices: Sequence[str] | None = None,
         micro_batches: int = 1,
         schedule: str | schedules.Schedule = "gpipe",
@@ -165,6 +167,15 @@ class Pipeline:
             place_optimizer(optimizer, variables, keys)
         for name in _FUNCTIONS:  # functions traced before the move captured the old storage
             setattr(model, name, None)
+        if model.jit_compile and len({st.device for st in self.stages}) > 1:
+            warnings.warn(
+                f"Model {model.name!r} was compiled with jit_compile=True, but tfpipe placed its "
+                f"variables on {len({st.device for st in self.stages})} devices and one XLA "
+                "program cannot span them: model.jit_compile is now False, so plain "
+                "model.fit / predict keep working on the placed model.",
+                stacklevel=2,
+            )
+            model.jit_compile = False
         self._functions: dict[str, Any] = dict.fromkeys(_FUNCTIONS)
 
     def timeline(self) -> list[tuple[int, schedules.Action, float, float]]:
@@ -208,7 +219,8 @@ class Pipeline:
 
     @contextlib.contextmanager
     def _attached(self) -> Iterator[None]:
-        """Lends the executor's steps (and this pipeline's traced functions) to the model."""
+        """Lends the executor's steps (and this pipeline's traced functions) to the model, with
+        optimizer updates on each variable's device and atomic saves, for one Keras call."""
         model = self.model
         saved = {name: getattr(model, name) for name in _FUNCTIONS}
         jit = model.jit_compile
@@ -218,11 +230,11 @@ class Pipeline:
             setattr(model, name, self._functions[name])
         model.jit_compile = False  # one XLA cluster cannot span several devices
         try:
-            if getattr(model, "optimizer", None) is None:
+            with contextlib.ExitStack() as stack:
+                stack.enter_context(atomic_saves(model))
+                if getattr(model, "optimizer", None) is not None:
+                    stack.enter_context(updates_on_variable_devices(model.optimizer))
                 yield
-            else:
-                with updates_on_variable_devices(model.optimizer):
-                    yield
         finally:
             for name in _FUNCTIONS:
                 self._functions[name] = getattr(model, name)

@@ -38,11 +38,7 @@ def move(variable: keras.Variable, device: str) -> None:
 
 def owners(stages: Sequence[Stage]) -> dict[int, int]:
     """For each variable (by id), the first stage that uses it: the stage whose device holds it."""
-    owner: dict[int, int] = {}
-    for stage in stages:
-        for v in stage.model.weights:
-            owner.setdefault(id(v), stage.index)
-    return owner
+    return {id(v): st.shared_from.get(id(v), st.index) for st in stages for v in st.model.weights}
 
 
 def place_stages(stages: Sequence[Stage]) -> None:

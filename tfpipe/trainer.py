@@ -7,7 +7,7 @@ the data, the way `model.fit` would on its first batch.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import keras
@@ -64,7 +64,8 @@ def fit(
         callbacks, validation_data, verbose, steps_per_epoch, **fit_kwargs: as `model.fit`.
 
     Returns:
-        The `keras.callbacks.History` of the run; the trained weights are in `model`.
+        The `keras.callbacks.History` of the run, with `history.pipeline` the `Pipeline`
+        that ran it (for `history.pipeline.summary()`); the trained weights are in `model`.
 
     Raises:
         PipelineError: for arguments or models that cannot be pipelined as asked.
@@ -75,9 +76,9 @@ def fit(
         >>> history = tfpipe.fit(model, dataset, epochs=3, stages=4, micro_batches=8)
     """
     build_from_data(model, x)
-    sample = first_inputs(x, batch_size) if balance in ("time", "memory") else None
-    pipe = Pipeline(
+    pipe = pipeline_for(
         model,
+        lambda: first_inputs(x, batch_size) if balance in ("time", "memory") else None,
         stages=stages,
         balance=balance,
         devices=devices,
@@ -85,11 +86,10 @@ def fit(
         schedule=schedule,
         chunks=chunks,
         split_points=split_points,
-        sample=sample,
         recompute=recompute,
         check_numerics=check_numerics,
     )
-    return pipe.fit(
+    history = pipe.fit(
         x,
         y,
         batch_size=batch_size,
@@ -100,6 +100,8 @@ def fit(
         steps_per_epoch=steps_per_epoch,
         **fit_kwargs,
     )
+    history.pipeline = pipe  # the stages, schedule and summary() of this run
+    return history
 
 
 def evaluate(
@@ -115,8 +117,13 @@ def evaluate(
 ) -> Any:
     """Evaluates pipelined; arguments as `model.evaluate` plus the pipeline's."""
     build_from_data(model, x)
-    pipe = Pipeline(
-        model, stages=stages, balance=balance, devices=devices, micro_batches=micro_batches
+    pipe = pipeline_for(
+        model,
+        lambda: None,
+        stages=stages,
+        balance=balance,
+        devices=devices,
+        micro_batches=micro_batches,
     )
     return pipe.evaluate(x, y, **kwargs)
 
@@ -133,10 +140,45 @@ def predict(
 ) -> Any:
     """Predicts pipelined; arguments as `model.predict` plus the pipeline's."""
     build_from_data(model, x)
-    pipe = Pipeline(
-        model, stages=stages, balance=balance, devices=devices, micro_batches=micro_batches
+    pipe = pipeline_for(
+        model,
+        lambda: None,
+        stages=stages,
+        balance=balance,
+        devices=devices,
+        micro_batches=micro_batches,
     )
     return pipe.predict(x, **kwargs)
+
+
+def pipeline_for(model: keras.Model, sample: Callable[[], Any], **options: Any) -> Pipeline:
+    """The `Pipeline` of `model` for these options, reused from the last call when they match.
+
+    Reusing it keeps its traced step: a second `tfpipe.fit` neither traces again nor builds
+    new stage sub-models (each trace would otherwise stay in TensorFlow's gradient registry
+    for the life of the process). Recompiling the model (a new optimizer, loss or metrics)
+    makes a new pipeline. The cache lives on the model, so it goes when the model goes.
+    """
+    key = (
+        id(model.optimizer) if getattr(model, "optimizer", None) is not None else None,
+        id(getattr(model, "_compile_loss", None)),
+        id(getattr(model, "_compile_metrics", None)),
+        repr(sorted((k, _hashable(v)) for k, v in options.items())),
+    )
+    cached = model.__dict__.get("_tfpipe_pipeline")
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    pipe = Pipeline(model, sample=sample(), **options)
+    model.__dict__["_tfpipe_pipeline"] = (key, pipe)
+    return pipe
+
+
+def _hashable(value: Any) -> Any:
+    if isinstance(value, Schedule):
+        return ("schedule", id(value))
+    if isinstance(value, (list, tuple)):
+        return tuple(_hashable(v) for v in value)
+    return value
 
 
 def build_from_data(model: keras.Model, x: Any) -> None:

@@ -9,6 +9,7 @@ counts layers in the order the user sees in `model.summary()`.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -127,13 +128,12 @@ def _topological(nodes: dict[int, Any], parents: dict[int, list[int]], key: Any)
 
 
 def param_costs(graph: Graph) -> list[float]:
-    """Parameters per layer call; a layer called several times counts once (its first call)."""
+    """Parameters per layer call, each variable counted once: at the first call that uses it
+    (a layer called twice, or two layers sharing a table, add nothing the second time)."""
     seen: set[int] = set()
     costs = []
     for layer in graph.layers:
-        first = id(layer) not in seen
-        seen.add(id(layer))
-        costs.append(
-            float(layer.count_params()) if first and getattr(layer, "built", False) else 0.0
-        )
+        fresh = [v for v in getattr(layer, "weights", []) if id(v) not in seen]
+        seen.update(id(v) for v in fresh)
+        costs.append(float(sum(math.prod(v.shape) for v in fresh)))
     return costs

@@ -48,6 +48,8 @@ class Stage:
             (or the model input) makes.
         outputs: KerasTensors this stage makes that later stages consume or that are model
             outputs.
+        shared_from: for variables this stage uses but an earlier stage holds (tied
+            weights), variable id -> that stage's index.
     """
 
     index: int
@@ -56,11 +58,14 @@ class Stage:
     layers: list[keras.layers.Layer] = field(default_factory=list)
     inputs: list[Any] | None = None
     outputs: list[Any] | None = None
+    shared_from: dict[int, int] = field(default_factory=dict)
 
     @property
     def num_params(self) -> int:
-        """Number of parameters (trainable and not) held by the stage's layers."""
-        return int(sum(math.prod(v.shape) for v in self.model.weights))
+        """Parameters (trainable and not) this stage holds on its device: its variables less
+        those an earlier stage holds (a tied table counts once, on its first stage)."""
+        return int(sum(math.prod(v.shape) for v in self.model.weights
+                       if id(v) not in self.shared_from))
 
     @property
     def trainable_variables(self) -> list[keras.Variable]:
@@ -214,6 +219,12 @@ def split(
         sub = keras.Model(inputs, outputs, name=f"{model.name}_stage{k}")
         out.append(Stage(k, sub, devices[k], graph.layers[start : start + size], inputs, outputs))
         start += size
+    holder: dict[int, int] = {}
+    for stage in out:
+        for v in stage.model.weights:
+            first = holder.setdefault(id(v), stage.index)
+            if first != stage.index:
+                stage.shared_from[id(v)] = first
     return out
 
 

@@ -1,0 +1,101 @@
+"""Smoke tests for the examples in examples/: each runs as a script with tiny settings, prints
+its stage table, trains pipelined with a falling loss, and prints its final metric."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_example(name: str, args: list[str], tmp_path: Path) -> str:
+    """Runs examples/<name> in a subprocess (cwd a temporary folder) and returns its stdout."""
+    env = {**os.environ, "CI": "1", "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "2"}
+    proc = subprocess.run([sys.executable, str(ROOT / "examples" / name), *args],
+                          capture_output=True, text=True, timeout=180, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, (proc.stdout[-2000:] + proc.stderr[-3000:])
+    return proc.stdout
+
+
+def stage_table(out: str) -> list[list[str]]:
+    """The rows of the printed stage table, each split into columns."""
+    lines = out.splitlines()
+    header = next(i for i, line in enumerate(lines) if re.match(r"stage\s+layers\s+params", line))
+    assert set(lines[header + 1].replace(" ", "")) == {"-"}, lines[header + 1]
+    rows = []
+    for line in lines[header + 2:]:
+        if line.startswith("Total params:"):
+            return rows
+        rows.append(re.split(r"\s{2,}", line.strip()))
+    raise AssertionError(f"no 'Total params' line after the stage table:\n{out}")
+
+
+def epoch_losses(out: str) -> list[float]:
+    match = re.search(r"^loss by epoch: ([0-9. ]+)$", out, re.M)
+    assert match, out
+    return [float(v) for v in match.group(1).split()]
+
+
+def check_training(out: str, epochs: int, metric: str, upper: float = 1.0) -> float:
+    """The loss fell over the epochs, and the final `metric` is printed, within [0, upper]."""
+    losses = epoch_losses(out)
+    assert len(losses) == epochs and losses[-1] < losses[0], losses
+    match = re.search(rf"^{metric} ([0-9.]+)", out, re.M)
+    assert match, out
+    value = float(match.group(1))
+    assert 0.0 <= value <= upper, value
+    return value
+
+
+def test_convnet(tmp_path):
+    out = run_example("convnet.py", ["--epochs", "2", "--train", "512", "--test", "128",
+                                     "--image-size", "16", "--width", "8"], tmp_path)
+    assert "4 stages x 4 micro-batches, schedule '1f1b'" in out
+    rows = stage_table(out)
+    assert [r[0] for r in rows] == ["0", "1", "2", "3"]
+    assert rows[0][1].startswith("c1_conv") and rows[-1][1].endswith("logits (5)")
+    check_training(out, 2, "test loss [0-9.]+, test accuracy")
+
+
+def test_transformer_classifier(tmp_path):
+    out = run_example("transformer_classifier.py", ["--epochs", "2", "--train", "512",
+                                                    "--val", "128", "--dim", "16"], tmp_path)
+    assert "4 stages x 4 micro-batches, schedule 'gpipe', balanced by layer counts" in out
+    rows = stage_table(out)
+    assert [r[1] for r in rows] == ["embed (1)", "block_0 (1)", "block_1 (1)", "pool .. logits (3)"]
+    # the padding mask is a model input used only by later stages
+    for k, previous in [(1, "embed"), (2, "block_0"), (3, "block_1")]:
+        assert f"stage {k} receives: {previous}, mask" in out
+    check_training(out, 2, "validation accuracy")
+
+
+def test_resnet(tmp_path):
+    out = run_example("resnet.py", ["--epochs", "2", "--train", "512", "--val", "128",
+                                    "--image-size", "16", "--width", "8", "--blocks", "1"],
+                      tmp_path)
+    assert "4 stages x 4 micro-batches, schedule '1f1b', balanced by time" in out
+    assert re.search(r"^stage\s+layers\s+params\s+act/sample\s+time ms\s+device", out, re.M)
+    rows = stage_table(out)
+    assert len(rows) == 4 and all(float(r[4]) > 0 for r in rows)
+    assert rows[0][1].startswith("stem_conv") and re.search(r"\.\. logits \(\d+\)$", rows[-1][1])
+    check_training(out, 2, "validation accuracy")
+
+
+def test_gpt(tmp_path):
+    out = run_example("gpt.py", ["--epochs", "2", "--steps-per-epoch", "5", "--dim", "32",
+                                 "--layers", "2", "--batch-size", "16", "--chars", "50000",
+                                 "--samples", "2", "--generate", "40"], tmp_path)
+    assert "4 stages x 4 micro-batches, schedule 'interleaved'" in out
+    rows = stage_table(out)
+    devices = [r[-1] for r in rows]
+    # 2 devices x 2 chunks: device 0 holds pieces 0 and 2, device 1 pieces 1 and 3
+    assert devices[0] == devices[2] != devices[1] == devices[3], devices
+    assert rows[0][1].startswith("token_embed") and rows[-1][1].endswith("tied_logits (2)")
+    assert "used by stages 0 and 3; recompute per stage: [True, True, True, False]" in out
+    check_training(out, 2, "held-out loss [0-9.]+ nats/char, perplexity", upper=96.0)
+    samples = out.split("--- sampled text ---", 1)[1]
+    assert samples.count("\n---") == 2 and "def " in samples and "import " in samples
