@@ -25,10 +25,20 @@ class Case:
     run: Callable[[], Any]
     error: type[BaseException] | tuple[type[BaseException], ...]
     pattern: str
+    after_placement: bool = False  # raised by fit, after the pipeline placed the model
+
+
+BUILT: list[tuple[keras.Model, list[np.ndarray]]] = []
+
+
+def tracked(model: keras.Model) -> keras.Model:
+    """Remembers a model a case builds, with its weights, so the test can check them after."""
+    BUILT.append((model, [v.numpy().copy() for v in model.weights]))
+    return model
 
 
 def mlp():
-    return build("mlp")
+    return tracked(build("mlp"))
 
 
 def xy(n=64):
@@ -42,7 +52,7 @@ def fit(model, **kwargs):
 
 
 def uncompiled():
-    return keras.Sequential([keras.Input((8,)), keras.layers.Dense(3)])
+    return tracked(keras.Sequential([keras.Input((8,)), keras.layers.Dense(3)]))
 
 
 def no_loss():
@@ -81,7 +91,7 @@ def two_inputs():
     out = keras.layers.Dense(3, name="head")(keras.layers.Concatenate()([a, b]))
     model = keras.Model([a, b], out)
     model.compile("sgd", "sparse_categorical_crossentropy")
-    return model
+    return tracked(model)
 
 
 def identity_model():
@@ -104,7 +114,7 @@ CASES = [
     Case("not a Keras model", lambda: tfpipe.Pipeline("model"), tfpipe.PipelineError,
          r"needs a keras.Model, got str"),
     Case("model not compiled, then fit", lambda: fit(uncompiled(), stages=1),
-         tfpipe.PipelineError, r"not compiled: call model.compile.*before fit"),
+         tfpipe.PipelineError, r"not compiled: call model.compile.*before fit", after_placement=True),
     Case("model compiled without a loss", lambda: tfpipe.Pipeline(no_loss(), stages=1),
          tfpipe.PipelineError, r"compiled without a loss: pass loss="),
     Case("losses with different reductions", lambda: tfpipe.Pipeline(mixed_reductions(), stages=1),
@@ -150,7 +160,7 @@ CASES = [
          tfpipe.PipelineError, r"micro_batches must be a positive integer .* got 0"),
     Case("batch smaller than the micro-batch count", lambda: fit(mlp(), stages=2, micro_batches=32),
          (tfpipe.PipelineError, tf.errors.InvalidArgumentError),
-         r"a batch (of 16 samples )?is smaller than micro_batches=32"),
+         r"a batch (of 16 samples )?is smaller than micro_batches=32", after_placement=True),
     Case("unknown schedule name", lambda: tfpipe.Pipeline(mlp(), stages=2, schedule="pipedream"),
          ValueError, r"Unknown schedule 'pipedream': use one of"),
     Case("invalid user-made schedule (prints the grid)", lambda: tfpipe.Pipeline(mlp(), micro_batches=2, schedule=BAD),
@@ -168,15 +178,15 @@ CASES = [
     Case("recompute on a stage without trainable weights", lambda: tfpipe.Pipeline(weightless_middle(), balance=[1, 1, 1], recompute=[False, True, False]),
          tfpipe.PipelineError, r"recompute asks stage 1 \(activation\).*no trainable weights.*Set entry 1 to False"),
     Case("data without targets", lambda: tfpipe.fit(mlp(), xy()[0], batch_size=16, stages=2, verbose=0),
-         tfpipe.PipelineError, r"The data gives inputs but no targets.*\(x, y\)"),
+         tfpipe.PipelineError, r"The data gives inputs but no targets.*\(x, y\)", after_placement=True),
     Case("dict inputs missing a model input", lambda: tfpipe.fit(two_inputs(), {"left": xy()[0]}, xy()[1], batch_size=16, stages=1, verbose=0),
-         (tfpipe.PipelineError, ValueError, KeyError), r"right"),
+         (tfpipe.PipelineError, ValueError, KeyError), r"right", after_placement=True),
     Case("wrong number of inputs", lambda: tfpipe.fit(two_inputs(), (xy()[0],), xy()[1], batch_size=16, stages=2, verbose=0),
-         (tfpipe.PipelineError, ValueError), r"takes 2 input\(s\) \['left', 'right'\], but each data element gives 1|expects 2 input"),
+         (tfpipe.PipelineError, ValueError), r"takes 2 input\(s\) \['left', 'right'\], but each data element gives 1|expects 2 input", after_placement=True),
     Case("labels of the wrong shape", lambda: tfpipe.fit(mlp(), xy()[0], np.zeros((64, 5, 2)), batch_size=16, stages=2, verbose=0),
-         (ValueError, tf.errors.InvalidArgumentError), r"shape|Shape"),
+         (ValueError, tf.errors.InvalidArgumentError), r"shape|Shape", after_placement=True),
     Case("timeline without profiling", lambda: tfpipe.Pipeline(mlp(), stages=2).timeline(),
-         ValueError, r"No timeline: build the Pipeline with profile=True"),
+         ValueError, r"No timeline: build the Pipeline with profile=True", after_placement=True),
 ]
 
 
@@ -187,12 +197,11 @@ def _unbuilt():
 
 
 def _deep():
-    model = build("deep")
-    return model
+    return tracked(build("deep"))
 
 
 def _split_out_of_order():
-    model = build("mlp")
+    model = tracked(build("mlp"))
     names = [layer.name for layer in model.layers]
     return tfpipe.Pipeline(model, split_points=[names[3], names[1]])
 
