@@ -1,18 +1,23 @@
 """tfpipe: pipeline-parallel training for Keras 3 models on TensorFlow devices.
 
-Public surface: `fit`, `evaluate`, `predict`, `Pipeline`, `configure_cpu_devices`, and the
-`schedules` package (pure data).
+Public surface: `fit`, `evaluate`, `predict`, `Pipeline`, `configure_cpu_devices`, the
+`schedules` package (pure data), and remote stages on TensorFlow workers: `cluster` (connect
+to `tfpipe worker` processes), `worker_devices`, `Watchdog` and `WorkerUnavailableError`.
+
+Note: `tfpipe.cluster` is the function; its module is `importlib.import_module("tfpipe.cluster")`.
 """
 
 from tfpipe import schedules
-from tfpipe.devices import configure_cpu_devices, default_devices
-from tfpipe.errors import DeviceConfigurationError, PipelineError
+from tfpipe.cluster import Watchdog, cluster
+from tfpipe.devices import configure_cpu_devices, default_devices, worker_devices
+from tfpipe.errors import DeviceConfigurationError, PipelineError, WorkerUnavailableError
 from tfpipe.pipeline import Pipeline
 from tfpipe.trainer import evaluate, fit, predict
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "DeviceConfigurationError", "Pipeline", "PipelineError", "configure_cpu_devices",
-    "default_devices", "evaluate", "fit", "predict", "schedules", "__version__",
+    "DeviceConfigurationError", "Pipeline", "PipelineError", "Watchdog",
+    "WorkerUnavailableError", "cluster", "configure_cpu_devices", "default_devices",
+    "evaluate", "fit", "predict", "schedules", "worker_devices", "__version__",
 ]

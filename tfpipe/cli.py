@@ -1,4 +1,4 @@
-"""The `tfpipe` command line: `tfpipe schedule` draws and times a schedule, `tfpipe info` reports versions and devices.
+"""The `tfpipe` command line: `schedule` draws a schedule, `info` reports devices, `worker` serves stages.
 
 Design: each subcommand imports what it needs inside its own function. `schedule` uses only
 the pure-data `tfpipe.schedules` modules (no TensorFlow work, no devices); `info` imports
@@ -6,6 +6,10 @@ TensorFlow, Keras and NumPy to report them and lists devices, the one thing that
 TensorFlow's runtime. Usage errors (an unknown schedule, a size that is not a positive
 integer, chunks a schedule cannot use) print one line naming the value and exit with status
 2, like argparse's own errors; nothing prints a traceback for them.
+
+`worker` runs one task of a `tf.distribute.Server` cluster (`tfpipe.cluster.serve`) until
+SIGTERM or SIGINT, then ends the process with status 0 through `os._exit`: TensorFlow's gRPC
+server has no clean stop, and its threads must not race the interpreter's shutdown.
 
 Note: `python -m tfpipe` and the `tfpipe` console script import the `tfpipe` package first,
 and its `__init__` imports TensorFlow, so even `tfpipe schedule` pays TensorFlow's import time
@@ -41,8 +45,19 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _index(text: str) -> int:
+    """argparse type: a non-negative integer, with an error that names the value."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The `tfpipe` argument parser with its `schedule` and `info` subcommands."""
+    """The `tfpipe` argument parser with its `schedule`, `info` and `worker` subcommands."""
     from tfpipe.schedules import GENERATORS
 
     parser = _Parser(
@@ -87,6 +102,37 @@ def build_parser() -> argparse.ArgumentParser:
         description="Print the versions tfpipe runs with and the devices TensorFlow sees.",
     )
     info.set_defaults(func=_info)
+
+    worker = sub.add_parser(
+        "worker",
+        help="run one TensorFlow worker of a cluster, to hold pipeline stages",
+        description=(
+            "Run one worker task of a TensorFlow cluster (a tf.distribute.Server of job "
+            "'worker') until SIGTERM or Ctrl-C. A client then connects with "
+            "devices = tfpipe.cluster('host:port,...') and trains with tfpipe.fit(..., "
+            "devices=devices). The cluster comes from --cluster and --task, or else from the "
+            "TF_CONFIG environment variable. Prints 'tfpipe worker I ready at HOST:PORT' when "
+            "it accepts connections. The server has no authentication: run it only on a "
+            "trusted network."
+        ),
+    )
+    worker.add_argument(
+        "--cluster", metavar="HOST:PORT,...", default=None,
+        help="every worker's address, task 0 first, the same list on every worker and the "
+        "client (default: the 'worker' job of TF_CONFIG)",
+    )
+    worker.add_argument(
+        "--task", type=_index, default=None, metavar="I",
+        help="this worker's index in --cluster; it listens on that address's port "
+        "(default: the task of TF_CONFIG)",
+    )
+    worker.add_argument(
+        "--threads", type=_positive_int, default=None, metavar="N",
+        help="thread pool sizes in the server's ConfigProto. Note: the pools that run a "
+        "client's steps follow the client's settings; limit those with "
+        "tfpipe.cluster(..., threads=N) in the client",
+    )
+    worker.set_defaults(func=_worker)
     return parser
 
 
@@ -97,7 +143,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         argv: the arguments after the program name; defaults to `sys.argv[1:]`.
 
     Returns:
-        0 on success, 2 for a usage error, 1 when an output file cannot be written.
+        0 on success, 2 for a usage error, 1 when an output file cannot be written or a
+        worker cannot start. `tfpipe worker` does not return: it ends the process with
+        status 0 on SIGTERM or SIGINT.
     """
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -208,3 +256,56 @@ def _info(args: argparse.Namespace) -> int:
         print("no GPU visible: call tfpipe.configure_cpu_devices(n) first thing in a script to "
               "split the CPU into n logical devices (placement and correctness, not speed)")
     return 0
+
+
+def _worker(args: argparse.Namespace) -> int:
+    import os
+    import signal
+    import threading
+
+    from tfpipe.errors import PipelineError
+
+    try:
+        from tfpipe.cluster import parse_addresses, serve, tf_config
+
+        if args.cluster is not None:
+            addresses = parse_addresses(args.cluster)
+            task = args.task
+            if task is None:
+                return _fail("worker", "--cluster needs --task I, this worker's index in it "
+                             f"(0 to {len(addresses) - 1})")
+        else:
+            addresses, task = tf_config()
+            if args.task is not None:
+                task = args.task
+            if task is None:
+                return _fail("worker", "TF_CONFIG has no worker task for this process: set its "
+                             '"task": {"type": "worker", "index": I}, or pass --task I')
+        if task >= len(addresses):
+            return _fail("worker", f"--task {task} is not in the cluster {','.join(addresses)}: "
+                         f"use 0 to {len(addresses) - 1}")
+    except PipelineError as err:
+        return _fail("worker", str(err))
+
+    stop = threading.Event()
+    received: list[int] = []
+
+    def on_signal(signum: int, frame: object) -> None:
+        received.append(signum)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    import tensorflow as tf
+
+    try:
+        serve(addresses, task, threads=args.threads, stop=stop,
+              on_ready=lambda line: print(line, flush=True))
+    except tf.errors.OpError as err:
+        first = (err.message or str(err)).strip().splitlines()[0]
+        return _fail("worker", f"cannot start task {task} at {addresses[task]}: {first} (is "
+                     "the port in use, or the host not this machine?)", EXIT_FAILURE)
+    name = signal.Signals(received[0]).name if received else "request"
+    print(f"tfpipe worker {task} stopping on {name}", flush=True)
+    sys.stderr.flush()
+    os._exit(0)

@@ -6,6 +6,11 @@ explain rather than TensorFlow's terse `RuntimeError`. Stage devices default to 
 GPUs, else the logical CPU devices. Explicit device lists may be shorter than the stage count
 (a device then hosts a contiguous run of stages); implicit ones may not, because silently
 stacking stages on one device is rarely what a user who asked for K stages meant.
+
+Remote devices: after `tfpipe.cluster(...)` connects this process to TensorFlow workers,
+TensorFlow lists the workers' devices beside the local ones (`/job:worker/replica:0/task:i/
+device:CPU:0`). The defaults then are the workers' devices (`worker_devices`), not a mix of
+local and remote CPUs, and a remote name must be one of the connected devices.
 """
 
 from __future__ import annotations
@@ -44,7 +49,7 @@ def configure_cpu_devices(count: int) -> list[str]:
             cpu, [tf.config.LogicalDeviceConfiguration() for _ in range(count)]
         )
     except RuntimeError as err:
-        have = tf.config.list_logical_devices("CPU")
+        have = [d for d in tf.config.list_logical_devices("CPU") if _is_local(d.name)]
         if len(have) == count:
             return [canonical(d.name) for d in have]
         raise DeviceConfigurationError(
@@ -56,9 +61,57 @@ def configure_cpu_devices(count: int) -> list[str]:
 
 
 def default_devices() -> list[str]:
-    """The visible GPUs, or else the logical CPU devices, as full device names."""
-    gpus = tf.config.list_logical_devices("GPU")
-    return [d.name for d in (gpus or tf.config.list_logical_devices("CPU"))]
+    """The devices stages go to when none are named.
+
+    Returns:
+        The connected workers' devices (`worker_devices()`) after `tfpipe.cluster(...)`;
+        otherwise the visible local GPUs, or else the local logical CPU devices, as full
+        device names.
+    """
+    remote = worker_devices()
+    if remote:
+        return remote
+    local = [d for d in tf.config.list_logical_devices() if _is_local(d.name)]
+    gpus = [d.name for d in local if d.device_type == "GPU"]
+    return gpus or [d.name for d in local if d.device_type == "CPU"]
+
+
+def worker_devices(job: str = "worker") -> list[str]:
+    """The devices of the TensorFlow workers this process is connected to, in task order.
+
+    Each worker contributes its GPUs (all of them, in index order) or, without a GPU, its
+    `CPU:0`: one pipeline device per accelerator, and one per CPU-only worker process.
+
+    Args:
+        job: the cluster's job name; `tfpipe worker` and `tfpipe.cluster` use `"worker"`.
+
+    Returns:
+        Names such as `/job:worker/replica:0/task:1/device:CPU:0`; an empty list when this
+        process is not connected to a cluster.
+
+    Example:
+        >>> tfpipe.cluster("h1:2222,h2:2222")
+        >>> tfpipe.worker_devices()
+        ['/job:worker/replica:0/task:0/device:GPU:0', '/job:worker/replica:0/task:1/device:GPU:0']
+    """
+    by_task: dict[int, dict[str, list[tuple[int, str]]]] = {}
+    for d in tf.config.list_logical_devices():
+        spec = tf.DeviceSpec.from_string(d.name)
+        if spec.job != job or spec.task is None:
+            continue
+        kinds = by_task.setdefault(spec.task, {})
+        kinds.setdefault(spec.device_type, []).append((spec.device_index or 0, canonical(d.name)))
+    names: list[str] = []
+    for task in sorted(by_task):
+        kinds = by_task[task]
+        chosen = sorted(kinds["GPU"]) if kinds.get("GPU") else sorted(kinds.get("CPU", []))[:1]
+        names.extend(name for _, name in chosen)
+    return names
+
+
+def _is_local(device: str) -> bool:
+    """Whether a device name belongs to this process (no job, or job `localhost`)."""
+    return tf.DeviceSpec.from_string(device).job in (None, "localhost")
 
 
 def canonical(device: str) -> str:
@@ -85,8 +138,9 @@ def resolve_devices(devices: Sequence[str] | None, num_stages: int) -> list[str]
         contiguous run of stages.
 
     Raises:
-        PipelineError: when implicit devices are fewer than stages, or a named local device
-            does not exist.
+        PipelineError: when implicit devices are fewer than stages, a named local device
+            does not exist, or a remote device (`/job:...`) is not one of the connected
+            cluster's devices (or no cluster is connected: call `tfpipe.cluster` first).
     """
     if devices is None:
         available = default_devices()
@@ -104,14 +158,38 @@ def resolve_devices(devices: Sequence[str] | None, num_stages: int) -> list[str]
             "devices=['/device:CPU:0', '/device:CPU:1']."
         )
     names = [canonical(d) for d in devices]
-    local = {canonical(d.name) for d in tf.config.list_logical_devices()}
+    known = [canonical(d.name) for d in tf.config.list_logical_devices()]
+    local = {name for name in known if _is_local(name)}
+    remote = [name for name in known if not _is_local(name)]
     for given, name in zip(devices, names):
-        if "job:" not in name and name not in local:
+        if _is_local(name):
+            if name not in local:
+                raise PipelineError(
+                    f"Device {given!r} does not exist; visible devices are {sorted(local)}. "
+                    "Pass one of those, or call tfpipe.configure_cpu_devices(n) before "
+                    "TensorFlow initialises to create logical CPU devices."
+                )
+        elif not remote:
             raise PipelineError(
-                f"Device {given!r} does not exist; visible devices are {sorted(local)}. "
-                "Pass one of those, or call tfpipe.configure_cpu_devices(n) before TensorFlow "
-                "initialises to create logical CPU devices."
+                f"Device {given!r} is on a remote job, but this process is not connected to a "
+                "cluster. Start the workers with `tfpipe worker` and call "
+                "devices = tfpipe.cluster('host:port,host:port') first; pass those devices."
+            )
+        elif not any(_matches(name, r) for r in remote):
+            raise PipelineError(
+                f"Device {given!r} is not a device of the connected cluster; its devices are "
+                f"{remote}. Pass names returned by tfpipe.cluster(...) or "
+                "tfpipe.worker_devices()."
             )
     if len(names) > num_stages:
         names = names[:num_stages]
     return [names[s * len(names) // num_stages] for s in range(num_stages)]
+
+
+def _matches(name: str, device: str) -> bool:
+    """Whether a possibly partial device name (`/job:worker/task:1`) names `device`."""
+    want, have = tf.DeviceSpec.from_string(name), tf.DeviceSpec.from_string(device)
+    return all(
+        getattr(want, f) is None or getattr(want, f) == getattr(have, f)
+        for f in ("job", "replica", "task", "device_type", "device_index")
+    )

@@ -12,3 +12,38 @@ class PipelineError(ValueError):
 
 class DeviceConfigurationError(RuntimeError):
     """Devices were asked for in a way TensorFlow cannot provide (for example too late)."""
+
+
+class WorkerUnavailableError(RuntimeError):
+    """A TensorFlow worker of the cluster died, stopped answering or could not be reached.
+
+    Raised by `tfpipe.cluster` when a worker does not answer in time, and by
+    `tfpipe.Watchdog` in place of the TensorFlow error (or the endless wait) of a training
+    step that needed the worker. The original TensorFlow error, if any, is its `__cause__`.
+
+    Attributes:
+        address: the worker's `host:port`.
+        task: the worker's task index in the cluster (`/job:worker/replica:0/task:<task>`),
+            or None when unknown.
+        stages: the pipeline stages the worker held, or None when they were not given.
+        reason: what was observed, for example "no answer to a status call for 30.0 s".
+    """
+
+    def __init__(self, message: str, *, address: str, task: int | None = None,
+                 stages: tuple[int, ...] | None = None, reason: str = "") -> None:
+        super().__init__(message)
+        self.address = address
+        self.task = task
+        self.stages = stages
+        self.reason = reason
+
+    def __reduce__(self) -> tuple:
+        return (_rebuild_worker_error, (str(self), self.address, self.task, self.stages,
+                                        self.reason))
+
+
+def _rebuild_worker_error(message: str, address: str, task: int | None,
+                          stages: tuple[int, ...] | None, reason: str) -> WorkerUnavailableError:
+    """Unpickles a `WorkerUnavailableError` (its keyword-only fields need this)."""
+    return WorkerUnavailableError(message, address=address, task=task, stages=stages,
+                                  reason=reason)

@@ -1,0 +1,213 @@
+"""The client side of tests/test_cluster.py, run as its own process (`python cluster_client.py MODE ...`).
+
+The pytest process has already initialised TensorFlow with four logical CPU devices, and a
+cluster connection would stay in its context after the workers are gone; a separate process
+keeps both apart. Prints one JSON line prefixed with `RESULT ` and exits 0 when the scenario
+ran (its assertions are the test's).
+
+Modes:
+    fit ADDRESSES          plain model.fit here, then the same pipelined on the workers.
+    kill|stop ADDRESSES PID TIMEOUT
+                           pipelined fit under a Watchdog(timeout_s=TIMEOUT); once training
+                           runs, SIGKILL / SIGSTOP the worker process PID.
+    stuck ADDRESSES PID TIMEOUT EXIT_AFTER
+                           as `stop`, with the watchdog's interruption disabled: the process
+                           must end with EXIT_WORKER_UNAVAILABLE after EXIT_AFTER seconds.
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib
+import json
+import os
+import signal
+import sys
+import threading
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+import tfpipe  # noqa: E402
+
+cluster_module = importlib.import_module("tfpipe.cluster")  # `tfpipe.cluster` is the function
+
+
+def make_model(seed: int = 7) -> keras.Model:
+    keras.utils.set_random_seed(seed)
+    model = keras.Sequential(
+        [keras.Input((16,))]
+        + [keras.layers.Dense(32, activation="tanh", name=f"d{i}") for i in range(4)]
+        + [keras.layers.Dense(3, name="out")]
+    )
+    model.compile(optimizer=keras.optimizers.Adam(1e-2),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  metrics=["accuracy"])
+    return model
+
+
+def data(n: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((n, 16)).astype("float32")
+    y = (x[:, :3].argmax(axis=1)).astype("int32")
+    return x, y
+
+
+class Losses(keras.callbacks.Callback):
+    """Records the loss Keras reports after every batch, and signals the first batch."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.losses: list[float] = []
+        self.started = threading.Event()
+
+    def on_train_batch_end(self, batch: int, logs: dict | None = None) -> None:
+        self.losses.append(float(logs["loss"]))
+        self.started.set()
+
+
+def device_task(device: str) -> str:
+    spec = tf.DeviceSpec.from_string(device)
+    return "client" if spec.job in (None, "localhost") else f"task:{spec.task}"
+
+
+def graph_ops(pipe: tfpipe.Pipeline, batch: tuple) -> list[tf.Operation]:
+    """Every op of the pipeline's training step traced on `batch`, nested bodies included."""
+    with pipe._attached():  # noqa: SLF001 (tests only): the optimizer hook fit installs
+        concrete = tf.function(pipe.executor.train_step).get_concrete_function(batch)
+    ops: list[tf.Operation] = []
+    seen: set[str] = set()
+
+    def walk(graph: tf.Graph) -> None:
+        for op in graph.get_operations():
+            ops.append(op)
+        for name, fn in getattr(graph, "_functions", {}).items():
+            if name not in seen and hasattr(fn, "graph"):
+                seen.add(name)
+                walk(fn.graph)
+
+    walk(concrete.graph)
+    return ops
+
+
+def run_fit(addresses: str) -> dict:
+    devices = tfpipe.cluster(addresses, threads=1)  # thread limits go before TensorFlow starts
+    x, y = data()
+    reference = make_model()  # plain Keras, in this process
+    ref_losses = Losses()
+    reference.fit(x, y, batch_size=32, epochs=2, shuffle=False, verbose=0,
+                  callbacks=[ref_losses])
+
+    model = make_model()
+    pipe = tfpipe.Pipeline(model, stages=2, devices=devices, micro_batches=4)
+    losses = Losses()
+    with tfpipe.Watchdog.for_pipeline(pipe, timeout_s=30):
+        history = pipe.fit(x, y, batch_size=32, epochs=2, shuffle=False, verbose=0,
+                           callbacks=[losses])
+        weights = [w.numpy() for w in model.weights]
+    diffs = [float(np.max(np.abs(a - b))) for a, b in zip(weights, reference.get_weights())]
+
+    refused = {}
+    for name in ("/job:worker/replica:0/task:7/device:CPU:0", "/device:CPU:3"):
+        try:
+            tfpipe.Pipeline(make_model(), stages=2, devices=[devices[0], name])
+            refused[name] = None
+        except tfpipe.PipelineError as err:
+            refused[name] = str(err)
+    partial = tfpipe.Pipeline(make_model(), stages=2, devices=["/job:worker/task:0", "/job:worker/task:1"])
+
+    variables = {v.path: device_task(v.value.device) for v in model.weights}
+    optimizer = model.optimizer
+    slots = {}  # each trainable variable's Adam slots (m, v): their devices
+    for var in model.trainable_variables:
+        index = optimizer._get_variable_index(var)  # noqa: SLF001 (tests only)
+        slots[var.path] = [device_task(optimizer._momentums[index].value.device),  # noqa: SLF001
+                           device_task(optimizer._velocities[index].value.device)]  # noqa: SLF001
+    by_kind: dict[str, list[str]] = {}
+    for op in graph_ops(pipe, (tf.constant(x[:32]), tf.constant(y[:32]))):
+        if op.type in ("MatMul", "BiasAddGrad", "TanhGrad", "AssignSubVariableOp",
+                       "AssignAddVariableOp", "AssignVariableOp"):
+            by_kind.setdefault(op.type, []).append(device_task(op.device) if op.device else "")
+    return {
+        "devices": devices,
+        "default_devices": tfpipe.default_devices(),
+        "worker_devices": tfpipe.worker_devices(),
+        "refused": refused,
+        "partial_stage_devices": [s.device for s in partial.stages],
+        "reference_devices": sorted({device_task(v.value.device) for v in reference.weights}),
+        "stage_devices": [s.device for s in pipe.stages],
+        "stage_variables": [[v.path for v in s.model.weights] for s in pipe.stages],
+        "losses": losses.losses, "reference_losses": ref_losses.losses,
+        "history_loss": history.history["loss"],
+        "weight_diffs": diffs,
+        "variables": variables, "slots": slots, "ops": by_kind,
+        "summary": pipe.summary(print_fn=lambda _: None),
+    }
+
+
+def run_failure(mode: str, addresses: str, pid: int, timeout_s: float,
+                exit_after_s: float | None = None) -> dict:
+    x, y = data(4096)
+    devices = tfpipe.cluster(addresses, threads=1)
+    model = make_model()
+    pipe = tfpipe.Pipeline(model, stages=2, devices=devices, micro_batches=4)
+    losses = Losses()
+    signalled: list[float] = []
+
+    def strike() -> None:
+        losses.started.wait(60)
+        time.sleep(0.3)
+        os.kill(pid, signal.SIGKILL if mode == "kill" else signal.SIGSTOP)
+        signalled.append(time.monotonic())
+        print(f"SIGNALLED {mode}", flush=True)
+
+    if mode == "stuck":  # the fallback: interruption impossible, the process must end itself
+        cluster_module.close_connections = lambda address: 0
+    threading.Thread(target=strike, daemon=True).start()
+    kwargs = {} if exit_after_s is None else {"exit_after_s": exit_after_s}
+    result: dict = {}
+    try:
+        with tfpipe.Watchdog.for_pipeline(pipe, timeout_s=timeout_s, **kwargs):
+            pipe.fit(x, y, batch_size=32, epochs=1000, shuffle=False, verbose=0,
+                     callbacks=[losses])
+        result["error"] = None
+    except tfpipe.WorkerUnavailableError as err:
+        result.update(error=type(err).__name__, message=str(err), address=err.address,
+                      task=err.task, stages=list(err.stages or ()), reason=err.reason,
+                      cause=type(err.__cause__).__name__ if err.__cause__ else None)
+    except Exception as err:  # noqa: BLE001 (reported to the test as it is)
+        result.update(error=type(err).__name__, message=str(err)[:2000])
+    done = time.monotonic()
+    # Release Keras's tf.data iterator, kept alive by the failed call's traceback cycle, now:
+    # destroyed at interpreter exit instead, it waited up to tf.data's autotune period
+    # (over 4 s in 3 of 10 runs, 38 s and 55 s where timed) for the autotune thread to wake.
+    result["gc_seconds"] = _timed(gc.collect)
+    result["seconds_after_signal"] = done - signalled[0] if signalled else None
+    result["batches"] = len(losses.losses)
+    return result
+
+
+def _timed(fn: object) -> float:
+    started = time.monotonic()
+    fn()
+    return time.monotonic() - started
+
+
+def main(argv: list[str]) -> None:
+    mode, addresses = argv[0], argv[1]
+    started = time.monotonic()
+    if mode == "fit":
+        result = run_fit(addresses)
+    else:
+        result = run_failure(mode, addresses, int(argv[2]), float(argv[3]),
+                             float(argv[4]) if len(argv) > 4 else None)
+    result["client_seconds"] = time.monotonic() - started
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
