@@ -160,6 +160,18 @@ def test_worker_serves_answers_status_and_exits_0_on_sigterm_and_sigint(workers)
         assert worker.next_line(5) == f"tfpipe worker {[w0, w1].index(worker)} stopping on {sig.name}"
 
 
+def test_worker_on_a_taken_port_exits_1(tmp_path):
+    with socket.create_server(("localhost", 0)) as taken:
+        address = f"localhost:{taken.getsockname()[1]}"
+        proc = subprocess.run([sys.executable, "-m", "tfpipe", "worker", "--cluster", address,
+                               "--task", "0"], capture_output=True, text=True, timeout=120,
+                              env=ENV, cwd=tmp_path)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("tfpipe")]
+    assert lines == [f"tfpipe worker: error: cannot start task 0 at {address}: Could not start "
+                     "gRPC server (is the port in use, or the host not this machine?)"], lines
+
+
 def test_two_stage_fit_on_two_workers_equals_model_fit(workers):
     addresses, _ = workers(2)
     result, _ = run_client("fit", ",".join(addresses))

@@ -306,7 +306,8 @@ def cluster(
         timeout_s: how long to wait for every worker to answer before connecting.
 
     Returns:
-        One device per worker in task order: each worker's GPUs, or its `CPU:0`, such as
+        The workers' devices in task order: each worker's GPUs, or its `CPU:0` when it has
+        none, such as
         `["/job:worker/replica:0/task:0/device:CPU:0",
         "/job:worker/replica:0/task:1/device:CPU:0"]`.
 
