@@ -156,3 +156,12 @@ def test_step_traces_as_often_as_keras_and_never_per_batch():
     assert pipe.executor.traces["train"] == len(plain_traces) <= 2
     pipe.fit(x, y, batch_size=16, epochs=2, verbose=0)  # a second fit reuses the traced step
     assert pipe.executor.traces["train"] == len(plain_traces)
+
+
+def test_top_level_evaluate_and_predict_equal_keras():
+    x, y = data("cnn")
+    ref, model = build("cnn", "adam"), build("cnn", "adam")
+    np.testing.assert_allclose(tfpipe.evaluate(model, x, y, stages=3, micro_batches=2, verbose=0),
+                               ref.evaluate(x, y, verbose=0), rtol=1e-5)
+    np.testing.assert_allclose(tfpipe.predict(model, x, stages=3, micro_batches=2, verbose=0),
+                               ref.predict(x, verbose=0), rtol=1e-5, atol=1e-7)

@@ -116,15 +116,7 @@ def evaluate(
     **kwargs: Any,
 ) -> Any:
     """Evaluates pipelined; arguments as `model.evaluate` plus the pipeline's."""
-    build_from_data(model, x)
-    pipe = pipeline_for(
-        model,
-        lambda: None,
-        stages=stages,
-        balance=balance,
-        devices=devices,
-        micro_batches=micro_batches,
-    )
+    pipe = _inference_pipeline(model, x, stages, balance, micro_batches, devices)
     return pipe.evaluate(x, y, **kwargs)
 
 
@@ -139,8 +131,20 @@ def predict(
     **kwargs: Any,
 ) -> Any:
     """Predicts pipelined; arguments as `model.predict` plus the pipeline's."""
+    pipe = _inference_pipeline(model, x, stages, balance, micro_batches, devices)
+    return pipe.predict(x, **kwargs)
+
+
+def _inference_pipeline(
+    model: keras.Model,
+    x: Any,
+    stages: int | None,
+    balance: Sequence[int] | None,
+    micro_batches: int,
+    devices: Sequence[str] | None,
+) -> Pipeline:
     build_from_data(model, x)
-    pipe = pipeline_for(
+    return pipeline_for(
         model,
         lambda: None,
         stages=stages,
@@ -148,7 +152,6 @@ def predict(
         devices=devices,
         micro_batches=micro_batches,
     )
-    return pipe.predict(x, **kwargs)
 
 
 def pipeline_for(model: keras.Model, sample: Callable[[], Any], **options: Any) -> Pipeline:
