@@ -1,4 +1,4 @@
-"""The `tfpipe` command line: `schedule` draws a schedule, `info` reports devices, `worker` serves stages.
+"""The `tfpipe` command line: `schedule` draws a schedule, `info` reports, `worker` serves.
 
 Design: each subcommand imports what it needs inside its own function. `schedule` uses only
 the pure-data `tfpipe.schedules` modules (no TensorFlow work, no devices); `info` imports
@@ -21,7 +21,8 @@ from __future__ import annotations
 import argparse
 import platform
 import sys
-from typing import NoReturn, Sequence
+from collections.abc import Callable, Sequence
+from typing import NoReturn
 
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
@@ -34,26 +35,23 @@ class _Parser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _positive_int(text: str) -> int:
-    """argparse type: a positive integer, with an error that names the value."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    return value
+def _int_at_least(minimum: int, what: str) -> Callable[[str], int]:
+    """argparse type: an integer >= `minimum`, with an error that names the value."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = minimum - 1
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be a {what} integer, got {text!r}")
+        return value
+
+    return parse
 
 
-def _index(text: str) -> int:
-    """argparse type: a non-negative integer, with an error that names the value."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be a non-negative integer, got {text!r}")
-    return value
+_positive_int = _int_at_least(1, "positive")
+_index = _int_at_least(0, "non-negative")
 
 
 def build_parser() -> argparse.ArgumentParser:

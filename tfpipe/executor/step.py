@@ -100,7 +100,7 @@ def combine_sparse(parts: Any) -> Any:
     values, indices = tf.cond(
         all_equal,
         lambda: (tf.add_n([p.values for p in parts]), first),
-        lambda: (tf.concat([p.values for p in parts], 0), tf.concat([p.indices for p in parts], 0)),
+        lambda: _concat_slices(parts),
     )
     return tf.IndexedSlices(values, indices, parts[0].dense_shape)
 
@@ -109,10 +109,13 @@ def _sum_uses(a: Any, b: Any) -> Any:
     """Sums the gradients of one variable from two stages that use it, as TensorFlow sums the
     gradients of two uses: IndexedSlices are concatenated, anything else is added densely."""
     if isinstance(a, tf.IndexedSlices) and isinstance(b, tf.IndexedSlices):
-        return tf.IndexedSlices(
-            tf.concat([a.values, b.values], 0), tf.concat([a.indices, b.indices], 0), a.dense_shape
-        )
+        return tf.IndexedSlices(*_concat_slices([a, b]), a.dense_shape)
     return tf.convert_to_tensor(a) + tf.convert_to_tensor(b)
+
+
+def _concat_slices(parts: list[tf.IndexedSlices]) -> tuple[tf.Tensor, tf.Tensor]:
+    """Values and indices of several IndexedSlices, one after another."""
+    return tf.concat([p.values for p in parts], 0), tf.concat([p.indices for p in parts], 0)
 
 
 def _float_leaves(structure: Any) -> list[tf.Tensor]:
@@ -129,30 +132,19 @@ def _dense(tensors: list[Any]) -> list[tf.Tensor]:
     return out
 
 
-def rank_waits(schedule: Schedule) -> dict[Action, Action]:
-    """For each forward, the latest backward-type action before it on its rank (if any)."""
-    waits: dict[Action, Action] = {}
-    for actions in schedule.ranks:
-        latest = None
-        for a in actions:
-            if a.kind == "F" and latest is not None:
-                waits[a] = latest
-            elif a.kind != "F":
-                latest = a
-    return waits
+def rank_waits(schedule: Schedule, kinds: str = "F") -> dict[Action, Action]:
+    """For each action of `kinds`, the latest backward-type action (`B`, `I`, `W`) before it on
+    its rank, if any.
 
-
-def backward_waits(schedule: Schedule) -> dict[Action, Action]:
-    """For each `B` / `I`, the latest backward-type action before it on its rank (if any).
-
-    Used only for recomputed stages: a replay holds a micro-batch's activations, so replays on
-    one rank run one after another, in the schedule's order, instead of all at once.
+    With `kinds="F"`: the one dependency that bounds in-flight activations. With
+    `kinds="BI"`: used only for recomputed stages, where a replay holds a micro-batch's
+    activations, so replays on one rank run one after another, in the schedule's order.
     """
     waits: dict[Action, Action] = {}
     for actions in schedule.ranks:
         latest = None
         for a in actions:
-            if a.kind in ("B", "I") and latest is not None:
+            if a.kind in kinds and latest is not None:
                 waits[a] = latest
             if a.kind != "F":
                 latest = a
@@ -237,7 +229,7 @@ class Executor:
         self.order: list[Action] = [a for _, a in clock(schedule)]
         self.forward_order = [a for a in self.order if a.kind == "F"]
         self.waits = rank_waits(schedule)
-        self.replay_waits = backward_waits(schedule)
+        self.replay_waits = rank_waits(schedule, kinds="BI")
         self.recompute = list(recompute) if recompute is not None else [False] * len(stages)
         self.check_numerics = check_numerics
         self.made_by = {
