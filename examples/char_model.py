@@ -20,7 +20,12 @@ class TokenAndPosition(keras.layers.Layer):
         return self.tokens(ids) + self.positions(steps)
 
     def get_config(self):
-        return {**super().get_config(), "vocab": self.vocab, "seq_len": self.seq_len, "dim": self.dim}
+        return {
+            **super().get_config(),
+            "vocab": self.vocab,
+            "seq_len": self.seq_len,
+            "dim": self.dim,
+        }
 
 
 @keras.saving.register_keras_serializable(package="tfpipe_examples")
@@ -45,7 +50,9 @@ class Block(keras.layers.Layer):
         return {**super().get_config(), "dim": self.dim, "heads": self.heads, "hidden": self.hidden}
 
 
-def build_model(vocab: int, seq_len: int, dim: int = 128, heads: int = 4, blocks: int = 4) -> keras.Model:
+def build_model(
+    vocab: int, seq_len: int, dim: int = 128, heads: int = 4, blocks: int = 4
+) -> keras.Model:
     """Functional chain: embedding, `blocks` Transformer blocks, norm, logits (B, T, vocab)."""
     ids = keras.Input((seq_len,), dtype="int32", name="ids")
     h = TokenAndPosition(vocab, seq_len, dim, name="embed")(ids)

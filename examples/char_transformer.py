@@ -69,7 +69,6 @@ def main() -> None:
 
     set_up_devices(STAGES)
     import keras
-
     from char_model import build_model
 
     keras.utils.set_random_seed(0)

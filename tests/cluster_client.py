@@ -10,6 +10,7 @@ Modes:
     kill|stop ADDRESSES PID TIMEOUT
                            pipelined fit under a Watchdog(timeout_s=TIMEOUT); once training
                            runs, SIGKILL / SIGSTOP the worker process PID.
+    replicas ADDRESSES     plain model.fit here, then 2 replicas x 2 stages on four workers.
     stuck ADDRESSES PID TIMEOUT EXIT_AFTER
                            as `stop`, with the watchdog's interruption disabled: the process
                            must end with EXIT_WORKER_UNAVAILABLE after EXIT_AFTER seconds.
@@ -149,6 +150,32 @@ def run_fit(addresses: str) -> dict:
     }
 
 
+def run_replicas(addresses: str) -> dict:
+    devices = tfpipe.cluster(addresses, threads=1)
+    x, y = data()
+    reference = make_model()
+    ref_losses = Losses()
+    reference.fit(x, y, batch_size=32, epochs=2, shuffle=False, verbose=0,
+                  callbacks=[ref_losses])
+    model = make_model()
+    pipe = tfpipe.Pipeline(model, stages=2, replicas=2, devices=devices, micro_batches=2,
+                           schedule="1f1b")
+    losses = Losses()
+    with tfpipe.Watchdog.for_pipeline(pipe, timeout_s=60):
+        pipe.fit(x, y, batch_size=32, epochs=2, shuffle=False, verbose=0, callbacks=[losses])
+    weights = [w.numpy() for w in model.weights]
+    diffs = [float(np.max(np.abs(a - b))) for a, b in zip(weights, reference.get_weights())]
+    reduces = [device_task(op.device) for op in graph_ops(pipe, (tf.constant(x[:32]),
+                                                               tf.constant(y[:32])))
+               if op.type == "CollectiveReduceV2"]
+    return {
+        "replica_devices": pipe.replica_devices,
+        "variables": sorted({device_task(v.value.device) for v in model.weights}),
+        "losses": losses.losses, "reference_losses": ref_losses.losses,
+        "weight_diffs": diffs, "reduces": reduces,
+    }
+
+
 def run_failure(mode: str, addresses: str, pid: int, timeout_s: float,
                 exit_after_s: float | None = None) -> dict:
     x, y = data(4096)
@@ -202,6 +229,8 @@ def main(argv: list[str]) -> None:
     started = time.monotonic()
     if mode == "fit":
         result = run_fit(addresses)
+    elif mode == "replicas":
+        result = run_replicas(addresses)
     else:
         result = run_failure(mode, addresses, int(argv[2]), float(argv[3]),
                              float(argv[4]) if len(argv) > 4 else None)

@@ -7,16 +7,17 @@ messages; `tests/test_error_catalog.py` checks every case and that the docs list
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import keras
 import numpy as np
 import tensorflow as tf
 
 import tfpipe
-from tfpipe.schedules import Schedule
 from tests.models import build, data
+from tfpipe.schedules import Schedule
 
 
 @dataclass(frozen=True)
@@ -45,8 +46,8 @@ def xy(n=64):
     return data("mlp", n=n)
 
 
-def fit(model, **kwargs):
-    x, y = xy()
+def fit(model, x=None, **kwargs):
+    x, y = (xy()[0] if x is None else x), xy()[1]
     kwargs.setdefault("batch_size", 16)
     return tfpipe.fit(model, x, y, verbose=0, **kwargs)
 
@@ -106,6 +107,33 @@ def weightless_middle():
                               keras.layers.Dense(3)])
     model.compile("sgd", "sparse_categorical_crossentropy")
     return model
+
+
+def argmax_cut():
+    """Stage 0 sends stage 1 only the argmax of its Dense: an int32 tensor."""
+    inputs = keras.Input((8,))
+    scores = keras.layers.Dense(4, name="scores")(inputs)
+    ids = keras.ops.argmax(scores, axis=-1)
+    out = keras.layers.Dense(3, name="head")(keras.layers.Embedding(4, 4, name="embed")(ids))
+    model = keras.Model(inputs, out)
+    model.compile("sgd", "sparse_categorical_crossentropy")
+    return tracked(model)
+
+
+def quantised_cut():
+    """As `argmax_cut`, through a Lambda layer, which declares float32 but returns int32."""
+    inputs = keras.Input((8,))
+    h = keras.layers.Dense(4, name="d0")(inputs)
+    q = keras.layers.Lambda(lambda t: keras.ops.cast(keras.ops.round(3 * t), "int32"), name="quant")(h)
+    f = keras.layers.Lambda(lambda t: keras.ops.cast(t, "float32"), name="back")(q)
+    model = keras.Model(inputs, keras.layers.Dense(3, name="head")(f))
+    model.compile("sgd", "sparse_categorical_crossentropy")
+    return tracked(model)
+
+
+def text_dataset():
+    x, y = xy()
+    return tf.data.Dataset.from_tensor_slices((x.astype(str), y)).batch(16)
 
 
 BAD = Schedule.from_text(["F0 B0 F1 B1", "F1 F0 B0 B1"], name="mine")
@@ -185,6 +213,14 @@ CASES = [
          (tfpipe.PipelineError, ValueError), r"takes 2 input\(s\) \['left', 'right'\], but each data element gives 1|expects 2 input", after_placement=True),
     Case("labels of the wrong shape", lambda: tfpipe.fit(mlp(), xy()[0], np.zeros((64, 5, 2)), batch_size=16, stages=2, verbose=0),
          (ValueError, tf.errors.InvalidArgumentError), r"shape|Shape", after_placement=True),
+    Case("text arrays into a numeric input", lambda: fit(mlp(), stages=2, x=xy()[0].astype(str)),
+         tfpipe.PipelineError, r"input '.*' takes float32 values, but the data gives str\d+ for it: cast or encode", after_placement=True),
+    Case("dataset of text into a numeric input", lambda: tfpipe.fit(mlp(), text_dataset(), stages=2, verbose=0),
+         tfpipe.PipelineError, r"input '.*' takes float32 values, but the data gives string for it", after_placement=True),
+    Case("stage sending only non-float tensors (no gradient path)", lambda: tfpipe.Pipeline(argmax_cut(), split_points=["embed"]),
+         tfpipe.PipelineError, r"Stage 0 \(scores, argmax\) has trainable weights \['scores/kernel', 'scores/bias'\] but sends the next stages only non-float tensors: argmax \(int(32|64)\).*cut the model elsewhere"),
+    Case("non-float stage output hidden in a Lambda layer", lambda: fit(quantised_cut(), split_points=["back"]),
+         tfpipe.PipelineError, r"Stage 0 \(d0, quant\) .* non-float tensors: quant \(int32\)", after_placement=True),
     Case("timeline without profiling", lambda: tfpipe.Pipeline(mlp(), stages=2).timeline(),
          ValueError, r"No timeline: build the Pipeline with profile=True", after_placement=True),
 ]

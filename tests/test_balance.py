@@ -13,8 +13,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import tfpipe
-from tfpipe.balance import solve
 from tests.models import StepLog, assert_same_training
+from tfpipe.balance import solve
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 from char_model import Block, TokenAndPosition  # noqa: E402
@@ -96,7 +96,7 @@ def test_balance_time_and_memory_in_pipeline_and_summary():
     pipe = tfpipe.Pipeline(model, stages=3, balance="time", sample=x)
     text = pipe.summary(print_fn=lambda s: None)
     assert "balanced by time" in text and "time ms" in text and "imbalance" in text
-    assert any([l.name for l in s.layers] == ["heavy"] for s in pipe.stages)
+    assert any([layer.name for layer in s.layers] == ["heavy"] for s in pipe.stages)
     model2 = heavy_model()
     model2.compile("adam", "mse")
     sizes = tfpipe.balance.by_memory(model2, x, 2)

@@ -1,24 +1,21 @@
 """Remote stages on real `tfpipe worker` processes over loopback, the watchdog, and the pieces behind them.
 
 Worker processes are started with `python -m tfpipe worker` on free ports and always ended by
-the `workers` fixture (SIGCONT, SIGTERM, then SIGKILL), also at interpreter exit. The client
-side of each scenario runs in its own process (tests/cluster_client.py), because this
-process has TensorFlow initialised with four logical CPU devices and must not keep a
-connection to workers that are gone. Every wait is bounded.
+the `workers` fixture (tests/workers.py: SIGCONT, SIGTERM, then SIGKILL), also at interpreter
+exit. The client side of each scenario runs in its own process (tests/cluster_client.py),
+because this process has TensorFlow initialised with four logical CPU devices and must not
+keep a connection to workers that are gone. Every wait is bounded.
 """
 
 from __future__ import annotations
 
-import atexit
 import importlib
 import json
 import os
-import queue
 import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -26,103 +23,24 @@ import numpy as np
 import pytest
 
 import tfpipe
+from tests.workers import ENV, WorkerPool, free_port
 from tfpipe import cli
 from tfpipe.devices import resolve_devices
 
 cluster_module = importlib.import_module("tfpipe.cluster")  # `tfpipe.cluster` is the function
 
-ROOT = Path(__file__).resolve().parents[1]
 CLIENT = Path(__file__).with_name("cluster_client.py")
-READY_TIMEOUT_S = 90.0
 CLIENT_TIMEOUT_S = 150.0
-ENV = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "2"}
-_everything_started: list[subprocess.Popen] = []
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
-def end(proc: subprocess.Popen) -> None:
-    """Ends a process we started, whatever its state: resume, SIGTERM, then SIGKILL."""
-    if proc.poll() is not None:
-        return
-    for sig in (signal.SIGCONT, signal.SIGTERM):
-        try:
-            os.kill(proc.pid, sig)
-        except ProcessLookupError:
-            return
-    try:
-        proc.wait(timeout=5)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=5)
-
-
-@atexit.register
-def _end_everything() -> None:
-    for proc in _everything_started:
-        end(proc)
-
-
-class Worker:
-    """One `python -m tfpipe worker` process and the lines it printed."""
-
-    def __init__(self, args: list[str], log: Path, env: dict[str, str]) -> None:
-        self.log = log
-        self.lines: queue.Queue[str] = queue.Queue()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tfpipe", "worker", *args], stdout=subprocess.PIPE,
-            stderr=log.open("w"), text=True, env=env, cwd=log.parent,
-        )
-        _everything_started.append(self.proc)
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        for line in self.proc.stdout:
-            self.lines.put(line.rstrip("\n"))
-
-    def next_line(self, timeout: float) -> str:
-        try:
-            return self.lines.get(timeout=timeout)
-        except queue.Empty:
-            raise AssertionError(
-                f"worker printed nothing within {timeout} s (exit status {self.proc.poll()}); "
-                f"stderr: {self.log.read_text()[-3000:]}"
-            ) from None
 
 
 @pytest.fixture
 def workers(tmp_path):
     """`start(n, tf_config_task=None)` starts n workers and waits until each prints ready."""
-    started: list[Worker] = []
-
-    def start(n: int, tf_config_task: int | None = None) -> tuple[list[str], list[Worker]]:
-        addresses = [f"localhost:{free_port()}" for _ in range(n)]
-        batch = []
-        for task in range(n):
-            env = dict(ENV)
-            if task == tf_config_task:
-                env["TF_CONFIG"] = json.dumps({"cluster": {"worker": addresses},
-                                               "task": {"type": "worker", "index": task}})
-                args: list[str] = []
-            else:
-                args = ["--cluster", ",".join(addresses), "--task", str(task)]
-            batch.append(Worker(args + ["--threads", "1"], tmp_path / f"worker{task}.log", env))
-        started.extend(batch)
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        for task, worker in enumerate(batch):
-            line = worker.next_line(max(deadline - time.monotonic(), 1.0))
-            assert line == f"tfpipe worker {task} ready at {addresses[task]}", line
-        return addresses, batch
-
+    pool = WorkerPool(tmp_path)
     try:
-        yield start
+        yield pool.start
     finally:
-        for worker in started:
-            end(worker.proc)
+        pool.stop_all()
 
 
 def run_client(*args: object, expect_status: int = 0) -> tuple[dict, subprocess.CompletedProcess]:
@@ -204,6 +122,19 @@ def test_two_stage_fit_on_two_workers_equals_model_fit(workers):
     assert "not a device of the connected cluster" in refused["/job:worker/replica:0/task:7/device:CPU:0"]
     assert "does not exist" in refused["/device:CPU:3"]
     assert result["partial_stage_devices"] == ["/job:worker/task:0", "/job:worker/task:1"]
+
+
+def test_two_replicas_of_a_two_stage_pipeline_on_four_workers_equal_model_fit(workers):
+    """Pipeline x data parallel across worker processes: the stages' gradients meet in
+    collective all-reduces between the workers, and training equals plain model.fit."""
+    addresses, _ = workers(4)
+    result, _ = run_client("replicas", ",".join(addresses))
+    remote = [f"/job:worker/replica:0/task:{i}/device:CPU:0" for i in range(4)]
+    assert result["replica_devices"] == [remote[:2], remote[2:]]
+    assert result["variables"] == ["task:0", "task:1"]  # one set of weights, on copy 0
+    np.testing.assert_allclose(result["losses"], result["reference_losses"], rtol=1e-5, atol=1e-6)
+    assert max(result["weight_diffs"]) < 1e-5, result["weight_diffs"]
+    assert sorted(set(result["reduces"])) == ["task:0", "task:1", "task:2", "task:3"]
 
 
 @pytest.mark.parametrize("mode, task", [("kill", 1), ("stop", 1), ("stop", 0)])

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from tfpipe.placement import device_of
 from tests.error_cases import BUILT, CASES, message_of
+from tfpipe.placement import device_of
 
 DOCS = Path(__file__).resolve().parents[1] / "docs" / "errors.md"
 

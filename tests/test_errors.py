@@ -8,8 +8,8 @@ import pytest
 import tensorflow as tf
 
 import tfpipe
-from tfpipe.placement import device_of
 from tests.models import build, data
+from tfpipe.placement import device_of
 
 
 def devices_of(model):

@@ -99,3 +99,33 @@ def test_gpt(tmp_path):
     check_training(out, 2, "held-out loss [0-9.]+ nats/char, perplexity", upper=96.0)
     samples = out.split("--- sampled text ---", 1)[1]
     assert samples.count("\n---") == 2 and "def " in samples and "import " in samples
+
+
+def test_two_host_with_local_workers(tmp_path):
+    """Without --cluster the example starts two `tfpipe worker` processes, puts one stage on
+    each, and stops them at the end."""
+    env = {**os.environ, "CI": "1", "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "2"}
+    proc = subprocess.run([sys.executable, str(ROOT / "examples" / "two_host.py"), "--epochs",
+                           "2", "--train", "512", "--test", "128", "--image-size", "16",
+                           "--width", "4"], capture_output=True, text=True, timeout=180, env=env,
+                          cwd=tmp_path)
+    out = proc.stdout
+    assert proc.returncode == 0, (out[-2000:] + proc.stderr[-3000:])
+    pids = [int(p) for p in re.findall(r"^started `tfpipe worker --cluster \S+ --task \d` "
+                                       r"\(pid (\d+)\)$", out, re.M)]
+    assert len(pids) == 2, out
+    workers = [f"/job:worker/replica:0/task:{i}/device:CPU:0" for i in range(2)]
+    assert "2 stages x 4 micro-batches, schedule '1f1b'" in out
+    assert [r[-1] for r in stage_table(out)] == workers
+    for i, device in enumerate(workers):
+        assert re.search(rf"^stage {i}: \d+ variables on {device}$", out, re.M), out
+        assert re.search(rf"^optimizer variables .*\d+ on {device}", out, re.M), out
+    check_training(out, 2, "test loss [0-9.]+, test accuracy")
+    assert "stopped 2 local workers" in out
+    for pid in pids:  # ended and reaped by the example
+        try:
+            os.kill(pid, 0)
+            raise AssertionError(f"worker pid {pid} still runs")
+        except ProcessLookupError:
+            pass
+    assert "Failed to remove function remotely" not in proc.stderr  # freed before stopping

@@ -9,8 +9,8 @@ import pytest
 import tensorflow as tf
 
 import tfpipe
-from tfpipe.placement import device_of
 from tests.models import StepLog, assert_same_training
+from tfpipe.placement import device_of
 
 
 def residual_mlp() -> keras.Model:
@@ -107,7 +107,7 @@ def test_unet_skip_from_first_to_last_stage():
     x = RNG.normal(size=(64, 8, 8, 1)).astype("float32")
     pipe, _, _ = fit_both(unet, x, Y3, dict(split_points=["pool", "up", "skip"], micro_batches=4,
                                             schedule="1f1b"))
-    assert [l.name for l in pipe.stages[0].layers] == ["enc1"]
+    assert [layer.name for layer in pipe.stages[0].layers] == ["enc1"]
     last_inputs = {t._keras_history.operation.name for t in pipe.stages[-1].inputs}
     assert last_inputs == {"up", "enc1"}  # the encoder skip goes from stage 0 straight to stage 3
 
@@ -222,3 +222,22 @@ def test_split_points_by_name():
         tfpipe.Pipeline(make(residual_mlp), split_points=["nope"])
     with pytest.raises(tfpipe.PipelineError, match=r"distinct layers in model order"):
         tfpipe.Pipeline(make(residual_mlp), split_points=["d4", "d2"])
+
+
+def frozen_argmax_router() -> keras.Model:
+    """Stage 0 (frozen) sends stage 1 only int ids (an argmax) plus nothing float."""
+    inputs = keras.Input((8,))
+    scores = keras.layers.Dense(4, name="scores", trainable=False)(inputs)
+    ids = keras.ops.argmax(scores, axis=-1)
+    h = keras.layers.Embedding(4, 6, name="embed")(ids)
+    outputs = keras.layers.Dense(3, activation="softmax", name="head")(h)
+    return keras.Model(inputs, outputs, name="router")
+
+
+def test_integer_tensor_between_stages_trains_like_keras_when_upstream_is_frozen():
+    """An int boundary is fine when nothing upstream trains (else: the catalogued error)."""
+    pipe, _, model = fit_both(frozen_argmax_router, X8, Y3,
+                              dict(split_points=["embed"], micro_batches=4), opt="sgd")
+    (sent,) = pipe.stages[0].outputs
+    assert "int" in sent.dtype
+    assert device_of(model.get_layer("embed").embeddings) != device_of(model.get_layer("scores").kernel)

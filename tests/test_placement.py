@@ -6,9 +6,9 @@ import numpy as np
 import tensorflow as tf
 
 import tfpipe
+from tests.models import build, data
 from tfpipe.devices import canonical
 from tfpipe.placement import device_of
-from tests.models import build, data
 
 
 def traced_graph(pipe: tfpipe.Pipeline, x, y) -> tf.Graph:

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 import tfpipe
+from tests.models import StepLog, assert_same_training, build, data
 from tfpipe.executor.step import rank_waits
 from tfpipe.schedules import Action, Schedule
-from tests.models import StepLog, assert_same_training, build, data
 
 _REF: dict = {}
 

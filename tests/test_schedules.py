@@ -13,8 +13,20 @@ import textwrap
 import pytest
 
 from tfpipe.schedules import (
-    GENERATORS, Action, Costs, Schedule, ScheduleError, format_schedule, get, gpipe,
-    interleaved, interleaved_stages, one_f_one_b, simulate, validate, zb_h1,
+    GENERATORS,
+    Action,
+    Costs,
+    Schedule,
+    ScheduleError,
+    format_schedule,
+    get,
+    gpipe,
+    interleaved,
+    interleaved_stages,
+    one_f_one_b,
+    simulate,
+    validate,
+    zb_h1,
 )
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

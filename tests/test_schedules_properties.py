@@ -8,8 +8,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tfpipe.schedules import (
-    Action, Costs, Schedule, clock, dependencies, get, gpipe, interleaved, one_f_one_b,
-    simulate, validate, zb_h1,
+    Action,
+    Costs,
+    Schedule,
+    clock,
+    dependencies,
+    get,
+    gpipe,
+    interleaved,
+    one_f_one_b,
+    simulate,
+    validate,
+    zb_h1,
 )
 
 SETTINGS = settings(max_examples=150, deadline=None, derandomize=True)

@@ -5,13 +5,12 @@ from __future__ import annotations
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 
 import tfpipe
-from tfpipe.placement import device_of
 from tests.models import MODELS, StepLog, assert_same_training, data
+from tfpipe.placement import device_of
 
-O = keras.optimizers
+opts = keras.optimizers
 
 
 def run_both(make_optimizer, policy=None, rtol=1e-5, atol=1e-6, stages=4, micro_batches=4):
@@ -39,17 +38,17 @@ def run_both(make_optimizer, policy=None, rtol=1e-5, atol=1e-6, stages=4, micro_
 
 
 OPTIMIZERS = {
-    "sgd_nesterov": lambda: O.SGD(0.1, momentum=0.9, nesterov=True),
-    "adamw": lambda: O.AdamW(0.01, weight_decay=0.1),
-    "lr_schedule": lambda: O.Adam(O.schedules.ExponentialDecay(0.01, decay_steps=2, decay_rate=0.5)),
-    "ema": lambda: O.Adam(0.01, use_ema=True, ema_overwrite_frequency=3),
-    "grad_accumulation": lambda: O.Adam(0.01, gradient_accumulation_steps=2),
-    "global_clipnorm": lambda: O.SGD(0.5, global_clipnorm=0.01),
-    "clipnorm": lambda: O.SGD(0.5, clipnorm=0.01),
-    "clipvalue": lambda: O.SGD(0.5, clipvalue=0.0005),
-    **{name.lower(): getattr(O, name) for name in
+    "sgd_nesterov": lambda: opts.SGD(0.1, momentum=0.9, nesterov=True),
+    "adamw": lambda: opts.AdamW(0.01, weight_decay=0.1),
+    "lr_schedule": lambda: opts.Adam(opts.schedules.ExponentialDecay(0.01, decay_steps=2, decay_rate=0.5)),
+    "ema": lambda: opts.Adam(0.01, use_ema=True, ema_overwrite_frequency=3),
+    "grad_accumulation": lambda: opts.Adam(0.01, gradient_accumulation_steps=2),
+    "global_clipnorm": lambda: opts.SGD(0.5, global_clipnorm=0.01),
+    "clipnorm": lambda: opts.SGD(0.5, clipnorm=0.01),
+    "clipvalue": lambda: opts.SGD(0.5, clipvalue=0.0005),
+    **{name.lower(): getattr(opts, name) for name in
        ("RMSprop", "Adagrad", "Adadelta", "Adamax", "Nadam", "Ftrl", "Lion", "Lamb")
-       if hasattr(O, name)},
+       if hasattr(opts, name)},
 }
 
 
@@ -60,15 +59,15 @@ def test_optimizer_equals_keras(name):
 
 def test_global_clipnorm_really_clips_across_stages():
     """The clip must see all stages' gradients at once: per-stage clipping would differ."""
-    ref, model = run_both(lambda: O.SGD(1.0, global_clipnorm=1e-3))
-    unclipped, _ = run_both(lambda: O.SGD(1.0))
+    ref, model = run_both(lambda: opts.SGD(1.0, global_clipnorm=1e-3))
+    unclipped, _ = run_both(lambda: opts.SGD(1.0))
     moved = [np.abs(a.numpy() - b.numpy()).max() for a, b in zip(ref.weights, unclipped.weights)]
     assert max(moved) > 1e-2  # the clipped and unclipped runs really differ
 
 
 def test_mixed_float16_equals_keras_and_keeps_updates_on_stage_devices():
-    ref, model = run_both(lambda: O.Adam(0.01), policy="mixed_float16", rtol=1e-2, atol=1e-3)
-    assert isinstance(model.optimizer, O.LossScaleOptimizer)
+    ref, model = run_both(lambda: opts.Adam(0.01), policy="mixed_float16", rtol=1e-2, atol=1e-3)
+    assert isinstance(model.optimizer, opts.LossScaleOptimizer)
     for layer in model.layers:
         for slot in model.optimizer.inner_optimizer.variables:
             if layer.kernel.path.replace("/", "_") in slot.path:
@@ -76,7 +75,7 @@ def test_mixed_float16_equals_keras_and_keeps_updates_on_stage_devices():
 
 
 def test_mixed_bfloat16_equals_keras():
-    run_both(lambda: O.SGD(0.1), policy="mixed_bfloat16", rtol=2e-2, atol=2e-3)
+    run_both(lambda: opts.SGD(0.1), policy="mixed_bfloat16", rtol=2e-2, atol=2e-3)
 
 
 def test_fp16_overflow_skips_the_step_on_every_stage_and_lowers_the_scale():
@@ -84,7 +83,7 @@ def test_fp16_overflow_skips_the_step_on_every_stage_and_lowers_the_scale():
     try:
         keras.utils.set_random_seed(0)
         model = MODELS["mlp"]()
-        model.compile(optimizer=O.LossScaleOptimizer(O.SGD(0.1), initial_scale=2.0 ** 60),
+        model.compile(optimizer=opts.LossScaleOptimizer(opts.SGD(0.1), initial_scale=2.0 ** 60),
                       loss="sparse_categorical_crossentropy")
         x, y = data("mlp", n=16)
         before = [v.numpy().copy() for v in model.trainable_variables]

@@ -3,6 +3,7 @@
 Public surface: `fit`, `evaluate`, `predict`, `Pipeline`, `configure_cpu_devices`, the
 `schedules` package (pure data), and remote stages on TensorFlow workers: `cluster` (connect
 to `tfpipe worker` processes), `worker_devices`, `Watchdog` and `WorkerUnavailableError`.
+Planning: `plan` profiles a model on its devices and ranks pipeline configurations (`Plan`).
 
 Note: `tfpipe.cluster` is the function; its module is `importlib.import_module("tfpipe.cluster")`.
 """
@@ -12,6 +13,7 @@ from tfpipe.cluster import Watchdog, cluster
 from tfpipe.devices import configure_cpu_devices, default_devices, worker_devices
 from tfpipe.errors import DeviceConfigurationError, PipelineError, WorkerUnavailableError
 from tfpipe.pipeline import Pipeline
+from tfpipe.planner import Plan, plan
 from tfpipe.trainer import evaluate, fit, predict
 
 __version__ = "0.1.0"
@@ -20,4 +22,5 @@ __all__ = [
     "DeviceConfigurationError", "Pipeline", "PipelineError", "Watchdog",
     "WorkerUnavailableError", "cluster", "configure_cpu_devices", "default_devices",
     "evaluate", "fit", "predict", "schedules", "worker_devices", "__version__",
+    "Plan", "plan",
 ]

@@ -18,7 +18,7 @@ from tfpipe.errors import PipelineError
 from tfpipe.schedules import plot
 
 
-class PipelineMonitor(keras.callbacks.Callback):
+class PipelineMonitor(keras.callbacks.Callback):  # type: ignore[misc]  # Keras is untyped (Any)
     """Writes per-rank compute and idle time and memory to TensorBoard, and the timeline PNG.
 
     Args:
@@ -82,6 +82,7 @@ def _peak_mib(device: str) -> float | None:
     """The allocator peak of a local device in MiB (logical CPUs share one allocator)."""
     name = device.split("device:")[-1]
     try:
-        return tf.config.experimental.get_memory_info(name)["peak"] / 2**20
+        peak: float = tf.config.experimental.get_memory_info(name)["peak"] / 2**20
+        return peak
     except (ValueError, tf.errors.OpError):
         return None

@@ -1,4 +1,4 @@
-"""The `tfpipe` command line: `schedule` draws a schedule, `info` reports, `worker` serves.
+"""The `tfpipe` command line: `schedule` draws, `plan` plans, `info` reports, `worker` serves.
 
 Design: each subcommand imports what it needs inside its own function. `schedule` uses only
 the pure-data `tfpipe.schedules` modules (no TensorFlow work, no devices); `info` imports
@@ -6,6 +6,10 @@ TensorFlow, Keras and NumPy to report them and lists devices, the one thing that
 TensorFlow's runtime. Usage errors (an unknown schedule, a size that is not a positive
 integer, chunks a schedule cannot use) print one line naming the value and exit with status
 2, like argparse's own errors; nothing prints a traceback for them.
+
+`plan` loads a saved `.keras` model, makes a random batch of its input shapes and dtypes, and
+prints `tfpipe.plan`'s ranked configurations. It makes the logical CPU devices it is asked for
+(`--devices 4` without a GPU) before TensorFlow starts, which only a fresh process can do.
 
 `worker` runs one task of a `tf.distribute.Server` cluster (`tfpipe.cluster.serve`) until
 SIGTERM or SIGINT, then ends the process with status 0 through `os._exit`: TensorFlow's gRPC
@@ -131,6 +135,39 @@ def build_parser() -> argparse.ArgumentParser:
         "tfpipe.cluster(..., threads=N) in the client",
     )
     worker.set_defaults(func=_worker)
+
+    plan = sub.add_parser(
+        "plan",
+        help="profile a saved model and rank stage counts, splits, micro-batches, schedules",
+        description=(
+            "Load a saved .keras model, profile each layer's forward + backward time on the "
+            "first device at every micro-batch size considered (on a random batch of the "
+            "model's input shapes and dtypes), predict the step time and per-device memory of "
+            "every configuration (stages, split, micro-batches, schedule, recomputation) with "
+            "the schedule simulator, and print them ranked (tfpipe.plan)."
+        ),
+    )
+    plan.add_argument("model", metavar="MODEL.keras", help="a model saved with model.save")
+    plan.add_argument("--batch", type=_positive_int, required=True, metavar="N",
+                      help="training batch size B (samples per step)")
+    plan.add_argument(
+        "--devices", required=True, metavar="N|NAME,...",
+        help="a count N (the first N GPUs, or N logical CPU devices without a GPU) or device "
+        "names such as /device:GPU:0,/device:GPU:1",
+    )
+    plan.add_argument("--memory-budget", default=None, metavar="SIZE",
+                      help="bytes per device, such as 2GiB or 512MB; configurations above it "
+                      "are marked as not fitting")
+    plan.add_argument("--bandwidth", default=None, metavar="SIZE",
+                      help="bytes per second between devices, such as 10GB (default 10GB, or "
+                      "1GB for worker devices)")
+    plan.add_argument("--plot", default=None, metavar="PATH",
+                      help="write the best configuration's predicted timeline as a PNG")
+    plan.add_argument("--top", type=_positive_int, default=10, metavar="N",
+                      help="rows of the ranked table to print (default 10)")
+    plan.add_argument("--repeats", type=_positive_int, default=5, metavar="R",
+                      help="timed runs per layer and size; the median is kept (default 5)")
+    plan.set_defaults(func=_plan)
     return parser
 
 
@@ -254,6 +291,150 @@ def _info(args: argparse.Namespace) -> int:
         print("no GPU visible: call tfpipe.configure_cpu_devices(n) first thing in a script to "
               "split the CPU into n logical devices (placement and correctness, not speed)")
     return 0
+
+
+def _plan(args: argparse.Namespace) -> int:
+    import os
+
+    from tfpipe.errors import PipelineError
+    from tfpipe.planner.costs import parse_bytes
+
+    try:
+        budget = None if args.memory_budget is None else parse_bytes(args.memory_budget)
+        bandwidth = None if args.bandwidth is None else parse_bytes(args.bandwidth)
+    except ValueError as err:
+        return _fail("plan", str(err))
+    if bandwidth is not None and bandwidth <= 0:
+        return _fail("plan", f"--bandwidth must be above 0 bytes/s, got {args.bandwidth!r}")
+    if not os.path.isfile(args.model):
+        return _fail("plan", f"no model file {args.model!r}: give the path of a model saved "
+                     "with model.save('model.keras')", EXIT_FAILURE)
+    try:
+        devices = _plan_devices(args.devices)
+    except PipelineError as err:
+        return _fail("plan", str(err))
+    import keras
+
+    import tfpipe
+
+    try:
+        model = keras.models.load_model(args.model)
+    except Exception as err:  # noqa: BLE001 - any load failure is reported as one line
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        return _fail("plan", f"cannot load {args.model!r}: {first} (custom layers must be "
+                     "registered with keras.saving.register_keras_serializable)", EXIT_FAILURE)
+    try:
+        sample = _random_batch(model, args.batch)
+        plan = tfpipe.plan(model, sample, devices, budget, bandwidth=bandwidth,
+                           repeats=args.repeats)
+    except PipelineError as err:
+        return _fail("plan", str(err), EXIT_FAILURE)
+    print(plan.table(top=args.top))
+    if args.plot is not None:
+        try:
+            path = plan.plot(args.plot)
+        except ImportError as err:
+            return _fail("plan", f"--plot needs matplotlib ({err}); install it with "
+                         "pip install 'tfpipe[plot]'", EXIT_FAILURE)
+        except OSError as err:
+            return _fail("plan", f"cannot write --plot {args.plot!r}: {err}", EXIT_FAILURE)
+        print(f"wrote {path}")
+    return 0
+
+
+def _plan_devices(spec: str) -> list[str]:
+    """Device names from `--devices`: a count, or names; makes logical CPU devices as needed.
+
+    Raises:
+        PipelineError: for a count of 0, more GPUs than visible, or names on a remote job.
+    """
+    import tensorflow as tf
+
+    from tfpipe.errors import PipelineError
+
+    gpus = tf.config.list_physical_devices("GPU")  # lists hardware; does not start the runtime
+    if spec.strip().isdigit():
+        count = int(spec)
+        if count < 1:
+            raise PipelineError(f"--devices {spec!r}: give a count of at least 1, or names")
+        if not gpus:
+            return _cpu_devices(count)
+        if count > len(gpus):
+            raise PipelineError(f"--devices {count} asks for {count} GPUs but {len(gpus)} are "
+                                f"visible: use --devices {len(gpus)} or fewer")
+        return [f"/device:GPU:{i}" for i in range(count)]
+    names = [n.strip() for n in spec.split(",") if n.strip()]
+    if not names:
+        raise PipelineError(f"--devices {spec!r}: give a count or comma-separated device names")
+    specs = []
+    for name in names:
+        try:
+            parsed = tf.DeviceSpec.from_string(name)
+        except ValueError:
+            raise PipelineError(f"--devices: {name!r} is not a device name such as "
+                                "/device:CPU:0") from None
+        if parsed.job not in (None, "localhost"):
+            raise PipelineError(f"--devices: {name!r} is on a remote job; plan for workers "
+                                "from Python with devices=tfpipe.cluster(...)")
+        specs.append(parsed)
+    cpus = [p.device_index or 0 for p in specs if (p.device_type or "").upper() == "CPU"]
+    if cpus and not gpus:
+        _cpu_devices(max(cpus) + 1)
+    return names
+
+
+def _cpu_devices(count: int) -> list[str]:
+    """`count` logical CPU devices: made now, or the first `count` of those TensorFlow already
+    made (when `main` runs inside a process that configured more)."""
+    import tfpipe
+    from tfpipe.errors import DeviceConfigurationError, PipelineError
+
+    try:
+        return tfpipe.configure_cpu_devices(count)
+    except DeviceConfigurationError as err:
+        have = [d for d in tfpipe.default_devices() if "CPU" in d]
+        if len(have) < count:
+            raise PipelineError(str(err)) from None
+        return have[:count]
+
+
+def _random_batch(model: object, batch: int) -> object:
+    """A random batch of `batch` samples for the model's inputs (their shapes and dtypes):
+    normal floats, integers in {0, 1} (valid for any embedding), random booleans.
+
+    Raises:
+        PipelineError: for an input with an unknown dimension besides the batch, or of a
+            dtype that cannot be made up (strings).
+    """
+    import keras
+    import numpy as np
+
+    from tfpipe.errors import PipelineError
+    from tfpipe.partition.graph import model_io
+
+    inputs, _ = model_io(model)
+    rng = np.random.default_rng(0)
+
+    def make(t: object) -> object:
+        name = getattr(t, "name", "input")
+        shape = tuple(t.shape)  # type: ignore[attr-defined]
+        dtype = np.dtype(str(t.dtype))  # type: ignore[attr-defined]
+        if any(d is None for d in shape[1:]):
+            raise PipelineError(
+                f"Model input {name!r} has shape {shape} with an unknown dimension besides the "
+                "batch: plan from Python with tfpipe.plan(model, real_batch) instead."
+            )
+        full = (batch, *shape[1:])
+        if dtype.kind == "f":
+            return rng.standard_normal(full).astype(dtype)
+        if dtype.kind in "iu":
+            return rng.integers(0, 2, size=full).astype(dtype)
+        if dtype.kind == "b":
+            return rng.integers(0, 2, size=full).astype(bool)
+        raise PipelineError(f"Model input {name!r} has dtype {dtype}, which tfpipe plan cannot "
+                            "make up: plan from Python with tfpipe.plan(model, real_batch).")
+
+    return keras.tree.map_structure(make, inputs)
 
 
 def _worker(args: argparse.Namespace) -> int:

@@ -38,7 +38,8 @@ import struct
 import sys
 import threading
 import time
-from typing import Any, Callable, Literal, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Literal
 
 import tensorflow as tf
 

@@ -15,7 +15,7 @@ local and remote CPUs, and a remote name must be one of the connected devices.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import tensorflow as tf
 
@@ -123,7 +123,8 @@ def canonical(device: str) -> str:
     spec = tf.DeviceSpec.from_string(device)
     if spec.job in (None, "localhost"):
         spec = spec.replace(job=None, replica=None, task=None)
-    return spec.to_string()
+    text: str = spec.to_string()
+    return text
 
 
 def resolve_devices(devices: Sequence[str] | None, num_stages: int) -> list[str]:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 
 class PipelineError(ValueError):
     """A model, argument or device set-up that tfpipe cannot run as asked.
@@ -37,7 +40,7 @@ class WorkerUnavailableError(RuntimeError):
         self.stages = stages
         self.reason = reason
 
-    def __reduce__(self) -> tuple:
+    def __reduce__(self) -> tuple[Callable[..., WorkerUnavailableError], tuple[Any, ...]]:
         return (_rebuild_worker_error, (str(self), self.address, self.task, self.stages,
                                         self.reason))
 

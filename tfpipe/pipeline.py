@@ -23,8 +23,9 @@ from tfpipe.balance import LayerCost, activation_bytes_per_sample, imbalance, pr
 from tfpipe.devices import default_devices, resolve_devices
 from tfpipe.errors import PipelineError
 from tfpipe.executor import Executor
+from tfpipe.executor.inputs import check_array_inputs
 from tfpipe.executor.microbatch import check_micro_batches
-from tfpipe.partition import Stage, read_graph, split
+from tfpipe.partition import Stage, check_gradient_paths, read_graph, split
 from tfpipe.placement import (
     place_optimizer,
     place_stages,
@@ -68,6 +69,11 @@ class Pipeline:
             forward again during its backward.
         check_numerics: stop at the first NaN or Inf with an error naming the stage, the
             layer and whether it was the forward or the backward (slower: for debugging).
+        replicas: R, data-parallel copies of the pipeline (default 1). `devices` then lists
+            R*K devices, copy r using devices `r*K .. r*K+K-1`; each batch is split into R*M
+            micro-batches, copy r taking the r-th run of M, and each stage's gradients are
+            all-reduced over its R devices with TensorFlow collective ops before the one
+            optimizer step. The variables stay one set, on copy 0's devices.
 
     Attributes:
         stages: the `Stage`s: `.model` (Keras sub-model), `.device`, `.num_params`, `.layers`;
@@ -98,6 +104,7 @@ class Pipeline:
         sample: Any = None,
         recompute: str | Sequence[str | bool] = "never",
         check_numerics: bool = False,
+        replicas: int = 1,
     ) -> None:
         if not isinstance(model, keras.Model):
             raise PipelineError(f"tfpipe needs a keras.Model, got {type(model).__name__}.")
@@ -107,9 +114,10 @@ class Pipeline:
                 "model.build(input_shape), or use tfpipe.fit, which builds it from the data."
             )
         micro_batches = check_micro_batches(micro_batches)
+        replicas = _check_replicas(replicas)
         chunks = _check_chunks(schedule, chunks)
         mode = balance if isinstance(balance, str) else None
-        counts = None if mode else balance
+        counts = None if isinstance(balance, str) else balance
         if mode not in (None, "params", "time", "memory"):
             raise PipelineError(
                 f"balance={balance!r}: use 'params', 'time', 'memory' or a list of layer counts."
@@ -125,11 +133,24 @@ class Pipeline:
             counts_or_points: Sequence[Any] | None = [None] * (len(list(split_points)) + 1)
         else:
             counts_or_points = counts
-        num_stages = _count_stages(schedule, stages, counts_or_points, devices, chunks)
+        num_stages = _count_stages(schedule, stages, counts_or_points, devices, chunks, replicas)
         self.model = model
         self.schedule = schedules.get(schedule, num_stages, micro_batches, chunks=chunks)
-        rank_devices = resolve_devices(devices, self.schedule.num_ranks)
-        stage_devices = [rank_devices[self.schedule.rank_of(k)] for k in range(num_stages)]
+        self.replicas = replicas
+        ranks = self.schedule.num_ranks
+        if replicas > 1 and devices is not None and len(devices) != ranks * replicas:
+            raise PipelineError(
+                f"replicas={replicas} copies of a {ranks}-device pipeline need "
+                f"{ranks * replicas} devices, one per stage per copy, but devices lists "
+                f"{len(devices)}: {list(devices)}. Give {ranks * replicas} devices (copy r uses "
+                f"devices[{ranks}*r : {ranks}*r+{ranks}]), or change stages / replicas."
+            )
+        all_devices = resolve_devices(devices, ranks * replicas)
+        self.replica_devices = [
+            [all_devices[r * ranks + self.schedule.rank_of(k)] for k in range(num_stages)]
+            for r in range(replicas)
+        ]
+        stage_devices = self.replica_devices[0]
         self.layer_costs: list[LayerCost] | None = None
         if mode in ("time", "memory"):
             self.layer_costs = profile_layers(model, sample, device=stage_devices[0])
@@ -142,6 +163,8 @@ class Pipeline:
         self.stages: list[Stage] = split(
             model, num_stages, counts, stage_devices, split_points=split_points, costs=costs
         )
+        if _compiled(model):
+            check_gradient_paths(self.stages)
         self.recompute = _recompute_flags(recompute, len(self.stages))
         for st, flag in zip(self.stages, self.recompute):
             if flag and not st.trainable_variables and not isinstance(recompute, str):
@@ -158,6 +181,7 @@ class Pipeline:
             profile=profile,
             recompute=self.recompute,
             check_numerics=check_numerics,
+            replica_devices=self.replica_devices,
         )
         variables = list(model.trainable_variables)
         optimizer = model.optimizer if _compiled(model) else None
@@ -196,17 +220,20 @@ class Pipeline:
             PipelineError: when the model is not compiled.
         """
         self._require_compiled("fit")
+        check_array_inputs(self.model, x)
         with self._attached():
             return self.model.fit(x, y, **kwargs)
 
     def evaluate(self, x: Any = None, y: Any = None, **kwargs: Any) -> Any:
         """Evaluates pipelined (forward only); same arguments as `keras.Model.evaluate`."""
         self._require_compiled("evaluate")
+        check_array_inputs(self.model, x)
         with self._attached():
             return self.model.evaluate(x, y, **kwargs)
 
     def predict(self, x: Any, **kwargs: Any) -> Any:
         """Predicts pipelined; same arguments as `keras.Model.predict`."""
+        check_array_inputs(self.model, x)
         with self._attached():
             return self.model.predict(x, **kwargs)
 
@@ -278,6 +305,12 @@ class Pipeline:
             f"Pipeline of {self.model.name!r}: {len(self.stages)} stages x "
             f"{self.micro_batches} micro-batches, schedule {self.schedule.name!r}, "
             f"balanced by {self.balanced_by}"
+            + (
+                f", {self.replicas} replicas on "
+                + "; ".join(", ".join(row) for row in self.replica_devices[1:])
+                if self.replicas > 1
+                else ""
+            )
         ]
         for n, row in enumerate(rows):
             lines.append(
@@ -331,14 +364,25 @@ def _check_chunks(schedule: Any, chunks: int | None) -> int:
     return chunks
 
 
+def _check_replicas(replicas: Any) -> int:
+    if not isinstance(replicas, int) or isinstance(replicas, bool) or replicas < 1:
+        raise PipelineError(
+            f"replicas must be a positive integer (data-parallel copies of the pipeline), got "
+            f"{replicas!r}."
+        )
+    return replicas
+
+
 def _count_stages(
     schedule: Any,
     stages: int | None,
     balance: Sequence[int] | None,
     devices: Sequence[str] | None,
     chunks: int,
+    replicas: int = 1,
 ) -> int:
-    """Model pieces to cut: K devices times chunks, or as `balance` or the schedule says."""
+    """Model pieces to cut: K devices (of each replica) times chunks, or as `balance` or the
+    schedule says."""
     if isinstance(schedule, schedules.Schedule):
         return schedule.num_stages
     if balance is not None:
@@ -349,7 +393,7 @@ def _count_stages(
             )
         return len(balance)
     if stages is None:
-        stages = len(devices) if devices is not None else len(default_devices())
+        stages = (len(devices) if devices is not None else len(default_devices())) // replicas
     if not isinstance(stages, int) or isinstance(stages, bool) or stages < 1:
         raise PipelineError(f"stages must be a positive integer, got {stages!r}.")
     return stages * chunks
@@ -365,7 +409,7 @@ def _bytes(n: float) -> str:
 
 def _recompute_flags(recompute: Any, num_stages: int) -> list[bool]:
     """Per-stage recomputation flags from `"never"`, `"except_last"`, `"always"` or a list."""
-    modes = {
+    modes: dict[str, Callable[[int], bool]] = {
         "never": lambda k: False,
         "always": lambda k: True,
         "except_last": lambda k: k < num_stages - 1,

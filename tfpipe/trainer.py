@@ -8,14 +8,18 @@ the data, the way `model.fit` would on its first batch.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import keras
 import numpy as np
 import tensorflow as tf
 
+from tfpipe.errors import PipelineError
 from tfpipe.pipeline import Pipeline
 from tfpipe.schedules import Schedule
+
+if TYPE_CHECKING:
+    from tfpipe.planner import PlanConfig
 
 
 def fit(
@@ -34,10 +38,12 @@ def fit(
     split_points: Sequence[str] | None = None,
     recompute: str | Sequence[str | bool] = "never",
     check_numerics: bool = False,
+    replicas: int = 1,
     callbacks: list[keras.callbacks.Callback] | None = None,
     validation_data: Any = None,
     verbose: str | int = "auto",
     steps_per_epoch: int | None = None,
+    plan: PlanConfig | None = None,
     **fit_kwargs: Any,
 ) -> keras.callbacks.History:
     """Trains a compiled Keras model pipelined across devices; the result equals `model.fit`.
@@ -61,7 +67,13 @@ def fit(
         recompute: `"never"`, `"except_last"`, `"always"` or one flag per stage: recompute a
             stage's forward in its backward instead of keeping its activations.
         check_numerics: stop at the first NaN/Inf, naming the stage, layer and pass.
+        replicas: R data-parallel copies of the pipeline on R*K devices (see `Pipeline`);
+            each stage's gradients are all-reduced over its copies before the one update.
         callbacks, validation_data, verbose, steps_per_epoch, **fit_kwargs: as `model.fit`.
+        plan: a `tfpipe.planner.PlanConfig` (for example `tfpipe.plan(...).best`): its
+            `stages`, `balance`, `micro_batches`, `schedule`, `recompute`, `chunks` and
+            `devices`, exactly as if given one by one. `devices=` may still override its
+            devices; any other pipeline argument given with it must agree with it.
 
     Returns:
         The `keras.callbacks.History` of the run, with `history.pipeline` the `Pipeline`
@@ -75,6 +87,16 @@ def fit(
         >>> model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
         >>> history = tfpipe.fit(model, dataset, epochs=3, stages=4, micro_batches=8)
     """
+    if plan is not None:
+        given = {"stages": stages, "balance": balance, "micro_batches": micro_batches,
+                 "schedule": schedule, "chunks": chunks, "split_points": split_points,
+                 "recompute": recompute}
+        chosen = from_plan(plan, given)
+        stages, balance, schedule = chosen["stages"], chosen["balance"], chosen["schedule"]
+        micro_batches, chunks, recompute = (
+            chosen["micro_batches"], chosen["chunks"], chosen["recompute"]
+        )
+        devices = devices if devices is not None else list(plan.devices)
     build_from_data(model, x)
     pipe = pipeline_for(
         model,
@@ -88,6 +110,7 @@ def fit(
         split_points=split_points,
         recompute=recompute,
         check_numerics=check_numerics,
+        replicas=replicas,
     )
     history = pipe.fit(
         x,
@@ -102,6 +125,45 @@ def fit(
     )
     history.pipeline = pipe  # the stages, schedule and summary() of this run
     return history
+
+
+_DEFAULTS: dict[str, Any] = {
+    "stages": None, "balance": None, "micro_batches": 1, "schedule": "gpipe", "chunks": None,
+    "split_points": None, "recompute": "never",
+}
+
+
+def from_plan(plan: Any, given: dict[str, Any]) -> dict[str, Any]:
+    """The pipeline options of a planned configuration, checked against those given with it.
+
+    Args:
+        plan: a `tfpipe.planner.PlanConfig`.
+        given: the pipeline arguments the caller passed (defaults where not given).
+
+    Returns:
+        `given` with the plan's options filled in.
+
+    Raises:
+        PipelineError: when `plan` is not a configuration, or a given argument differs from
+            the plan's value for it.
+    """
+    if not callable(getattr(plan, "kwargs", None)) or not hasattr(plan, "devices"):
+        raise PipelineError(
+            f"plan={plan!r} is not a planned configuration: pass one of tfpipe.plan(...).configs, "
+            "for example plan.best."
+        )
+    wanted = {**_DEFAULTS, **plan.kwargs()}
+    out = dict(given)
+    for key, value in given.items():
+        listed = isinstance(value, (list, tuple))
+        same = (list(value) if listed else value) == wanted[key]
+        if value != _DEFAULTS[key] and not same:
+            raise PipelineError(
+                f"{key}={value!r} disagrees with the plan's {key}={wanted[key]!r}: drop {key} "
+                "(the plan sets it) or drop plan= and give every option yourself."
+            )
+        out[key] = wanted[key]
+    return out
 
 
 def evaluate(
@@ -170,7 +232,8 @@ def pipeline_for(model: keras.Model, sample: Callable[[], Any], **options: Any) 
     )
     cached = model.__dict__.get("_tfpipe_pipeline")
     if cached is not None and cached[0] == key:
-        return cached[1]
+        reused: Pipeline = cached[1]
+        return reused
     pipe = Pipeline(model, sample=sample(), **options)
     model.__dict__["_tfpipe_pipeline"] = (key, pipe)
     return pipe

@@ -108,17 +108,22 @@ def _flatten_sample(sample: Any, inputs: Any) -> list[Any]:
     flat = keras.tree.flatten(inputs)
     if isinstance(sample, dict) and not isinstance(inputs, dict):
         return [sample[t._keras_history.operation.name] for t in flat]
-    return keras.tree.flatten(sample)
+    leaves: list[Any] = keras.tree.flatten(sample)
+    return leaves
 
 
 def _time_call(
-    layer: keras.layers.Layer, args: tuple, kwargs: dict, device: str, repeats: int
+    layer: keras.layers.Layer,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    device: str,
+    repeats: int,
 ) -> float:
     floats = [
         a for a in keras.tree.flatten((args, kwargs)) if tf.is_tensor(a) and a.dtype.is_floating
     ]
 
-    @tf.function
+    @tf.function  # type: ignore[untyped-decorator]  # TensorFlow ships no type hints
     def step() -> list[tf.Tensor]:
         with tf.device(device), tf.GradientTape() as tape:
             tape.watch(floats)

@@ -27,7 +27,7 @@ def _checked_output(value: Any, forward: str, backward: str) -> Any:
     if not (tf.is_tensor(value) and value.dtype.is_floating):
         return value
 
-    @tf.custom_gradient
+    @tf.custom_gradient  # type: ignore[untyped-decorator]  # TensorFlow ships no type hints
     def identity(x: tf.Tensor) -> Any:
         def grad(dy: tf.Tensor) -> tf.Tensor:
             return tf.debugging.check_numerics(dy, backward)

@@ -42,20 +42,23 @@ from typing import Any
 
 import keras
 import tensorflow as tf
-from keras.src.losses.loss import unscale_loss_for_distribution
 
+from tfpipe.compat import unscale_loss_for_distribution
 from tfpipe.errors import PipelineError
+from tfpipe.executor.inputs import check_input_dtypes
 from tfpipe.executor.microbatch import MicroBatches, loss_reduction
 from tfpipe.executor.numerics import call_checked, check_gradients
+from tfpipe.executor.replicas import ReplicaReducer
 from tfpipe.partition import Stage
 from tfpipe.partition.graph import model_io
+from tfpipe.partition.stages import check_gradient_path
 from tfpipe.placement import owners
 from tfpipe.schedules import Action, Schedule, clock
 
 Key = tuple[int, int]
 
 
-class SparseParts(list):
+class SparseParts(list[Any]):
     """The IndexedSlices gradients of one variable from several micro-batches, combined by
     `combine_sparse` once all are known."""
 
@@ -116,6 +119,18 @@ def _sum_uses(a: Any, b: Any) -> Any:
 def _concat_slices(parts: list[tf.IndexedSlices]) -> tuple[tf.Tensor, tf.Tensor]:
     """Values and indices of several IndexedSlices, one after another."""
     return tf.concat([p.values for p in parts], 0), tf.concat([p.indices for p in parts], 0)
+
+
+def _graph_inputs(stage: Stage) -> list[Any]:
+    """`stage.inputs`, which every stage of a graph (not opaque) model has."""
+    assert stage.inputs is not None, f"stage {stage.index} of a graph model has no inputs"
+    return stage.inputs
+
+
+def _graph_outputs(stage: Stage) -> list[Any]:
+    """`stage.outputs`, which every stage of a graph (not opaque) model has."""
+    assert stage.outputs is not None, f"stage {stage.index} of a graph model has no outputs"
+    return stage.outputs
 
 
 def _float_leaves(structure: Any) -> list[tf.Tensor]:
@@ -221,15 +236,22 @@ class Executor:
         profile: bool = False,
         recompute: Sequence[bool] | None = None,
         check_numerics: bool = False,
+        replica_devices: Sequence[Sequence[str]] | None = None,
     ) -> None:
         self.model = model
         self.stages = stages
         self.schedule = schedule
         self.micro_batches = schedule.num_micro_batches
+        self.devices = [list(row) for row in replica_devices or [[st.device for st in stages]]]
+        self.replicas = len(self.devices)
+        self.reducer = ReplicaReducer(self.devices) if self.replicas > 1 else None
         self.order: list[Action] = [a for _, a in clock(schedule)]
-        self.forward_order = [a for a in self.order if a.kind == "F"]
-        self.waits = rank_waits(schedule)
-        self.replay_waits = rank_waits(schedule, kinds="BI")
+        # (replica, action) in program order; replica r's actions name its micro-batches
+        # r*M .. r*M+M-1 of the batch, so every key below is unique across replicas
+        self.runs = [(r, self._shift(a, r)) for a in self.order for r in range(self.replicas)]
+        self.forward_runs = [(r, a) for r, a in self.runs if a.kind == "F"]
+        self.waits = self._replicated(rank_waits(schedule))
+        self.replay_waits = self._replicated(rank_waits(schedule, kinds="BI"))
         self.recompute = list(recompute) if recompute is not None else [False] * len(stages)
         self.check_numerics = check_numerics
         self.made_by = {
@@ -244,7 +266,7 @@ class Executor:
             self.input_ids = [id(t) for t in keras.tree.flatten(struct_in)]
             self.output_struct = struct_out
             self.output_ids = [id(t) for t in keras.tree.flatten(struct_out)]
-            made_by = {id(t): st.index for st in stages for t in st.outputs}
+            made_by = {id(t): st.index for st in stages for t in _graph_outputs(st)}
             last = len(stages) - 1
             # model outputs made before the last stage: its tape watches them for the loss
             self.early_outputs = [i for i in self.output_ids if made_by.get(i, last) != last]
@@ -254,7 +276,7 @@ class Executor:
         self.stamps: tf.Variable | None = None
         if profile:
             self.stamps = tf.Variable(
-                tf.zeros((len(self.order), 2), tf.float64),
+                tf.zeros((len(self.runs), 2), tf.float64),
                 trainable=False,
                 name="tfpipe_action_times",
             )
@@ -276,8 +298,10 @@ class Executor:
                 f"loss {model.loss!r}, so each batch must be (x, y) or (x, y, sample_weight). "
                 "Pass y=... with array inputs, or a dataset of (x, y) pairs."
             )
-        mb = MicroBatches.split(x, y, sw, self.micro_batches, self.reduction)
-        state = _StepState(mb, [[None] * len(s.trainable_variables) for s in self.stages])
+        mb = MicroBatches.split(x, y, sw, self.micro_batches * self.replicas, self.reduction)
+        state = _StepState(
+            mb, [[None] * len(s.trainable_variables) for _ in self.devices for s in self.stages]
+        )
         self._feed(state)
         self.produced = {}
         run = {
@@ -286,43 +310,45 @@ class Executor:
             "I": self._input_grad,
             "W": self._weight_grad,
         }
-        for action in self.order:
+        for r, action in self.runs:
             stage = self.stages[action.stage]
-            with tf.device(stage.device), tf.name_scope(f"stage{action.stage}_{action}"):
+            with tf.device(self.devices[r][action.stage]), tf.name_scope(self._scope(r, action)):
                 produced = run[action.kind](action, stage, state)
             self.produced[action] = produced
             state.done[action] = _dense(produced)
         if self.stamps is not None:
             with tf.control_dependencies([t for ts in state.done.values() for t in ts]):
-                self.stamps.assign(tf.reshape(tf.stack(state.stamps), (len(self.order), 2)))
-        self._apply(state.grads)
+                self.stamps.assign(tf.reshape(tf.stack(state.stamps), (len(self.runs), 2)))
+        self._apply(self._all_reduce(state.grads))
         total = tf.add_n(state.losses)
         model._loss_tracker.update_state(
             unscale_loss_for_distribution(total), sample_weight=mb.batch
         )
-        return model.get_metrics_result()
+        metrics: dict[str, Any] = model.get_metrics_result()
+        return metrics
 
     def test_step(self, data: Any) -> dict[str, Any]:
         """One pipelined forward-only evaluation step, as Keras's `test_step`."""
         self.traces["test"] += 1
         x, y, sw = keras.utils.unpack_x_y_sample_weight(data)
-        mb = MicroBatches.split(x, y, sw, self.micro_batches, self.reduction)
+        mb = MicroBatches.split(x, y, sw, self.micro_batches * self.replicas, self.reduction)
         preds, losses = self._forward_only(mb, training=False)
         for m, out in enumerate(preds):
-            with tf.device(self.stages[-1].device):
+            with tf.device(self.devices[m // self.micro_batches][-1]):
                 losses.append(self._data_loss(mb, m, out))
                 self.model.compute_metrics(mb.xs[m], mb.ys[m], out, mb.sample_weights[m])
         total = tf.add_n(losses)
         self.model._loss_tracker.update_state(
             unscale_loss_for_distribution(total), sample_weight=mb.batch
         )
-        return self.model.get_metrics_result()
+        metrics: dict[str, Any] = self.model.get_metrics_result()
+        return metrics
 
     def predict_step(self, data: Any) -> Any:
         """One pipelined prediction step: the model outputs, concatenated over micro-batches."""
         self.traces["predict"] += 1
         x, _, _ = keras.utils.unpack_x_y_sample_weight(data)
-        mb = MicroBatches.split(x, None, None, self.micro_batches, self.reduction)
+        mb = MicroBatches.split(x, None, None, self.micro_batches * self.replicas, self.reduction)
         preds, _ = self._forward_only(mb, training=False)
         return keras.tree.map_structure(lambda *parts: tf.concat(parts, axis=0), *preds)
 
@@ -337,7 +363,9 @@ class Executor:
         """
         s, m = action.stage, action.micro_batch
         inputs, in_ids = self._inputs(stage, m, state, s == len(self.stages) - 1)
-        inputs = self._start(inputs, list(state.done.get(self.waits.get(action), [])), state)
+        wait = self.waits.get(action)
+        before = state.done.get(wait, []) if wait is not None else []
+        inputs = self._start(inputs, list(before), state)
         if self.recompute[s]:
             snapshot = [tf.identity(v.value) for v in stage.model.non_trainable_variables]
             outs, terms, rec = self._record(stage, m, inputs, in_ids, state, tape=None)
@@ -347,7 +375,7 @@ class Executor:
             outs, terms, rec = self._record(stage, m, inputs, in_ids, state, tape=tape)
         state.losses.extend(terms)
         state.recorded[(s, m)] = rec
-        produced = keras.tree.flatten(outs) + terms
+        produced: list[Any] = keras.tree.flatten(outs) + terms
         self._end(produced, state)
         return produced
 
@@ -392,8 +420,14 @@ class Executor:
             if extra is not None:
                 terms.append(extra)
             scaled = [self.model.optimizer.scale_loss(t) for t in terms]
+        if not last and not self.opaque:
+            check_gradient_path(stage, self.stages, [v.dtype.name for v in outs])
         sent = (
-            [] if last else [(id(t), v) for t, v in zip(stage.outputs, outs) if v.dtype.is_floating]
+            []
+            if last
+            else [
+                (id(t), v) for t, v in zip(_graph_outputs(stage), outs) if v.dtype.is_floating
+            ]
         )
         rec = _Recorded(
             tape,
@@ -424,7 +458,8 @@ class Executor:
         if rec.replay is None:
             return rec
         inputs, in_ids, snapshot = rec.replay
-        before = state.done.get(self.replay_waits.get(action), [])
+        wait = self.replay_waits.get(action)
+        before = state.done.get(wait, []) if wait is not None else []
         with tf.control_dependencies(_dense(seeds_ready) + list(before)):
             inputs = [tf.identity(v) for v in inputs]
         variables = stage.model.non_trainable_variables
@@ -446,6 +481,7 @@ class Executor:
         rec = self._replay(action, stage, rec, state, seeds)
         seeds = self._start(seeds, [], state)
         variables = stage.trainable_variables
+        assert rec.tape is not None, "_replay gives a recomputed stage its tape"
         result = rec.tape.gradient(
             rec.targets,
             rec.watched + variables,
@@ -466,6 +502,7 @@ class Executor:
         rec.seeds = self._start(seeds, [], state)
         result = []
         if rec.watched:
+            assert rec.tape is not None, "_replay gives a recomputed stage its tape"
             result = rec.tape.gradient(
                 rec.targets,
                 rec.watched,
@@ -484,6 +521,7 @@ class Executor:
         seeds = self._start(
             rec.seeds, state.done[Action(action.stage, "I", action.micro_batch)], state
         )
+        assert rec.tape is not None, "_replay gave a recomputed stage its tape at its I"
         result = rec.tape.gradient(
             rec.targets,
             stage.trainable_variables,
@@ -529,8 +567,10 @@ class Executor:
             prev = state.input_grads.get((m, i))
             state.input_grads[(m, i)] = g if prev is None else prev + g
         if weight_grads:
-            state.grads[s] = [_accumulate(t, g) for t, g in zip(state.grads[s], weight_grads)]
-        return list(input_grads) + (list(state.grads[s]) if weight_grads else [])
+            k = (m // self.micro_batches) * len(self.stages) + s  # this replica's stage s
+            state.grads[k] = [_accumulate(t, g) for t, g in zip(state.grads[k], weight_grads)]
+            return list(input_grads) + list(state.grads[k])
+        return list(input_grads)
 
     # profiling hooks --------------------------------------------------------------------------
 
@@ -576,9 +616,45 @@ class Executor:
         times = self.stamps.numpy()
         origin = times[:, 0].min()
         return [
-            (self.schedule.rank_of(a.stage), a, 1e3 * (t0 - origin), 1e3 * (t1 - origin))
-            for a, (t0, t1) in zip(self.order, times)
+            (
+                r * self.schedule.num_ranks + self.schedule.rank_of(a.stage),
+                a,
+                1e3 * (t0 - origin),
+                1e3 * (t1 - origin),
+            )
+            for (r, a), (t0, t1) in zip(self.runs, times)
         ]
+
+    # replicas -------------------------------------------------------------------------------
+
+    def _shift(self, action: Action, replica: int) -> Action:
+        """`action` as replica `replica` runs it: on micro-batch `replica * M + m`."""
+        return Action(action.stage, action.kind, action.micro_batch + replica * self.micro_batches)
+
+    def _replicated(self, waits: dict[Action, Action]) -> dict[Action, Action]:
+        """Per-rank waits of the schedule, for every replica's own actions."""
+        return {
+            self._shift(a, r): self._shift(w, r)
+            for a, w in waits.items()
+            for r in range(self.replicas)
+        }
+
+    def _scope(self, replica: int, action: Action) -> str:
+        name = f"stage{action.stage}_{action.kind}{action.micro_batch}"
+        return name if self.replicas == 1 else f"replica{replica}_{name}"
+
+    def _all_reduce(self, grads: list[list[Any]]) -> list[list[Any]]:
+        """Per stage, the gradients summed over replicas (`grads` holds R rows of K stages)."""
+        k = len(self.stages)
+        if self.reducer is None:
+            return grads
+        out = []
+        for s in range(k):
+            rows = [grads[r * k + s] for r in range(self.replicas)]
+            with tf.name_scope(f"stage{s}_all_reduce"):
+                summed = self.reducer.reduce(s, rows)
+            out.append([SparseParts(g) if isinstance(g, list) else g for g in summed])
+        return out
 
     # pieces ---------------------------------------------------------------------------------
 
@@ -590,13 +666,13 @@ class Executor:
         """
         state = _StepState(mb, [])
         self._feed(state)
-        preds: list[Any] = [None] * self.micro_batches
+        preds: list[Any] = [None] * (self.micro_batches * self.replicas)
         extras: list[tf.Tensor] = []
         last = len(self.stages) - 1
-        for action in self.forward_order:
+        for r, action in self.forward_runs:
             s, m = action.stage, action.micro_batch
             stage = self.stages[s]
-            with tf.device(stage.device), tf.name_scope(f"stage{s}_{action}"):
+            with tf.device(self.devices[r][s]), tf.name_scope(self._scope(r, action)):
                 inputs, in_ids = self._inputs(stage, m, state, s == last)
                 outs = self._call(stage, inputs, training=training, micro_batch=m)
                 self._publish(stage, m, outs, state)
@@ -627,13 +703,15 @@ class Executor:
                     f"{self.model.name!r} needs inputs named {names}; missing {missing}. "
                     "Name the dict keys after the model's keras.Input names."
                 )
-            return [x[n] for n in names]
-        flat = keras.tree.flatten(x)
+            flat: list[Any] = [x[n] for n in names]
+        else:
+            flat = keras.tree.flatten(x)
         if len(flat) != len(names):
             raise PipelineError(
                 f"Model {self.model.name!r} takes {len(names)} input(s) {names}, but each data "
                 f"element gives {len(flat)}: pass x as a tuple/list or dict of {len(names)} arrays."
             )
+        check_input_dtypes(self.model.name, names, [t.dtype for t in flat_struct], flat)
         return flat
 
     def _inputs(
@@ -645,7 +723,7 @@ class Executor:
         """
         if self.opaque:
             return [state.mb.xs[m]], [None]
-        ids = [id(t) for t in stage.inputs]
+        ids = [id(t) for t in _graph_inputs(stage)]
         if last:
             ids += [i for i in self.early_outputs if i not in ids]
         return [state.values[(m, i)] for i in ids], ids
@@ -654,15 +732,18 @@ class Executor:
         """Calls the stage's sub-model (layer by layer, checked, with `check_numerics`)."""
         if self.opaque:
             return [stage.model(inputs[0], training=training)]
-        inputs = inputs[: len(stage.inputs)]
+        inputs = inputs[: len(_graph_inputs(stage))]
         if self.check_numerics:
-            return keras.tree.flatten(call_checked(stage, inputs, training, micro_batch))
-        return keras.tree.flatten(stage.model(inputs, training=training))
+            outs = call_checked(stage, inputs, training, micro_batch)
+        else:
+            outs = stage.model(inputs, training=training)
+        flat: list[Any] = keras.tree.flatten(outs)
+        return flat
 
     def _publish(self, stage: Stage, m: int, outs: list[Any], state: _StepState) -> None:
         """Makes a stage's outputs for micro-batch m available to the stages that consume them."""
         if not self.opaque:
-            for t, v in zip(stage.outputs, outs):
+            for t, v in zip(_graph_outputs(stage), outs):
                 state.values[(m, id(t))] = v
 
     def _prediction(
@@ -671,7 +752,7 @@ class Executor:
         """The model's output structure for micro-batch m, from the last stage's view of it."""
         if self.opaque:
             return outs[0]
-        local = {**local, **{id(t): v for t, v in zip(stage.outputs, outs)}}
+        local = {**local, **{id(t): v for t, v in zip(_graph_outputs(stage), outs)}}
         return keras.tree.pack_sequence_as(self.output_struct, [local[i] for i in self.output_ids])
 
     def _data_loss(self, mb: MicroBatches, m: int, y_pred: Any) -> tf.Tensor:

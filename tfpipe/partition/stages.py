@@ -230,3 +230,47 @@ def split(
 
 def _is_graph_model(model: keras.Model) -> bool:
     return isinstance(model, keras.Sequential) or hasattr(model, "_outputs_struct")
+
+
+
+def check_gradient_paths(stages: Sequence[Stage]) -> None:
+    """Refuses a split that leaves a stage's weights with no gradient path to the loss.
+
+    A stage before the last trains only through the gradients its consumers send back for its
+    float outputs (or through its own regularisation losses). When everything it sends on is
+    integer or boolean (token ids, a quantised or `argmax` output), no gradient can come back:
+    plain Keras would warn "Gradients do not exist" and leave those weights untrained, which
+    in a pipeline is almost always a misplaced cut. Checked from the graph's declared dtypes
+    when the pipeline is built, and again by the executor on the traced outputs (a `Lambda`
+    layer declares float32 whatever it returns).
+
+    Raises:
+        PipelineError: naming the stage, its weights, the non-float tensors and the fixes.
+    """
+    for st in stages[:-1]:
+        if st.outputs is not None:
+            check_gradient_path(st, stages, [t.dtype for t in st.outputs])
+
+
+def check_gradient_path(stage: Stage, stages: Sequence[Stage], dtypes: Sequence[Any]) -> None:
+    """`check_gradient_paths` for one stage before the last, whose outputs have `dtypes`."""
+    later = {id(v) for s in stages[stage.index + 1 :] for v in s.trainable_variables}
+    own = [v for v in stage.trainable_variables if id(v) not in later]
+    floating = [
+        d for d in dtypes if keras.backend.is_float_dtype(keras.backend.standardize_dtype(d))
+    ]
+    if not own or floating or stage.model.losses or stage.outputs is None:
+        return
+    sent = ", ".join(
+        f"{t._keras_history.operation.name} ({keras.backend.standardize_dtype(d)})"
+        for t, d in zip(stage.outputs, dtypes)
+    )
+    names = [v.path for v in own][:6]
+    raise PipelineError(
+        f"Stage {stage.index} ({', '.join(layer.name for layer in stage.layers)}) has trainable "
+        f"weights {names}{' ...' if len(own) > 6 else ''} but sends the next stages only "
+        f"non-float tensors: {sent}. No gradient can flow back through them, so these "
+        "weights would never train (plain Keras warns 'Gradients do not exist'). Fix: cut "
+        "the model elsewhere (split_points=[...] or balance=[...]), cast to float before "
+        "the cut, or set those layers' trainable=False if they are meant to stay fixed."
+    )

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from tfpipe.schedules.actions import Action
 
@@ -115,20 +115,24 @@ def plot(
     return out
 
 
-def _rows(source: object) -> tuple[list[tuple[int, Action, float, float]], str]:
-    """Normalises a `Simulation` or tuples into `(rank, Action, start, end)` rows and a title."""
+def _rows(source: Any) -> tuple[list[tuple[int, Action, float, float]], str]:
+    """Normalises a `Simulation` or tuples into `(rank, Action, start, end)` rows and a title.
+
+    `source` is duck-typed (`Any`): anything with a `timeline` attribute is read as a
+    `Simulation`, anything else as an iterable of tuples, checked entry by entry below.
+    """
     timeline = getattr(source, "timeline", None)
     if timeline is not None:
-        sched = source.schedule  # type: ignore[attr-defined]
+        sched = source.schedule
         title = (
             f"{sched.name}: {sched.num_stages} stages, {sched.num_micro_batches} "
-            f"micro-batches, step {source.step_time:.4g}, "  # type: ignore[attr-defined]
+            f"micro-batches, step {source.step_time:.4g}, "
             f"bubble {100 * source.bubble_fraction:.1f}%"
-        )  # type: ignore[attr-defined]
+        )
     else:
         timeline, title = source, "timeline"
-    rows = []
-    for n, item in enumerate(timeline):  # type: ignore[union-attr]
+    rows: list[tuple[int, Action, float, float]] = []
+    for n, item in enumerate(timeline):
         try:
             rank, action, start, end = item
         except (TypeError, ValueError):

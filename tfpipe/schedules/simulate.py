@@ -83,7 +83,12 @@ class Costs:
 
 
 def _expand(label: str, value: float | Sequence[float], num_stages: int) -> tuple[float, ...]:
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
+    if isinstance(value, bool):
+        # bool is an int, but not a duration (this was always a TypeError).
+        raise TypeError(
+            f"Costs.{label}={value!r}: give a number of seconds or one number per stage."
+        )
+    if isinstance(value, (int, float)):
         values = (float(value),) * num_stages
     else:
         values = tuple(float(v) for v in value)

@@ -1,0 +1,135 @@
+"""The table of `workers.py` and `peer_torch.py`: speedups, schedule bounds and efficiencies.
+
+Both benchmarks time configurations under labels and hand `rows` a mapping from label to the
+milliseconds per step of every timed run. Labels:
+
+- `baseline`: one one-thread process running the whole model, one micro-batch (a);
+- `model.fit`: plain `model.fit` on that process (tfpipe only);
+- `sequential M=m`: one process, the same M micro-batches one after another, gradients
+  accumulated, one update (c);
+- `gpipe M=m`, `1f1b M=m`: two one-thread processes, a 2-stage pipeline (b);
+- `comm M=m`: the 2 M boundary hops of one step alone (tfpipe only; see `workers.py`).
+
+Definitions (K = 2 stages, M micro-batches, medians over the timed runs):
+
+- speedup = baseline ms / ms;
+- bound = K M / (M + K - 1) = 2M / (M + 1): the schedule's speedup over one process running
+  the same M micro-batches in sequence, when a micro-batch costs the same on either rank and
+  transfers are free (bubble (K-1)/(M+K-1));
+- eff = speedup / bound: against the whole-batch baseline, so it also pays what smaller
+  micro-batches cost;
+- vs seq = sequential M=m ms / ms (for M = 1 the baseline): the pipeline against the same
+  micro-batches in sequence, which isolates what pipelining gains;
+- eff/seq = vs seq / bound: the issue's "efficiency versus same-M sequential accumulation".
+
+Kept free of TensorFlow and PyTorch imports: the parent process of `workers.py` uses it.
+"""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any
+
+PIPELINED = ("gpipe", "1f1b")
+"""Schedule names that label pipelined configurations (the torch ones use the same names)."""
+
+HEADER = (
+    f"{'system':<7} {'config':<10} {'M':>3} {'ms/step':>8} {'spread':>6} {'speedup':>7} "
+    f"{'bound':>5} {'eff':>5} {'seq ms':>7} {'vs seq':>6} {'eff/seq':>7} {'comm ms':>7}"
+)
+
+
+def bound(m: int, k: int = 2) -> float:
+    """The schedule's speedup bound over sequential accumulation: K M / (M + K - 1)."""
+    return k * m / (m + k - 1)
+
+
+def split_label(label: str) -> tuple[str, int]:
+    """`"1f1b M=4"` -> `("1f1b", 4)`; `"baseline"` -> `("baseline", 1)`."""
+    name, _, m = label.partition(" M=")
+    return name, int(m) if m else 1
+
+
+def rows(system: str, times: dict[str, list[float]]) -> list[dict[str, Any]]:
+    """One row per configuration (comm rows folded into the pipelined rows of their M).
+
+    Args:
+        system: `"tfpipe"` or `"torch"`.
+        times: label -> milliseconds per step of each timed run.
+
+    Returns:
+        Dicts with `system, config, M, ms, spread` (max/min - 1 over the runs, a noise
+        gauge), `runs`, `speedup`, and for pipelined rows `bound, efficiency, sequential_ms,
+        speedup_vs_sequential, efficiency_vs_sequential, comm_ms`.
+    """
+    med = {label: statistics.median(v) for label, v in times.items() if v}
+    base = med.get("baseline")
+    out = []
+    for label, ms in med.items():
+        name, m = split_label(label)
+        if name == "comm" or name.startswith("probe"):
+            continue
+        row: dict[str, Any] = {
+            "system": system,
+            "config": name,
+            "M": m,
+            "ms": ms,
+            "spread": max(times[label]) / min(times[label]) - 1,
+            "runs": len(times[label]),
+            "speedup": base / ms if base else None,
+        }
+        if name in PIPELINED:
+            seq = med.get("baseline" if m == 1 else f"sequential M={m}")
+            row["bound"] = bound(m)
+            row["efficiency"] = row["speedup"] / bound(m) if base else None
+            row["sequential_ms"] = seq
+            row["speedup_vs_sequential"] = seq / ms if seq else None
+            row["efficiency_vs_sequential"] = seq / ms / bound(m) if seq else None
+            row["comm_ms"] = med.get(f"comm M={m}")
+        out.append(row)
+    order = {"baseline": 0, "model.fit": 1, "sequential": 2, "gpipe": 3, "1f1b": 4}
+    return sorted(out, key=lambda r: (order.get(r["config"], 9), r["M"]))
+
+
+def _num(value: float | None, width: int, digits: int) -> str:
+    return f"{value:{width}.{digits}f}" if value is not None else f"{'-':>{width}}"
+
+
+def format_rows(table: list[dict[str, Any]]) -> list[str]:
+    """The table as text lines, `HEADER` first."""
+    lines = [HEADER]
+    for r in table:
+        lines.append(
+            f"{r['system']:<7} {r['config']:<10} {r['M']:>3} {r['ms']:8.1f} "
+            f"{100 * r['spread']:5.0f}% {_num(r['speedup'], 7, 2)} "
+            f"{_num(r.get('bound'), 5, 2)} {_num(r.get('efficiency'), 5, 2)} "
+            f"{_num(r.get('sequential_ms'), 7, 1)} {_num(r.get('speedup_vs_sequential'), 6, 2)} "
+            f"{_num(r.get('efficiency_vs_sequential'), 7, 2)} {_num(r.get('comm_ms'), 7, 1)}"
+        )
+    return lines
+
+
+def best(table: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The pipelined row with the highest speedup over the baseline, or None."""
+    piped = [r for r in table if r["config"] in PIPELINED and r["speedup"] is not None]
+    return max(piped, key=lambda r: r["speedup"]) if piped else None
+
+
+def summary(table: list[dict[str, Any]]) -> str:
+    """One line: the best pipelined speedup, and the lowest 1F1B efficiency versus sequential."""
+    top = best(table)
+    if top is None:
+        return f"{table[0]['system'] if table else '?'}: no pipelined configuration timed"
+    line = (
+        f"{top['system']}: best speedup {top['speedup']:.2f} over its baseline "
+        f"({top['config']} M={top['M']}, {top['ms']:.1f} ms/step)"
+    )
+    effs = [
+        (r["efficiency_vs_sequential"], r["M"])
+        for r in table
+        if r["config"] == "1f1b" and r.get("efficiency_vs_sequential") is not None
+    ]
+    if effs:
+        low, at = min(effs)
+        line += f"; 1F1B efficiency vs same-M sequential: lowest {low:.2f} (M={at})"
+    return line

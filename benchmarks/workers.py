@@ -1,0 +1,519 @@
+"""Issue #6 / #7: a 2-stage pipeline on two one-thread `tfpipe worker` processes against one.
+
+The script starts two `python -m tfpipe worker` processes on free loopback ports and one
+client process that connects with `tfpipe.cluster(..., threads=1)` (thread limits of a
+worker are the client's, so each worker runs on one thread), then times, on the peer model
+(8 x Dense(1024, relu) + Dense(10), batch 256, SGD):
+
+- `baseline`: tfpipe with 1 stage, M = 1 on worker 0 (the whole model on one process);
+- `model.fit`: plain Keras `model.fit` with its step placed on worker 0;
+- `sequential M=m`: tfpipe, 1 stage on worker 0, M micro-batches in sequence;
+- `gpipe M=m`, `1f1b M=m`: tfpipe, 2 stages on workers 0 and 1;
+- `comm M=m`: the step's 2 M boundary hops alone: a function that sends a
+  (256/M) x 1024 float tensor worker 0 -> 1 -> 0 ... M times (each hop waits for the one
+  before), minus the same function kept on worker 0; an upper bound on what transfers add
+  to a step (in a pipeline they can overlap with compute);
+- probes: the time of one empty function call that touches both workers (`dispatch`), and
+  the extra time of feeding one 256 x 1024 batch from the client to worker 0 (`feed`).
+
+Method: every configuration is visited once per round, in a rotated order, for `--rounds`
+rounds (A B C ... B C A ...); each visit runs `--warmup` untimed steps (the first visit's
+also trace), then `--runs` timed runs of `--steps` steps. Figures are medians over all timed
+runs (rounds x runs). `--peer` also runs PyTorch's `torch.distributed.pipelining`
+(benchmarks/peer_torch.py) in every round, after tfpipe's configurations, so both systems see
+the same machine state. `--timeline` adds tfpipe's measured timelines (`profile=True`) of one
+step per configuration, for where the time goes. The machine's load (`os.getloadavg`) is
+recorded before and after.
+
+Worker and client processes are always ended at the end, also on an error, SIGTERM or
+Ctrl-C; every wait on them is bounded.
+
+Usage:
+    python benchmarks/workers.py [--quick] [--rounds 3] [--runs 2] [--steps 10]
+        [--micro-batches 1,2,4,8,16] [--schedules gpipe,1f1b] [--peer] [--timeline]
+        [--json out/workers.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+
+from speed_table import format_rows, rows, split_label, summary  # noqa: E402
+
+READY_TIMEOUT_S = 120.0
+ENV = {
+    **os.environ,
+    "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+    "TF_CPP_MIN_LOG_LEVEL": "2",
+}
+BATCH = 256
+WIDTH = 1024
+
+
+# the parent: processes ----------------------------------------------------------------------
+
+
+def free_port() -> int:
+    """A TCP port free on loopback now (a worker binds it moments later)."""
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return int(s.getsockname()[1])
+
+
+def end(proc: subprocess.Popen[Any]) -> None:
+    """Ends a process we started, whatever its state: resume, SIGTERM, then SIGKILL."""
+    if proc.poll() is not None:
+        return
+    for sig in (signal.SIGCONT, signal.SIGTERM):
+        try:
+            os.kill(proc.pid, sig)
+        except ProcessLookupError:
+            return
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+class Lines:
+    """A child process's stdout, read line by line in a thread, with bounded waits."""
+
+    def __init__(self, proc: subprocess.Popen[str], log: Path) -> None:
+        self.proc, self.log = proc, log
+        self.queue: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.queue.put(line.rstrip("\n"))
+        self.queue.put(None)
+
+    def next(self, timeout_s: float, what: str) -> str:
+        """The next line, or a RuntimeError with the process's log tail after `timeout_s`."""
+        try:
+            line = self.queue.get(timeout=timeout_s)
+        except queue.Empty:
+            line = None
+            reason = f"nothing within {timeout_s:.0f} s"
+        else:
+            reason = "the process ended"
+        if line is None:
+            tail = self.log.read_text()[-3000:] if self.log.exists() else ""
+            raise RuntimeError(
+                f"{what}: {reason} (exit status {self.proc.poll()}); log {self.log}:\n{tail}"
+            )
+        return line
+
+
+def start_workers(n: int, started: list[subprocess.Popen[Any]], logs: Path) -> list[str]:
+    """Starts n one-thread `tfpipe worker`s on free loopback ports; waits until each is ready."""
+    addresses = [f"localhost:{free_port()}" for _ in range(n)]
+    readers = []
+    for task in range(n):
+        log = logs / f"worker{task}.log"
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tfpipe", "worker", "--cluster", ",".join(addresses),
+             "--task", str(task), "--threads", "1"],
+            stdout=subprocess.PIPE, stderr=log.open("w"), text=True, env=ENV, cwd=logs,
+        )
+        started.append(proc)
+        readers.append(Lines(proc, log))
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    for task, reader in enumerate(readers):
+        line = reader.next(max(deadline - time.monotonic(), 1.0), f"worker {task}")
+        if line != f"tfpipe worker {task} ready at {addresses[task]}":
+            raise RuntimeError(f"worker {task} printed {line!r}")
+    return addresses
+
+
+class Client:
+    """The client process (`workers.py --client ...`), driven by commands on its stdin."""
+
+    def __init__(self, args: argparse.Namespace, addresses: list[str],
+                 started: list[subprocess.Popen[Any]], logs: Path) -> None:
+        log = logs / "client.log"
+        cmd = [sys.executable, __file__, "--client", ",".join(addresses),
+               "--micro-batches", args.micro_batches, "--schedules", args.schedules,
+               "--steps", str(args.steps), "--runs", str(args.runs), "--warmup", str(args.warmup)]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=log.open("w"), text=True, env=ENV, cwd=ROOT)
+        started.append(self.proc)
+        self.lines = Lines(self.proc, log)
+
+    def request(self, command: str, timeout_s: float) -> Any:
+        """Sends one command; returns the JSON of its `RESULT` line."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+        deadline = time.monotonic() + timeout_s
+        while True:
+            line = self.lines.next(max(deadline - time.monotonic(), 1.0), f"client {command!r}")
+            if line.startswith("RESULT "):
+                return json.loads(line[len("RESULT "):])
+            print(f"  [client] {line}", flush=True)
+
+    def quit(self, timeout_s: float) -> None:
+        """Asks the client to end, and waits for it (bounded)."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        self.proc.wait(timeout=timeout_s)
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def parent(args: argparse.Namespace) -> None:
+    """Starts the workers and the client, runs the rounds, prints and writes the results."""
+    signal.signal(signal.SIGTERM, _raise_interrupt)  # so the finally below ends the children
+    started: list[subprocess.Popen[Any]] = []
+    logs = Path(tempfile.mkdtemp(prefix="tfpipe-workers-bench-"))
+    peer = None
+    if args.peer:
+        import peer_torch as peer  # optional: needs torch
+
+        peer.check_torch()
+    report: dict[str, Any] = {"args": vars(args), "load_before": os.getloadavg()}
+    times: dict[str, dict[str, list[float]]] = {"tfpipe": {}, "torch": {}}
+    try:
+        addresses = start_workers(2, started, logs)
+        client = Client(args, addresses, started, logs)
+        report["setup"] = client.request("setup", READY_TIMEOUT_S + 300)
+        print(f"[workers] {addresses}, stages {report['setup']['stage_layers']}, "
+              f"logs in {logs}", flush=True)
+        for r in range(args.rounds):
+            t0 = time.monotonic()
+            for label, ms in client.request(f"round {r}", args.round_timeout).items():
+                times["tfpipe"].setdefault(label, []).extend(ms)
+            took = time.monotonic() - t0
+            if peer is not None:
+                t0 = time.monotonic()
+                for label, ms in peer.torch_round(args, r, logs).items():
+                    times["torch"].setdefault(label, []).extend(ms)
+                took_torch = time.monotonic() - t0
+                print(f"[round {r + 1}/{args.rounds}] tfpipe {took:.0f} s, torch "
+                      f"{took_torch:.0f} s, load {os.getloadavg()[0]:.2f}", flush=True)
+            else:
+                print(f"[round {r + 1}/{args.rounds}] {took:.0f} s, "
+                      f"load {os.getloadavg()[0]:.2f}", flush=True)
+        if args.timeline:
+            report["timeline"] = client.request("timeline", args.round_timeout)
+        report["traces"] = client.request("traces", 60)
+        client.quit(60)
+    finally:
+        for proc in reversed(started):
+            end(proc)
+    report["processes"] = {"pids": [p.pid for p in started],
+                           "exit_status": [p.returncode for p in started]}
+    report["load_after"] = os.getloadavg()
+    report["times_ms"] = times
+    table = rows("tfpipe", times["tfpipe"]) + (rows("torch", times["torch"]) if peer else [])
+    report["rows"] = table
+    print("\n".join(format_rows(table)))
+    probes = times["tfpipe"]
+    print(f"[probes] one empty call on both workers {_median(probes['probe:dispatch']):.2f} ms; "
+          f"feeding a {BATCH}x{WIDTH} batch to worker 0 adds {_median(probes['probe:feed']):.2f} "
+          "ms")
+    print("[summary] " + summary([r for r in table if r["system"] == "tfpipe"]))
+    if peer is not None:
+        print("[summary] " + summary([r for r in table if r["system"] == "torch"]))
+    if args.timeline:
+        _print_timelines(report["timeline"])
+    print(f"[load] 1-min load average {report['load_before'][0]:.2f} before, "
+          f"{report['load_after'][0]:.2f} after ({os.cpu_count()} CPUs)")
+    if args.json:
+        os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+
+
+def _median(values: list[float]) -> float:
+    import statistics
+
+    return statistics.median(values)
+
+
+def _print_timelines(timelines: list[dict[str, Any]]) -> None:
+    print("[timeline] one profiled step per configuration (ms): wall = time per step seen by "
+          "Keras; span = first action start to last action end; busy = sum of a rank's actions;"
+          " F/B = mean per micro-batch per stage; hop = mean gap between a stage's action and "
+          "the next stage's one on the same micro-batch")
+    print(f"{'config':<16} {'wall':>6} {'span':>6} {'wall-span':>9} {'busy0':>6} {'busy1':>6} "
+          f"{'F0':>5} {'F1':>5} {'B0':>5} {'B1':>5} {'hop':>5}")
+    for t in timelines:
+        f, b, busy = t["forward_ms"], t["backward_ms"], t["busy_ms"]
+        two = len(busy) > 1
+        print(f"{t['config']:<16} {t['wall_ms']:6.1f} {t['span_ms']:6.1f} "
+              f"{t['wall_ms'] - t['span_ms']:9.1f} {busy[0]:6.1f} "
+              f"{busy[1] if two else 0:6.1f} {f[0]:5.2f} {f[1] if two else 0:5.2f} "
+              f"{b[0]:5.2f} {b[1] if two else 0:5.2f} {t['hop_ms'] or 0:5.2f}")
+
+
+# the client -----------------------------------------------------------------------------------
+
+
+class Runner:
+    """Times one configuration: `run(n, callback)` runs n training steps."""
+
+    def __init__(self, run: Callable[[int, Any], None]) -> None:
+        self.run = run
+
+    def visit(self, warmup: int, runs: int, steps: int) -> list[float]:
+        """`warmup` untimed steps, then ms per step of each of `runs` runs of `steps` steps."""
+        import keras
+
+        stamps: list[float] = []
+
+        class Stamps(keras.callbacks.Callback):
+            def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
+                stamps.append(time.perf_counter())
+
+        self.run(warmup + runs * steps, Stamps())
+        w = warmup - 1
+        return [1e3 * (stamps[w + (r + 1) * steps] - stamps[w + r * steps]) / steps
+                for r in range(runs)]
+
+
+class Probe:
+    """Times a function call: ms per call of each run, or differences of two functions."""
+
+    def __init__(self, fn: Callable[[], Any], minus: Callable[[], Any] | None = None) -> None:
+        self.fn, self.minus = fn, minus
+
+    def visit(self, warmup: int, runs: int, steps: int) -> list[float]:
+        out = []
+        for _ in range(runs):
+            t = [self._time(f, warmup, steps) for f in (self.fn, self.minus) if f is not None]
+            out.append(t[0] - (t[1] if len(t) > 1 else 0.0))
+        return out
+
+    @staticmethod
+    def _time(fn: Callable[[], Any], warmup: int, steps: int) -> float:
+        for _ in range(warmup):
+            fn()
+        start = time.perf_counter()
+        for _ in range(steps):
+            fn()
+        return 1e3 * (time.perf_counter() - start) / steps
+
+
+def client(args: argparse.Namespace) -> None:
+    """The client process: connects, builds every configuration, answers commands on stdin."""
+    import tfpipe
+
+    devices = tfpipe.cluster(args.client, threads=1, timeout_s=60)  # before TensorFlow starts
+    import keras
+    import tensorflow as tf
+    from common import compiled, data_for
+
+    d0, d1 = devices
+    ms = [int(m) for m in args.micro_batches.split(",")]
+    schedules = [s for s in args.schedules.split(",") if s]
+    data = data_for("mlp", BATCH, 8)
+    fit = dict(epochs=1, verbose=0)
+
+    def piped(stages: int, m: int, schedule: str = "gpipe", profile: bool = False) -> Any:
+        return tfpipe.Pipeline(compiled("mlp"), stages=stages, devices=[d0, d1][:stages],
+                               micro_batches=m, schedule=schedule, profile=profile)
+
+    def fitting(pipe: Any) -> Callable[[int, Any], None]:
+        return lambda n, cb: pipe.fit(data, steps_per_epoch=n, callbacks=[cb], **fit)
+
+    pipes: dict[str, Any] = {"baseline": piped(1, 1)}
+    runners: dict[str, Any] = {"baseline": Runner(fitting(pipes["baseline"]))}
+    plain = _plain_on(d0, compiled, tf)
+    runners["model.fit"] = Runner(
+        lambda n, cb: plain.fit(data, steps_per_epoch=n, callbacks=[cb], **fit))
+    for m in ms:
+        labels = ([f"sequential M={m}"] if m > 1 else []) + [f"{s} M={m}" for s in schedules]
+        for label in labels:
+            schedule, _ = split_label(label)
+            pipes[label] = piped(1, m) if schedule == "sequential" else piped(2, m, schedule)
+            runners[label] = Runner(fitting(pipes[label]))
+        runners[f"comm M={m}"] = Probe(_hops(d0, d1, BATCH // m, m, tf),
+                                       _hops(d0, d0, BATCH // m, m, tf))
+    runners["probe:dispatch"] = Probe(_empty(d0, d1, tf))
+    x = tf.constant(next(iter(data))[0])  # on the client
+    small = tf.constant(x[:1])
+    runners["probe:feed"] = Probe(_reduce(d0, tf, x), _reduce(d0, tf, small))
+
+    pipe2 = pipes[f"{schedules[0]} M={ms[0]}"]
+    setup = {
+        "devices": devices,
+        "stage_layers": [[layer.name for layer in st.layers] for st in pipe2.stages],
+        "stage_params": [st.num_params for st in pipe2.stages],
+        "model_fit_kernel_device": plain.layers[0].kernel.value.device,
+        "tensorflow": tf.__version__, "keras": keras.__version__,
+    }
+    labels = list(runners)
+    for line in sys.stdin:
+        command = line.split()
+        if not command:
+            continue
+        if command[0] == "setup":
+            out: Any = setup
+        elif command[0] == "round":
+            k = int(command[1]) % len(labels)  # rotate the order from round to round
+            out = {}
+            for label in labels[k:] + labels[:k]:
+                out[label] = runners[label].visit(args.warmup, args.runs, args.steps)
+        elif command[0] == "traces":  # each step traced once, in its first visit
+            out = {label: dict(p.executor.traces) for label, p in pipes.items()}
+        elif command[0] == "timeline":
+            out = [_timeline(piped, data, d, m, s, args) for m in ms
+                   for d, s in [(1, "gpipe")] + [(2, s) for s in schedules]]
+        else:
+            break
+        print("RESULT " + json.dumps(out), flush=True)
+
+
+def _plain_on(device: str, compiled: Callable[..., Any], tf: Any) -> Any:
+    """A compiled model whose variables, optimizer and training step are all on `device`,
+    with the data iterator on the client as for tfpipe: plain Keras, step placed there."""
+    with tf.device(device):
+        model = compiled("mlp")
+        model.optimizer.build(model.trainable_variables)
+    step = model.train_step
+
+    def train_step(data: Any) -> Any:
+        with tf.device(device):
+            return step(data)
+
+    model.train_step = train_step
+    return model
+
+
+def _hops(d0: str, far: str, rows: int, m: int, tf: Any) -> Callable[[], Any]:
+    """A function sending a rows x 1024 tensor d0 -> far -> d0 ... m times, each hop after the
+    one before (with far == d0, the same arithmetic without transfers)."""
+    with tf.device(d0):
+        a = tf.Variable(tf.ones((rows, WIDTH)))
+        c0 = tf.Variable(1e-3)
+    with tf.device(far):
+        c1 = tf.Variable(-1e-3)
+
+    @tf.function(autograph=False)
+    def hops() -> Any:
+        with tf.device(d0):
+            t = a.read_value()
+        for _ in range(m):
+            with tf.device(far):
+                t = t + c1  # forward: the activation arrives on the next stage
+            with tf.device(d0):
+                t = t + c0  # backward: its gradient comes back
+        with tf.device(d0):
+            return tf.reduce_sum(t[:1, :1])
+
+    return hops
+
+
+def _empty(d0: str, d1: str, tf: Any) -> Callable[[], Any]:
+    with tf.device(d0):
+        a = tf.Variable(1.0)
+    with tf.device(d1):
+        b = tf.Variable(1.0)
+
+    @tf.function(autograph=False)
+    def empty() -> Any:
+        with tf.device(d0):
+            u = a + 1.0
+        with tf.device(d1):
+            v = b + 1.0
+        return u + v
+
+    return empty
+
+
+def _reduce(d0: str, tf: Any, x: Any) -> Callable[[], Any]:
+    @tf.function(autograph=False)
+    def reduce(t: Any) -> Any:
+        with tf.device(d0):
+            return tf.reduce_sum(t[:1])
+
+    return lambda: reduce(x)
+
+
+def _timeline(piped: Callable[..., Any], data: Any, stages: int, m: int, schedule: str,
+              args: argparse.Namespace) -> dict[str, Any]:
+    """One profiled configuration: wall time per step and the latest step's measured timeline."""
+    pipe = piped(stages, m, schedule, profile=True)
+    walls = Runner(lambda n, cb: pipe.fit(data, steps_per_epoch=n, callbacks=[cb],
+                                          epochs=1, verbose=0)).visit(2, 1, args.steps)
+    timeline = pipe.timeline()
+    busy = [0.0] * stages
+    fwd: list[list[float]] = [[] for _ in range(stages)]
+    bwd: list[list[float]] = [[] for _ in range(stages)]
+    when = {}
+    for rank, action, start, end in timeline:
+        busy[rank] += end - start
+        (fwd if action.kind == "F" else bwd)[action.stage].append(end - start)
+        when[(action.kind, action.stage, action.micro_batch)] = (start, end)
+    gaps = []
+    for (kind, s, mb), (start, _) in when.items():
+        before = (kind, s - 1, mb) if kind == "F" else (kind, s + 1, mb)
+        if before in when:
+            gaps.append(start - when[before][1])
+    span = max(e for *_, e in timeline) - min(s for _, _, s, _ in timeline)
+    return {
+        "config": f"{'sequential' if stages == 1 else schedule} M={m}",
+        "wall_ms": walls[0], "span_ms": span, "busy_ms": busy,
+        "forward_ms": [sum(v) / len(v) for v in fwd],
+        "backward_ms": [sum(v) / len(v) for v in bwd],
+        "hop_ms": sum(gaps) / len(gaps) if gaps else None,
+        "actions": [[rank, str(a), s, e] for rank, a, s, e in timeline],
+    }
+
+
+# entry point --------------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--runs", type=int, default=2, help="timed runs per visit")
+    parser.add_argument("--steps", type=int, default=10, help="steps per timed run")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per visit")
+    parser.add_argument("--micro-batches", default=None, help="default 1,2,4,8,16 (1,2 quick)")
+    parser.add_argument("--schedules", default="gpipe,1f1b")
+    parser.add_argument("--peer", action="store_true",
+                        help="also time torch.distributed.pipelining in every round")
+    parser.add_argument("--timeline", action="store_true",
+                        help="also record tfpipe's measured timeline of each configuration")
+    parser.add_argument("--quick", action="store_true",
+                        help="a smoke run: M in {1, 2}, 2 rounds of 1 run of 2 steps")
+    parser.add_argument("--round-timeout", type=float, default=1800.0)
+    parser.add_argument("--json", "--out", dest="json", default="out/workers.json")
+    parser.add_argument("--client", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.quick:
+        args.rounds, args.runs, args.steps, args.warmup = 2, 1, 2, 1
+    args.micro_batches = args.micro_batches or ("1,2" if args.quick else "1,2,4,8,16")
+    if args.warmup < 1 or args.rounds < 1 or args.runs < 1 or args.steps < 1:
+        parser.error("--warmup, --rounds, --runs and --steps must be at least 1")
+    if args.client:
+        client(args)
+    else:
+        parent(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,69 @@
+"""Smoke tests of benchmarks/workers.py and benchmarks/peer_torch.py (quick mode).
+
+They check that the scripts run end to end, end every process they start and write their
+rows; no timing is asserted (performance targets are never asserted in unit tests). The
+PyTorch one runs only where torch is installed (the `bench` extra).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "2"}
+
+
+def _run(script: str, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), *args],
+                          capture_output=True, text=True, timeout=timeout, env=ENV, cwd=ROOT)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
+    return proc
+
+
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def test_workers_benchmark_quick(tmp_path):
+    out = tmp_path / "workers.json"
+    proc = _run("workers.py", "--quick", "--schedules", "1f1b", "--micro-batches", "2",
+                "--timeline", "--json", str(out))
+    report = json.loads(out.read_text())
+    rows = report["rows"]
+    assert {(r["config"], r["M"]) for r in rows} == {
+        ("baseline", 1), ("model.fit", 1), ("sequential", 2), ("1f1b", 2)}
+    assert all(r["ms"] > 0 and r["runs"] == 2 for r in rows)  # 2 rounds x 1 run
+    piped = next(r for r in rows if r["config"] == "1f1b")
+    assert piped["bound"] == pytest.approx(4 / 3)
+    assert piped["comm_ms"] is not None and piped["sequential_ms"] is not None
+    assert piped["efficiency_vs_sequential"] == pytest.approx(
+        piped["sequential_ms"] / piped["ms"] / piped["bound"])
+    assert [len(s) for s in report["setup"]["stage_layers"]] == [4, 5]
+    assert report["setup"]["model_fit_kernel_device"].endswith("task:0/device:CPU:0")
+    assert all(t == {"train": 1} for t in report["traces"].values()), report["traces"]
+    assert [t["config"] for t in report["timeline"]] == ["sequential M=2", "1f1b M=2"]
+    assert "1f1b" in proc.stdout and "[summary] tfpipe" in proc.stdout
+    # two workers and the client, all ended
+    assert len(report["processes"]["pids"]) == 3
+    assert all(_gone(pid) for pid in report["processes"]["pids"])
+
+
+def test_peer_torch_quick(tmp_path):
+    pytest.importorskip("torch.distributed.pipelining")
+    out = tmp_path / "torch.json"
+    proc = _run("peer_torch.py", "--quick", "--schedules", "1f1b", "--json", str(out))
+    rows = json.loads(out.read_text())["rows"]
+    assert {(r["config"], r["M"]) for r in rows} == {
+        ("baseline", 1), ("sequential", 2), ("1f1b", 2)}
+    assert all(r["ms"] > 0 for r in rows)
+    assert "[summary] torch" in proc.stdout

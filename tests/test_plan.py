@@ -1,0 +1,232 @@
+"""The planner: measured costs, ranked configurations, memory budgets, and plans that train exactly like `model.fit`."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import tfpipe
+from tests.models import StepLog, assert_same_training, build, data
+from tfpipe import cli
+from tfpipe.planner import Edge, Profile, search
+from tfpipe.planner.costs import CostModel, parse_bytes
+
+ROOT = Path(__file__).resolve().parents[1]
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+GPUS = [f"/device:GPU:{i}" for i in range(4)]  # names only: `search` does no TensorFlow work
+# As in test_schedule_execution: Adam through 9 tanh layers lifts float32 summation-order
+# noise in near-zero gradients to ~2e-5 relative; SGD keeps the 1e-5 comparison tight.
+OPT = "sgd"
+
+
+def synthetic(n: int = 8, overhead: float = 1e-3, per_sample: float = 1e-5,
+              sizes=(1, 2, 4, 8, 16, 32, 64), act: float = 4096.0, state: float = 1e5) -> Profile:
+    """A chain of n equal layers whose time is `overhead + per_sample * size`."""
+    edges = (Edge(-1, (0,), act),) + tuple(
+        Edge(i, (i + 1,) if i + 1 < n else (), act) for i in range(n))
+    seconds = tuple((s, tuple(overhead + per_sample * s for _ in range(n))) for s in sizes)
+    return Profile(tuple(f"dense_{i}" for i in range(n)), (1e4,) * n, (state,) * n, (act,) * n,
+                   edges, seconds, "/device:GPU:0")
+
+
+# the cost model, on hand-made profiles -------------------------------------------------------
+
+def test_small_micro_batches_cost_what_they_measured():
+    prof = synthetic()
+    plan = search(prof, 64, GPUS[:1], micro_batches=(1, 4), schedules=("gpipe",),
+                  recompute=("never",))
+    step = {c.micro_batches: c.step_time for c in plan.configs}
+    # one device: the step is M micro-batches of ceil(64 / M) samples, each at its own time
+    assert step[1] == pytest.approx(8 * (1e-3 + 1e-5 * 64))
+    assert step[4] == pytest.approx(4 * 8 * (1e-3 + 1e-5 * 16))
+    assert step[4] > 2.5 * step[1]  # a linear share of the batch would make them equal
+
+
+def test_profile_interpolates_between_measured_sizes():
+    prof = synthetic(sizes=(4, 16))
+    assert prof.layer_seconds(10)[0] == pytest.approx(1e-3 + 1e-5 * 10)
+    assert prof.layer_seconds(2) == prof.layer_seconds(4)  # below: per-call overhead dominates
+    assert prof.layer_seconds(32)[0] == pytest.approx(2 * (1e-3 + 1e-5 * 16))
+
+
+def test_memory_follows_schedule_and_recompute():
+    model = CostModel(synthetic(), batch_size=64, bandwidth=10e9)
+    peak = {
+        (s, r): max(model.estimate([2, 2, 2, 2], 8, s, recompute=r).peak_bytes)
+        for s in ("gpipe", "1f1b") for r in ("never", "always")
+    }
+    assert peak["gpipe", "never"] > peak["1f1b", "never"] > peak["1f1b", "always"]
+    # 1F1B holds K = 4 micro-batches on stage 0: state + 4 x (input + 2 outputs) x 8 samples
+    state, per_mb = 2 * 1e5, 3 * 4096.0 * 8
+    assert model.estimate([2, 2, 2, 2], 8, "1f1b").peak_bytes[0] == pytest.approx(state + 4 * per_mb)
+
+
+def test_transfer_costs_bytes_over_bandwidth():
+    slow = CostModel(synthetic(), 64, bandwidth=1e6).estimate([2, 2, 2, 2], 8, "1f1b")
+    fast = CostModel(synthetic(), 64, bandwidth=1e12).estimate([2, 2, 2, 2], 8, "1f1b")
+    assert slow.transfer == pytest.approx(4096.0 * 8 / 1e6)
+    assert slow.step_time > fast.step_time + 10 * slow.transfer
+
+
+def test_shared_processor_adds_up_all_work():
+    shared = CostModel(synthetic(), 64, 10e9, parallel=False).estimate([2, 2, 2, 2], 8, "1f1b")
+    hops = 2 * 3 * 8  # each of 8 micro-batches crosses 3 cuts forward and 3 back
+    work = sum(shared.simulation.busy_time) + hops * shared.transfer
+    assert shared.step_time == pytest.approx(work, rel=1e-9)
+    assert shared.step_time > shared.simulation.step_time
+
+
+def test_ranked_fitting_first_then_by_peak():
+    plan = search(synthetic(), 64, GPUS, memory_budget=600e3)
+    fits = [c.fits for c in plan.configs]
+    assert fits == sorted(fits, reverse=True) and 0 < sum(fits) < len(fits)
+    times = [c.step_time for c in plan.fitting]
+    assert times == sorted(times, key=lambda t: float(f"{t:.6g}"))
+    assert all(c.peak_memory <= 600e3 for c in plan.fitting)
+    assert all(c.peak_memory > 600e3 for c in plan.configs if not c.fits)
+    assert plan.best is plan.configs[0] and plan.best.fits
+    names = {(c.schedule, c.recompute) for c in plan.configs}
+    assert ("interleaved", "always") in names and ("zb-h1", "except_last") in names
+    for c in plan.configs:
+        kw = c.kwargs()
+        assert sum(kw["balance"]) == 8 and len(kw["balance"]) == c.stages * c.chunks
+        assert c.micro_batches <= 64 and c.devices == tuple(GPUS[: c.stages])
+
+
+def test_no_configuration_fits():
+    smallest = min(c.peak_memory for c in search(synthetic(), 64, GPUS).configs)
+    with pytest.raises(tfpipe.PipelineError) as err:
+        search(synthetic(), 64, GPUS, memory_budget=smallest / 2)
+    message = str(err.value)
+    assert "No configuration fits memory_budget=" in message
+    assert f"smallest peak found is {smallest / 1024:.1f} KiB" in message
+    assert "Raise memory_budget" in message and "more devices" in message
+
+
+def test_parse_bytes():
+    assert parse_bytes("2GiB") == 2 * 2**30
+    assert parse_bytes("1.5 GB") == 1.5e9
+    with pytest.raises(ValueError, match="2 gigs"):
+        parse_bytes("2 gigs")
+
+
+# measured on the 4 logical CPU devices -------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def planned():
+    model = build("deep", OPT)
+    x, _ = data("deep")
+    before = [w.numpy().copy() for w in model.weights]
+    plan = tfpipe.plan(model, x[:16], devices=tfpipe.default_devices(), stages=(2, 4),
+                       micro_batches=(1, 2, 8), repeats=3)
+    return model, before, plan
+
+
+def test_plan_measures_each_micro_batch_size(planned, tmp_path):
+    model, before, plan = planned
+    prof = plan.profile
+    assert prof.sizes == (2, 8, 16) and prof.num_layers == 9
+    per_sample = {s: sum(prof.layer_seconds(s)) / s for s in prof.sizes}
+    # small micro-batches cost more per sample (about 8x for these tiny layers; only 1x is
+    # asserted, as a busy machine can slow one size's measurements several-fold)
+    assert per_sample[2] > per_sample[16]
+    for c in plan.configs:  # every prediction is timed at its own micro-batch size
+        assert c.micro_batch_size == 16 // c.micro_batches
+        if (c.schedule, c.recompute) == ("gpipe", "never"):  # devices take turns: all work
+            work = c.micro_batches * sum(prof.layer_seconds(c.micro_batch_size))
+            assert work <= c.step_time < work * 1.01
+    assert all(c.stages in (2, 4) for c in plan.configs)
+    for w, b in zip(model.weights, before):  # planning changed nothing
+        np.testing.assert_array_equal(w.numpy(), b)
+    text = str(plan)
+    assert text.startswith("Plan for 'deep': batch 16") and "best: tfpipe.fit(model" in text
+    assert len(text.splitlines()) == 2 + 2 + 10 + 2
+    png = tmp_path / "best.png"
+    assert plan.plot(png) == str(png) and png.read_bytes().startswith(PNG_SIGNATURE)
+
+
+def test_plan_best_trains_like_keras(planned):
+    model, _, plan = planned
+    x, y = data("deep")
+    ref, ref_log = build("deep", OPT), StepLog()
+    ref.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0, callbacks=[ref_log])
+    log = StepLog()
+    history = tfpipe.fit(model, x, y, batch_size=16, epochs=2, plan=plan.best, shuffle=False,
+                         verbose=0, callbacks=[log])
+    pipe = history.pipeline
+    assert len({st.device for st in pipe.stages}) == plan.best.stages
+    assert [len(st.layers) for st in pipe.stages] == list(plan.best.balance)
+    assert pipe.micro_batches == plan.best.micro_batches
+    assert_same_training(ref, ref_log, model, log)
+
+
+def test_plan_kwargs_train_like_keras(planned):
+    _, _, plan = planned
+    config = next(c for c in plan.configs
+                  if c.schedule in ("interleaved", "zb-h1") and c.recompute != "never")
+    x, y = data("deep")
+    ref, ref_log = build("deep", OPT), StepLog()
+    ref.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0, callbacks=[ref_log])
+    model, log = build("deep", OPT), StepLog()
+    tfpipe.fit(model, x, y, batch_size=16, epochs=1, **config.kwargs(),
+               devices=tfpipe.default_devices(), shuffle=False, verbose=0, callbacks=[log])
+    assert_same_training(ref, ref_log, model, log)
+
+
+def test_fit_refuses_arguments_that_contradict_the_plan(planned):
+    _, _, plan = planned
+    x, y = data("deep")
+    other = plan.best.micro_batches * 2
+    with pytest.raises(tfpipe.PipelineError, match=f"micro_batches={other} disagrees with the plan"):
+        tfpipe.fit(build("deep", OPT), x, y, plan=plan.best, micro_batches=other)
+
+
+# the command line ----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def saved_mlp(tmp_path_factory):
+    path = tmp_path_factory.mktemp("plan") / "mlp.keras"
+    model = build("mlp", "adam")
+    model.optimizer.build(model.trainable_variables)  # saved with its slots: loads silently
+    model.save(path)
+    return path
+
+
+def test_cli_plan_prints_ranked_table_and_writes_png(saved_mlp, tmp_path):
+    png = tmp_path / "out" / "plan.png"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "2"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "tfpipe", "plan", str(saved_mlp), "--batch", "8", "--devices",
+         "2", "--memory-budget", "64KiB", "--plot", str(png), "--top", "5", "--repeats", "2"],
+        capture_output=True, text=True, timeout=180, env=env, cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    assert lines[0].startswith("Plan for 'mlp': batch 8 on up to 2 devices")
+    assert "at micro-batch sizes 1, 2, 4, 8" in lines[1]
+    assert lines[2].split() == ["#", "K", "M", "schedule", "recompute", "balance", "step",
+                                "ms", "samples/s", "bubble", "peak/device", "fits"]
+    assert [line.split()[0] for line in lines[4:9]] == ["1", "2", "3", "4", "5"]
+    assert lines[-2].startswith("best: tfpipe.fit(model, ..., stages=")
+    assert lines[-1] == f"wrote {png}"
+    assert png.read_bytes().startswith(PNG_SIGNATURE)
+
+
+def test_cli_plan_errors(saved_mlp, tmp_path, capsys):
+    assert cli.main(["plan", str(saved_mlp), "--batch", "8", "--devices", "2",
+                     "--memory-budget", "2 gigs"]) == 2
+    assert "Cannot read '2 gigs' as a size in bytes" in capsys.readouterr().err
+    assert cli.main(["plan", str(tmp_path / "missing.keras"), "--batch", "8",
+                     "--devices", "2"]) == 1
+    assert "no model file" in capsys.readouterr().err
+    status = cli.main(["plan", str(saved_mlp), "--batch", "8", "--devices", "2",
+                       "--memory-budget", "1KiB", "--repeats", "1"])
+    err = capsys.readouterr().err
+    assert status == 1, err
+    assert err.startswith("tfpipe plan: error: No configuration fits memory_budget=1.0 KiB")
+    assert "the smallest peak found is" in err
