@@ -221,6 +221,8 @@ CASES = [
          tfpipe.PipelineError, r"Stage 0 \(scores, argmax\) has trainable weights \['scores/kernel', 'scores/bias'\] but sends the next stages only non-float tensors: argmax \(int(32|64)\).*cut the model elsewhere"),
     Case("non-float stage output hidden in a Lambda layer", lambda: fit(quantised_cut(), split_points=["back"]),
          tfpipe.PipelineError, r"Stage 0 \(d0, quant\) .* non-float tensors: quant \(int32\)", after_placement=True),
+    Case("replicas without one device per stage per copy", lambda: tfpipe.Pipeline(mlp(), stages=2, replicas=2, devices=["/cpu:0", "/cpu:1", "/cpu:2"]),
+         tfpipe.PipelineError, r"replicas=2 copies of a 2-device pipeline need 4 devices.*Give 4 devices"),
     Case("timeline without profiling", lambda: tfpipe.Pipeline(mlp(), stages=2).timeline(),
          ValueError, r"No timeline: build the Pipeline with profile=True", after_placement=True),
 ]

@@ -66,6 +66,13 @@ def test_two_replicas_of_a_two_stage_pipeline_equal_model_fit(schedule, micro_ba
     assert {op.device for op in reduces} == set(CPUS)
 
 
+def test_replicas_with_recompute_and_interleaved_schedule():
+    fit_both("mlp", dict(stages=2, replicas=2, devices=CPUS, micro_batches=2,
+                         recompute="except_last"), optimizer="sgd")
+    fit_both("deep", dict(stages=1, chunks=2, schedule="interleaved", replicas=2,
+                          devices=CPUS[:2], micro_batches=2), optimizer="sgd")
+
+
 def test_four_replicas_of_one_stage_is_plain_data_parallel():
     fit_both("functional", dict(stages=1, replicas=4, devices=CPUS, micro_batches=1))
 
