@@ -7,6 +7,9 @@ same M micro-batches with one plain `GradientTape` each and sums the gradients (
 accumulation"), which isolates what tfpipe's accumulation adds beyond the smaller products.
 All figures are throughput ratios from medians of `--repeats` runs, measured in one process.
 
+`measure_overhead` and `measure_micro_batching` are also used by `benchmarks/gpu.py`, which
+runs them on one logical GPU.
+
 Usage:
     python benchmarks/overhead.py [--models mlp,transformer] [--repeats 5] [--steps 30]
         [--micro-batches 2,4,8,16] [--json out/overhead.json]
@@ -18,7 +21,9 @@ import argparse
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -34,78 +39,150 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
 
-    import tensorflow as tf
-    from common import compiled, data_for, median, side_by_side
-
-    import tfpipe
-
-    report = {"args": vars(args), "overhead": {}, "micro_batching": {}}
+    report: dict[str, Any] = {"args": vars(args), "overhead": {}, "micro_batching": {}}
+    counts = [int(m) for m in args.micro_batches.split(",")]
     for name in args.models.split(","):
         batch = args.batch if name == "mlp" else 64
-        data = data_for(name, batch, args.steps)
-        plain, piped = compiled(name), compiled(name)
-        pipe = tfpipe.Pipeline(piped, stages=1, devices=["/cpu:0"])
-        fit = dict(epochs=1, steps_per_epoch=args.steps, verbose=0)
-        times = side_by_side(
-            {
-                "model.fit": lambda t: plain.fit(data, callbacks=[t], **fit),
-                "tfpipe": lambda t: pipe.fit(data, callbacks=[t], **fit),
-            },
-            args.repeats,
-        )
-        ratio = median(times["model.fit"]) / median(times["tfpipe"])
-        report["overhead"][name] = {
-            "model_fit_ms": 1e3 * median(times["model.fit"]),
-            "tfpipe_ms": 1e3 * median(times["tfpipe"]),
-            "throughput_ratio": ratio,
-        }
+        result = measure_overhead(name, batch, args.steps, args.repeats)
+        report["overhead"][name] = result
         print(
-            f"[overhead] {name}: model.fit {1e3 * median(times['model.fit']):.1f} ms/step, "
-            f"tfpipe (1 stage, M=1) {1e3 * median(times['tfpipe']):.1f} ms/step, "
-            f"throughput ratio {ratio:.3f}"
+            f"[overhead] {name}: model.fit {result['model_fit_ms']:.1f} ms/step, "
+            f"tfpipe (1 stage, M=1) {result['tfpipe_ms']:.1f} ms/step, "
+            f"throughput ratio {result['throughput_ratio']:.3f}"
         )
-
-        runs = {}
-        counts = [1] + [int(m) for m in args.micro_batches.split(",")]
-        for m in counts:
-            model = compiled(name)
-            p = tfpipe.Pipeline(model, stages=1, micro_batches=m, devices=["/cpu:0"])
-            runs[f"tfpipe M={m}"] = (lambda p: lambda t: p.fit(data, callbacks=[t], **fit))(p)
-            if m > 1:
-                runs[f"sequential M={m}"] = _sequential(compiled(name), data, m, args.steps, tf)
-        times = side_by_side(runs, args.repeats)
-        base = median(times["tfpipe M=1"])
-        print(
-            f"[micro-batching] {name}, batch {batch}: "
-            f"{'M':>3} {'ms/step':>8} {'vs M=1':>7} {'seq. ms':>8} {'tfpipe/seq':>10}"
-        )
-        for m in counts:
-            t = median(times[f"tfpipe M={m}"])
-            seq = median(times[f"sequential M={m}"]) if m > 1 else t
-            report["micro_batching"].setdefault(name, []).append(
-                {
-                    "M": m,
-                    "ms": 1e3 * t,
-                    "throughput_vs_M1": base / t,
-                    "sequential_ms": 1e3 * seq,
-                    "throughput_vs_sequential": seq / t,
-                }
-            )
-            print(f"{'':>30}{m:>3} {1e3 * t:8.1f} {base / t:7.2f} {1e3 * seq:8.1f} {seq / t:10.2f}")
+        rows = measure_micro_batching(name, batch, counts, args.steps, args.repeats)
+        report["micro_batching"][name] = rows
+        print(micro_batching_table(name, batch, rows))
     if args.json:
         os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)
 
 
-def _sequential(model, data, m, steps, tf):
+def measure_overhead(
+    name: str,
+    batch: int,
+    steps: int,
+    repeats: int,
+    device: str = "/cpu:0",
+    no_xla_baseline: bool = False,
+) -> dict[str, Any]:
+    """Target 1: `model.fit` against tfpipe with 1 stage and M = 1 on `device`, in turn.
+
+    Args:
+        name: `"mlp"` or `"transformer"` (see `common.compiled`).
+        batch: the global batch.
+        steps: steps per timed fit (the first one, which traces, is not timed).
+        repeats: fits of each configuration; medians are reported.
+        device: the device of the tfpipe stage; `model.fit` runs on the default device, which
+            must be the same one (the first GPU, or CPU:0 without GPUs).
+        no_xla_baseline: also time `model.fit` with `jit_compile=False`. On a GPU Keras's
+            default `jit_compile="auto"` compiles `model.fit`'s step with XLA, which tfpipe
+            does not (one XLA program cannot span devices); this isolates that difference.
+
+    Returns:
+        `model_fit_ms`, `tfpipe_ms`, `throughput_ratio` (model.fit time / tfpipe time), the
+        resolved `model_fit_jit_compile`, and with `no_xla_baseline` also `model_fit_no_xla_ms`
+        and `throughput_ratio_vs_no_xla`.
+    """
+    from common import compiled, data_for, median, side_by_side
+
+    import tfpipe
+
+    data = data_for(name, batch, steps)
+    plain, piped = compiled(name), compiled(name)
+    pipe = tfpipe.Pipeline(piped, stages=1, devices=[device])
+    fit: dict[str, Any] = dict(epochs=1, steps_per_epoch=steps, verbose=0)
+    runs: dict[str, Callable[[Any], None]] = {
+        "model.fit": lambda t: plain.fit(data, callbacks=[t], **fit),
+        "tfpipe": lambda t: pipe.fit(data, callbacks=[t], **fit),
+    }
+    if no_xla_baseline:
+        no_xla = compiled(name)
+        no_xla.jit_compile = False
+        runs["model.fit no XLA"] = lambda t: no_xla.fit(data, callbacks=[t], **fit)
+    times = side_by_side(runs, repeats)
+    result: dict[str, Any] = {
+        "model_fit_ms": 1e3 * median(times["model.fit"]),
+        "tfpipe_ms": 1e3 * median(times["tfpipe"]),
+        "throughput_ratio": median(times["model.fit"]) / median(times["tfpipe"]),
+        "model_fit_jit_compile": bool(plain.jit_compile),
+    }
+    if no_xla_baseline:
+        result["model_fit_no_xla_ms"] = 1e3 * median(times["model.fit no XLA"])
+        result["throughput_ratio_vs_no_xla"] = median(times["model.fit no XLA"]) / median(
+            times["tfpipe"]
+        )
+    return result
+
+
+def measure_micro_batching(
+    name: str, batch: int, counts: list[int], steps: int, repeats: int, device: str = "/cpu:0"
+) -> list[dict[str, float]]:
+    """Target 2: tfpipe with 1 stage and M micro-batches against M = 1 (and against
+    sequential accumulation of the same M), on `device`, fitted in turn.
+
+    Args:
+        counts: the M values besides 1, for example `[2, 4, 8, 16]`.
+
+    Returns:
+        One row per M (M = 1 first): `M`, `ms`, `throughput_vs_M1`, `sequential_ms`,
+        `throughput_vs_sequential`.
+    """
+    import tensorflow as tf
+    from common import compiled, data_for, median, side_by_side
+
+    import tfpipe
+
+    data = data_for(name, batch, steps)
+    fit: dict[str, Any] = dict(epochs=1, steps_per_epoch=steps, verbose=0)
+    runs: dict[str, Callable[[Any], None]] = {}
+    ms = [1] + [m for m in counts if m != 1]
+    for m in ms:
+        p = tfpipe.Pipeline(compiled(name), stages=1, micro_batches=m, devices=[device])
+        runs[f"tfpipe M={m}"] = (lambda p: lambda t: p.fit(data, callbacks=[t], **fit))(p)
+        if m > 1:
+            runs[f"sequential M={m}"] = _sequential(compiled(name), data, m, steps, tf)
+    times = side_by_side(runs, repeats)
+    base = median(times["tfpipe M=1"])
+    rows = []
+    for m in ms:
+        t = median(times[f"tfpipe M={m}"])
+        seq = median(times[f"sequential M={m}"]) if m > 1 else t
+        rows.append(
+            {
+                "M": m,
+                "ms": 1e3 * t,
+                "throughput_vs_M1": base / t,
+                "sequential_ms": 1e3 * seq,
+                "throughput_vs_sequential": seq / t,
+            }
+        )
+    return rows
+
+
+def micro_batching_table(name: str, batch: int, rows: list[dict[str, float]]) -> str:
+    """The `[micro-batching]` table printed by `main` (and by `benchmarks/gpu.py`)."""
+    lines = [
+        f"[micro-batching] {name}, batch {batch}: "
+        f"{'M':>3} {'ms/step':>8} {'vs M=1':>7} {'seq. ms':>8} {'tfpipe/seq':>10}"
+    ]
+    for r in rows:
+        lines.append(
+            f"{'':>30}{int(r['M']):>3} {r['ms']:8.1f} {r['throughput_vs_M1']:7.2f} "
+            f"{r['sequential_ms']:8.1f} {r['throughput_vs_sequential']:10.2f}"
+        )
+    return "\n".join(lines)
+
+
+def _sequential(model: Any, data: Any, m: int, steps: int, tf: Any) -> Callable[[Any], None]:
     """A hand-written step: M micro-batches, one tape each, gradients summed, one update."""
     loss_fn = model.loss
     variables = model.trainable_variables
     model.optimizer.build(variables)
 
     @tf.function(autograph=False)
-    def step(x, y):
+    def step(x: Any, y: Any) -> None:
         xs, ys = tf.split(x, m), tf.split(y, m)
         grads = [tf.zeros_like(v) for v in variables]
         for i in range(m):
@@ -117,7 +194,7 @@ def _sequential(model, data, m, steps, tf):
 
     iterator = iter(data)
 
-    def run(timer):
+    def run(timer: Any) -> None:
         import time
 
         x, y = next(iterator)
