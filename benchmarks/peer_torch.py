@@ -23,7 +23,8 @@ Needs the `bench` extra: `pip install -e '.[bench]'` (torch 2.13.0).
 
 Usage:
     python benchmarks/peer_torch.py [--quick] [--rounds 3] [--runs 2] [--steps 10]
-        [--micro-batches 2,4,8,16] [--schedules gpipe,1f1b] [--json out/peer_torch.json]
+        [--micro-batches 2,4,8,16] [--schedules gpipe,1f1b] [--quiet 0.3 --quiet-wait 30]
+        [--json out/peer_torch.json]
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from speed_table import format_rows, rows, summary  # noqa: E402
+from speed_table import format_rows, rows, summary, wait_quiet  # noqa: E402
 
 BATCH = 256
 WIDTH = 1024
@@ -99,20 +100,30 @@ def _result(proc: subprocess.Popen[str], log: Path, what: str, timeout_s: float)
     return json.loads(found[-1]) if found else None
 
 
-def torch_round(args: argparse.Namespace, round_index: int, logs: Path) -> dict[str, list[float]]:
-    """One round: every torch configuration once; label -> ms per step of each timed run."""
+def torch_round(args: argparse.Namespace, round_index: int, logs: Path,
+                busy: list[Any] | None = None) -> dict[str, list[float]]:
+    """One round: every torch configuration once; label -> ms per step of each timed run.
+
+    With `args.quiet`, each part (the single process, the pair) waits for the machine to be
+    quiet first (`speed_table.wait_quiet`); `[part, round, busy fraction]` go to `busy`.
+    """
+    busy = [] if busy is None else busy
     common = ["--micro-batches", args.micro_batches, "--schedules", args.schedules,
               "--steps", str(args.steps), "--runs", str(args.runs), "--warmup", str(args.warmup),
-              "--round", str(round_index)]
+              "--round", str(round_index), "--quiet-wait", str(args.quiet_wait)]
+    if args.quiet is not None:
+        common += ["--quiet", str(args.quiet)]
     started: list[subprocess.Popen[str]] = []
     out: dict[str, list[float]] = {}
     try:
+        busy.append(["torch single", round_index, wait_quiet(args.quiet, args.quiet_wait)])
         log = logs / "torch-single.log"
         single = subprocess.Popen([sys.executable, __file__, "--role", "single", *common],
                                   stdout=subprocess.PIPE, stderr=log.open("w"), text=True,
                                   env=ENV)
         started.append(single)
         out.update(_result(single, log, "single process", args.round_timeout))
+        busy.append(["torch pair", round_index, wait_quiet(args.quiet, args.quiet_wait)])
         port = _free_port()
         pair, pair_logs = [], []
         for rank in (0, 1):
@@ -141,9 +152,10 @@ def orchestrate(args: argparse.Namespace) -> None:
     logs = Path(tempfile.mkdtemp(prefix="tfpipe-torch-bench-"))
     load_before = os.getloadavg()
     times: dict[str, list[float]] = {}
+    busy: list[Any] = []
     for r in range(args.rounds):
         t0 = time.monotonic()
-        for label, ms in torch_round(args, r, logs).items():
+        for label, ms in torch_round(args, r, logs, busy).items():
             times.setdefault(label, []).extend(ms)
         print(f"[round {r + 1}/{args.rounds}] {time.monotonic() - t0:.0f} s, "
               f"load {os.getloadavg()[0]:.2f}", flush=True)
@@ -159,7 +171,8 @@ def orchestrate(args: argparse.Namespace) -> None:
         os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "torch": torch.__version__, "load_before": load_before,
-                       "load_after": load_after, "times_ms": times, "rows": table}, f, indent=2)
+                       "load_after": load_after, "busy": busy, "times_ms": times, "rows": table},
+                      f, indent=2)
 
 
 # the timed processes ------------------------------------------------------------------------
@@ -235,7 +248,10 @@ def single(args: argparse.Namespace) -> dict[str, list[float]]:
             opt.step()
             opt.zero_grad()
 
-        out["baseline" if m == 1 else f"sequential M={m}"] = _time_runs(step, args)
+        label = "baseline" if m == 1 else f"sequential M={m}"
+        if args.quiet is not None:
+            out[f"busy:{label}"] = [wait_quiet(args.quiet, args.quiet_wait)]
+        out[label] = _time_runs(step, args)
     return out
 
 
@@ -249,7 +265,7 @@ def rank(args: argparse.Namespace) -> dict[str, list[float]]:
 
     _one_thread()
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{args.port}", rank=args.rank,
-                            world_size=2, timeout=timedelta(seconds=300))
+                            world_size=2, timeout=timedelta(seconds=300 + args.quiet_wait))
     kinds = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
     data = _data()
     loss_fn = torch.nn.CrossEntropyLoss()
@@ -274,7 +290,12 @@ def rank(args: argparse.Namespace) -> dict[str, list[float]]:
                 opt.step()
                 opt.zero_grad()
 
-            out[f"{schedule} M={m}"] = _time_runs(step, args, sync=dist.barrier)
+            label = f"{schedule} M={m}"
+            if args.quiet is not None:  # rank 0 waits for a quiet machine, rank 1 for rank 0
+                if args.rank == 0:
+                    out[f"busy:{label}"] = [wait_quiet(args.quiet, args.quiet_wait)]
+                dist.barrier()
+            out[label] = _time_runs(step, args, sync=dist.barrier)
     finally:
         dist.destroy_process_group()
     return out
@@ -297,6 +318,11 @@ def main() -> None:
     parser.add_argument("--schedules", default="gpipe,1f1b")
     parser.add_argument("--quick", action="store_true",
                         help="a smoke run: M = 2, 2 rounds of 1 run of 2 steps")
+    parser.add_argument("--quiet", type=float, default=None, metavar="BUSY",
+                        help="before each part of a round, wait until the CPUs are less than "
+                        "this fraction busy (other work on a shared machine)")
+    parser.add_argument("--quiet-wait", type=float, default=300.0,
+                        help="the longest such wait, in seconds")
     parser.add_argument("--round-timeout", type=float, default=1800.0)
     parser.add_argument("--json", "--out", dest="json", default="out/peer_torch.json")
     parser.add_argument("--role", choices=["single", "rank"], default=None, help=argparse.SUPPRESS)

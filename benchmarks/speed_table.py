@@ -8,7 +8,8 @@ milliseconds per step of every timed run. Labels:
 - `sequential M=m`: one process, the same M micro-batches one after another, gradients
   accumulated, one update (c);
 - `gpipe M=m`, `1f1b M=m`: two one-thread processes, a 2-stage pipeline (b);
-- `comm M=m`: the 2 M boundary hops of one step alone (tfpipe only; see `workers.py`).
+- `comm M=m`: the 2 M boundary hops of one step alone (tfpipe only; see `workers.py`);
+- labels with a colon (`probe:dispatch`, `busy:<label>`) are extra figures, not rows.
 
 Definitions (K = 2 stages, M micro-batches, medians over the timed runs):
 
@@ -67,7 +68,7 @@ def rows(system: str, times: dict[str, list[float]]) -> list[dict[str, Any]]:
     out = []
     for label, ms in med.items():
         name, m = split_label(label)
-        if name == "comm" or name.startswith("probe"):
+        if name == "comm" or ":" in name:  # "probe:...", "busy:...": not table rows
             continue
         row: dict[str, Any] = {
             "system": system,
@@ -133,3 +134,37 @@ def summary(table: list[dict[str, Any]]) -> str:
         low, at = min(effs)
         line += f"; 1F1B efficiency vs same-M sequential: lowest {low:.2f} (M={at})"
     return line
+
+
+def cpu_busy(seconds: float = 2.0) -> float:
+    """Fraction of all CPUs' time spent busy over the next `seconds` (Linux `/proc/stat`)."""
+    import time
+
+    def sample() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+        return sum(fields), idle
+
+    total0, idle0 = sample()
+    time.sleep(seconds)
+    total1, idle1 = sample()
+    return 1.0 - (idle1 - idle0) / max(total1 - total0, 1)
+
+
+def wait_quiet(limit: float | None, max_wait_s: float) -> float | None:
+    """Waits (at most `max_wait_s`) until the CPUs are less than `limit` busy; returns the
+    last busy fraction measured (None when `limit` is None: no waiting, nothing measured).
+
+    Called while the benchmark's own processes are idle, so what it sees is other work on a
+    shared machine.
+    """
+    if limit is None:
+        return None
+    import time
+
+    deadline = time.monotonic() + max_wait_s
+    busy = cpu_busy()
+    while busy >= limit and time.monotonic() < deadline:
+        busy = cpu_busy()
+    return busy

@@ -21,9 +21,10 @@ rounds (A B C ... B C A ...); each visit runs `--warmup` untimed steps (the firs
 also trace), then `--runs` timed runs of `--steps` steps. Figures are medians over all timed
 runs (rounds x runs). `--peer` also runs PyTorch's `torch.distributed.pipelining`
 (benchmarks/peer_torch.py) in every round, after tfpipe's configurations, so both systems see
-the same machine state. `--timeline` adds tfpipe's measured timelines (`profile=True`) of one
-step per configuration, for where the time goes. The machine's load (`os.getloadavg`) is
-recorded before and after.
+the same machine state. `--timeline` adds tfpipe's measured timelines (`profile=True`) of each
+configuration, for where the time goes. The machine's load (`os.getloadavg`) is recorded
+before and after; on a shared machine `--quiet 0.3` makes each visit first wait (at most
+`--quiet-wait` seconds) until the CPUs are less than 30% busy, and records what it saw.
 
 Worker and client processes are always ended at the end, also on an error, SIGTERM or
 Ctrl-C; every wait on them is bounded.
@@ -31,7 +32,7 @@ Ctrl-C; every wait on them is bounded.
 Usage:
     python benchmarks/workers.py [--quick] [--rounds 3] [--runs 2] [--steps 10]
         [--micro-batches 1,2,4,8,16] [--schedules gpipe,1f1b] [--peer] [--timeline]
-        [--json out/workers.json]
+        [--quiet 0.3 --quiet-wait 30] [--json out/workers.json]
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
-from speed_table import format_rows, rows, split_label, summary  # noqa: E402
+from speed_table import format_rows, rows, split_label, summary, wait_quiet  # noqa: E402
 
 READY_TIMEOUT_S = 120.0
 ENV = {
@@ -153,7 +154,10 @@ class Client:
         log = logs / "client.log"
         cmd = [sys.executable, __file__, "--client", ",".join(addresses),
                "--micro-batches", args.micro_batches, "--schedules", args.schedules,
-               "--steps", str(args.steps), "--runs", str(args.runs), "--warmup", str(args.warmup)]
+               "--steps", str(args.steps), "--runs", str(args.runs), "--warmup", str(args.warmup),
+               "--quiet-wait", str(args.quiet_wait)]
+        if args.quiet is not None:
+            cmd += ["--quiet", str(args.quiet)]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=log.open("w"), text=True, env=ENV, cwd=ROOT)
         started.append(self.proc)
@@ -200,6 +204,7 @@ def parent(args: argparse.Namespace) -> None:
         report["setup"] = client.request("setup", READY_TIMEOUT_S + 300)
         print(f"[workers] {addresses}, stages {report['setup']['stage_layers']}, "
               f"logs in {logs}", flush=True)
+        busy: list[Any] = []  # torch: CPUs' busy fraction before each part of each round
         for r in range(args.rounds):
             t0 = time.monotonic()
             for label, ms in client.request(f"round {r}", args.round_timeout).items():
@@ -207,7 +212,7 @@ def parent(args: argparse.Namespace) -> None:
             took = time.monotonic() - t0
             if peer is not None:
                 t0 = time.monotonic()
-                for label, ms in peer.torch_round(args, r, logs).items():
+                for label, ms in peer.torch_round(args, r, logs, busy).items():
                     times["torch"].setdefault(label, []).extend(ms)
                 took_torch = time.monotonic() - t0
                 print(f"[round {r + 1}/{args.rounds}] tfpipe {took:.0f} s, torch "
@@ -225,6 +230,7 @@ def parent(args: argparse.Namespace) -> None:
     report["processes"] = {"pids": [p.pid for p in started],
                            "exit_status": [p.returncode for p in started]}
     report["load_after"] = os.getloadavg()
+    report["busy"] = busy
     report["times_ms"] = times
     table = rows("tfpipe", times["tfpipe"]) + (rows("torch", times["torch"]) if peer else [])
     report["rows"] = table
@@ -240,6 +246,13 @@ def parent(args: argparse.Namespace) -> None:
         _print_timelines(report["timeline"])
     print(f"[load] 1-min load average {report['load_before'][0]:.2f} before, "
           f"{report['load_after'][0]:.2f} after ({os.cpu_count()} CPUs)")
+    if args.quiet is not None:
+        seen = [b for k, v in times["tfpipe"].items() if k.startswith("busy:") for b in v]
+        seen += [b for k, v in times["torch"].items() if k.startswith("busy:") for b in v]
+        seen += [b for *_, b in busy]
+        print(f"[quiet] before each visit the CPUs were {100 * min(seen):.0f}-"
+              f"{100 * max(seen):.0f}% busy (median {100 * _median(seen):.0f}%; limit "
+              f"{100 * args.quiet:.0f}%, waits of at most {args.quiet_wait:.0f} s)")
     if args.json:
         os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
         with open(args.json, "w") as f:
@@ -253,17 +266,18 @@ def _median(values: list[float]) -> float:
 
 
 def _print_timelines(timelines: list[dict[str, Any]]) -> None:
-    print("[timeline] one profiled step per configuration (ms): wall = time per step seen by "
+    print("[timeline] profiled steps (profile=True), ms: wall = time per step seen by "
           "Keras; span = first action start to last action end; busy = sum of a rank's actions;"
           " F/B = mean per micro-batch per stage; hop = mean gap between a stage's action and "
-          "the next stage's one on the same micro-batch")
-    print(f"{'config':<16} {'wall':>6} {'span':>6} {'wall-span':>9} {'busy0':>6} {'busy1':>6} "
-          f"{'F0':>5} {'F1':>5} {'B0':>5} {'B1':>5} {'hop':>5}")
+          "the next stage's one on the same micro-batch; ideal = the schedule's span with these "
+          "F/B and free transfers (tfpipe.schedules.simulate); medians over the profiled steps")
+    print(f"{'config':<16} {'wall':>6} {'span':>6} {'wall-span':>9} {'ideal':>6} {'busy0':>6} "
+          f"{'busy1':>6} {'F0':>5} {'F1':>5} {'B0':>5} {'B1':>5} {'hop':>5}")
     for t in timelines:
         f, b, busy = t["forward_ms"], t["backward_ms"], t["busy_ms"]
         two = len(busy) > 1
         print(f"{t['config']:<16} {t['wall_ms']:6.1f} {t['span_ms']:6.1f} "
-              f"{t['wall_ms'] - t['span_ms']:9.1f} {busy[0]:6.1f} "
+              f"{t['wall_ms'] - t['span_ms']:9.1f} {t['predicted_span_ms']:6.1f} {busy[0]:6.1f} "
               f"{busy[1] if two else 0:6.1f} {f[0]:5.2f} {f[1] if two else 0:5.2f} "
               f"{b[0]:5.2f} {b[1] if two else 0:5.2f} {t['hop_ms'] or 0:5.2f}")
 
@@ -375,6 +389,8 @@ def client(args: argparse.Namespace) -> None:
             k = int(command[1]) % len(labels)  # rotate the order from round to round
             out = {}
             for label in labels[k:] + labels[:k]:
+                if args.quiet is not None:
+                    out[f"busy:{label}"] = [wait_quiet(args.quiet, args.quiet_wait)]
                 out[label] = runners[label].visit(args.warmup, args.runs, args.steps)
         elif command[0] == "traces":  # each step traced once, in its first visit
             out = {label: dict(p.executor.traces) for label, p in pipes.items()}
@@ -454,11 +470,47 @@ def _reduce(d0: str, tf: Any, x: Any) -> Callable[[], Any]:
 
 def _timeline(piped: Callable[..., Any], data: Any, stages: int, m: int, schedule: str,
               args: argparse.Namespace) -> dict[str, Any]:
-    """One profiled configuration: wall time per step and the latest step's measured timeline."""
+    """One profiled configuration (`profile=True`): medians over `args.steps` steps of the
+    wall time per step and of the figures of each step's measured timeline."""
+    import keras
+
+    from tfpipe.schedules.simulate import Costs, simulate
+
     pipe = piped(stages, m, schedule, profile=True)
-    walls = Runner(lambda n, cb: pipe.fit(data, steps_per_epoch=n, callbacks=[cb],
-                                          epochs=1, verbose=0)).visit(2, 1, args.steps)
-    timeline = pipe.timeline()
+
+    def fit(n: int, *callbacks: Any) -> None:
+        pipe.fit(data, steps_per_epoch=n, callbacks=list(callbacks), epochs=1, verbose=0)
+
+    walls = Runner(fit).visit(2, 1, args.steps)  # wall time without reading timelines
+    timelines: list[Any] = []
+
+    class Grab(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
+            timelines.append(pipe.timeline())
+
+    fit(args.steps, Grab())
+    figures = [_figures(t, stages) for t in timelines]
+
+    def med(key: str, i: int | None = None) -> float:
+        return _median([f[key] if i is None else f[key][i] for f in figures])
+
+    forward = [med("forward_ms", s) for s in range(stages)]
+    backward = [med("backward_ms", s) for s in range(stages)]
+    predicted = simulate(pipe.schedule, Costs(forward=forward, backward=backward)).step_time
+    hops = [f["hop_ms"] for f in figures if f["hop_ms"] is not None]
+    return {
+        "config": f"{'sequential' if stages == 1 else schedule} M={m}",
+        "wall_ms": walls[0], "span_ms": med("span_ms"),
+        "busy_ms": [med("busy_ms", r) for r in range(stages)],
+        "forward_ms": forward, "backward_ms": backward,
+        "hop_ms": _median(hops) if hops else None,
+        "predicted_span_ms": predicted,
+        "actions": [[rank, str(a), t0, t1] for rank, a, t0, t1 in timelines[-1]],
+    }
+
+
+def _figures(timeline: list[Any], stages: int) -> dict[str, Any]:
+    """Span, busy time per rank, mean F and B per stage, and mean hop of one step's timeline."""
     busy = [0.0] * stages
     fwd: list[list[float]] = [[] for _ in range(stages)]
     bwd: list[list[float]] = [[] for _ in range(stages)]
@@ -472,14 +524,12 @@ def _timeline(piped: Callable[..., Any], data: Any, stages: int, m: int, schedul
         before = (kind, s - 1, mb) if kind == "F" else (kind, s + 1, mb)
         if before in when:
             gaps.append(start - when[before][1])
-    span = max(e for *_, e in timeline) - min(s for _, _, s, _ in timeline)
     return {
-        "config": f"{'sequential' if stages == 1 else schedule} M={m}",
-        "wall_ms": walls[0], "span_ms": span, "busy_ms": busy,
+        "span_ms": max(e for *_, e in timeline) - min(s for _, _, s, _ in timeline),
+        "busy_ms": busy,
         "forward_ms": [sum(v) / len(v) for v in fwd],
         "backward_ms": [sum(v) / len(v) for v in bwd],
         "hop_ms": sum(gaps) / len(gaps) if gaps else None,
-        "actions": [[rank, str(a), s, e] for rank, a, s, e in timeline],
     }
 
 
@@ -500,6 +550,11 @@ def main() -> None:
                         help="also record tfpipe's measured timeline of each configuration")
     parser.add_argument("--quick", action="store_true",
                         help="a smoke run: M in {1, 2}, 2 rounds of 1 run of 2 steps")
+    parser.add_argument("--quiet", type=float, default=None, metavar="BUSY",
+                        help="before each part of a round, wait until the CPUs are less than "
+                        "this fraction busy (other work on a shared machine)")
+    parser.add_argument("--quiet-wait", type=float, default=300.0,
+                        help="the longest such wait, in seconds")
     parser.add_argument("--round-timeout", type=float, default=1800.0)
     parser.add_argument("--json", "--out", dest="json", default="out/workers.json")
     parser.add_argument("--client", default=None, help=argparse.SUPPRESS)

@@ -18,14 +18,13 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from tfpipe.compat import KerasVariable
 from tfpipe.devices import canonical
 from tfpipe.partition import Stage
 
 
 def device_of(variable: keras.Variable | tf.Variable) -> str:
     """The canonical device of a variable's storage, for example `/device:CPU:1`."""
-    value = variable.value if isinstance(variable, KerasVariable) else variable
+    value = variable.value if isinstance(variable, keras.Variable) else variable
     return canonical(value.device)
 
 
@@ -119,7 +118,7 @@ def _slot_lists(
         if len(value) != len(tracked) or not value:
             continue
         if all(
-            x is None or (isinstance(x, KerasVariable) and tuple(x.shape) == tuple(ref.shape))
+            x is None or (isinstance(x, keras.Variable) and tuple(x.shape) == tuple(ref.shape))
             for x, ref in zip(value, tracked)
         ):
             found.append(list(value))

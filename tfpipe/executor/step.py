@@ -42,8 +42,8 @@ from typing import Any
 
 import keras
 import tensorflow as tf
+from keras.src.losses.loss import unscale_loss_for_distribution
 
-from tfpipe.compat import unscale_loss_for_distribution
 from tfpipe.errors import PipelineError
 from tfpipe.executor.inputs import check_input_dtypes
 from tfpipe.executor.microbatch import MicroBatches, loss_reduction
