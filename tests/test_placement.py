@@ -103,6 +103,11 @@ def test_forward_backward_and_update_ops_on_stage_devices():
     # optimizer math (Adam's square roots) runs beside each stage's variables, not on the caller
     sqrt_devices = {canonical(op.device) for op in graph.get_operations() if op.type == "Sqrt"}
     assert sqrt_devices == {s.device for s in pipe.stages}
+    # no op gathers the stages' gradients on one device (Keras's one-replica "all-reduce",
+    # an IdentityN of every gradient, is skipped): the updates read them where they are
+    gathered = [op for op in graph.get_operations() if op.type == "IdentityN"
+                and len({canonical(t.device) for t in op.inputs if t.device}) > 1]
+    assert not gathered, [op.name for op in gathered]
 
 
 def test_single_stage_keeps_everything_on_one_device():

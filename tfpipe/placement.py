@@ -133,16 +133,24 @@ def updates_on_variable_devices(optimizer: keras.optimizers.Optimizer) -> Iterat
     variable (the documented override point for custom optimizers); inside a `tf.function`
     its math would otherwise land on the caller's device. We wrap it in
     `tf.device(variable.device)`, on the optimizer and any optimizer it wraps, for the
-    duration of a pipelined call and restore it after.
+    duration of a pipelined call and restore it after. Keras's one-replica gradient
+    "all-reduce" (an identity that gathers every gradient on one device) is skipped too.
     """
     chain = optimizer_chain(optimizer)
     for opt in chain:
         opt.__dict__["update_step"] = _on_variable_device(opt.update_step)
+        if not tf.distribute.has_strategy():
+            # Keras "all-reduces" the gradients over the one replica of the default strategy:
+            # an IdentityN of every gradient placed on one device, so each stage's gradients
+            # crossed to that device and back every step (27 ms of a 130 ms step for two
+            # workers in benchmarks/workers.py). Over one replica the sum is the gradient.
+            opt.__dict__["_all_reduce_sum_gradients"] = list
     try:
         yield
     finally:
         for opt in chain:
             opt.__dict__.pop("update_step", None)
+            opt.__dict__.pop("_all_reduce_sum_gradients", None)
 
 
 def _on_variable_device(update_step: Any) -> Any:
