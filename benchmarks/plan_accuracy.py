@@ -1,0 +1,347 @@
+"""Issue #7 (planner): `tfpipe.plan`'s predicted step times against measured ones, on workers.
+
+The setup is target 3's (`benchmarks/workers.py`): two one-thread `python -m tfpipe worker`
+processes on free loopback ports and one client process connected with
+`tfpipe.cluster(..., threads=1)`; the peer model, 8 x Dense(1024, relu) + Dense(10), batch
+256, SGD. The client:
+
+1. plans: `tfpipe.plan(model, x[:256], devices=<the two workers' CPUs>, parallel=True)`
+   (the layers are profiled on worker 0; the two workers are separate processes, so they
+   compute at the same time), and prints the plan's table;
+2. measures, with tfpipe on the workers, the plan's top 3 configurations and the
+   configurations of target 3's table given by `--extra` (default all of them: 1 stage
+   M=1, the baseline; 2-stage GPipe and 1F1B with M = 1, 2, 4, 8, 16), each with the
+   planner's own split
+   (`PlanConfig.kwargs()`): for an `--extra` configuration, the best-ranked configuration
+   of the plan with that stage count, schedule and M, without recomputation;
+3. times two fixed costs the cost model leaves out (as `workers.py`'s probes do): one empty
+   function call that touches both workers (`dispatch`) and feeding one 256 x 1024 batch
+   from the client to worker 0 (`feed`).
+
+Timing is `workers.py`'s: every configuration is visited once per round, in an order
+rotated from round to round, for `--rounds` rounds; each visit runs `--warmup` untimed steps
+(the first visit's also trace), then `--runs` timed runs of `--steps` steps; figures are
+medians over all timed runs. The table gives per configuration the predicted and measured
+ms per step, measured / predicted, whether the prediction is within 20% (`--tolerance`), and
+the line after it whether `plan.best` measured at least as fast as every other configuration
+measured (within the noise: `--tie`, default 3%).
+
+Worker and client processes are always ended at the end, also on an error, SIGTERM or
+Ctrl-C; every wait on them is bounded.
+
+Usage:
+    python benchmarks/plan_accuracy.py [--quick] [--rounds 3] [--runs 2] [--steps 10]
+        [--extra 1:gpipe:1,2:1f1b:2,...] [--repeats 5]
+        [--json out/plan_accuracy.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from workers import (  # noqa: E402
+    BATCH,
+    ENV,
+    READY_TIMEOUT_S,
+    ROOT,
+    Lines,
+    end,
+    start_workers,
+)
+
+TOP = 3
+TABLE = ",".join(["1:gpipe:1"] + [f"2:{s}:{m}" for s in ("gpipe", "1f1b")
+                                   for m in (1, 2, 4, 8, 16)])
+"""Target 3's table (`workers.py`): the 1-worker baseline, 2-stage GPipe and 1F1B, M = 1-16."""
+
+
+# the parent: processes ----------------------------------------------------------------------
+
+
+class Client:
+    """The client process (`plan_accuracy.py --client ...`), driven by commands on its stdin."""
+
+    def __init__(self, args: argparse.Namespace, addresses: list[str],
+                 started: list[subprocess.Popen[Any]], logs: Path) -> None:
+        log = logs / "client.log"
+        cmd = [sys.executable, __file__, "--client", ",".join(addresses),
+               "--extra", args.extra, "--steps", str(args.steps), "--runs", str(args.runs),
+               "--warmup", str(args.warmup), "--repeats", str(args.repeats),
+               "--micro-batches", args.micro_batches]
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=log.open("w"), text=True, env=ENV, cwd=ROOT)
+        started.append(self.proc)
+        self.lines = Lines(self.proc, log)
+
+    def request(self, command: str, timeout_s: float) -> Any:
+        """Sends one command; returns the JSON of its `RESULT` line (others are printed)."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(command + "\n")
+        self.proc.stdin.flush()
+        deadline = time.monotonic() + timeout_s
+        while True:
+            line = self.lines.next(max(deadline - time.monotonic(), 1.0), f"client {command!r}")
+            if line.startswith("RESULT "):
+                return json.loads(line[len("RESULT "):])
+            print(line, flush=True)
+
+    def quit(self, timeout_s: float) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        self.proc.wait(timeout=timeout_s)
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def parent(args: argparse.Namespace) -> None:
+    """Starts the workers and the client, plans, runs the rounds, prints and writes results."""
+    signal.signal(signal.SIGTERM, _raise_interrupt)  # so the finally below ends the children
+    started: list[subprocess.Popen[Any]] = []
+    logs = Path(tempfile.mkdtemp(prefix="tfpipe-plan-bench-"))
+    report: dict[str, Any] = {"args": vars(args), "load_before": os.getloadavg()}
+    times: dict[str, list[float]] = {}
+    try:
+        addresses = start_workers(2, started, logs, 1)
+        client = Client(args, addresses, started, logs)
+        t0 = time.monotonic()
+        report["plan"] = client.request("plan", READY_TIMEOUT_S + args.round_timeout)
+        print(f"[plan] {time.monotonic() - t0:.0f} s; workers {addresses}, logs in {logs}",
+              flush=True)
+        print(report["plan"]["table"], flush=True)
+        for r in range(args.rounds):
+            t0 = time.monotonic()
+            for label, ms in client.request(f"round {r}", args.round_timeout).items():
+                times.setdefault(label, []).extend(ms)
+            print(f"[round {r + 1}/{args.rounds}] {time.monotonic() - t0:.0f} s, "
+                  f"load {os.getloadavg()[0]:.2f}", flush=True)
+        report["traces"] = client.request("traces", 60)
+        client.quit(60)
+    finally:
+        for proc in reversed(started):
+            end(proc)
+    report["processes"] = {"pids": [p.pid for p in started],
+                           "exit_status": [p.returncode for p in started]}
+    report["load_after"] = os.getloadavg()
+    report["times_ms"] = times
+    table = compare(report["plan"]["configs"], times, args.tolerance)
+    report["rows"] = table
+    report["best"] = verdict(table, args.tie)
+    print("\n".join(format_table(table, args.tolerance)))
+    print(report["best"]["line"])
+    print(f"[probes] fixed costs per step the cost model leaves out: one empty call on both "
+          f"workers {_median(times['probe:dispatch']):.2f} ms; feeding a {BATCH}x1024 batch "
+          f"to worker 0 {_median(times['probe:feed']):.2f} ms; the profiler's round trip "
+          f"per layer call (an empty call on worker 0 and 4 fetched scalars) "
+          f"{_median(times['probe:profile-call']):.2f} ms")
+    print(f"[load] 1-min load average {report['load_before'][0]:.2f} before, "
+          f"{report['load_after'][0]:.2f} after ({os.cpu_count()} CPUs)")
+    if args.json:
+        os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(report, f, indent=2)
+
+
+def _median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def compare(configs: list[dict[str, Any]], times: dict[str, list[float]],
+            tolerance: float) -> list[dict[str, Any]]:
+    """One row per measured configuration: predicted and measured ms, ratio, within tolerance.
+
+    Args:
+        configs: the client's `plan` answer's configurations (label, rank, predicted_ms, ...).
+        times: label -> ms per step of each timed run.
+        tolerance: the allowed relative miss, 0.2 for 20%.
+    """
+    out = []
+    for c in configs:
+        runs = times.get(c["label"], [])
+        measured = _median(runs)
+        ratio = measured / c["predicted_ms"]
+        out.append({
+            **c, "measured_ms": measured, "runs": len(runs),
+            "spread": max(runs) / min(runs) - 1 if runs else float("nan"),
+            "ratio": ratio, "within": abs(ratio - 1) <= tolerance,
+        })
+    return out
+
+
+def verdict(table: list[dict[str, Any]], tie: float) -> dict[str, Any]:
+    """Whether the plan's best (rank 1) measured at least as fast as every other row (within
+    `tie`, a relative margin for noise)."""
+    best = next(r for r in table if r["rank"] == 1)
+    fastest = min(table, key=lambda r: r["measured_ms"])
+    ok = best["measured_ms"] <= fastest["measured_ms"] * (1 + tie)
+    line = (f"[best] plan.best ({best['label']}) measured {best['measured_ms']:.1f} ms; the "
+            f"fastest measured is {fastest['label']} at {fastest['measured_ms']:.1f} ms: "
+            + ("plan.best is the fastest" if best is fastest else
+               f"plan.best is {100 * (best['measured_ms'] / fastest['measured_ms'] - 1):.1f}% "
+               f"slower ({'within' if ok else 'beyond'} the {100 * tie:.0f}% noise margin)"))
+    return {"label": best["label"], "fastest": fastest["label"], "ok": ok, "line": line}
+
+
+def format_table(table: list[dict[str, Any]], tolerance: float) -> list[str]:
+    lines = [f"{'rank':>4} {'config':<34} {'from':<6} {'predicted':>9} {'measured':>8} "
+             f"{'spread':>6} {'meas/pred':>9} {f'within {100 * tolerance:.0f}%':>10}"]
+    for r in table:
+        lines.append(
+            f"{r['rank']:>4} {r['label']:<34} {r['source']:<6} {r['predicted_ms']:9.1f} "
+            f"{r['measured_ms']:8.1f} {100 * r['spread']:5.0f}% {r['ratio']:9.2f} "
+            f"{'yes' if r['within'] else 'no':>10}")
+    return lines
+
+
+# the client -----------------------------------------------------------------------------------
+
+
+def label_of(c: Any) -> str:
+    """`"K=2 1f1b M=4 [4,5]"`, plus the recompute mode and chunks when not the default."""
+    sched = c.schedule + (f" x{c.chunks}" if c.chunks > 1 else "")
+    text = f"K={c.stages} {sched} M={c.micro_batches} [{','.join(map(str, c.balance))}]"
+    return text + (f" rc={c.recompute}" if c.recompute != "never" else "")
+
+
+def pick(plan: Any, extra: str) -> list[tuple[str, Any]]:
+    """The top configurations, then those of `extra` ("K:schedule:M,...") not already in."""
+    chosen: list[tuple[str, Any]] = [("top", c) for c in plan.configs[:TOP]]
+    for spec in filter(None, extra.split(",")):
+        k, schedule, m = spec.split(":")
+        match = next((c for c in plan.configs if c.stages == int(k) and c.micro_batches == int(m)
+                      and c.schedule == schedule and c.recompute == "never"), None)
+        if match is None:
+            raise SystemExit(f"--extra {spec}: no such configuration in the plan")
+        if all(match.kwargs() != c.kwargs() for _, c in chosen):
+            chosen.append(("table", match))
+    return chosen
+
+
+def client(args: argparse.Namespace) -> None:
+    """The client process: connects, plans, builds the chosen configurations, answers
+    commands on stdin."""
+    import tfpipe
+
+    devices = tfpipe.cluster(args.client, threads=1, timeout_s=60)  # before TF starts
+    import tensorflow as tf
+    from common import compiled, data_for
+    from workers import Probe, Runner, _empty, _reduce
+
+    data = data_for("mlp", BATCH, 8)
+    x = tf.constant(next(iter(data))[0])  # on the client
+    labels: list[str] = []
+    runners: dict[str, Any] = {}
+    pipes: dict[str, Any] = {}
+    for line in sys.stdin:
+        command = line.split()
+        if not command:
+            continue
+        if command[0] == "plan":
+            t0 = time.perf_counter()
+            plan = tfpipe.plan(compiled("mlp"), x, devices=devices, parallel=True,
+                               repeats=args.repeats,
+                               micro_batches=[int(m) for m in args.micro_batches.split(",")])
+            took = time.perf_counter() - t0
+            configs = []
+            for source, c in pick(plan, args.extra):
+                label = label_of(c)
+                pipes[label] = tfpipe.Pipeline(compiled("mlp"), **c.kwargs(),
+                                               devices=list(c.devices))
+                runners[label] = Runner(
+                    lambda n, cb, p=pipes[label]: p.fit(data, steps_per_epoch=n, callbacks=[cb],
+                                                       epochs=1, verbose=0))
+                configs.append({"label": label, "source": source,
+                                "rank": plan.configs.index(c) + 1,
+                                "predicted_ms": 1e3 * c.step_time, "kwargs": c.kwargs(),
+                                "devices": list(c.devices), "bubble": c.bubble})
+            runners["probe:dispatch"] = Probe(_empty(devices[0], devices[1], tf))
+            runners["probe:feed"] = Probe(_reduce(devices[0], tf, x),
+                                          _reduce(devices[0], tf, tf.constant(x[:1])))
+            runners["probe:profile-call"] = Probe(_fetched(devices[0], tf))
+            labels = list(runners)
+            prof = plan.profile
+            out: Any = {
+                "seconds": took, "table": plan.table(top=10), "configs": configs,
+                "devices": devices, "profile_device": prof.device,
+                "profile_ms": {str(s): [1e3 * t for t in ts] for s, ts in prof.seconds},
+                "bandwidth": plan.cost_model.bandwidth, "parallel": plan.cost_model.parallel,
+            }
+        elif command[0] == "round":
+            k = int(command[1]) % len(labels)  # rotate the order from round to round
+            out = {label: runners[label].visit(args.warmup, args.runs, args.steps)
+                   for label in labels[k:] + labels[:k]}
+        elif command[0] == "traces":  # each step traced once, in its first visit
+            out = {label: dict(p.executor.traces) for label, p in pipes.items()}
+        else:
+            break
+        print("RESULT " + json.dumps(out), flush=True)
+
+
+def _fetched(d0: str, tf: Any) -> Any:
+    """What the profiler pays per layer call besides the layer: one function call on `d0`
+    and fetching its 4 scalars (a Dense layer's: the output sum and one per gradient)."""
+    @tf.function(autograph=False)
+    def scalars() -> Any:
+        with tf.device(d0):
+            one = tf.constant(1.0)
+            return [one + i for i in range(4)]
+
+    return lambda: [t.numpy() for t in scalars()]
+
+
+# entry point --------------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--runs", type=int, default=2, help="timed runs per visit")
+    parser.add_argument("--steps", type=int, default=10, help="steps per timed run")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per visit")
+    parser.add_argument("--repeats", type=int, default=5,
+                        help="tfpipe.plan(repeats=): timed runs per layer call and size")
+    parser.add_argument("--micro-batches", default="1,2,4,8,16,32",
+                        help="tfpipe.plan(micro_batches=) (default the planner's; 1,2,4 quick)")
+    parser.add_argument("--extra", default=TABLE,
+                        help="configurations of target 3's table to measure too, K:schedule:M "
+                        "(default all of them; 1:gpipe:1,2:1f1b:1,2:1f1b:2,2:1f1b:4 quick)")
+    parser.add_argument("--tolerance", type=float, default=0.2,
+                        help="allowed |measured / predicted - 1|")
+    parser.add_argument("--tie", type=float, default=0.03,
+                        help="relative margin within which plan.best counts as the fastest")
+    parser.add_argument("--quick", action="store_true",
+                        help="a smoke run: M in {1, 2, 4}, 2 rounds of 1 run of 2 steps")
+    parser.add_argument("--round-timeout", type=float, default=1800.0)
+    parser.add_argument("--json", "--out", dest="json", default="out/plan_accuracy.json")
+    parser.add_argument("--client", default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.quick:
+        args.rounds, args.runs, args.steps, args.warmup, args.repeats = 2, 1, 2, 1, 1
+        if args.micro_batches == parser.get_default("micro_batches"):
+            args.micro_batches = "1,2,4"
+        if args.extra == TABLE:
+            args.extra = "1:gpipe:1,2:1f1b:1,2:1f1b:2,2:1f1b:4"
+    if args.warmup < 1 or args.rounds < 1 or args.runs < 1 or args.steps < 1:
+        parser.error("--warmup, --rounds, --runs and --steps must be at least 1")
+    if args.client:
+        client(args)
+    else:
+        parent(args)
+
+
+if __name__ == "__main__":
+    main()
