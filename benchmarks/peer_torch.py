@@ -148,7 +148,8 @@ def _raise_interrupt(signum: int, frame: object) -> None:
 def orchestrate(args: argparse.Namespace) -> None:
     """Runs the rounds, prints the table and writes the JSON."""
     check_torch()
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+    for sig in (signal.SIGTERM, signal.SIGINT):  # so every child is ended on the way out
+        signal.signal(sig, _raise_interrupt)
     logs = Path(tempfile.mkdtemp(prefix="tfpipe-torch-bench-"))
     load_before = os.getloadavg()
     times: dict[str, list[float]] = {}
@@ -319,8 +320,8 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true",
                         help="a smoke run: M = 2, 2 rounds of 1 run of 2 steps")
     parser.add_argument("--quiet", type=float, default=None, metavar="BUSY",
-                        help="before each part of a round, wait until the CPUs are less than "
-                        "this fraction busy (other work on a shared machine)")
+                        help="before timing each configuration, wait until the CPUs are less "
+                        "than this fraction busy (other work on a shared machine)")
     parser.add_argument("--quiet-wait", type=float, default=300.0,
                         help="the longest such wait, in seconds")
     parser.add_argument("--round-timeout", type=float, default=1800.0)

@@ -13,8 +13,10 @@ worker are the client's, so each worker runs on one thread), then times, on the 
   (256/M) x 1024 float tensor worker 0 -> 1 -> 0 ... M times (each hop waits for the one
   before), minus the same function kept on worker 0; an upper bound on what transfers add
   to a step (in a pipeline they can overlap with compute);
-- probes: the time of one empty function call that touches both workers (`dispatch`), and
-  the extra time of feeding one 256 x 1024 batch from the client to worker 0 (`feed`).
+- probes: the time of one empty function call that touches both workers (`dispatch`), the
+  extra time of feeding one 256 x 1024 batch from the client to worker 0 (`feed`), and
+  whether a worker sends a tensor while it computes something else (`chain`, `overlap`:
+  see `_overlap`).
 
 Method: every configuration is visited once per round, in a rotated order, for `--rounds`
 rounds (A B C ... B C A ...); each visit runs `--warmup` untimed steps (the first visit's
@@ -25,6 +27,13 @@ the same machine state. `--timeline` adds tfpipe's measured timelines (`profile=
 configuration, for where the time goes. The machine's load (`os.getloadavg`) is recorded
 before and after; on a shared machine `--quiet 0.3` makes each visit first wait (at most
 `--quiet-wait` seconds) until the CPUs are less than 30% busy, and records what it saw.
+
+Investigation knobs (not for the headline figures): `--inter-op N` gives the client, and so
+each worker, N inter-op threads (intra-op stays 1); `--worker-threads N` is passed as
+`tfpipe worker --threads N` (0 leaves it out). Note that `profile=True` runs every action in
+program order (`tf.timestamp` is a stateful op without resource inputs, which
+`tf.function` orders), so `--timeline`'s spans show no overlap between ranks; its F, B,
+lead and tail figures are unaffected.
 
 Worker and client processes are always ended at the end, also on an error, SIGTERM or
 Ctrl-C; every wait on them is bounded.
@@ -125,15 +134,17 @@ class Lines:
         return line
 
 
-def start_workers(n: int, started: list[subprocess.Popen[Any]], logs: Path) -> list[str]:
-    """Starts n one-thread `tfpipe worker`s on free loopback ports; waits until each is ready."""
+def start_workers(n: int, started: list[subprocess.Popen[Any]], logs: Path,
+                  threads: int = 1) -> list[str]:
+    """Starts n `tfpipe worker --threads THREADS` (0: no --threads) on free loopback ports;
+    waits until each is ready."""
     addresses = [f"localhost:{free_port()}" for _ in range(n)]
     readers = []
     for task in range(n):
         log = logs / f"worker{task}.log"
         proc = subprocess.Popen(
             [sys.executable, "-m", "tfpipe", "worker", "--cluster", ",".join(addresses),
-             "--task", str(task), "--threads", "1"],
+             "--task", str(task)] + (["--threads", str(threads)] if threads else []),
             stdout=subprocess.PIPE, stderr=log.open("w"), text=True, env=ENV, cwd=logs,
         )
         started.append(proc)
@@ -155,7 +166,7 @@ class Client:
         cmd = [sys.executable, __file__, "--client", ",".join(addresses),
                "--micro-batches", args.micro_batches, "--schedules", args.schedules,
                "--steps", str(args.steps), "--runs", str(args.runs), "--warmup", str(args.warmup),
-               "--quiet-wait", str(args.quiet_wait)]
+               "--quiet-wait", str(args.quiet_wait), "--inter-op", str(args.inter_op)]
         if args.quiet is not None:
             cmd += ["--quiet", str(args.quiet)]
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -188,7 +199,8 @@ def _raise_interrupt(signum: int, frame: object) -> None:
 
 def parent(args: argparse.Namespace) -> None:
     """Starts the workers and the client, runs the rounds, prints and writes the results."""
-    signal.signal(signal.SIGTERM, _raise_interrupt)  # so the finally below ends the children
+    for sig in (signal.SIGTERM, signal.SIGINT):  # so the finally below ends the children
+        signal.signal(sig, _raise_interrupt)
     started: list[subprocess.Popen[Any]] = []
     logs = Path(tempfile.mkdtemp(prefix="tfpipe-workers-bench-"))
     peer = None
@@ -199,7 +211,7 @@ def parent(args: argparse.Namespace) -> None:
     report: dict[str, Any] = {"args": vars(args), "load_before": os.getloadavg()}
     times: dict[str, dict[str, list[float]]] = {"tfpipe": {}, "torch": {}}
     try:
-        addresses = start_workers(2, started, logs)
+        addresses = start_workers(2, started, logs, args.worker_threads)
         client = Client(args, addresses, started, logs)
         report["setup"] = client.request("setup", READY_TIMEOUT_S + 300)
         print(f"[workers] {addresses}, stages {report['setup']['stage_layers']}, "
@@ -236,9 +248,11 @@ def parent(args: argparse.Namespace) -> None:
     report["rows"] = table
     print("\n".join(format_rows(table)))
     probes = times["tfpipe"]
+    chain, overlap = _median(probes["probe:chain"]), _median(probes["probe:overlap"])
     print(f"[probes] one empty call on both workers {_median(probes['probe:dispatch']):.2f} ms; "
           f"feeding a {BATCH}x{WIDTH} batch to worker 0 adds {_median(probes['probe:feed']):.2f} "
-          "ms")
+          f"ms; a tensor sent by a busy worker: {overlap:.1f} ms = {overlap / chain:.2f} chains "
+          f"of {chain:.1f} ms (2 = sent while it computes, 3 = only once it is idle)")
     print("[summary] " + summary([r for r in table if r["system"] == "tfpipe"]))
     if peer is not None:
         print("[summary] " + summary([r for r in table if r["system"] == "torch"]))
@@ -267,17 +281,19 @@ def _median(values: list[float]) -> float:
 
 def _print_timelines(timelines: list[dict[str, Any]]) -> None:
     print("[timeline] profiled steps (profile=True), ms: wall = time per step seen by "
-          "Keras; span = first action start to last action end; busy = sum of a rank's actions;"
+          "Keras; lead = Keras's batch start to the first action; span = first action start to "
+          "last action end; tail = last action end to Keras's batch end; busy = sum of a "
+          "rank's actions;"
           " F/B = mean per micro-batch per stage; hop = mean gap between a stage's action and "
           "the next stage's one on the same micro-batch; ideal = the schedule's span with these "
           "F/B and free transfers (tfpipe.schedules.simulate); medians over the profiled steps")
-    print(f"{'config':<16} {'wall':>6} {'span':>6} {'wall-span':>9} {'ideal':>6} {'busy0':>6} "
-          f"{'busy1':>6} {'F0':>5} {'F1':>5} {'B0':>5} {'B1':>5} {'hop':>5}")
+    print(f"{'config':<24} {'wall':>6} {'lead':>5} {'span':>6} {'tail':>5} {'ideal':>6} "
+          f"{'busy0':>6} {'busy1':>6} {'F0':>5} {'F1':>5} {'B0':>5} {'B1':>5} {'hop':>5}")
     for t in timelines:
         f, b, busy = t["forward_ms"], t["backward_ms"], t["busy_ms"]
         two = len(busy) > 1
-        print(f"{t['config']:<16} {t['wall_ms']:6.1f} {t['span_ms']:6.1f} "
-              f"{t['wall_ms'] - t['span_ms']:9.1f} {t['predicted_span_ms']:6.1f} {busy[0]:6.1f} "
+        print(f"{t['config']:<24} {t['wall_ms']:6.1f} {t['lead_ms']:5.1f} {t['span_ms']:6.1f} "
+              f"{t['tail_ms']:5.1f} {t['predicted_span_ms']:6.1f} {busy[0]:6.1f} "
               f"{busy[1] if two else 0:6.1f} {f[0]:5.2f} {f[1] if two else 0:5.2f} "
               f"{b[0]:5.2f} {b[1] if two else 0:5.2f} {t['hop_ms'] or 0:5.2f}")
 
@@ -334,7 +350,14 @@ def client(args: argparse.Namespace) -> None:
     """The client process: connects, builds every configuration, answers commands on stdin."""
     import tfpipe
 
-    devices = tfpipe.cluster(args.client, threads=1, timeout_s=60)  # before TensorFlow starts
+    if args.inter_op == 1:
+        devices = tfpipe.cluster(args.client, threads=1, timeout_s=60)  # before TF starts
+    else:  # an investigation: one intra-op thread, more inter-op threads per worker
+        import tensorflow as tf
+
+        tf.config.threading.set_intra_op_parallelism_threads(1)
+        tf.config.threading.set_inter_op_parallelism_threads(args.inter_op)
+        devices = tfpipe.cluster(args.client, timeout_s=60)
     import keras
     import tensorflow as tf
     from common import compiled, data_for
@@ -345,8 +368,10 @@ def client(args: argparse.Namespace) -> None:
     data = data_for("mlp", BATCH, 8)
     fit = dict(epochs=1, verbose=0)
 
-    def piped(stages: int, m: int, schedule: str = "gpipe", profile: bool = False) -> Any:
-        return tfpipe.Pipeline(compiled("mlp"), stages=stages, devices=[d0, d1][:stages],
+    def piped(stages: int, m: int, schedule: str = "gpipe", profile: bool = False,
+              one_worker: bool = False) -> Any:
+        devices = [d0, d0 if one_worker else d1][:stages]
+        return tfpipe.Pipeline(compiled("mlp"), stages=stages, devices=devices,
                                micro_batches=m, schedule=schedule, profile=profile)
 
     def fitting(pipe: Any) -> Callable[[int, Any], None]:
@@ -369,6 +394,9 @@ def client(args: argparse.Namespace) -> None:
     x = tf.constant(next(iter(data))[0])  # on the client
     small = tf.constant(x[:1])
     runners["probe:feed"] = Probe(_reduce(d0, tf, x), _reduce(d0, tf, small))
+    chain, overlap = _overlap(d0, d1, tf)
+    runners["probe:chain"] = Probe(chain)
+    runners["probe:overlap"] = Probe(overlap)
 
     pipe2 = pipes[f"{schedules[0]} M={ms[0]}"]
     setup = {
@@ -395,8 +423,11 @@ def client(args: argparse.Namespace) -> None:
         elif command[0] == "traces":  # each step traced once, in its first visit
             out = {label: dict(p.executor.traces) for label, p in pipes.items()}
         elif command[0] == "timeline":
-            out = [_timeline(piped, data, d, m, s, args) for m in ms
-                   for d, s in [(1, "gpipe")] + [(2, s) for s in schedules]]
+            # per M: 1 stage; 2 stages both on worker 0 (the split without a second
+            # process); 2 stages on the two workers
+            out = [_timeline(piped, data, k, m, s, args, one) for m in ms
+                   for k, s, one in [(1, "gpipe", False), (2, schedules[-1], True)]
+                   + [(2, s, False) for s in schedules]]
         else:
             break
         print("RESULT " + json.dumps(out), flush=True)
@@ -442,6 +473,41 @@ def _hops(d0: str, far: str, rows: int, m: int, tf: Any) -> Callable[[], Any]:
     return hops
 
 
+def _overlap(d0: str, d1: str, tf: Any) -> tuple[Callable[[], Any], Callable[[], Any]]:
+    """Can a worker send a tensor while it computes? `chain`: 6 matmuls (256 x 1024 by
+    1024 x 1024) on worker 0. `overlap`: on worker 0 a chain `a`, then a chain `b` (after
+    `a`); on worker 1 a chain on `a`. It takes 2 chains when worker 0 sends `a` while it runs
+    `b`, 3 when the transfer waits until worker 0 is idle."""
+    with tf.device(d0):
+        x = tf.Variable(tf.random.normal((BATCH, WIDTH)))
+        w0 = tf.Variable(tf.random.normal((WIDTH, WIDTH)) * 0.03)
+    with tf.device(d1):
+        w1 = tf.Variable(tf.random.normal((WIDTH, WIDTH)) * 0.03)
+
+    def run(t: Any, w: Any) -> Any:
+        for _ in range(6):
+            t = tf.matmul(t, w)
+        return t
+
+    @tf.function(autograph=False)
+    def chain() -> Any:
+        with tf.device(d0):
+            return tf.reduce_sum(run(x.read_value(), w0)[:1, :1])
+
+    @tf.function(autograph=False)
+    def overlap() -> Any:
+        with tf.device(d0):
+            a = run(x.read_value(), w0)
+            with tf.control_dependencies([a]):
+                b = run(x.read_value() + 1.0, w0)
+        with tf.device(d1):
+            c = run(a, w1)
+        with tf.device(d0):
+            return tf.reduce_sum(b[:1, :1]) + tf.reduce_sum(c[:1, :1])
+
+    return chain, overlap
+
+
 def _empty(d0: str, d1: str, tf: Any) -> Callable[[], Any]:
     with tf.device(d0):
         a = tf.Variable(1.0)
@@ -469,23 +535,36 @@ def _reduce(d0: str, tf: Any, x: Any) -> Callable[[], Any]:
 
 
 def _timeline(piped: Callable[..., Any], data: Any, stages: int, m: int, schedule: str,
-              args: argparse.Namespace) -> dict[str, Any]:
+              args: argparse.Namespace, one_worker: bool = False) -> dict[str, Any]:
     """One profiled configuration (`profile=True`): medians over `args.steps` steps of the
-    wall time per step and of the figures of each step's measured timeline."""
+    wall time per step and of the figures of each step's measured timeline.
+
+    `lead` is the time from Keras's batch start to the first action's start (dispatch, data
+    feed, the micro-batch split), `tail` from the last action's end to Keras's batch end (the
+    optimizer step, the loss and metrics, the return to the client).
+    """
     import keras
 
     from tfpipe.schedules.simulate import Costs, simulate
 
-    pipe = piped(stages, m, schedule, profile=True)
+    pipe = piped(stages, m, schedule, profile=True, one_worker=one_worker)
 
     def fit(n: int, *callbacks: Any) -> None:
         pipe.fit(data, steps_per_epoch=n, callbacks=list(callbacks), epochs=1, verbose=0)
 
     walls = Runner(fit).visit(2, 1, args.steps)  # wall time without reading timelines
     timelines: list[Any] = []
+    edges: list[float] = []
 
     class Grab(keras.callbacks.Callback):
+        def on_train_batch_begin(self, batch: int, logs: Any = None) -> None:
+            self.begin = time.time()  # tf.timestamp()'s clock
+
         def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
+            end = time.time()
+            stamps = pipe.executor.stamps.numpy()
+            edges.extend([1e3 * (stamps[:, 0].min() - self.begin),
+                          1e3 * (end - stamps[:, 1].max())])
             timelines.append(pipe.timeline())
 
     fit(args.steps, Grab())
@@ -499,12 +578,14 @@ def _timeline(piped: Callable[..., Any], data: Any, stages: int, m: int, schedul
     predicted = simulate(pipe.schedule, Costs(forward=forward, backward=backward)).step_time
     hops = [f["hop_ms"] for f in figures if f["hop_ms"] is not None]
     return {
-        "config": f"{'sequential' if stages == 1 else schedule} M={m}",
+        "config": f"{'sequential' if stages == 1 else schedule} M={m}"
+        + (", 1 worker" if one_worker else ""),
         "wall_ms": walls[0], "span_ms": med("span_ms"),
         "busy_ms": [med("busy_ms", r) for r in range(stages)],
         "forward_ms": forward, "backward_ms": backward,
         "hop_ms": _median(hops) if hops else None,
         "predicted_span_ms": predicted,
+        "lead_ms": _median(edges[0::2]), "tail_ms": _median(edges[1::2]),
         "actions": [[rank, str(a), t0, t1] for rank, a, t0, t1 in timelines[-1]],
     }
 
@@ -551,10 +632,15 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true",
                         help="a smoke run: M in {1, 2}, 2 rounds of 1 run of 2 steps")
     parser.add_argument("--quiet", type=float, default=None, metavar="BUSY",
-                        help="before each part of a round, wait until the CPUs are less than "
-                        "this fraction busy (other work on a shared machine)")
+                        help="before timing each configuration, wait until the CPUs are less "
+                        "than this fraction busy (other work on a shared machine)")
     parser.add_argument("--quiet-wait", type=float, default=300.0,
                         help="the longest such wait, in seconds")
+    parser.add_argument("--inter-op", type=int, default=1,
+                        help="an investigation: the client's (so the workers') inter-op threads; "
+                        "intra-op stays 1 (default 1: tfpipe.cluster(threads=1))")
+    parser.add_argument("--worker-threads", type=int, default=1,
+                        help="an investigation: `tfpipe worker --threads N`; 0 leaves it out")
     parser.add_argument("--round-timeout", type=float, default=1800.0)
     parser.add_argument("--json", "--out", dest="json", default="out/workers.json")
     parser.add_argument("--client", default=None, help=argparse.SUPPRESS)

@@ -51,7 +51,9 @@ def test_workers_benchmark_quick(tmp_path):
     assert [len(s) for s in report["setup"]["stage_layers"]] == [4, 5]
     assert report["setup"]["model_fit_kernel_device"].endswith("task:0/device:CPU:0")
     assert all(t == {"train": 1} for t in report["traces"].values()), report["traces"]
-    assert [t["config"] for t in report["timeline"]] == ["sequential M=2", "1f1b M=2"]
+    assert [t["config"] for t in report["timeline"]] == [
+        "sequential M=2", "1f1b M=2, 1 worker", "1f1b M=2"]
+    assert all(t["tail_ms"] is not None and t["span_ms"] > 0 for t in report["timeline"])
     assert "1f1b" in proc.stdout and "[summary] tfpipe" in proc.stdout
     # two workers and the client, all ended
     assert len(report["processes"]["pids"]) == 3
