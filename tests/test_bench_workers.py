@@ -1,8 +1,9 @@
-"""Smoke tests of benchmarks/workers.py and benchmarks/peer_torch.py (quick mode).
+"""Smoke test of benchmarks/workers.py (quick mode).
 
-They check that the scripts run end to end, end every process they start and write their
-rows; no timing is asserted (performance targets are never asserted in unit tests). The
-PyTorch one runs only where torch is installed (the `bench` extra).
+It checks that the script runs end to end, ends every process it starts and writes its rows;
+no timing is asserted (performance targets are never asserted in unit tests).
+benchmarks/peer_torch.py needs the optional `bench` extra (PyTorch), which the test
+environment does not install, so it is exercised by running the benchmark, not here.
 """
 
 from __future__ import annotations
@@ -59,13 +60,3 @@ def test_workers_benchmark_quick(tmp_path):
     assert len(report["processes"]["pids"]) == 3
     assert all(_gone(pid) for pid in report["processes"]["pids"])
 
-
-def test_peer_torch_quick(tmp_path):
-    pytest.importorskip("torch.distributed.pipelining")
-    out = tmp_path / "torch.json"
-    proc = _run("peer_torch.py", "--quick", "--schedules", "1f1b", "--json", str(out))
-    rows = json.loads(out.read_text())["rows"]
-    assert {(r["config"], r["M"]) for r in rows} == {
-        ("baseline", 1), ("sequential", 2), ("1f1b", 2)}
-    assert all(r["ms"] > 0 for r in rows)
-    assert "[summary] torch" in proc.stdout
