@@ -54,10 +54,8 @@ sys.path.insert(0, str(HERE))
 
 from workers import (  # noqa: E402
     BATCH,
-    ENV,
     READY_TIMEOUT_S,
-    ROOT,
-    Lines,
+    ClientProcess,
     end,
     start_workers,
 )
@@ -71,37 +69,16 @@ TABLE = ",".join(["1:gpipe:1"] + [f"2:{s}:{m}" for s in ("gpipe", "1f1b")
 # the parent: processes ----------------------------------------------------------------------
 
 
-class Client:
-    """The client process (`plan_accuracy.py --client ...`), driven by commands on its stdin."""
+class Client(ClientProcess):
+    """The client process (`plan_accuracy.py --client ...`)."""
 
     def __init__(self, args: argparse.Namespace, addresses: list[str],
                  started: list[subprocess.Popen[Any]], logs: Path) -> None:
-        log = logs / "client.log"
         cmd = [sys.executable, __file__, "--client", ",".join(addresses),
                "--extra", args.extra, "--steps", str(args.steps), "--runs", str(args.runs),
                "--warmup", str(args.warmup), "--repeats", str(args.repeats),
                "--micro-batches", args.micro_batches]
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=log.open("w"), text=True, env=ENV, cwd=ROOT)
-        started.append(self.proc)
-        self.lines = Lines(self.proc, log)
-
-    def request(self, command: str, timeout_s: float) -> Any:
-        """Sends one command; returns the JSON of its `RESULT` line (others are printed)."""
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(command + "\n")
-        self.proc.stdin.flush()
-        deadline = time.monotonic() + timeout_s
-        while True:
-            line = self.lines.next(max(deadline - time.monotonic(), 1.0), f"client {command!r}")
-            if line.startswith("RESULT "):
-                return json.loads(line[len("RESULT "):])
-            print(line, flush=True)
-
-    def quit(self, timeout_s: float) -> None:
-        assert self.proc.stdin is not None
-        self.proc.stdin.close()
-        self.proc.wait(timeout=timeout_s)
+        super().__init__(cmd, started, logs)
 
 
 def _raise_interrupt(signum: int, frame: object) -> None:

@@ -64,7 +64,8 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from workers import ENV, READY_TIMEOUT_S, Lines, end, free_port  # noqa: E402
+import workers  # noqa: E402
+from workers import ENV, end  # noqa: E402
 
 CONFIGS = "gpipe:never,1f1b:never,1f1b:except_last,1f1b:always,gpipe:always"
 MIB = 2**20
@@ -88,23 +89,7 @@ def start_workers(
         env["TF_ENABLE_ONEDNN_OPTS"] = "0"
     if mmap_threshold > 0:
         env["MALLOC_MMAP_THRESHOLD_"] = str(mmap_threshold)
-    addresses = [f"localhost:{free_port()}" for _ in range(n)]
-    readers = []
-    for task in range(n):
-        log = logs / f"worker{task}.log"
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "tfpipe", "worker", "--cluster", ",".join(addresses),
-             "--task", str(task), "--threads", "1"],
-            stdout=subprocess.PIPE, stderr=log.open("w"), text=True, env=env, cwd=logs,
-        )
-        started.append(proc)
-        readers.append(Lines(proc, log))
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    for task, reader in enumerate(readers):
-        line = reader.next(max(deadline - time.monotonic(), 1.0), f"worker {task}")
-        if line != f"tfpipe worker {task} ready at {addresses[task]}":
-            raise RuntimeError(f"worker {task} printed {line!r}")
-    return addresses
+    return workers.start_workers(n, started, logs, threads=1, env=env)
 
 
 def _status_kib(pid: int, field: str) -> int:

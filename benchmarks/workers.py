@@ -135,9 +135,9 @@ class Lines:
 
 
 def start_workers(n: int, started: list[subprocess.Popen[Any]], logs: Path,
-                  threads: int = 1) -> list[str]:
-    """Starts n `tfpipe worker --threads THREADS` (0: no --threads) on free loopback ports;
-    waits until each is ready."""
+                  threads: int = 1, env: dict[str, str] | None = None) -> list[str]:
+    """Starts n `tfpipe worker --threads THREADS` (0: no --threads) on free loopback ports,
+    with environment `env` (default ENV); waits until each is ready."""
     addresses = [f"localhost:{free_port()}" for _ in range(n)]
     readers = []
     for task in range(n):
@@ -145,7 +145,7 @@ def start_workers(n: int, started: list[subprocess.Popen[Any]], logs: Path,
         proc = subprocess.Popen(
             [sys.executable, "-m", "tfpipe", "worker", "--cluster", ",".join(addresses),
              "--task", str(task)] + (["--threads", str(threads)] if threads else []),
-            stdout=subprocess.PIPE, stderr=log.open("w"), text=True, env=ENV, cwd=logs,
+            stdout=subprocess.PIPE, stderr=log.open("w"), text=True, env=env or ENV, cwd=logs,
         )
         started.append(proc)
         readers.append(Lines(proc, log))
@@ -157,18 +157,14 @@ def start_workers(n: int, started: list[subprocess.Popen[Any]], logs: Path,
     return addresses
 
 
-class Client:
-    """The client process (`workers.py --client ...`), driven by commands on its stdin."""
+class ClientProcess:
+    """A benchmark's client process, driven by commands on its stdin; other lines it prints
+    are echoed after `echo_prefix`."""
 
-    def __init__(self, args: argparse.Namespace, addresses: list[str],
-                 started: list[subprocess.Popen[Any]], logs: Path) -> None:
+    def __init__(self, cmd: list[str], started: list[subprocess.Popen[Any]], logs: Path,
+                 echo_prefix: str = "") -> None:
         log = logs / "client.log"
-        cmd = [sys.executable, __file__, "--client", ",".join(addresses),
-               "--micro-batches", args.micro_batches, "--schedules", args.schedules,
-               "--steps", str(args.steps), "--runs", str(args.runs), "--warmup", str(args.warmup),
-               "--quiet-wait", str(args.quiet_wait), "--inter-op", str(args.inter_op)]
-        if args.quiet is not None:
-            cmd += ["--quiet", str(args.quiet)]
+        self.echo_prefix = echo_prefix
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=log.open("w"), text=True, env=ENV, cwd=ROOT)
         started.append(self.proc)
@@ -184,13 +180,27 @@ class Client:
             line = self.lines.next(max(deadline - time.monotonic(), 1.0), f"client {command!r}")
             if line.startswith("RESULT "):
                 return json.loads(line[len("RESULT "):])
-            print(f"  [client] {line}", flush=True)
+            print(f"{self.echo_prefix}{line}", flush=True)
 
     def quit(self, timeout_s: float) -> None:
         """Asks the client to end, and waits for it (bounded)."""
         assert self.proc.stdin is not None
         self.proc.stdin.close()
         self.proc.wait(timeout=timeout_s)
+
+
+class Client(ClientProcess):
+    """The client process (`workers.py --client ...`)."""
+
+    def __init__(self, args: argparse.Namespace, addresses: list[str],
+                 started: list[subprocess.Popen[Any]], logs: Path) -> None:
+        cmd = [sys.executable, __file__, "--client", ",".join(addresses),
+               "--micro-batches", args.micro_batches, "--schedules", args.schedules,
+               "--steps", str(args.steps), "--runs", str(args.runs), "--warmup", str(args.warmup),
+               "--quiet-wait", str(args.quiet_wait), "--inter-op", str(args.inter_op)]
+        if args.quiet is not None:
+            cmd += ["--quiet", str(args.quiet)]
+        super().__init__(cmd, started, logs, echo_prefix="  [client] ")
 
 
 def _raise_interrupt(signum: int, frame: object) -> None:

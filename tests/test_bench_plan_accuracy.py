@@ -9,21 +9,10 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import subprocess
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "2"}
-
-
-def _gone(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    return False
+from tests.workers import ENV, ROOT, gone
 
 
 def test_plan_accuracy_quick(tmp_path):
@@ -45,4 +34,4 @@ def test_plan_accuracy_quick(tmp_path):
     assert "Plan for 'mlp'" in proc.stdout and "[best] plan.best" in proc.stdout
     # two workers and the client, all ended
     assert len(report["processes"]["pids"]) == 3
-    assert all(_gone(pid) for pid in report["processes"]["pids"])
+    assert all(gone(pid) for pid in report["processes"]["pids"])

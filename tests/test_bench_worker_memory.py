@@ -8,22 +8,12 @@ sanity (performance and memory targets are not asserted in unit tests).
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "2"}
+from tests.workers import ENV, ROOT, gone
+
 CONFIGS = ["gpipe:never", "1f1b:never", "1f1b:except_last", "1f1b:always", "gpipe:always"]
-
-
-def _gone(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    return False
 
 
 def test_worker_memory_benchmark_quick(tmp_path):
@@ -47,4 +37,4 @@ def test_worker_memory_benchmark_quick(tmp_path):
         assert len(r["in_flight"]) == 2 and r["step_s"] > 0
     assert results[0]["ratio"] == [1.0, 1.0]
     assert "stage 1" in proc.stdout and "1f1b:except_last" in proc.stdout
-    assert all(_gone(pid) for pid in report["processes"]["pids"])
+    assert all(gone(pid) for pid in report["processes"]["pids"])

@@ -9,15 +9,12 @@ environment does not install, so it is exercised by running the benchmark, not h
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "2"}
+from tests.workers import ENV, ROOT, gone
 
 
 def _run(script: str, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
@@ -25,14 +22,6 @@ def _run(script: str, *args: str, timeout: float = 600) -> subprocess.CompletedP
                           capture_output=True, text=True, timeout=timeout, env=ENV, cwd=ROOT)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-5000:]
     return proc
-
-
-def _gone(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    return False
 
 
 def test_workers_benchmark_quick(tmp_path):
@@ -58,5 +47,5 @@ def test_workers_benchmark_quick(tmp_path):
     assert "1f1b" in proc.stdout and "[summary] tfpipe" in proc.stdout
     # two workers and the client, all ended
     assert len(report["processes"]["pids"]) == 3
-    assert all(_gone(pid) for pid in report["processes"]["pids"])
+    assert all(gone(pid) for pid in report["processes"]["pids"])
 

@@ -26,6 +26,15 @@ ENV = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "2"}
 _everything_started: list[subprocess.Popen[str]] = []
 
 
+def gone(pid: int) -> bool:
+    """Whether no process has this pid any more."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
 def free_port() -> int:
     """A TCP port that nothing listened on a moment ago."""
     with socket.socket() as s:
