@@ -67,6 +67,7 @@ def test_recompute_lowers_the_activation_peak(tmp_path):
     out = tmp_path / "recompute.json"
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "recompute_memory.py"), "--repeats", "1",
+         "--batch", "4096", "--layers", "16",
          "--json", str(out)],
         capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)},
     )

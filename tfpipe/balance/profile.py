@@ -2,8 +2,10 @@
 
 Design: costs are per layer call (graph node), the unit `solve` partitions. Time is measured
 by running each call on its real inputs (the sample batch pushed through the model once),
-forward plus a backward for its float inputs and weights, as a small `tf.function` on the
-target device, median of a few runs after a warm-up. Memory counts what a stage must hold:
+forward plus a backward for its float inputs and weights, in a loop inside a small
+`tf.function` on the target device; a call of 3 passes minus a call of 1 pass, halved, median
+of a few such pairs after a warm-up, so that the fixed cost of calling a function (a network
+round trip on a remote worker) is not charged to each layer. Memory counts what a stage must hold:
 the call's output activations for the sample batch, plus parameters, their gradients and the
 optimizer's slots (as many per-variable lists as the built optimizer keeps: 2 for Adam).
 """
@@ -119,13 +121,20 @@ def _time_call(
     device: str,
     repeats: int,
 ) -> float:
+    """Seconds of one forward + backward of `layer` on `args`, without the call's overhead.
+
+    Each timed call runs the pass `n` times in a `tf.while_loop` on `device`; the time of one
+    pass is the difference between a call with `n = 3` and one with `n = 1`, halved, median
+    over `repeats` such pairs. The difference removes what a call costs whatever it computes
+    (the function dispatch, and on a remote worker a network round trip of several ms), which
+    would otherwise be charged to every layer as if it were compute.
+    """
     floats = [
         a for a in keras.tree.flatten((args, kwargs)) if tf.is_tensor(a) and a.dtype.is_floating
     ]
 
-    @tf.function  # type: ignore[untyped-decorator]  # TensorFlow ships no type hints
-    def step() -> list[tf.Tensor]:
-        with tf.device(device), tf.GradientTape() as tape:
+    def once() -> tf.Tensor:
+        with tf.GradientTape() as tape:
             tape.watch(floats)
             out = keras.tree.flatten(layer(*args, **kwargs))
             total = tf.add_n(
@@ -138,15 +147,27 @@ def _time_call(
             if sources
             else []
         )
-        return [total] + [tf.reduce_sum(tf.convert_to_tensor(g)) for g in grads]
+        return tf.add_n([total] + [tf.reduce_sum(tf.convert_to_tensor(g)) for g in grads])
 
-    step()  # trace and warm up
-    times = []
-    for _ in range(repeats):
+    @tf.function  # type: ignore[untyped-decorator]  # TensorFlow ships no type hints
+    def run(n: tf.Tensor) -> tf.Tensor:
+        with tf.device(device):
+            _, acc = tf.while_loop(
+                lambda i, _: i < n, lambda i, acc: (i + 1, acc + once()), (0, tf.constant(0.0))
+            )
+        return acc
+
+    def timed(n: int) -> float:
         start = time.perf_counter()
-        [t.numpy() for t in step()]
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        run(tf.constant(n)).numpy()
+        return time.perf_counter() - start
+
+    timed(1)  # trace and warm up
+    diffs = []
+    for _ in range(repeats):
+        one = timed(1)
+        diffs.append((timed(3) - one) / 2)
+    return max(statistics.median(diffs), 1e-7)
 
 
 def _slots_per_variable(model: keras.Model) -> int:
