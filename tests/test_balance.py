@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import keras
+import tensorflow as tf
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -149,3 +150,21 @@ def test_transformer_classifier_with_custom_blocks_equals_keras():
                            schedule="1f1b")
     pipe.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0, callbacks=[log])
     assert_same_training(ref, ref_log, model, log)
+
+
+def test_profiling_times_a_copy_whose_weights_sit_on_the_target_device():
+    """A layer built on one device and profiled on another is timed as a copy with its
+    weights on the target (as the pipeline will hold them), not reading them across."""
+    from tfpipe.balance.profile import _local_copy
+
+    with tf.device("/device:CPU:0"):
+        layer = keras.layers.Dense(4)
+        x = tf.ones((2, 3))
+        layer(x)
+    copy = _local_copy(layer, (x,), {}, "/device:CPU:1")
+    assert copy is not layer
+    assert all(v.value.device.endswith("CPU:1") for v in copy.weights)
+    assert all(v.value.device.endswith("CPU:0") for v in layer.weights)
+    for a, b in zip(copy.get_weights(), layer.get_weights()):
+        np.testing.assert_array_equal(a, b)
+    assert _local_copy(layer, (x,), {}, "/device:CPU:0") is layer

@@ -100,7 +100,8 @@ def profile_layers(
             outputs = layer(*args, **kwargs)
         for t, v in zip(node.outputs, keras.tree.flatten(outputs)):
             values[id(t)] = v
-        seconds = _time_call(layer, args, kwargs, device, repeats)
+        seconds = _time_call(_local_copy(layer, args, kwargs, device), args, kwargs, device,
+                             repeats)
         act = float(sum(v.shape.num_elements() * v.dtype.size for v in keras.tree.flatten(outputs)))
         costs.append(LayerCost(layer.name, n_params, seconds, act, n_params * 4.0 * (2 + slots)))
     return costs
@@ -112,6 +113,38 @@ def _flatten_sample(sample: Any, inputs: Any) -> list[Any]:
         return [sample[t._keras_history.operation.name] for t in flat]
     leaves: list[Any] = keras.tree.flatten(sample)
     return leaves
+
+
+def _on(actual: str, wanted: str) -> bool:
+    """Whether device string `actual` is the device `wanted` names (unset parts match all)."""
+    a, w = tf.DeviceSpec.from_string(actual), tf.DeviceSpec.from_string(wanted)
+    return all(
+        getattr(w, part) in (None, getattr(a, part))
+        for part in ("job", "replica", "task", "device_type", "device_index")
+    )
+
+
+def _local_copy(
+    layer: keras.layers.Layer, args: tuple[Any, ...], kwargs: dict[str, Any], device: str
+) -> keras.layers.Layer:
+    """`layer`, or a copy of it with its weights on `device` if they live elsewhere.
+
+    A model built on the client and profiled on a worker would otherwise read every weight
+    across the network in every timed pass (4 MiB for a Dense(1024) kernel, several ms), a
+    cost the pipeline never pays: there each stage's weights sit on its own device. The copy
+    is made from the layer's config and given its weights; a layer that cannot be rebuilt
+    from its config is timed as it is.
+    """
+    if all(_on(v.value.device, device) for v in layer.weights):
+        return layer
+    try:
+        copy = layer.__class__.from_config(layer.get_config())
+        with tf.device(device):
+            copy(*args, **kwargs)
+        copy.set_weights(layer.get_weights())
+    except Exception:  # noqa: BLE001 - any layer that cannot be copied is timed in place
+        return layer
+    return copy
 
 
 def _time_call(
