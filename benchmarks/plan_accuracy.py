@@ -14,9 +14,11 @@ processes on free loopback ports and one client process connected with
    planner's own split
    (`PlanConfig.kwargs()`): for an `--extra` configuration, the best-ranked configuration
    of the plan with that stage count, schedule and M, without recomputation;
-3. times two fixed costs the cost model leaves out (as `workers.py`'s probes do): one empty
-   function call that touches both workers (`dispatch`) and feeding one 256 x 1024 batch
-   from the client to worker 0 (`feed`).
+3. times fixed costs per step (as `workers.py`'s probes do): one empty function call that
+   touches both workers (`dispatch`; the planner measures its own and adds it to every
+   step), feeding one 256 x 1024 batch from the client to worker 0 (`feed`, left out of the
+   cost model), and a call on worker 0 that fetches 4 scalars (`profile-call`, what each
+   timed profiling call pays and the profiler's loop difference removes).
 
 Timing is `workers.py`'s: every configuration is visited once per round, in an order
 rotated from round to round, for `--rounds` rounds; each visit runs `--warmup` untimed steps
@@ -120,9 +122,11 @@ def parent(args: argparse.Namespace) -> None:
     report["best"] = verdict(table, args.tie)
     print("\n".join(format_table(table, args.tolerance)))
     print(report["best"]["line"])
-    print(f"[probes] fixed costs per step the cost model leaves out: one empty call on both "
-          f"workers {_median(times['probe:dispatch']):.2f} ms; feeding a {BATCH}x1024 batch "
-          f"to worker 0 {_median(times['probe:feed']):.2f} ms; the profiler's round trip "
+    print(f"[probes] fixed costs per step: one empty call on both workers "
+          f"{_median(times['probe:dispatch']):.2f} ms (the plan's own measurement: "
+          f"{report['plan']['step_overhead_ms']}); feeding a {BATCH}x1024 batch to "
+          f"worker 0 {_median(times['probe:feed']):.2f} ms (not in the cost model); a "
+          f"profiling call's round trip "
           f"per layer call (an empty call on worker 0 and 4 fetched scalars) "
           f"{_median(times['probe:profile-call']):.2f} ms")
     print(f"[load] 1-min load average {report['load_before'][0]:.2f} before, "
@@ -256,6 +260,7 @@ def client(args: argparse.Namespace) -> None:
                 "devices": devices, "profile_device": prof.device,
                 "profile_ms": {str(s): [1e3 * t for t in ts] for s, ts in prof.seconds},
                 "bandwidth": plan.cost_model.bandwidth, "parallel": plan.cost_model.parallel,
+                "step_overhead_ms": [round(1e3 * t, 2) for t in plan.cost_model.step_overhead],
             }
         elif command[0] == "round":
             k = int(command[1]) % len(labels)  # rotate the order from round to round

@@ -81,6 +81,14 @@ def test_shared_processor_adds_up_all_work():
     assert shared.step_time > shared.simulation.step_time
 
 
+def test_step_overhead_is_paid_once_per_step_by_device_count():
+    free = CostModel(synthetic(), 64, 10e9)
+    paid = CostModel(synthetic(), 64, 10e9, step_overhead=(1e-3, 2e-3))
+    for balance, extra in (([8], 1e-3), ([4, 4], 2e-3), ([2, 2, 2, 2], 2e-3)):  # last for more
+        a, b = free.estimate(balance, 8, "1f1b"), paid.estimate(balance, 8, "1f1b")
+        assert b.step_time == pytest.approx(a.step_time + extra, rel=1e-12)
+
+
 def test_ranked_fitting_first_then_by_peak():
     plan = search(synthetic(), 64, GPUS, memory_budget=600e3)
     fits = [c.fits for c in plan.configs]
@@ -139,13 +147,16 @@ def test_plan_measures_each_micro_batch_size(planned, tmp_path):
         assert c.micro_batch_size == 16 // c.micro_batches
         if (c.schedule, c.recompute) == ("gpipe", "never"):  # devices take turns: all work
             work = c.micro_batches * sum(prof.layer_seconds(c.micro_batch_size))
+            work += plan.cost_model.step_overhead[c.stages - 1]  # plus the step's fixed cost
             assert work <= c.step_time < work * 1.01
+    overhead = plan.cost_model.step_overhead  # measured, one per device count 1..4
+    assert len(overhead) == 4 and all(0 < t < 0.1 for t in overhead)
     assert all(c.stages in (2, 4) for c in plan.configs)
     for w, b in zip(model.weights, before):  # planning changed nothing
         np.testing.assert_array_equal(w.numpy(), b)
     text = str(plan)
     assert text.startswith("Plan for 'deep': batch 16") and "best: tfpipe.fit(model" in text
-    assert len(text.splitlines()) == 2 + 2 + 10 + 2
+    assert len(text.splitlines()) == 2 + 2 + 10 + 2 and "step overhead" in text
     png = tmp_path / "best.png"
     assert plan.plot(png) == str(png) and png.read_bytes().startswith(PNG_SIGNATURE)
 

@@ -19,6 +19,10 @@ what the executor does, not an ideal:
   bandwidth is `LOCAL_BANDWIDTH` (10 GB/s, a PCIe 3 x16 link or a host memory copy), or
   `REMOTE_BANDWIDTH` (1 GB/s, about 10 Gb Ethernet) when a device is on a worker (`/job:`).
 
+Each step also pays a fixed cost for starting one function on the devices it uses
+(`step_overhead[K - 1]` for K devices: the planner times an empty call on the first K devices;
+about 2 ms on two worker processes, well under 1 ms locally), added once to every step.
+
 Devices that share one processor (logical CPU devices of one process share its thread pool)
 do not run at the same time: with `parallel=False` the step is the sum of all actions'
 durations and transfers (or the makespan, if longer), whatever the schedule's overlap.
@@ -68,7 +72,8 @@ class Estimate:
     Attributes:
         simulation: the simulated step (timeline in seconds, step time, bubble fraction).
         step_time: predicted seconds per step: the simulated makespan, or for devices that
-            share one processor the sum of all actions' durations and transfers.
+            share one processor the sum of all actions' durations and transfers, plus the
+            step's fixed cost.
         peak_bytes: per device (rank), the most bytes it holds during the step.
         transfer: the per-hop delay used, in seconds.
         micro_batch_size: the samples per micro-batch the durations were measured at.
@@ -90,6 +95,8 @@ class CostModel:
         bandwidth: bytes per second between devices.
         parallel: whether the devices compute at the same time (False for logical CPU
             devices, which share one thread pool).
+        step_overhead: seconds a step pays whatever it computes, per number of devices used
+            (entry K-1 for K devices; the last entry for more). Default: none.
 
     Example:
         >>> est = CostModel(profile, batch_size=64, bandwidth=10e9).estimate(
@@ -98,7 +105,12 @@ class CostModel:
     """
 
     def __init__(
-        self, profile: Profile, batch_size: int, bandwidth: float, parallel: bool = True
+        self,
+        profile: Profile,
+        batch_size: int,
+        bandwidth: float,
+        parallel: bool = True,
+        step_overhead: Sequence[float] = (),
     ) -> None:
         if not math.isfinite(bandwidth) or bandwidth <= 0:
             raise ValueError(f"bandwidth must be a positive number of bytes/s, got {bandwidth!r}.")
@@ -106,6 +118,7 @@ class CostModel:
         self.batch_size = batch_size
         self.bandwidth = float(bandwidth)
         self.parallel = parallel
+        self.step_overhead = tuple(float(t) for t in step_overhead)
         self._schedules: dict[tuple[str, int, int, int], Schedule] = {}
 
     def micro_batch_size(self, micro_batches: int) -> int:
@@ -186,6 +199,8 @@ class CostModel:
         step = sim.step_time
         if not self.parallel:
             step = max(step, sum(sim.busy_time) + _hops(sched) * transfer)
+        if self.step_overhead:
+            step += self.step_overhead[min(sched.num_ranks, len(self.step_overhead)) - 1]
         return Estimate(sim, step, peaks, transfer, size)
 
 

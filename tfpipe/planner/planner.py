@@ -19,7 +19,7 @@ import tensorflow as tf
 from tfpipe.devices import default_devices, resolve_devices
 from tfpipe.errors import PipelineError
 from tfpipe.planner.costs import RECOMPUTE_MODES, parse_bytes
-from tfpipe.planner.profile import measure_profile
+from tfpipe.planner.profile import measure_dispatch, measure_profile
 from tfpipe.planner.search import MICRO_BATCHES, SCHEDULES, Plan, search
 from tfpipe.trainer import build_from_data, first_inputs
 
@@ -123,6 +123,7 @@ def plan(
             f"{batch_size}: include 1, or plan for a larger batch."
         )
     profile = measure_profile(model, sample_batch, sizes, device=names[0], repeats=repeats)
+    overhead = measure_dispatch(names, repeats=max(repeats, 5))
     return search(
         profile,
         batch_size,
@@ -136,6 +137,7 @@ def plan(
         bandwidth=bandwidth,
         parallel=_parallel(names) if parallel is None else parallel,
         model_name=model.name,
+        step_overhead=overhead,
     )
 
 

@@ -201,6 +201,11 @@ class Plan:
             f"profiled on {self.profile.device} at micro-batch sizes "
             f"{', '.join(str(s) for s in self.profile.sizes)}; "
             f"bandwidth {self.cost_model.bandwidth / 1e9:.3g} GB/s between devices"
+            + (
+                "; step overhead " + ", ".join(f"{t * 1e3:.2f}" for t in overhead)
+                + " ms on 1.." + str(len(overhead)) + " devices"
+                if (overhead := self.cost_model.step_overhead) else ""
+            )
             + ("" if self.cost_model.parallel else
                "; devices share one processor (step >= all work)"),
         ]
@@ -296,6 +301,7 @@ def search(
     bandwidth: float | None = None,
     parallel: bool | None = None,
     model_name: str = "model",
+    step_overhead: Sequence[float] = (),
 ) -> Plan:
     """Predicts and ranks every configuration of a profiled model (no TensorFlow work).
 
@@ -316,6 +322,9 @@ def search(
             `default_parallel(devices)` (False for logical CPU devices, whose predicted step
             is then at least the sum of all their work).
         model_name: the name shown in the table.
+        step_overhead: seconds each step pays whatever it computes, per number of devices
+            used (entry K-1 for K devices), as `tfpipe.planner.profile.measure_dispatch`
+            measures them. Default: none.
 
     Returns:
         The `Plan`, ranked.
@@ -352,6 +361,7 @@ def search(
         batch_size,
         bandwidth or default_bandwidth(devices),
         default_parallel(devices) if parallel is None else parallel,
+        step_overhead,
     )
     found: list[PlanConfig] = []
     for k in stage_counts:
