@@ -29,7 +29,14 @@ Design:
   and validation, and traces the step once as a `tf.function`.
 - Profiling (`profile=True`) brackets each action with `tf.timestamp()` ops tied to its
   inputs and outputs and stores them in a variable, so one step's measured timeline can be
-  read back and drawn beside the simulated one.
+  read back and drawn beside the simulated one. A bare `tf.timestamp` is a stateful op
+  without resource inputs, which `tf.function` runs in program order, one after another
+  over all devices: that serialised the whole step. A stamp taken only when its inputs are
+  ready is no better: on a busy device an action's start stamp then fires long before its
+  ops get their turn. So each stamp is a small function that also increments a counter
+  variable of its device: writes to one resource run in program order, so the stamps and
+  actions of one device run in the schedule's order, one after another (as the device runs
+  them anyway), while devices stay free of each other.
 """
 
 from __future__ import annotations
@@ -204,6 +211,7 @@ class _StepState:
     losses: list[tf.Tensor] = field(default_factory=list)
     done: dict[Action, list[tf.Tensor]] = field(default_factory=dict)
     stamps: list[tf.Tensor] = field(default_factory=list)
+    device: str = ""
 
 
 class Executor:
@@ -274,7 +282,20 @@ class Executor:
         self.traces: Counter[str] = Counter()
         self.produced: dict[Action, list[Any]] = {}
         self.stamps: tf.Variable | None = None
+        self.clocks: dict[str, tuple[tf.Variable, Any]] = {}
         if profile:
+            for device in {d for row in self.devices for d in row}:
+                with tf.device(device):
+                    var = tf.Variable(0.0, trainable=False, name="tfpipe_clock")
+
+                @tf.function(autograph=False)  # type: ignore[untyped-decorator]
+                def stamp(after: tf.Tensor, var: tf.Variable = var) -> tf.Tensor:
+                    with tf.control_dependencies([after]):
+                        tick = var.assign_add(1.0)
+                    with tf.control_dependencies([tick]):
+                        return tf.timestamp()
+
+                self.clocks[device] = (var, stamp)
             self.stamps = tf.Variable(
                 tf.zeros((len(self.runs), 2), tf.float64),
                 trainable=False,
@@ -312,7 +333,8 @@ class Executor:
         }
         for r, action in self.runs:
             stage = self.stages[action.stage]
-            with tf.device(self.devices[r][action.stage]), tf.name_scope(self._scope(r, action)):
+            state.device = self.devices[r][action.stage]
+            with tf.device(state.device), tf.name_scope(self._scope(r, action)):
                 produced = run[action.kind](action, stage, state)
             self.produced[action] = produced
             state.done[action] = _dense(produced)
@@ -479,7 +501,7 @@ class Executor:
         rec = state.recorded.pop((action.stage, action.micro_batch))
         seeds = self._seeds(rec, action, state)
         rec = self._replay(action, stage, rec, state, seeds)
-        seeds = self._start(seeds, [], state)
+        seeds = self._start(seeds, self._forward_done(action, state), state)
         variables = stage.trainable_variables
         assert rec.tape is not None, "_replay gives a recomputed stage its tape"
         result = rec.tape.gradient(
@@ -499,7 +521,7 @@ class Executor:
         seeds = self._seeds(rec, action, state)
         rec = self._replay(action, stage, rec, state, seeds)
         state.recorded[(action.stage, action.micro_batch)] = rec
-        rec.seeds = self._start(seeds, [], state)
+        rec.seeds = self._start(seeds, self._forward_done(action, state), state)
         result = []
         if rec.watched:
             assert rec.tape is not None, "_replay gives a recomputed stage its tape"
@@ -589,8 +611,7 @@ class Executor:
         """
         gate = list(after)
         if self.stamps is not None:
-            with tf.control_dependencies(_dense(keras.tree.flatten(inputs)) + gate):
-                stamp = tf.timestamp()
+            stamp = self._timestamp(state, _dense(keras.tree.flatten(inputs)) + gate)
             state.stamps.append(stamp)
             gate = [stamp]
         if not gate:
@@ -600,10 +621,29 @@ class Executor:
                 lambda t: tf.identity(t) if t is not None else None, inputs
             )
 
+    def _forward_done(self, action: Action, state: _StepState) -> list[tf.Tensor]:
+        """With profiling, what the forward of `action`'s stage and micro-batch made, so that
+        a backward's start stamp is not taken before it: the last stage's output gradients
+        are ones, which need nothing, though its backward needs the forward's activations."""
+        if self.stamps is None:
+            return []
+        return list(state.done.get(Action(action.stage, "F", action.micro_batch), []))
+
     def _end(self, produced: list[Any], state: _StepState) -> None:
         if self.stamps is not None:
-            with tf.control_dependencies(_dense(produced)):
-                state.stamps.append(tf.timestamp())
+            state.stamps.append(self._timestamp(state, _dense(produced)))
+
+    def _timestamp(self, state: _StepState, after: list[tf.Tensor]) -> tf.Tensor:
+        """`tf.timestamp()` on the current action's device once `after` ran, not ordered
+        after other stamps (see the module docstring).
+
+        The stamp function gets `after` as a data input (a gated read of its clock), since
+        control inputs of a function call do not reach ops inside it once it is inlined.
+        """
+        var, stamp = self.clocks[state.device]
+        with tf.control_dependencies(after):
+            token = tf.identity(var.read_value())
+        return stamp(token)
 
     def timeline(self) -> list[tuple[int, Action, float, float]]:
         """Measured `(rank, action, start, end)` of the latest profiled step, ms from its start.
