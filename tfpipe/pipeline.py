@@ -58,7 +58,9 @@ class Pipeline:
         chunks: for `"interleaved"`, model pieces per device, v (default 2): the model is cut
             into K*v stages and device r holds stages r, r+K, r+2K, ...
         profile: record when each action of a training step started and ended;
-            `timeline()` returns the latest step's measured timeline.
+            `timeline()` returns the latest step's measured timeline. Each device then runs
+            its actions one after another in the schedule's order (so that a start is when
+            the action's work starts); devices still run at the same time.
         split_points: layer names where a new stage starts, instead of `stages`/`balance`,
             for example `["block_3", "block_7"]` for three stages.
         sample: a batch of inputs for `balance="time"` / `"memory"` (`tfpipe.fit` passes the
