@@ -3,8 +3,9 @@
 For each schedule: train a few steps with `profile=True`, read the last step's measured
 `(rank, action, start, end)` timeline, estimate per-stage forward/backward costs from it
 (medians), simulate the schedule with those costs, and write both PNGs plus the text grid.
-On logical CPU devices all stages share one thread pool, so the measured timeline shows
-TensorFlow's dataflow order under the schedule's dependencies, not true device concurrency.
+On logical CPU devices all stages share one thread pool (as many threads as cores), so the
+measured timeline shows each rank following its schedule row with as much overlap between
+ranks as the cores allow, not the concurrency of one device per stage.
 
 Usage:
     python benchmarks/schedule_timeline.py [--schedules gpipe,1f1b] [--stages 4]
