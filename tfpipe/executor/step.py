@@ -634,8 +634,8 @@ class Executor:
             state.stamps.append(self._timestamp(state, _dense(produced)))
 
     def _timestamp(self, state: _StepState, after: list[tf.Tensor]) -> tf.Tensor:
-        """`tf.timestamp()` on the current action's device once `after` ran, not ordered
-        after other stamps (see the module docstring).
+        """`tf.timestamp()` on the current action's device once `after` ran and after the
+        earlier stamps of that device, but not those of other devices (module docstring).
 
         The stamp function gets `after` as a data input (a gated read of its clock), since
         control inputs of a function call do not reach ops inside it once it is inlined.

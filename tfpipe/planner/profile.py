@@ -13,8 +13,9 @@ and state bytes per call (parameters, gradients and optimizer slots, as many slo
 built optimizer keeps), output bytes per sample, and the model's tensors as `Edge`s
 (producer, consumers, bytes per sample), from which stage inputs, kept activations and the
 bytes crossing each cut follow for any split. `Profile` itself is pure data (TensorFlow is
-imported inside `measure_profile` only), so the search and tests can run on a profile made
-by hand.
+imported inside `measure_profile` and `measure_dispatch` only), so the search and tests can
+run on a profile made by hand. `measure_dispatch` times the other per-step cost the search
+needs: starting one function on the devices a configuration uses.
 """
 
 from __future__ import annotations
