@@ -3,9 +3,10 @@
 Design: costs are per layer call (graph node), the unit `solve` partitions. Time is measured
 by running each call on its real inputs (the sample batch pushed through the model once),
 forward plus a backward for its float inputs and weights, in a loop inside a small
-`tf.function` on the target device; a call of 3 passes minus a call of 1 pass, halved, median
-of a few such pairs after a warm-up, so that the fixed cost of calling a function (a network
-round trip on a remote worker) is not charged to each layer. Memory counts what a stage must hold:
+`tf.function` on the target device; a call of 1 + k passes minus a call of 1 pass, over k
+(k passes take about 10 ms), median of a few such pairs after a warm-up, so that the fixed
+cost of calling a function (a network round trip on a remote worker) is not charged to each
+layer. Memory counts what a stage must hold:
 the call's output activations for the sample batch, plus parameters, their gradients and the
 optimizer's slots (as many per-variable lists as the built optimizer keeps: 2 for Adam).
 """
@@ -26,6 +27,13 @@ from tfpipe.balance.solve import solve
 
 if TYPE_CHECKING:
     from tfpipe.partition.graph import Graph
+
+
+LOOP_SECONDS = 0.01
+"""About how long the extra passes of one timed call of `_time_call` take."""
+
+MAX_EXTRA_PASSES = 1000
+"""The most extra passes `_time_call` runs per timed call (for layers of microseconds)."""
 
 
 @dataclass(frozen=True)
@@ -157,10 +165,12 @@ def _time_call(
     """Seconds of one forward + backward of `layer` on `args`, without the call's overhead.
 
     Each timed call runs the pass `n` times in a `tf.while_loop` on `device`; the time of one
-    pass is the difference between a call with `n = 3` and one with `n = 1`, halved, median
-    over `repeats` such pairs. The difference removes what a call costs whatever it computes
-    (the function dispatch, and on a remote worker a network round trip of several ms), which
-    would otherwise be charged to every layer as if it were compute.
+    pass is the difference between a call with `n = 1 + k` and one with `n = 1`, over k,
+    median over `repeats` such pairs, with k chosen so the k passes take about
+    `LOOP_SECONDS` (at least 2, at most `MAX_EXTRA_PASSES`). The difference removes what a
+    call costs whatever it computes (the function dispatch, and on a remote worker a network
+    round trip of several ms), which would otherwise be charged to every layer as if it were
+    compute; the many passes keep a small layer's time above the jitter of those costs.
     """
     floats = [
         a for a in keras.tree.flatten((args, kwargs)) if tf.is_tensor(a) and a.dtype.is_floating
@@ -196,10 +206,14 @@ def _time_call(
         return time.perf_counter() - start
 
     timed(1)  # trace and warm up
+    # enough extra passes that they take LOOP_SECONDS, so the call's own jitter (tens of
+    # microseconds locally, a millisecond on a worker) is small beside them
+    rough = max((timed(11) - timed(1)) / 10, 1e-6)
+    extra = int(min(max(LOOP_SECONDS / rough, 2), MAX_EXTRA_PASSES))
     diffs = []
     for _ in range(repeats):
         one = timed(1)
-        diffs.append((timed(3) - one) / 2)
+        diffs.append((timed(1 + extra) - one) / extra)
     return max(statistics.median(diffs), 1e-7)
 
 
