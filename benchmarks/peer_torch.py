@@ -44,7 +44,16 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from speed_table import format_rows, rows, summary, wait_quiet  # noqa: E402
+from speed_table import (  # noqa: E402
+    add_timing_args,
+    format_rows,
+    load_line,
+    quick_timing,
+    rows,
+    summary,
+    wait_quiet,
+    write_json,
+)
 
 BATCH = 256
 WIDTH = 1024
@@ -164,16 +173,13 @@ def orchestrate(args: argparse.Namespace) -> None:
     print("\n".join(format_rows(table)))
     print("[summary] " + summary(table))
     load_after = os.getloadavg()
-    print(f"[load] 1-min load average {load_before[0]:.2f} before, {load_after[0]:.2f} after "
-          f"({os.cpu_count()} CPUs)")
+    print(load_line(load_before, load_after))
     if args.json:
         import torch
 
-        os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "torch": torch.__version__, "load_before": load_before,
-                       "load_after": load_after, "busy": busy, "times_ms": times, "rows": table},
-                      f, indent=2)
+        write_json(args.json, {"args": vars(args), "torch": torch.__version__,
+                               "load_before": load_before, "load_after": load_after,
+                               "busy": busy, "times_ms": times, "rows": table})
 
 
 # the timed processes ------------------------------------------------------------------------
@@ -311,10 +317,7 @@ def _ints(text: str) -> list[int]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--runs", type=int, default=2, help="timed runs per visit")
-    parser.add_argument("--steps", type=int, default=10, help="steps per timed run")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per visit")
+    add_timing_args(parser)
     parser.add_argument("--micro-batches", default=None, help="default 2,4,8,16 (2 quick)")
     parser.add_argument("--schedules", default="gpipe,1f1b")
     parser.add_argument("--quick", action="store_true",
@@ -331,8 +334,7 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--round", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.quick:
-        args.rounds, args.runs, args.steps, args.warmup = 2, 1, 2, 1
+    quick_timing(args)
     args.micro_batches = args.micro_batches or ("2" if args.quick else "2,4,8,16")
     if args.role is None:
         orchestrate(args)

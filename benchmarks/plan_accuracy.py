@@ -43,7 +43,6 @@ import argparse
 import json
 import os
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -54,6 +53,14 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+from speed_table import (  # noqa: E402
+    add_timing_args,
+    check_timing,
+    load_line,
+    quick_timing,
+    write_json,
+)
+from speed_table import median as _median  # noqa: E402
 from workers import (  # noqa: E402
     BATCH,
     READY_TIMEOUT_S,
@@ -129,16 +136,8 @@ def parent(args: argparse.Namespace) -> None:
           f"profiling call's round trip "
           f"per layer call (an empty call on worker 0 and 4 fetched scalars) "
           f"{_median(times['probe:profile-call']):.2f} ms")
-    print(f"[load] 1-min load average {report['load_before'][0]:.2f} before, "
-          f"{report['load_after'][0]:.2f} after ({os.cpu_count()} CPUs)")
-    if args.json:
-        os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
-
-
-def _median(values: list[float]) -> float:
-    return statistics.median(values) if values else float("nan")
+    print(load_line(report["load_before"], report["load_after"]))
+    write_json(args.json, report)
 
 
 def compare(configs: list[dict[str, Any]], times: dict[str, list[float]],
@@ -290,10 +289,7 @@ def _fetched(d0: str, tf: Any) -> Any:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--runs", type=int, default=2, help="timed runs per visit")
-    parser.add_argument("--steps", type=int, default=10, help="steps per timed run")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per visit")
+    add_timing_args(parser)
     parser.add_argument("--repeats", type=int, default=5,
                         help="tfpipe.plan(repeats=): timed runs per layer call and size")
     parser.add_argument("--micro-batches", default="1,2,4,8,16,32",
@@ -311,14 +307,14 @@ def main() -> None:
     parser.add_argument("--json", "--out", dest="json", default="out/plan_accuracy.json")
     parser.add_argument("--client", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    quick_timing(args)
     if args.quick:
-        args.rounds, args.runs, args.steps, args.warmup, args.repeats = 2, 1, 2, 1, 1
+        args.repeats = 1
         if args.micro_batches == parser.get_default("micro_batches"):
             args.micro_batches = "1,2,4"
         if args.extra == TABLE:
             args.extra = "1:gpipe:1,2:1f1b:1,2:1f1b:2,2:1f1b:4"
-    if args.warmup < 1 or args.rounds < 1 or args.runs < 1 or args.steps < 1:
-        parser.error("--warmup, --rounds, --runs and --steps must be at least 1")
+    check_timing(parser, args)
     if args.client:
         client(args)
     else:

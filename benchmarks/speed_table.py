@@ -28,6 +28,9 @@ Kept free of TensorFlow and PyTorch imports: the parent process of `workers.py` 
 
 from __future__ import annotations
 
+import argparse
+import json
+import os
 import statistics
 from typing import Any
 
@@ -168,3 +171,45 @@ def wait_quiet(limit: float | None, max_wait_s: float) -> float | None:
     while busy >= limit and time.monotonic() < deadline:
         busy = cpu_busy()
     return busy
+
+
+# what the timing scripts share (workers.py, peer_torch.py, plan_accuracy.py, worker_memory.py)
+
+
+def median(values: list[float]) -> float:
+    """The median of `values`, NaN for none."""
+    return statistics.median(values) if values else float("nan")
+
+
+def add_timing_args(parser: argparse.ArgumentParser) -> None:
+    """`--rounds`, `--runs`, `--steps`, `--warmup`: how each configuration is timed."""
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--runs", type=int, default=2, help="timed runs per visit")
+    parser.add_argument("--steps", type=int, default=10, help="steps per timed run")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per visit")
+
+
+def quick_timing(args: argparse.Namespace) -> None:
+    """With `--quick`: 2 rounds of 1 run of 2 steps after 1 warm-up step."""
+    if args.quick:
+        args.rounds, args.runs, args.steps, args.warmup = 2, 1, 2, 1
+
+
+def check_timing(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuses timing arguments below 1 (exits 2 with the parser's usage)."""
+    if args.warmup < 1 or args.rounds < 1 or args.runs < 1 or args.steps < 1:
+        parser.error("--warmup, --rounds, --runs and --steps must be at least 1")
+
+
+def load_line(before: Any, after: Any) -> str:
+    """The `[load]` line: 1-minute load averages before and after a run."""
+    return (f"[load] 1-min load average {before[0]:.2f} before, {after[0]:.2f} after "
+            f"({os.cpu_count()} CPUs)")
+
+
+def write_json(path: str | None, report: dict[str, Any]) -> None:
+    """Writes `report` to `path` (its folder made if needed); nothing for no path."""
+    if path:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        with open(path, "w") as f:
+            json.dump(report, f, indent=2)

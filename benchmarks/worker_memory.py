@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import signal
 import statistics
@@ -65,6 +64,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import workers  # noqa: E402
+from speed_table import load_line, write_json  # noqa: E402
 from workers import ENV, end  # noqa: E402
 
 CONFIGS = "gpipe:never,1f1b:never,1f1b:except_last,1f1b:always,gpipe:always"
@@ -339,12 +339,8 @@ def main() -> None:
     lines = table(report["results"])
     report["table"] = lines
     print("\n".join(lines))
-    print(f"[load] 1-min load average {report['load_before'][0]:.2f} before, "
-          f"{report['load_after'][0]:.2f} after ({os.cpu_count()} CPUs)")
-    if args.json:
-        os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
+    print(load_line(report["load_before"], report["load_after"]))
+    write_json(args.json, report)
 
 
 if __name__ == "__main__":

@@ -65,7 +65,19 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
-from speed_table import format_rows, rows, split_label, summary, wait_quiet  # noqa: E402
+from speed_table import (  # noqa: E402
+    add_timing_args,
+    check_timing,
+    format_rows,
+    load_line,
+    quick_timing,
+    rows,
+    split_label,
+    summary,
+    wait_quiet,
+    write_json,
+)
+from speed_table import median as _median  # noqa: E402
 
 READY_TIMEOUT_S = 120.0
 ENV = {
@@ -268,8 +280,7 @@ def parent(args: argparse.Namespace) -> None:
         print("[summary] " + summary([r for r in table if r["system"] == "torch"]))
     if args.timeline:
         _print_timelines(report["timeline"])
-    print(f"[load] 1-min load average {report['load_before'][0]:.2f} before, "
-          f"{report['load_after'][0]:.2f} after ({os.cpu_count()} CPUs)")
+    print(load_line(report["load_before"], report["load_after"]))
     if args.quiet is not None:
         seen = [b for k, v in times["tfpipe"].items() if k.startswith("busy:") for b in v]
         seen += [b for k, v in times["torch"].items() if k.startswith("busy:") for b in v]
@@ -277,16 +288,7 @@ def parent(args: argparse.Namespace) -> None:
         print(f"[quiet] before each visit the CPUs were {100 * min(seen):.0f}-"
               f"{100 * max(seen):.0f}% busy (median {100 * _median(seen):.0f}%; limit "
               f"{100 * args.quiet:.0f}%, waits of at most {args.quiet_wait:.0f} s)")
-    if args.json:
-        os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
-
-
-def _median(values: list[float]) -> float:
-    import statistics
-
-    return statistics.median(values)
+    write_json(args.json, report)
 
 
 def _print_timelines(timelines: list[dict[str, Any]]) -> None:
@@ -629,10 +631,7 @@ def _figures(timeline: list[Any], stages: int) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--runs", type=int, default=2, help="timed runs per visit")
-    parser.add_argument("--steps", type=int, default=10, help="steps per timed run")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per visit")
+    add_timing_args(parser)
     parser.add_argument("--micro-batches", default=None, help="default 1,2,4,8,16 (1,2 quick)")
     parser.add_argument("--schedules", default="gpipe,1f1b")
     parser.add_argument("--peer", action="store_true",
@@ -655,11 +654,9 @@ def main() -> None:
     parser.add_argument("--json", "--out", dest="json", default="out/workers.json")
     parser.add_argument("--client", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.quick:
-        args.rounds, args.runs, args.steps, args.warmup = 2, 1, 2, 1
+    quick_timing(args)
     args.micro_batches = args.micro_batches or ("1,2" if args.quick else "1,2,4,8,16")
-    if args.warmup < 1 or args.rounds < 1 or args.runs < 1 or args.steps < 1:
-        parser.error("--warmup, --rounds, --runs and --steps must be at least 1")
+    check_timing(parser, args)
     if args.client:
         client(args)
     else:
