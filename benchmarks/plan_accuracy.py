@@ -65,7 +65,7 @@ from workers import (  # noqa: E402
     BATCH,
     READY_TIMEOUT_S,
     ClientProcess,
-    end,
+    end_all,
     start_workers,
 )
 
@@ -118,8 +118,7 @@ def parent(args: argparse.Namespace) -> None:
         report["traces"] = client.request("traces", 60)
         client.quit(60)
     finally:
-        for proc in reversed(started):
-            end(proc)
+        end_all(started)
     report["processes"] = {"pids": [p.pid for p in started],
                            "exit_status": [p.returncode for p in started]}
     report["load_after"] = os.getloadavg()

@@ -65,7 +65,7 @@ sys.path.insert(0, str(HERE))
 
 import workers  # noqa: E402
 from speed_table import load_line, write_json  # noqa: E402
-from workers import ENV, end  # noqa: E402
+from workers import ENV  # noqa: E402
 
 CONFIGS = "gpipe:never,1f1b:never,1f1b:except_last,1f1b:always,gpipe:always"
 MIB = 2**20
@@ -300,11 +300,7 @@ def main() -> None:
     logs = Path(tempfile.mkdtemp(prefix="tfpipe-worker-memory-"))
     report: dict[str, Any] = {"args": vars(args), "load_before": os.getloadavg()}
 
-    def end_all() -> None:
-        for proc in reversed(started):
-            end(proc)
-
-    timer = threading.Timer(args.timeout, end_all)
+    timer = threading.Timer(args.timeout, workers.end_all, args=(started,))
     timer.daemon = True
     timer.start()
     try:
@@ -328,7 +324,7 @@ def main() -> None:
         report["results"] = run(args, devices, rss)
     finally:
         timer.cancel()
-        end_all()
+        workers.end_all(started)
     report["processes"] = {"pids": [p.pid for p in started],
                            "exit_status": [p.returncode for p in started]}
     report["load_after"] = os.getloadavg()

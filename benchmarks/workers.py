@@ -146,6 +146,12 @@ class Lines:
         return line
 
 
+def end_all(started: list[subprocess.Popen[Any]]) -> None:
+    """Ends every started process, the last started first (see `end`)."""
+    for proc in reversed(started):
+        end(proc)
+
+
 def start_workers(n: int, started: list[subprocess.Popen[Any]], logs: Path,
                   threads: int = 1, env: dict[str, str] | None = None) -> list[str]:
     """Starts n `tfpipe worker --threads THREADS` (0: no --threads) on free loopback ports,
@@ -259,8 +265,7 @@ def parent(args: argparse.Namespace) -> None:
         report["traces"] = client.request("traces", 60)
         client.quit(60)
     finally:
-        for proc in reversed(started):
-            end(proc)
+        end_all(started)
     report["processes"] = {"pids": [p.pid for p in started],
                            "exit_status": [p.returncode for p in started]}
     report["load_after"] = os.getloadavg()
