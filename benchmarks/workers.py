@@ -13,6 +13,9 @@ worker are the client's, so each worker runs on one thread), then times, on the 
   (256/M) x 1024 float tensor worker 0 -> 1 -> 0 ... M times (each hop waits for the one
   before), minus the same function kept on worker 0; an upper bound on what transfers add
   to a step (in a pipeline they can overlap with compute);
+- CPU (Linux): for each timed configuration, the cores each worker and the client kept busy
+  (CPU seconds from /proc over the timed runs' wall seconds) and the workers' CPU per step,
+  which tells idle time (a worker waiting) from contention (the same work taking longer);
 - probes: the time of one empty function call that touches both workers (`dispatch`), the
   extra time of feeding one 256 x 1024 batch from the client to worker 0 (`feed`), and
   whether a worker sends a tensor while it computes something else (`chain`, `overlap`:
@@ -30,10 +33,9 @@ before and after; on a shared machine `--quiet 0.3` makes each visit first wait 
 
 Investigation knobs (not for the headline figures): `--inter-op N` gives the client, and so
 each worker, N inter-op threads (intra-op stays 1); `--worker-threads N` is passed as
-`tfpipe worker --threads N` (0 leaves it out). Note that `profile=True` runs every action in
-program order (`tf.timestamp` is a stateful op without resource inputs, which
-`tf.function` orders), so `--timeline`'s spans show no overlap between ranks; its F, B,
-lead and tail figures are unaffected.
+`tfpipe worker --threads N` (0 leaves it out). `--timeline`'s spans come from
+`profile=True`, which keeps each device's actions in schedule order and the devices
+independent (see tfpipe/executor/step.py), so ranks overlap there as they do unprofiled.
 
 Worker and client processes are always ended at the end, also on an error, SIGTERM or
 Ctrl-C; every wait on them is bounded.
@@ -48,6 +50,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import queue
 import signal
@@ -215,7 +218,8 @@ class Client(ClientProcess):
         cmd = [sys.executable, __file__, "--client", ",".join(addresses),
                "--micro-batches", args.micro_batches, "--schedules", args.schedules,
                "--steps", str(args.steps), "--runs", str(args.runs), "--warmup", str(args.warmup),
-               "--quiet-wait", str(args.quiet_wait), "--inter-op", str(args.inter_op)]
+               "--quiet-wait", str(args.quiet_wait), "--inter-op", str(args.inter_op),
+               "--worker-pids", ",".join(str(p.pid) for p in started)]
         if args.quiet is not None:
             cmd += ["--quiet", str(args.quiet)]
         super().__init__(cmd, started, logs, echo_prefix="  [client] ")
@@ -260,6 +264,7 @@ def parent(args: argparse.Namespace) -> None:
             else:
                 print(f"[round {r + 1}/{args.rounds}] {took:.0f} s, "
                       f"load {os.getloadavg()[0]:.2f}", flush=True)
+        report["cpu"] = client.request("cpu", 60)
         if args.timeline:
             report["timeline"] = client.request("timeline", args.round_timeout)
         report["traces"] = client.request("traces", 60)
@@ -280,6 +285,7 @@ def parent(args: argparse.Namespace) -> None:
           f"feeding a {BATCH}x{WIDTH} batch to worker 0 adds {_median(probes['probe:feed']):.2f} "
           f"ms; a tensor sent by a busy worker: {overlap:.1f} ms = {overlap / chain:.2f} chains "
           f"of {chain:.1f} ms (2 = sent while it computes, 3 = only once it is idle)")
+    _print_cpu(report["cpu"], times["tfpipe"])
     print("[summary] " + summary([r for r in table if r["system"] == "tfpipe"]))
     if peer is not None:
         print("[summary] " + summary([r for r in table if r["system"] == "torch"]))
@@ -294,6 +300,22 @@ def parent(args: argparse.Namespace) -> None:
               f"{100 * max(seen):.0f}% busy (median {100 * _median(seen):.0f}%; limit "
               f"{100 * args.quiet:.0f}%, waits of at most {args.quiet_wait:.0f} s)")
     write_json(args.json, report)
+
+
+def _print_cpu(cpu: dict[str, list[list[float]]], times: dict[str, list[float]]) -> None:
+    """The cores each process kept busy while a configuration was timed (medians over its
+    visits), and the workers' CPU per step: equal CPU per step with fewer cores busy is
+    waiting, more CPU per step is contention or extra work."""
+    if not cpu or all(math.isnan(c) for visits in cpu.values() for v in visits for c in v):
+        print("[cpu] not measured (needs Linux /proc)")
+        return
+    print("[cpu] cores busy over the timed runs (CPU seconds / wall seconds; medians over the "
+          "visits): worker 0, worker 1, client; work = the two workers' CPU ms per step")
+    print(f"{'config':<16} {'w0':>5} {'w1':>5} {'client':>6} {'work ms':>8}")
+    for label, visits in cpu.items():
+        cores = [_median([v[i] for v in visits]) for i in range(3)]
+        work = (cores[0] + cores[1]) * _median(times[label])
+        print(f"{label:<16} {cores[0]:5.2f} {cores[1]:5.2f} {cores[2]:6.2f} {work:8.1f}")
 
 
 def _print_timelines(timelines: list[dict[str, Any]]) -> None:
@@ -318,23 +340,45 @@ def _print_timelines(timelines: list[dict[str, Any]]) -> None:
 # the client -----------------------------------------------------------------------------------
 
 
-class Runner:
-    """Times one configuration: `run(n, callback)` runs n training steps."""
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process `pid` so far, all its threads (Linux /proc); NaN
+    where /proc cannot be read."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return float("nan")
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
-    def __init__(self, run: Callable[[int, Any], None]) -> None:
-        self.run = run
+
+class Runner:
+    """Times one configuration: `run(n, callback)` runs n training steps.
+
+    `pids` (worker 0, worker 1, the client): the processes whose CPU seconds over the timed
+    runs `visit` also records, in `cpu` (cores busy, one list per visit).
+    """
+
+    def __init__(self, run: Callable[[int, Any], None], pids: list[int] | None = None) -> None:
+        self.run, self.pids = run, pids or []
+        self.cpu: list[list[float]] = []
 
     def visit(self, warmup: int, runs: int, steps: int) -> list[float]:
         """`warmup` untimed steps, then ms per step of each of `runs` runs of `steps` steps."""
         import keras
 
         stamps: list[float] = []
+        cpu: list[list[float]] = []
+        pids, first, last = self.pids, warmup, warmup + runs * steps
 
         class Stamps(keras.callbacks.Callback):
             def on_train_batch_end(self, batch: int, logs: Any = None) -> None:
                 stamps.append(time.perf_counter())
+                if len(stamps) in (first, last):
+                    cpu.append([cpu_seconds(pid) for pid in pids])
 
-        self.run(warmup + runs * steps, Stamps())
+        self.run(last, Stamps())
+        if pids:
+            wall = stamps[-1] - stamps[first - 1]
+            self.cpu.append([(b - a) / wall for a, b in zip(cpu[0], cpu[1])])
         w = warmup - 1
         return [1e3 * (stamps[w + (r + 1) * steps] - stamps[w + r * steps]) / steps
                 for r in range(runs)]
@@ -394,17 +438,18 @@ def client(args: argparse.Namespace) -> None:
     def fitting(pipe: Any) -> Callable[[int, Any], None]:
         return lambda n, cb: pipe.fit(data, steps_per_epoch=n, callbacks=[cb], **fit)
 
+    pids = [int(p) for p in args.worker_pids.split(",") if p][:2] + [os.getpid()]
     pipes: dict[str, Any] = {"baseline": piped(1, 1)}
-    runners: dict[str, Any] = {"baseline": Runner(fitting(pipes["baseline"]))}
+    runners: dict[str, Any] = {"baseline": Runner(fitting(pipes["baseline"]), pids)}
     plain = _plain_on(d0, compiled, tf)
     runners["model.fit"] = Runner(
-        lambda n, cb: plain.fit(data, steps_per_epoch=n, callbacks=[cb], **fit))
+        lambda n, cb: plain.fit(data, steps_per_epoch=n, callbacks=[cb], **fit), pids)
     for m in ms:
         labels = ([f"sequential M={m}"] if m > 1 else []) + [f"{s} M={m}" for s in schedules]
         for label in labels:
             schedule, _ = split_label(label)
             pipes[label] = piped(1, m) if schedule == "sequential" else piped(2, m, schedule)
-            runners[label] = Runner(fitting(pipes[label]))
+            runners[label] = Runner(fitting(pipes[label]), pids)
         runners[f"comm M={m}"] = Probe(_hops(d0, d1, BATCH // m, m, tf),
                                        _hops(d0, d0, BATCH // m, m, tf))
     runners["probe:dispatch"] = Probe(_empty(d0, d1, tf))
@@ -437,6 +482,9 @@ def client(args: argparse.Namespace) -> None:
                 if args.quiet is not None:
                     out[f"busy:{label}"] = [wait_quiet(args.quiet, args.quiet_wait)]
                 out[label] = runners[label].visit(args.warmup, args.runs, args.steps)
+        elif command[0] == "cpu":
+            out = {label: r.cpu for label, r in runners.items()
+                   if isinstance(r, Runner) and r.cpu}
         elif command[0] == "traces":  # each step traced once, in its first visit
             out = {label: dict(p.executor.traces) for label, p in pipes.items()}
         elif command[0] == "timeline":
@@ -658,6 +706,7 @@ def main() -> None:
     parser.add_argument("--round-timeout", type=float, default=1800.0)
     parser.add_argument("--json", "--out", dest="json", default="out/workers.json")
     parser.add_argument("--client", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--worker-pids", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
     quick_timing(args)
     args.micro_batches = args.micro_batches or ("1,2" if args.quick else "1,2,4,8,16")

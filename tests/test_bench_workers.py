@@ -40,6 +40,13 @@ def test_workers_benchmark_quick(tmp_path):
         piped["sequential_ms"] / piped["ms"] / piped["bound"])
     assert [len(s) for s in report["setup"]["stage_layers"]] == [4, 5]
     assert report["setup"]["model_fit_kernel_device"].endswith("task:0/device:CPU:0")
+    # CPU accounting: per visit, cores busy of worker 0, worker 1 and the client
+    cpu = report["cpu"]
+    assert set(cpu) == {"baseline", "model.fit", "sequential M=2", "1f1b M=2"}
+    assert all(len(visits) == 2 and all(len(v) == 3 and min(v) >= 0 for v in visits)
+               for visits in cpu.values())
+    assert cpu["1f1b M=2"][0][1] > 0 and cpu["baseline"][0][0] > 0  # the workers computed
+    assert "[cpu] cores busy" in proc.stdout
     assert all(t == {"train": 1} for t in report["traces"].values()), report["traces"]
     assert [t["config"] for t in report["timeline"]] == [
         "sequential M=2", "1f1b M=2, 1 worker", "1f1b M=2"]
