@@ -23,7 +23,7 @@ from tests.models import StepLog, assert_same_training
 
 # Each example traces a pipelined and a plain Keras step (about 0.5 s on 2 CPU cores), so 25
 # examples per test keep the file well under a minute. derandomize: the same examples every run.
-SETTINGS = settings(max_examples=15, deadline=None, derandomize=True)
+SETTINGS = settings(max_examples=10, deadline=None, derandomize=True)
 IN, CLASSES, N, BATCH = 6, 3, 32, 8  # 4 steps of 8 samples
 
 
