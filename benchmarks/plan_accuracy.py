@@ -134,7 +134,9 @@ def parent(args: argparse.Namespace) -> None:
           f"worker 0 {_median(times['probe:feed']):.2f} ms (not in the cost model); a "
           f"profiling call's round trip "
           f"per layer call (an empty call on worker 0 and 4 fetched scalars) "
-          f"{_median(times['probe:profile-call']):.2f} ms")
+          f"{_median(times['probe:profile-call']):.2f} ms; a hop between the workers, as the "
+          f"plan measured it: {report['plan']['latency_ms']} ms + bytes at "
+          f"{report['plan']['bandwidth'] / 1e9:.3g} GB/s")
     print(load_line(report["load_before"], report["load_after"]))
     write_json(args.json, report)
 
@@ -259,6 +261,7 @@ def client(args: argparse.Namespace) -> None:
                 "profile_ms": {str(s): [1e3 * t for t in ts] for s, ts in prof.seconds},
                 "bandwidth": plan.cost_model.bandwidth, "parallel": plan.cost_model.parallel,
                 "step_overhead_ms": [round(1e3 * t, 2) for t in plan.cost_model.step_overhead],
+                "latency_ms": round(1e3 * plan.cost_model.latency, 3),
             }
         elif command[0] == "round":
             k = int(command[1]) % len(labels)  # rotate the order from round to round

@@ -32,6 +32,9 @@ def test_plan_accuracy_quick(tmp_path):
         assert math.isclose(r["ratio"], r["measured_ms"] / r["predicted_ms"])
     assert report["best"]["label"] == rows[0]["label"]
     assert "Plan for 'mlp'" in proc.stdout and "[best] plan.best" in proc.stdout
+    # measured between the two worker processes: a hop has a latency and a finite bandwidth
+    assert report["plan"]["latency_ms"] > 0 and 0 < report["plan"]["bandwidth"] < math.inf
+    assert "ms per hop between devices" in report["plan"]["table"]
     # two workers and the client, all ended
     assert len(report["processes"]["pids"]) == 3
     assert all(gone(pid) for pid in report["processes"]["pids"])

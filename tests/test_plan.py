@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -71,6 +72,22 @@ def test_transfer_costs_bytes_over_bandwidth():
     fast = CostModel(synthetic(), 64, bandwidth=1e12).estimate([2, 2, 2, 2], 8, "1f1b")
     assert slow.transfer == pytest.approx(4096.0 * 8 / 1e6)
     assert slow.step_time > fast.step_time + 10 * slow.transfer
+
+
+def test_transfer_latency_is_paid_by_every_hop():
+    def model(**kw):
+        return CostModel(synthetic(), 64, **kw)
+
+    est = model(bandwidth=1e6, latency=2e-3).estimate([2, 2, 2, 2], 8, "1f1b")
+    assert est.transfer == pytest.approx(2e-3 + 4096.0 * 8 / 1e6)
+    assert model(bandwidth=math.inf, latency=2e-3).estimate([4, 4], 8, "1f1b").transfer == 2e-3
+    assert model(bandwidth=1e6, latency=2e-3).estimate([8], 8, "1f1b").transfer == 0.0
+    shared = model(bandwidth=math.inf, latency=1e-3, parallel=False)
+    est = shared.estimate([4, 4], 4, "gpipe")  # devices take turns: every hop adds its latency
+    assert est.step_time == pytest.approx(sum(est.simulation.busy_time) + 2 * 4 * 1e-3)
+    for bad in (-1e-3, math.nan, math.inf):
+        with pytest.raises(ValueError, match="latency"):
+            model(bandwidth=1e9, latency=bad)
 
 
 def test_shared_processor_adds_up_all_work():
@@ -148,9 +165,12 @@ def test_plan_measures_each_micro_batch_size(planned, tmp_path):
         if (c.schedule, c.recompute) == ("gpipe", "never"):  # devices take turns: all work
             work = c.micro_batches * sum(prof.layer_seconds(c.micro_batch_size))
             work += plan.cost_model.step_overhead[c.stages - 1]  # plus the step's fixed cost
-            assert work <= c.step_time < work * 1.01
+            hop = plan.cost_model.estimate(c.balance, c.micro_batches, "gpipe").transfer
+            work += 2 * (c.stages - 1) * c.micro_batches * hop  # and every hop, in turn
+            assert work * (1 - 1e-9) <= c.step_time < work * 1.01
     overhead = plan.cost_model.step_overhead  # measured, one per device count 1..4
     assert len(overhead) == 4 and all(0 < t < 0.1 for t in overhead)
+    assert 0 <= plan.cost_model.latency < 0.01 and plan.cost_model.bandwidth > 0  # measured
     assert all(c.stages in (2, 4) for c in plan.configs)
     for w, b in zip(model.weights, before):  # planning changed nothing
         np.testing.assert_array_equal(w.numpy(), b)

@@ -159,8 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="bytes per device, such as 2GiB or 512MB; configurations above it "
                       "are marked as not fitting")
     plan.add_argument("--bandwidth", default=None, metavar="SIZE",
-                      help="bytes per second between devices, such as 10GB (default 10GB, or "
-                      "1GB for worker devices)")
+                      help="bytes per second between devices, such as 10GB (default: measured "
+                      "between the first two devices)")
     plan.add_argument("--plot", default=None, metavar="PATH",
                       help="write the best configuration's predicted timeline as a PNG")
     plan.add_argument("--top", type=_positive_int, default=10, metavar="N",

@@ -14,10 +14,14 @@ what the executor does, not an ideal:
   backwards), so that action costs one more forward.
 - ZB-H1's `I` costs half a backward, and its `W` a whole one (`ZB_WEIGHT_GRAD`): in this
   version `W` re-derives the backward chain (docs/schedules.md, "Known costs and limits").
-- Every hop between devices costs `bytes crossing the cut x micro-batch size / bandwidth`.
-  The simulator takes one delay for all hops, so the largest cut's is used. The default
-  bandwidth is `LOCAL_BANDWIDTH` (10 GB/s, a PCIe 3 x16 link or a host memory copy), or
+- Every hop between devices costs `latency + bytes crossing the cut x micro-batch size /
+  bandwidth`. The simulator takes one delay for all hops, so the largest cut's is used.
+  `tfpipe.plan` measures latency and bandwidth between its first two devices
+  (`tfpipe.planner.profile.measure_transfer`); without a measurement the latency is 0 and the
+  bandwidth `LOCAL_BANDWIDTH` (10 GB/s, a PCIe 3 x16 link or a host memory copy), or
   `REMOTE_BANDWIDTH` (1 GB/s, about 10 Gb Ethernet) when a device is on a worker (`/job:`).
+  An infinite bandwidth (a large tensor measured no slower than a small one) makes a hop
+  cost its latency alone.
 
 Each step also pays a fixed cost for starting one function on the devices it uses
 (`step_overhead[K - 1]` for K devices: the planner times an empty call on the first K devices;
@@ -92,11 +96,12 @@ class CostModel:
     Args:
         profile: the measured profile of the model.
         batch_size: B, samples per training step.
-        bandwidth: bytes per second between devices.
+        bandwidth: bytes per second between devices (`math.inf`: bytes cost nothing).
         parallel: whether the devices compute at the same time (False for logical CPU
             devices, which share one thread pool).
         step_overhead: seconds a step pays whatever it computes, per number of devices used
             (entry K-1 for K devices; the last entry for more). Default: none.
+        latency: seconds every hop between devices pays whatever its size. Default 0.
 
     Example:
         >>> est = CostModel(profile, batch_size=64, bandwidth=10e9).estimate(
@@ -111,14 +116,18 @@ class CostModel:
         bandwidth: float,
         parallel: bool = True,
         step_overhead: Sequence[float] = (),
+        latency: float = 0.0,
     ) -> None:
-        if not math.isfinite(bandwidth) or bandwidth <= 0:
+        if math.isnan(bandwidth) or bandwidth <= 0:
             raise ValueError(f"bandwidth must be a positive number of bytes/s, got {bandwidth!r}.")
+        if not math.isfinite(latency) or latency < 0:
+            raise ValueError(f"latency must be a number of seconds >= 0, got {latency!r}.")
         self.profile = profile
         self.batch_size = batch_size
         self.bandwidth = float(bandwidth)
         self.parallel = parallel
         self.step_overhead = tuple(float(t) for t in step_overhead)
+        self.latency = float(latency)
         self._schedules: dict[tuple[str, int, int, int], Schedule] = {}
 
     def micro_batch_size(self, micro_batches: int) -> int:
@@ -185,7 +194,7 @@ class CostModel:
         ]
         weight_grad = [ZB_WEIGHT_GRAD * bw for bw in backward]
         cut = max((prof.cut_bytes(a) for a, _ in spans[1:]), default=0.0)
-        transfer = cut * size / self.bandwidth if sched.num_ranks > 1 else 0.0
+        transfer = self.latency + cut * size / self.bandwidth if sched.num_ranks > 1 else 0.0
         costs = Costs(forward, full_b, input_grad, weight_grad, transfer=transfer)
         sim = schedules.simulate(sched, costs)
         kept, work, state = [], [], []

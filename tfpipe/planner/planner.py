@@ -19,7 +19,7 @@ import tensorflow as tf
 from tfpipe.devices import default_devices, resolve_devices
 from tfpipe.errors import PipelineError
 from tfpipe.planner.costs import RECOMPUTE_MODES, parse_bytes
-from tfpipe.planner.profile import measure_dispatch, measure_profile
+from tfpipe.planner.profile import measure_dispatch, measure_profile, measure_transfer
 from tfpipe.planner.search import MICRO_BATCHES, SCHEDULES, Plan, search
 from tfpipe.trainer import build_from_data, first_inputs
 
@@ -65,8 +65,9 @@ def plan(
         recompute: the recomputation modes to try.
         chunks: model pieces per device for `"interleaved"`.
         bandwidth: bytes per second between devices, for the per-hop transfer time of the
-            activation crossing each cut. Default 10 GB/s between local devices, 1 GB/s when
-            a device is on a TensorFlow worker (`tfpipe.planner.costs`).
+            activation crossing each cut. Default: measured between the first two devices,
+            with each hop's fixed latency (`tfpipe.planner.profile.measure_transfer`); the
+            latency is measured and added in either case.
         parallel: whether the devices compute at the same time. Default: False for logical
             CPU devices (`tfpipe.configure_cpu_devices`), which share one thread pool, and for
             logical GPUs split from one physical GPU, so their predicted step is the sum of
@@ -124,6 +125,7 @@ def plan(
         )
     profile = measure_profile(model, sample_batch, sizes, device=names[0], repeats=repeats)
     overhead = measure_dispatch(names, repeats=max(repeats, 5))
+    latency, measured_bandwidth = measure_transfer(names, repeats=max(repeats, 5)) or (0.0, None)
     return search(
         profile,
         batch_size,
@@ -134,10 +136,11 @@ def plan(
         schedules=schedules,
         recompute=recompute,
         chunks=chunks,
-        bandwidth=bandwidth,
+        bandwidth=bandwidth or measured_bandwidth,
         parallel=_parallel(names) if parallel is None else parallel,
         model_name=model.name,
         step_overhead=overhead,
+        transfer_latency=latency,
     )
 
 

@@ -17,6 +17,7 @@ the planner predicts is what `tfpipe.fit` runs.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -200,7 +201,7 @@ class Plan:
             f"{len(self.fitting)} within the memory budget ({budget} per device)",
             f"profiled on {self.profile.device} at micro-batch sizes "
             f"{', '.join(str(s) for s in self.profile.sizes)}; "
-            f"bandwidth {self.cost_model.bandwidth / 1e9:.3g} GB/s between devices"
+            + _transfer_text(self.cost_model)
             + (
                 "; step overhead " + ", ".join(f"{t * 1e3:.2f}" for t in overhead)
                 + " ms on 1.." + str(len(overhead)) + " devices"
@@ -273,6 +274,14 @@ class Plan:
         return plot(rows, path, title=title)
 
 
+def _transfer_text(model: CostModel) -> str:
+    """The header's words for what a hop between devices costs."""
+    bandwidth = ("bandwidth not limiting" if math.isinf(model.bandwidth)
+                 else f"bandwidth {model.bandwidth / 1e9:.3g} GB/s")
+    latency = f" + {model.latency * 1e3:.2f} ms per hop" if model.latency else ""
+    return f"{bandwidth}{latency} between devices"
+
+
 def default_bandwidth(devices: Sequence[str]) -> float:
     """`REMOTE_BANDWIDTH` when a device is on a TensorFlow worker (`/job:...`, not localhost),
     else `LOCAL_BANDWIDTH`, in bytes per second."""
@@ -302,6 +311,7 @@ def search(
     parallel: bool | None = None,
     model_name: str = "model",
     step_overhead: Sequence[float] = (),
+    transfer_latency: float = 0.0,
 ) -> Plan:
     """Predicts and ranks every configuration of a profiled model (no TensorFlow work).
 
@@ -325,6 +335,8 @@ def search(
         step_overhead: seconds each step pays whatever it computes, per number of devices
             used (entry K-1 for K devices), as `tfpipe.planner.profile.measure_dispatch`
             measures them. Default: none.
+        transfer_latency: seconds each hop between devices pays whatever its size, as
+            `tfpipe.planner.profile.measure_transfer` measures it. Default 0.
 
     Returns:
         The `Plan`, ranked.
@@ -362,6 +374,7 @@ def search(
         bandwidth or default_bandwidth(devices),
         default_parallel(devices) if parallel is None else parallel,
         step_overhead,
+        transfer_latency,
     )
     found: list[PlanConfig] = []
     for k in stage_counts:
