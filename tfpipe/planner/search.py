@@ -278,7 +278,7 @@ def _transfer_text(model: CostModel) -> str:
     """The header's words for what a hop between devices costs."""
     bandwidth = ("bandwidth not limiting" if math.isinf(model.bandwidth)
                  else f"bandwidth {model.bandwidth / 1e9:.3g} GB/s")
-    latency = f" + {model.latency * 1e3:.2f} ms per hop" if model.latency else ""
+    latency = f" + {model.latency * 1e3:.2g} ms per hop" if model.latency else ""
     return f"{bandwidth}{latency} between devices"
 
 
