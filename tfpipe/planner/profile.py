@@ -235,7 +235,6 @@ def measure_dispatch(devices: Sequence[str], repeats: int = 5) -> tuple[float, .
         >>> measure_dispatch(["/device:CPU:0", "/device:CPU:1"])   # (seconds, seconds)
     """
     import statistics
-    import time
 
     import tensorflow as tf
 
@@ -250,13 +249,7 @@ def measure_dispatch(devices: Sequence[str], repeats: int = 5) -> tuple[float, .
                     parts.append(tf.timestamp())  # stateful: runs on d, never folded away
             return tf.add_n(parts)
 
-        touch().numpy()  # trace
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            touch().numpy()
-            times.append(time.perf_counter() - start)
-        out.append(statistics.median(times))
+        out.append(statistics.median(_call_seconds(touch, repeats)))
     return tuple(out)
 
 
@@ -270,9 +263,9 @@ def measure_transfer(devices: Sequence[str], repeats: int = 5) -> tuple[float, f
     For a small (4 KiB) and a large (1 MiB) float32 tensor, times a `tf.function` that sends
     it `devices[0]` -> `devices[1]` -> `devices[0]` ... (`TRANSFER_HOPS` hops, each after the
     one before, adding a variable of the device it arrives on) minus the same adds kept on
-    `devices[0]` (fastest of `repeats` calls after a warm-up: a busy machine
-    only ever adds time), and fits one hop's time as `latency + bytes / bandwidth` through
-    the two sizes. On two worker processes on loopback this is about 0.2 ms + 1.4 GB/s, between
+    `devices[0]` (the fastest of `repeats` calls after a warm-up: a busy machine only ever
+    adds time), and fits one hop's time as `latency + bytes / bandwidth` through the two
+    sizes. On two worker processes on loopback this is about 0.2 ms + 1.4 GB/s; between
     logical CPU devices a few microseconds + 12-15 GB/s (a memory copy).
 
     Args:
@@ -288,7 +281,6 @@ def measure_transfer(devices: Sequence[str], repeats: int = 5) -> tuple[float, f
         >>> measure_transfer(["/job:worker/task:0/device:CPU:0",
         ...                   "/job:worker/task:1/device:CPU:0"])   # (0.0002, 1.4e9)
     """
-    import time
 
     import tensorflow as tf
 
@@ -314,19 +306,13 @@ def measure_transfer(devices: Sequence[str], repeats: int = 5) -> tuple[float, f
                 for i in range(TRANSFER_HOPS):
                     d = other if i % 2 == 0 else near
                     with tf.device(d):
-                        # adding a variable of d pins the add to d: the tensor must get there
-                        # (an op without one, a sine, was left on `near` and nothing moved)
+                        # an add that reads a variable of d runs on d, so the tensor must
+                        # get there (a chain of sines measured no transfer time at all)
                         t = t + zeros[d]
                 with tf.device(near):
                     return tf.reduce_sum(t)  # all of it: a slice could be moved up the chain
 
-            hops().numpy()  # trace
-            times = []
-            for _ in range(repeats):
-                begin = time.perf_counter()
-                hops().numpy()
-                times.append(time.perf_counter() - begin)
-            seconds.append(min(times))
+            seconds.append(min(_call_seconds(hops, repeats)))
         return (seconds[0] - seconds[1]) / TRANSFER_HOPS
 
     small, large = TRANSFER_BYTES
@@ -335,6 +321,20 @@ def measure_transfer(devices: Sequence[str], repeats: int = 5) -> tuple[float, f
     if per_byte <= 0:
         return max(t_small, 0.0), math.inf
     return max(t_small - small * per_byte, 0.0), 1.0 / per_byte
+
+
+def _call_seconds(fn: Any, repeats: int) -> list[float]:
+    """Seconds of each of `repeats` calls of the `tf.function` `fn`, after one untimed call
+    that traces it; each call waits for its result."""
+    import time
+
+    fn().numpy()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn().numpy()
+        times.append(time.perf_counter() - start)
+    return times
 
 
 def _default_device() -> str:
