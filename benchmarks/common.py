@@ -11,6 +11,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from tfpipe import allocator
+
 
 def mlp(width: int = 1024, depth: int = 8, classes: int = 10) -> keras.Model:
     """The peer benchmark's model: depth x Dense(width, relu) + Dense(classes)."""
@@ -106,15 +108,19 @@ def step_peak(pipe: Any, x: np.ndarray, y: np.ndarray, repeats: int) -> tuple[fl
     """Median allocator peak (MiB above the resting level) and seconds of one training step.
 
     Logical CPU devices share one allocator, so `CPU:0`'s figures cover the whole pipeline.
+    The caller sets `TF_ENABLE_ONEDNN_OPTS=1` before TensorFlow starts (see `tfpipe.allocator`).
     """
+    why = allocator.unavailable("CPU:0")
+    if why is not None:
+        raise SystemExit(f"step_peak: {why}")
     fit = dict(batch_size=len(x), epochs=1, verbose=0)
     pipe.fit(x, y, **fit)  # trace and warm up
     peaks, times = [], []
     for _ in range(repeats):
-        tf.config.experimental.reset_memory_stats("CPU:0")
-        base = tf.config.experimental.get_memory_info("CPU:0")["current"]
+        allocator.reset("CPU:0")
+        base = allocator.current_bytes("CPU:0")
         start = time.perf_counter()
         pipe.fit(x, y, **fit)
         times.append(time.perf_counter() - start)
-        peaks.append(tf.config.experimental.get_memory_info("CPU:0")["peak"] - base)
+        peaks.append(allocator.peak_bytes("CPU:0") - base)
     return statistics.median(peaks) / 2**20, statistics.median(times)

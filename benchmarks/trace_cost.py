@@ -46,7 +46,7 @@ def main() -> None:
         with pipe._attached():
             start = time.perf_counter()
             graph = (
-                tf.function(lambda x, y: pipe.executor.train_step((x, y)))
+                tf.function(lambda x, y: pipe.executor.train_step((x, y)), autograph=False)
                 .get_concrete_function(*spec)
                 .graph
             )

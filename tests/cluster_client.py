@@ -79,7 +79,7 @@ def device_task(device: str) -> str:
 def graph_ops(pipe: tfpipe.Pipeline, batch: tuple) -> list[tf.Operation]:
     """Every op of the pipeline's training step traced on `batch`, nested bodies included."""
     with pipe._attached():  # noqa: SLF001 (tests only): the optimizer hook fit installs
-        concrete = tf.function(pipe.executor.train_step).get_concrete_function(batch)
+        concrete = tf.function(pipe.executor.train_step, autograph=False).get_concrete_function(batch)
     ops: list[tf.Operation] = []
     seen: set[str] = set()
 

@@ -52,6 +52,15 @@ def fit(model, x=None, **kwargs):
     return tfpipe.fit(model, x, y, verbose=0, **kwargs)
 
 
+def nan_model():
+    """The log of a negative number in layer 'log_layer': NaN in the first forward."""
+    model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(8, name="d0"),
+                              keras.layers.Lambda(lambda t: keras.ops.log(t - 100.0), name="log_layer"),
+                              keras.layers.Dense(3, name="head")])
+    model.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    return tracked(model)
+
+
 def uncompiled():
     return tracked(keras.Sequential([keras.Input((8,)), keras.layers.Dense(3)]))
 
@@ -187,8 +196,13 @@ CASES = [
     Case("micro-batch count not positive", lambda: tfpipe.Pipeline(mlp(), stages=2, micro_batches=0),
          tfpipe.PipelineError, r"micro_batches must be a positive integer .* got 0"),
     Case("batch smaller than the micro-batch count", lambda: fit(mlp(), stages=2, micro_batches=32),
-         (tfpipe.PipelineError, tf.errors.InvalidArgumentError),
-         r"a batch (of 16 samples )?is smaller than micro_batches=32", after_placement=True),
+         tfpipe.PipelineError, r"a batch of 16 samples is smaller than micro_batches=32", after_placement=True),
+    Case("dataset batch smaller than the micro-batch count (found while the step runs)",
+         lambda: tfpipe.fit(mlp(), tf.data.Dataset.from_tensor_slices(xy()).batch(32), stages=2, micro_batches=64, verbose=0),
+         tfpipe.PipelineError, r"^tfpipe: a batch of 32 samples is smaller than micro_batches=64; use a batch size", after_placement=True),
+    Case("NaN in a layer's forward with check_numerics=True (found while the step runs)",
+         lambda: fit(nan_model(), balance=[1, 2], micro_batches=2, check_numerics=True),
+         tfpipe.PipelineError, r"^tfpipe check_numerics: NaN or Inf in the forward of layer 'log_layer' \(stage 1, micro-batch 0\)", after_placement=True),
     Case("unknown schedule name", lambda: tfpipe.Pipeline(mlp(), stages=2, schedule="pipedream"),
          ValueError, r"Unknown schedule 'pipedream': use one of"),
     Case("invalid user-made schedule (prints the grid)", lambda: tfpipe.Pipeline(mlp(), micro_batches=2, schedule=BAD),

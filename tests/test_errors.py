@@ -82,7 +82,7 @@ def test_bad_micro_batches():
 def test_batch_smaller_than_micro_batches():
     model = build("mlp")
     x, y = data("mlp", n=20)
-    with pytest.raises(tf.errors.InvalidArgumentError, match=r"smaller than micro_batches=8"):
+    with pytest.raises(tfpipe.PipelineError, match=r"a batch of 4 samples is smaller than micro_batches=8"):
         tfpipe.fit(model, x, y, batch_size=16, stages=2, micro_batches=8, verbose=0)
 
 

@@ -14,7 +14,9 @@ from tfpipe.placement import device_of
 def traced_graph(pipe: tfpipe.Pipeline, x, y) -> tf.Graph:
     spec = (tf.TensorSpec((None,) + x.shape[1:], tf.float32), tf.TensorSpec((None,), tf.int64))
     with pipe._attached():
-        fn = tf.function(lambda a, b: pipe.executor.train_step((a, b)))
+        # traced as Keras traces its step: without autograph (keras do_not_convert); with it,
+        # autograph converted the executor and once mixed up MicroBatches.split and _split
+        fn = tf.function(lambda a, b: pipe.executor.train_step((a, b)), autograph=False)
         return fn.get_concrete_function(*spec).graph
 
 

@@ -7,13 +7,13 @@ import numpy as np
 import pytest
 
 import tfpipe
-from tests.models import MODELS, StepLog, assert_same_training, data
+from tests.models import MODELS, StepLog, assert_same_training, data, low_precision_tolerance
 from tfpipe.placement import device_of
 
 opts = keras.optimizers
 
 
-def run_both(make_optimizer, policy=None, rtol=1e-5, atol=1e-6, stages=4, micro_batches=4):
+def run_both(make_optimizer, policy=None, stages=4, micro_batches=4, **tolerance):
     x, y = data("mlp")
     runs = []
     for pipelined in (False, True):
@@ -33,7 +33,7 @@ def run_both(make_optimizer, policy=None, rtol=1e-5, atol=1e-6, stages=4, micro_
         finally:
             keras.mixed_precision.set_global_policy("float32")
     (ref, ref_log), (model, log) = runs
-    assert_same_training(ref, ref_log, model, log, rtol=rtol, atol=atol)
+    assert_same_training(ref, ref_log, model, log, **tolerance)
     return ref, model
 
 
@@ -66,7 +66,8 @@ def test_global_clipnorm_really_clips_across_stages():
 
 
 def test_mixed_float16_equals_keras_and_keeps_updates_on_stage_devices():
-    ref, model = run_both(lambda: opts.Adam(0.01), policy="mixed_float16", rtol=1e-2, atol=1e-3)
+    ref, model = run_both(lambda: opts.Adam(0.01), policy="mixed_float16",
+                          **low_precision_tolerance("mixed_float16"))
     assert isinstance(model.optimizer, opts.LossScaleOptimizer)
     for layer in model.layers:
         for slot in model.optimizer.inner_optimizer.variables:
@@ -75,7 +76,8 @@ def test_mixed_float16_equals_keras_and_keeps_updates_on_stage_devices():
 
 
 def test_mixed_bfloat16_equals_keras():
-    run_both(lambda: opts.SGD(0.1), policy="mixed_bfloat16", rtol=2e-2, atol=2e-3)
+    run_both(lambda: opts.SGD(0.1), policy="mixed_bfloat16",
+             **low_precision_tolerance("mixed_bfloat16"))
 
 
 def test_fp16_overflow_skips_the_step_on_every_stage_and_lowers_the_scale():

@@ -4,16 +4,21 @@ Design: the measurement is the executor's (`Pipeline(profile=True)` stamps every
 training step); this callback only turns the latest step's timeline into TensorBoard scalars
 at each epoch end, and draws it once as a PNG after the first epoch. Compute time of a rank is
 the summed span of its actions; idle time is the rest of the step (its share of the bubble).
+Per-rank peak memory comes from `tfpipe.allocator`; where TensorFlow keeps no allocator
+statistics (a CPU without oneDNN, a remote worker) the monitor says so once, in one warning
+line, and writes the other scalars.
 """
 
 from __future__ import annotations
 
 import os
+import warnings
 from typing import Any
 
 import keras
 import tensorflow as tf
 
+from tfpipe import allocator
 from tfpipe.errors import PipelineError
 from tfpipe.schedules import plot
 
@@ -47,6 +52,22 @@ class PipelineMonitor(keras.callbacks.Callback):  # type: ignore[misc]  # Keras 
         self.png = os.path.join(log_dir, "timeline.png") if png == "" else png
         self.writer = tf.summary.create_file_writer(os.path.join(log_dir, "pipeline"))
         self.last: dict[str, float] = {}
+        missing = {
+            st.device: why for st in pipeline.stages
+            if (why := allocator.unavailable(st.device)) is not None
+        }
+        if missing:
+            warnings.warn(
+                f"PipelineMonitor writes no rank*/peak_mib scalars for "
+                f"{len(missing)} of {len(pipeline.stages)} stages: "
+                f"{'; '.join(sorted(set(missing.values())))}.",
+                stacklevel=2,
+            )
+        self.memory_devices = [st.device for st in pipeline.stages if st.device not in missing]
+
+    def on_epoch_begin(self, epoch: int, logs: Any = None) -> None:
+        for device in self.memory_devices:  # each epoch's peak, not the process's
+            allocator.reset(device)
 
     def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
         timeline = self.pipeline.timeline()
@@ -69,20 +90,11 @@ class PipelineMonitor(keras.callbacks.Callback):  # type: ignore[misc]  # Keras 
                 tf.summary.scalar(f"rank{rank}/compute_ms", ms)
                 tf.summary.scalar(f"rank{rank}/idle_ms", max(step - ms, 0.0))
             for device, rank in devices.items():
-                peak = _peak_mib(device)
-                if peak is not None:
+                if device in self.memory_devices:
+                    peak = allocator.peak_bytes(device) / 2**20
                     self.last[f"rank{rank}/peak_mib"] = peak
                     tf.summary.scalar(f"rank{rank}/peak_mib", peak)
         self.writer.flush()
         if epoch == 0 and self.png:
             plot(timeline, self.png, title=f"measured step, epoch 1: {step:.1f} ms")
 
-
-def _peak_mib(device: str) -> float | None:
-    """The allocator peak of a local device in MiB (logical CPUs share one allocator)."""
-    name = device.split("device:")[-1]
-    try:
-        peak: float = tf.config.experimental.get_memory_info(name)["peak"] / 2**20
-        return peak
-    except (ValueError, tf.errors.OpError):
-        return None

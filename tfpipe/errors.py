@@ -50,3 +50,29 @@ def _rebuild_worker_error(message: str, address: str, task: int | None,
     """Unpickles a `WorkerUnavailableError` (its keyword-only fields need this)."""
     return WorkerUnavailableError(message, address=address, task=task, stages=stages,
                                   reason=reason)
+
+
+RUNTIME_MARK = "tfpipe"
+"""Every message of a check that fires inside a traced step starts with this word."""
+
+
+def runtime_message(text: str) -> str | None:
+    """tfpipe's own message inside the text of a TensorFlow run-time error, or None.
+
+    A check that can only fire while the step runs (`tf.debugging.Assert`, `check_numerics`)
+    surfaces as a TensorFlow `InvalidArgumentError` whose text buries the message among graph
+    node names and a Python stack. `Assert` prints its data as bracketed pieces
+    (`assertion failed: [tfpipe: a batch of] [8] [samples ...]`), joined here with spaces;
+    `check_numerics` prints its message followed by `: Tensor had NaN values`.
+
+    Args:
+        text: `str(error)` of the TensorFlow error.
+    """
+    for line in text.splitlines():
+        if "assertion failed: [" + RUNTIME_MARK in line:
+            pieces = line.split("assertion failed: ", 1)[1]
+            return " ".join(p.strip().strip("[]") for p in pieces.split("] [")).strip()
+        start = line.find(RUNTIME_MARK + " check_numerics:")
+        if start >= 0:
+            return line[start:].strip()
+    return None

@@ -16,12 +16,13 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import keras
+import tensorflow as tf
 
 from tfpipe import schedules
 from tfpipe.atomic import atomic_saves
 from tfpipe.balance import LayerCost, activation_bytes_per_sample, imbalance, profile_layers
 from tfpipe.devices import default_devices, resolve_devices
-from tfpipe.errors import PipelineError
+from tfpipe.errors import PipelineError, runtime_message
 from tfpipe.executor import Executor
 from tfpipe.executor.inputs import check_array_inputs
 from tfpipe.executor.microbatch import check_micro_batches
@@ -264,6 +265,11 @@ class Pipeline:
                 if getattr(model, "optimizer", None) is not None:
                     stack.enter_context(updates_on_variable_devices(model.optimizer))
                 yield
+        except tf.errors.InvalidArgumentError as err:  # a check that fired inside the step
+            message = runtime_message(str(err))
+            if message is None:
+                raise
+            raise PipelineError(message) from err
         finally:
             for name in _FUNCTIONS:
                 self._functions[name] = getattr(model, name)

@@ -81,7 +81,8 @@ class MicroBatches:
 
         Raises:
             PipelineError: when the batch size is known while tracing and B < num.
-            tf.errors.InvalidArgumentError (at run time): when B < num, naming both.
+            tf.errors.InvalidArgumentError (at run time): when B < num, naming both; the
+                pipeline re-raises it as a `PipelineError`.
         """
         batch = batch_size(x)
         if num == 1:  # the batch is its own micro-batch: no split, no weighting
@@ -93,16 +94,19 @@ class MicroBatches:
                 f"tfpipe: a batch of {static} samples is smaller than micro_batches={num}; use "
                 f"a batch size >= micro_batches (or drop_remainder=True for the last batch)."
             )
-        with tf.control_dependencies(
+        # Fires only while the step runs (the batch size is not static, e.g. a dataset batched
+        # without drop_remainder); the pipeline re-raises it as a PipelineError
+        # (errors.runtime_message), the step's updates not applied.
+        check = tf.debugging.Assert(
+            batch >= num,
             [
-                tf.debugging.assert_greater_equal(
-                    batch,
-                    num,
-                    message=f"tfpipe: a batch is smaller than micro_batches={num}; use a batch "
-                    "size >= micro_batches (or drop_remainder=True for the last batch)",
-                )
-            ]
-        ):
+                "tfpipe: a batch of",
+                batch,
+                f"samples is smaller than micro_batches={num}; use a batch size >= "
+                "micro_batches (or drop_remainder=True for the last batch)",
+            ],
+        )
+        with tf.control_dependencies([check]):
             base = tf.identity(batch // num)
         rem = batch % num
         sizes = base + tf.cast(tf.range(num) < rem, tf.int32)
