@@ -2,16 +2,21 @@
 
 from __future__ import annotations
 
-import statistics
+import runpy
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import keras
 import numpy as np
 import tensorflow as tf
 
+from benchmarks.speed_table import median
 from tfpipe import allocator
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+MiB = 2**20
 
 
 def mlp(width: int = 1024, depth: int = 8, classes: int = 10) -> keras.Model:
@@ -25,13 +30,8 @@ def mlp(width: int = 1024, depth: int = 8, classes: int = 10) -> keras.Model:
 
 
 def transformer(vocab: int = 96, seq_len: int = 64, dim: int = 128, blocks: int = 4) -> keras.Model:
-    """The demo's character Transformer (examples/char_model.py)."""
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
-    from char_model import build_model
-
+    """The demo's character Transformer (examples/char_model.py, not a package: run by path)."""
+    build_model = runpy.run_path(str(EXAMPLES / "char_model.py"))["build_model"]
     return build_model(vocab, seq_len, dim=dim, blocks=blocks)
 
 
@@ -83,10 +83,6 @@ def side_by_side(
     return times
 
 
-def median(values: list[float]) -> float:
-    return statistics.median(values)
-
-
 def wide_data(batch: int, width: int) -> tuple[np.ndarray, np.ndarray]:
     """One batch of inputs for `deep_mlp` and 10-class labels."""
     rng = np.random.default_rng(0)
@@ -104,6 +100,56 @@ def deep_mlp(width: int, layers: int) -> keras.Model:
     return model
 
 
+def step_peaks(fit_once: Callable[[], Any], devices: list[str], repeats: int) -> dict[str, Any]:
+    """Per device: the allocator peak of `fit_once()` above the resting level, and in all.
+
+    The first call traces and is not measured. Then, `repeats` times: each device's peak is
+    reset and its resting level read (`tfpipe.allocator`), `fit_once()` runs and is timed,
+    and each peak is read. Logical CPU devices share one allocator, so a `CPU:i` figure
+    covers all of them.
+
+    Args:
+        fit_once: one training step (or fit).
+        devices: the names `tfpipe.allocator` takes (`GPU:0`, `CPU:0`, or full names).
+        repeats: measured calls.
+
+    Returns:
+        `peak_above_rest_mib`, `peak_mib` (medians over the repeats) and `rest_mib` (the
+        last repeat's), one entry per device, None where TensorFlow reports no allocator
+        statistics; and `step_s`, the median seconds of a call.
+    """
+    fit_once()
+    above: list[list[float]] = [[] for _ in devices]
+    total: list[list[float]] = [[] for _ in devices]
+    rest: list[float | None] = [None for _ in devices]
+    seconds = []
+    readable = [True for _ in devices]
+    for _ in range(repeats):
+        base: list[float] = []
+        for i, d in enumerate(devices):
+            try:
+                allocator.reset(d)
+                base.append(allocator.current_bytes(d))
+            except (ValueError, RuntimeError, tf.errors.OpError):
+                readable[i] = False
+                base.append(0.0)
+        start = time.perf_counter()
+        fit_once()
+        seconds.append(time.perf_counter() - start)
+        for i, d in enumerate(devices):
+            if readable[i]:
+                peak = allocator.peak_bytes(d)
+                above[i].append((peak - base[i]) / MiB)
+                total[i].append(peak / MiB)
+                rest[i] = base[i] / MiB
+    return {
+        "peak_above_rest_mib": [median(v) if ok else None for v, ok in zip(above, readable)],
+        "peak_mib": [median(v) if ok else None for v, ok in zip(total, readable)],
+        "rest_mib": rest,
+        "step_s": median(seconds),
+    }
+
+
 def step_peak(pipe: Any, x: np.ndarray, y: np.ndarray, repeats: int) -> tuple[float, float]:
     """Median allocator peak (MiB above the resting level) and seconds of one training step.
 
@@ -114,13 +160,5 @@ def step_peak(pipe: Any, x: np.ndarray, y: np.ndarray, repeats: int) -> tuple[fl
     if why is not None:
         raise SystemExit(f"step_peak: {why}")
     fit = dict(batch_size=len(x), epochs=1, verbose=0)
-    pipe.fit(x, y, **fit)  # trace and warm up
-    peaks, times = [], []
-    for _ in range(repeats):
-        allocator.reset("CPU:0")
-        base = allocator.current_bytes("CPU:0")
-        start = time.perf_counter()
-        pipe.fit(x, y, **fit)
-        times.append(time.perf_counter() - start)
-        peaks.append(allocator.peak_bytes("CPU:0") - base)
-    return statistics.median(peaks) / 2**20, statistics.median(times)
+    r = step_peaks(lambda: pipe.fit(x, y, **fit), ["CPU:0"], repeats)
+    return r["peak_above_rest_mib"][0], r["step_s"]

@@ -12,7 +12,7 @@ initialises) and measures, each part in its own process with a time limit:
   `jit_compile=False` is timed too) and target 2 (1 stage, M micro-batches against M = 1, and
   against sequential accumulation), on one logical GPU, through `benchmarks/overhead.py`.
 - `memory`: allocator peak of one training step on each logical GPU
-  (`tf.config.experimental.get_memory_info("GPU:i")["peak"]` after `reset_memory_stats`) for
+  (`tfpipe.allocator.peak_bytes("GPU:i")` after `tfpipe.allocator.reset`) for
   GPipe / 1F1B with recompute never, and 1F1B with except_last and always; K = `--logical`.
 - `promise_plain`, `promise_pipeline`: the memory promise. An MLP sized so that its weights and
   Adam state (3 x the weights) exceed one logical GPU: plain `model.fit` on one logical GPU is
@@ -29,7 +29,7 @@ process's, and nothing runs out of memory); it checks the script, not the hardwa
 
 Usage:
     bash benchmarks/gpu.sh                      # installs if needed, then runs this
-    python benchmarks/gpu.py [--logical 4] [--memory-limit-gib 4] [--budget-s 420]
+    python -m benchmarks.gpu [--logical 4] [--memory-limit-gib 4] [--budget-s 420]
         [--parts warmup,promise_plain,promise_pipeline,memory,speed] [--json PATH]
         [--cpu-smoke]
 """
@@ -43,7 +43,6 @@ import math
 import os
 import platform
 import shutil
-import statistics
 import subprocess
 import sys
 import time
@@ -54,7 +53,8 @@ from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+if not __package__:  # `python benchmarks/gpu.py` (gpu.sh): import its folder as the package
+    sys.path[0] = str(HERE.parent)
 
 PARTS = ("warmup", "promise_plain", "promise_pipeline", "memory", "speed")
 # Seconds each part may take at most (the overall --budget-s caps them further); `speed` goes
@@ -339,9 +339,8 @@ def part_warmup(args: argparse.Namespace, devices: list[str], mem: list[str],
                 results: Results) -> None:
     """Runs each kind of step once (plain fits of both models, a 4-stage 1F1B fit with
     recomputation), so that kernel compilation is paid, and timed, here."""
-    from common import compiled, data_for, deep_mlp, wide_data
-
     import tfpipe
+    from benchmarks.common import compiled, data_for, deep_mlp, wide_data
 
     for name in args.models.split(","):
         start = time.perf_counter()
@@ -360,7 +359,7 @@ def part_warmup(args: argparse.Namespace, devices: list[str], mem: list[str],
 def part_speed(args: argparse.Namespace, devices: list[str], mem: list[str],
                results: Results) -> None:
     """Targets 1 and 2 on the first logical device (where `model.fit` runs by default)."""
-    from overhead import measure_micro_batching, measure_overhead, micro_batching_table
+    from benchmarks.overhead import measure_micro_batching, measure_overhead, micro_batching_table
 
     counts = [int(m) for m in args.micro_batches.split(",")]
     for name in args.models.split(","):
@@ -381,55 +380,20 @@ def part_speed(args: argparse.Namespace, devices: list[str], mem: list[str],
 
 
 def step_peaks(fit_once: Callable[[], Any], mem: list[str], repeats: int) -> dict[str, Any]:
-    """Per device: the allocator peak of `fit_once()` above the resting level, and in all.
+    """`benchmarks.common.step_peaks`, its MiB rounded to 0.1."""
+    from benchmarks.common import step_peaks
 
-    The first call traces and is not measured. Returns medians over `repeats` calls, in MiB,
-    with `None` for a device whose allocator statistics TensorFlow does not report.
-    """
-    import tensorflow as tf
-
-    fit_once()
-    above: list[list[float]] = [[] for _ in mem]
-    total: list[list[float]] = [[] for _ in mem]
-    rest: list[float | None] = [None for _ in mem]
-    seconds = []
-    readable = [True for _ in mem]
-    for _ in range(repeats):
-        base: list[float] = []
-        for i, d in enumerate(mem):
-            try:
-                tf.config.experimental.reset_memory_stats(d)
-                base.append(tf.config.experimental.get_memory_info(d)["current"])
-            except (ValueError, RuntimeError, tf.errors.OpError):
-                readable[i] = False
-                base.append(0.0)
-        start = time.perf_counter()
-        fit_once()
-        seconds.append(time.perf_counter() - start)
-        for i, d in enumerate(mem):
-            if readable[i]:
-                peak = tf.config.experimental.get_memory_info(d)["peak"]
-                above[i].append((peak - base[i]) / MiB)
-                total[i].append(peak / MiB)
-                rest[i] = base[i] / MiB
-
-    def med(values: list[float], ok: bool) -> float | None:
-        return round(statistics.median(values), 1) if ok and values else None
-
-    return {
-        "peak_above_rest_mib": [med(v, ok) for v, ok in zip(above, readable)],
-        "peak_mib": [med(v, ok) for v, ok in zip(total, readable)],
-        "rest_mib": [None if r is None else round(r, 1) for r in rest],
-        "step_s": statistics.median(seconds),
-    }
+    out = step_peaks(fit_once, mem, repeats)
+    for key in ("peak_above_rest_mib", "peak_mib", "rest_mib"):
+        out[key] = [None if v is None else round(v, 1) for v in out[key]]
+    return out
 
 
 def part_memory(args: argparse.Namespace, devices: list[str], mem: list[str],
                 results: Results) -> None:
     """Per-device peaks of GPipe / 1F1B and 1F1B's recompute modes, K = all logical devices."""
-    from common import deep_mlp, wide_data
-
     import tfpipe
+    from benchmarks.common import deep_mlp, wide_data
 
     x, y = wide_data(args.mem_batch, args.mem_width)
     k = len(devices)
@@ -486,7 +450,8 @@ def promise_width(limit_gib: float, layers: int) -> int:
 
 def promise_model(width: int, layers: int, lr: float) -> Any:
     import keras
-    from common import mlp
+
+    from benchmarks.common import mlp
 
     keras.utils.set_random_seed(0)
     model = mlp(width=width, depth=layers)
@@ -520,15 +485,15 @@ def is_oom(err: BaseException) -> bool:
 def part_promise_plain(args: argparse.Namespace, devices: list[str], mem: list[str],
                        results: Results) -> None:
     """Plain `model.fit` of the promise's model on the default (first logical) device."""
-    import tensorflow as tf
-    from common import wide_data
+    from benchmarks.common import wide_data
+    from tfpipe import allocator
 
     setup = promise_setup(args)
     results.put("promise", "setup", setup)
     x, y = wide_data(args.promise_batch * args.promise_steps, setup["width"])
     out: dict[str, Any] = {"device": devices[0]}
     try:
-        tf.config.experimental.reset_memory_stats(mem[0])
+        allocator.reset(mem[0])
     except (ValueError, RuntimeError):
         pass
     start = time.perf_counter()
@@ -546,7 +511,7 @@ def part_promise_plain(args: argparse.Namespace, devices: list[str], mem: list[s
         out["error"] = str(err).strip().splitlines()[0][:400] if str(err).strip() else ""
     out["seconds"] = round(time.perf_counter() - start, 1)
     try:
-        out["peak_mib"] = round(tf.config.experimental.get_memory_info(mem[0])["peak"] / MiB, 1)
+        out["peak_mib"] = round(allocator.peak_bytes(mem[0]) / MiB, 1)
     except (ValueError, RuntimeError):
         out["peak_mib"] = None
     results.put("promise", "plain", out)
@@ -563,9 +528,10 @@ def part_promise_pipeline(args: argparse.Namespace, devices: list[str], mem: lis
     """tfpipe.fit of the same model, built on the host, one 1F1B stage per logical device."""
     import numpy as np
     import tensorflow as tf
-    from common import wide_data
 
     import tfpipe
+    from benchmarks.common import wide_data
+    from tfpipe import allocator
 
     setup = promise_setup(args)
     results.put("promise", "setup", setup)
@@ -587,7 +553,7 @@ def part_promise_pipeline(args: argparse.Namespace, devices: list[str], mem: lis
         ]
         for d in mem:
             try:
-                tf.config.experimental.reset_memory_stats(d)
+                allocator.reset(d)
             except (ValueError, RuntimeError):
                 pass
         history = pipe.fit(x, y, batch_size=args.promise_batch, epochs=args.promise_epochs,
@@ -604,7 +570,7 @@ def part_promise_pipeline(args: argparse.Namespace, devices: list[str], mem: lis
     peaks: list[float | None] = []
     for d in mem:
         try:
-            peaks.append(round(tf.config.experimental.get_memory_info(d)["peak"] / MiB, 1))
+            peaks.append(round(allocator.peak_bytes(d) / MiB, 1))
         except (ValueError, RuntimeError):
             peaks.append(None)
     out["peak_mib"] = peaks

@@ -11,14 +11,13 @@ All figures are throughput ratios from medians of `--repeats` runs, measured in 
 runs them on one logical GPU.
 
 Usage:
-    python benchmarks/overhead.py [--models mlp,transformer] [--repeats 5] [--steps 30]
+    python -m benchmarks.overhead [--models mlp,transformer] [--repeats 5] [--steps 30]
         [--micro-batches 2,4,8,16] [--json out/overhead.json]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from collections.abc import Callable
@@ -26,7 +25,10 @@ from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+if not __package__:  # `python benchmarks/overhead.py`: import its folder as the package
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+from benchmarks.speed_table import median, write_json
 
 
 def main() -> None:
@@ -53,10 +55,7 @@ def main() -> None:
         rows = measure_micro_batching(name, batch, counts, args.steps, args.repeats)
         report["micro_batching"][name] = rows
         print(micro_batching_table(name, batch, rows))
-    if args.json:
-        os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump(report, f, indent=2)
+    write_json(args.json, report)
 
 
 def measure_overhead(
@@ -85,9 +84,8 @@ def measure_overhead(
         resolved `model_fit_jit_compile`, and with `no_xla_baseline` also `model_fit_no_xla_ms`
         and `throughput_ratio_vs_no_xla`.
     """
-    from common import compiled, data_for, median, side_by_side
-
     import tfpipe
+    from benchmarks.common import compiled, data_for, side_by_side
 
     data = data_for(name, batch, steps)
     plain, piped = compiled(name), compiled(name)
@@ -130,9 +128,9 @@ def measure_micro_batching(
         `throughput_vs_sequential`.
     """
     import tensorflow as tf
-    from common import compiled, data_for, median, side_by_side
 
     import tfpipe
+    from benchmarks.common import compiled, data_for, side_by_side
 
     data = data_for(name, batch, steps)
     fit: dict[str, Any] = dict(epochs=1, steps_per_epoch=steps, verbose=0)

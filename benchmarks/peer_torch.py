@@ -22,7 +22,7 @@ and every wait is bounded.
 Needs the `bench` extra: `pip install -e '.[bench]'` (torch 2.13.0).
 
 Usage:
-    python benchmarks/peer_torch.py [--quick] [--rounds 3] [--runs 2] [--steps 10]
+    python -m benchmarks.peer_torch [--quick] [--rounds 3] [--runs 2] [--steps 10]
         [--micro-batches 2,4,8,16] [--schedules gpipe,1f1b] [--quiet 0.3 --quiet-wait 30]
         [--json out/peer_torch.json]
 """
@@ -32,8 +32,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -41,10 +39,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+if not __package__:  # `python benchmarks/peer_torch.py`: import its folder as the package
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from speed_table import (  # noqa: E402
+from benchmarks.speed_table import (
     add_timing_args,
     format_rows,
     load_line,
@@ -75,32 +73,17 @@ def check_torch() -> None:
 
 
 # the orchestrating process ------------------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _end(proc: subprocess.Popen[Any]) -> None:
-    if proc.poll() is None:
-        try:
-            os.kill(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=10)
-        except ProcessLookupError:
-            return
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+# (`tfpipe.processes` is imported here only: the timed torch processes import no TensorFlow)
 
 
 def _result(proc: subprocess.Popen[str], log: Path, what: str, timeout_s: float) -> Any:
     """Waits (bounded) for a child to end; the JSON of its `RESULT` line."""
+    from tfpipe import processes
+
     try:
         out, _ = proc.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        _end(proc)
+        processes.end(proc)
         raise RuntimeError(f"torch {what}: no result within {timeout_s:.0f} s; log {log}") from None
     found = [line[len("RESULT "):] for line in out.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or (what != "rank 1" and not found):
@@ -116,49 +99,39 @@ def torch_round(args: argparse.Namespace, round_index: int, logs: Path,
     With `args.quiet`, each part (the single process, the pair) waits for the machine to be
     quiet first (`speed_table.wait_quiet`); `[part, round, busy fraction]` go to `busy`.
     """
+    from tfpipe.processes import ROOT, ProcessGroup, free_port
+
     busy = [] if busy is None else busy
     common = ["--micro-batches", args.micro_batches, "--schedules", args.schedules,
               "--steps", str(args.steps), "--runs", str(args.runs), "--warmup", str(args.warmup),
               "--round", str(round_index), "--quiet-wait", str(args.quiet_wait)]
     if args.quiet is not None:
         common += ["--quiet", str(args.quiet)]
-    started: list[subprocess.Popen[str]] = []
+    cmd = [sys.executable, "-m", "benchmarks.peer_torch"]
+    group = ProcessGroup(logs, env=ENV)
     out: dict[str, list[float]] = {}
     try:
         busy.append(["torch single", round_index, wait_quiet(args.quiet, args.quiet_wait)])
-        log = logs / "torch-single.log"
-        single = subprocess.Popen([sys.executable, __file__, "--role", "single", *common],
-                                  stdout=subprocess.PIPE, stderr=log.open("w"), text=True,
-                                  env=ENV)
-        started.append(single)
-        out.update(_result(single, log, "single process", args.round_timeout))
+        single = group.spawn([*cmd, "--role", "single", *common], "torch-single.log", cwd=ROOT)
+        out.update(_result(single, logs / "torch-single.log", "single process",
+                           args.round_timeout))
         busy.append(["torch pair", round_index, wait_quiet(args.quiet, args.quiet_wait)])
-        port = _free_port()
-        pair, pair_logs = [], []
-        for rank in (0, 1):
-            pair_logs.append(logs / f"torch-rank{rank}.log")
-            pair.append(subprocess.Popen(
-                [sys.executable, __file__, "--role", "rank", "--rank", str(rank),
-                 "--port", str(port), *common],
-                stdout=subprocess.PIPE, stderr=pair_logs[-1].open("w"), text=True, env=ENV))
-            started.append(pair[-1])
-        out.update(_result(pair[0], pair_logs[0], "rank 0", args.round_timeout))
-        _result(pair[1], pair_logs[1], "rank 1", 60)
+        port = free_port()
+        pair = [group.spawn([*cmd, "--role", "rank", "--rank", str(rank), "--port", str(port),
+                             *common], f"torch-rank{rank}.log", cwd=ROOT) for rank in (0, 1)]
+        out.update(_result(pair[0], logs / "torch-rank0.log", "rank 0", args.round_timeout))
+        _result(pair[1], logs / "torch-rank1.log", "rank 1", 60)
     finally:
-        for proc in started:
-            _end(proc)
+        group.stop_all()
     return out
-
-
-def _raise_interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def orchestrate(args: argparse.Namespace) -> None:
     """Runs the rounds, prints the table and writes the JSON."""
+    from tfpipe import processes
+
     check_torch()
-    for sig in (signal.SIGTERM, signal.SIGINT):  # so every child is ended on the way out
-        signal.signal(sig, _raise_interrupt)
+    processes.raise_on_signals()  # so every child is ended on the way out
     logs = Path(tempfile.mkdtemp(prefix="tfpipe-torch-bench-"))
     load_before = os.getloadavg()
     times: dict[str, list[float]] = {}
@@ -317,18 +290,10 @@ def _ints(text: str) -> list[int]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_timing_args(parser)
+    add_timing_args(parser, "a smoke run: M = 2, 2 rounds of 1 run of 2 steps",
+                    "out/peer_torch.json", quiet=True)
     parser.add_argument("--micro-batches", default=None, help="default 2,4,8,16 (2 quick)")
     parser.add_argument("--schedules", default="gpipe,1f1b")
-    parser.add_argument("--quick", action="store_true",
-                        help="a smoke run: M = 2, 2 rounds of 1 run of 2 steps")
-    parser.add_argument("--quiet", type=float, default=None, metavar="BUSY",
-                        help="before timing each configuration, wait until the CPUs are less "
-                        "than this fraction busy (other work on a shared machine)")
-    parser.add_argument("--quiet-wait", type=float, default=300.0,
-                        help="the longest such wait, in seconds")
-    parser.add_argument("--round-timeout", type=float, default=1800.0)
-    parser.add_argument("--json", "--out", dest="json", default="out/peer_torch.json")
     parser.add_argument("--role", choices=["single", "rank"], default=None, help=argparse.SUPPRESS)
     parser.add_argument("--rank", type=int, default=0, help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, default=0, help=argparse.SUPPRESS)

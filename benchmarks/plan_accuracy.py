@@ -32,7 +32,7 @@ Worker and client processes are always ended at the end, also on an error, SIGTE
 Ctrl-C; every wait on them is bounded.
 
 Usage:
-    python benchmarks/plan_accuracy.py [--quick] [--rounds 3] [--runs 2] [--steps 10]
+    python -m benchmarks.plan_accuracy [--quick] [--rounds 3] [--runs 2] [--steps 10]
         [--extra 1:gpipe:1,2:1f1b:2,...] [--repeats 5]
         [--json out/plan_accuracy.json]
 """
@@ -42,32 +42,27 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # the parent imports tfpipe, so TensorFlow
+if not __package__:  # `python benchmarks/plan_accuracy.py`: import its folder as the package
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from speed_table import (  # noqa: E402
+from benchmarks.speed_table import (
     add_timing_args,
     check_timing,
     load_line,
+    median,
     quick_timing,
     write_json,
 )
-from speed_table import median as _median  # noqa: E402
-from workers import (  # noqa: E402
-    BATCH,
-    READY_TIMEOUT_S,
-    ClientProcess,
-    end_all,
-    start_workers,
-)
+from benchmarks.workers import BATCH, ClientProcess
+from tfpipe import processes
+from tfpipe.processes import WorkerPool
 
 TOP = 3
 TABLE = ",".join(["1:gpipe:1"] + [f"2:{s}:{m}" for s in ("gpipe", "1f1b")
@@ -79,33 +74,28 @@ TABLE = ",".join(["1:gpipe:1"] + [f"2:{s}:{m}" for s in ("gpipe", "1f1b")
 
 
 class Client(ClientProcess):
-    """The client process (`plan_accuracy.py --client ...`)."""
+    """The client process (`python -m benchmarks.plan_accuracy --client ...`)."""
 
-    def __init__(self, args: argparse.Namespace, addresses: list[str],
-                 started: list[subprocess.Popen[Any]], logs: Path) -> None:
-        cmd = [sys.executable, __file__, "--client", ",".join(addresses),
+    def __init__(self, args: argparse.Namespace, addresses: list[str], pool: WorkerPool) -> None:
+        cmd = [sys.executable, "-m", "benchmarks.plan_accuracy", "--client", ",".join(addresses),
                "--extra", args.extra, "--steps", str(args.steps), "--runs", str(args.runs),
                "--warmup", str(args.warmup), "--repeats", str(args.repeats),
                "--micro-batches", args.micro_batches]
-        super().__init__(cmd, started, logs)
-
-
-def _raise_interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
+        super().__init__(cmd, pool)
 
 
 def parent(args: argparse.Namespace) -> None:
     """Starts the workers and the client, plans, runs the rounds, prints and writes results."""
-    signal.signal(signal.SIGTERM, _raise_interrupt)  # so the finally below ends the children
-    started: list[subprocess.Popen[Any]] = []
+    processes.raise_on_signals()  # so the finally below ends the children
     logs = Path(tempfile.mkdtemp(prefix="tfpipe-plan-bench-"))
+    pool = WorkerPool(logs, threads=1)
     report: dict[str, Any] = {"args": vars(args), "load_before": os.getloadavg()}
     times: dict[str, list[float]] = {}
     try:
-        addresses = start_workers(2, started, logs, 1)
-        client = Client(args, addresses, started, logs)
+        addresses, _ = pool.start(2)
+        client = Client(args, addresses, pool)
         t0 = time.monotonic()
-        report["plan"] = client.request("plan", READY_TIMEOUT_S + args.round_timeout)
+        report["plan"] = client.request("plan", processes.READY_TIMEOUT_S + args.round_timeout)
         print(f"[plan] {time.monotonic() - t0:.0f} s; workers {addresses}, logs in {logs}",
               flush=True)
         print(report["plan"]["table"], flush=True)
@@ -118,9 +108,9 @@ def parent(args: argparse.Namespace) -> None:
         report["traces"] = client.request("traces", 60)
         client.quit(60)
     finally:
-        end_all(started)
-    report["processes"] = {"pids": [p.pid for p in started],
-                           "exit_status": [p.returncode for p in started]}
+        pool.stop_all()
+    report["processes"] = {"pids": pool.pids,
+                           "exit_status": [p.returncode for p in pool.processes]}
     report["load_after"] = os.getloadavg()
     report["times_ms"] = times
     table = compare(report["plan"]["configs"], times, args.tolerance)
@@ -129,12 +119,12 @@ def parent(args: argparse.Namespace) -> None:
     print("\n".join(format_table(table, args.tolerance)))
     print(report["best"]["line"])
     print(f"[probes] fixed costs per step: one empty call on both workers "
-          f"{_median(times['probe:dispatch']):.2f} ms (the plan's own measurement: "
+          f"{median(times['probe:dispatch']):.2f} ms (the plan's own measurement: "
           f"{report['plan']['step_overhead_ms']}); feeding a {BATCH}x1024 batch to "
-          f"worker 0 {_median(times['probe:feed']):.2f} ms (not in the cost model); a "
+          f"worker 0 {median(times['probe:feed']):.2f} ms (not in the cost model); a "
           f"profiling call's round trip "
           f"per layer call (an empty call on worker 0 and 4 fetched scalars) "
-          f"{_median(times['probe:profile-call']):.2f} ms; a hop between the workers, as the "
+          f"{median(times['probe:profile-call']):.2f} ms; a hop between the workers, as the "
           f"plan measured it: {report['plan']['latency_ms']} ms + bytes at "
           f"{report['plan']['bandwidth'] / 1e9:.3g} GB/s")
     print(load_line(report["load_before"], report["load_after"]))
@@ -153,7 +143,7 @@ def compare(configs: list[dict[str, Any]], times: dict[str, list[float]],
     out = []
     for c in configs:
         runs = times.get(c["label"], [])
-        measured = _median(runs)
+        measured = median(runs)
         ratio = measured / c["predicted_ms"]
         out.append({
             **c, "measured_ms": measured, "runs": len(runs),
@@ -219,8 +209,9 @@ def client(args: argparse.Namespace) -> None:
 
     devices = tfpipe.cluster(args.client, threads=1, timeout_s=60)  # before TF starts
     import tensorflow as tf
-    from common import compiled, data_for
-    from workers import Probe, Runner, _empty, _reduce
+
+    from benchmarks.common import compiled, data_for
+    from benchmarks.workers import Probe, Runner, _empty, _reduce
 
     data = data_for("mlp", BATCH, 8)
     x = tf.constant(next(iter(data))[0])  # on the client
@@ -291,7 +282,8 @@ def _fetched(d0: str, tf: Any) -> Any:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_timing_args(parser)
+    add_timing_args(parser, "a smoke run: M in {1, 2, 4}, 2 rounds of 1 run of 2 steps",
+                    "out/plan_accuracy.json")
     parser.add_argument("--repeats", type=int, default=5,
                         help="tfpipe.plan(repeats=): timed runs per layer call and size")
     parser.add_argument("--micro-batches", default="1,2,4,8,16,32",
@@ -303,10 +295,6 @@ def main() -> None:
                         help="allowed |measured / predicted - 1|")
     parser.add_argument("--tie", type=float, default=0.03,
                         help="relative margin within which plan.best counts as the fastest")
-    parser.add_argument("--quick", action="store_true",
-                        help="a smoke run: M in {1, 2, 4}, 2 rounds of 1 run of 2 steps")
-    parser.add_argument("--round-timeout", type=float, default=1800.0)
-    parser.add_argument("--json", "--out", dest="json", default="out/plan_accuracy.json")
     parser.add_argument("--client", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     quick_timing(args)

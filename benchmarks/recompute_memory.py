@@ -9,14 +9,13 @@ processor). Modes: "never",
 "except_last", "always"; ratios are to "never", measured in the same run.
 
 Usage:
-    python benchmarks/recompute_memory.py [--stages 4] [--micro-batches 8] [--batch 16384]
+    python -m benchmarks.recompute_memory [--stages 4] [--micro-batches 8] [--batch 16384]
         [--width 128] [--layers 32] [--schedule 1f1b] [--repeats 3] [--json out/recompute.json]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -25,7 +24,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # Allocator statistics on CPU need oneDNN's allocator, which TensorFlow turns on by default only
 # on some processors: forced on here, before TensorFlow starts (tfpipe.allocator).
 os.environ["TF_ENABLE_ONEDNN_OPTS"] = "1"
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+if not __package__:  # `python benchmarks/recompute_memory.py`: import its folder as the package
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+from benchmarks.speed_table import write_json
 
 
 def main() -> None:
@@ -43,7 +45,7 @@ def main() -> None:
     import tfpipe
 
     tfpipe.configure_cpu_devices(args.stages)
-    from common import deep_mlp, step_peak, wide_data
+    from benchmarks.common import deep_mlp, step_peak, wide_data
 
     x, y = wide_data(args.batch, args.width)
     results = []
@@ -71,10 +73,7 @@ def main() -> None:
             f"{r['recompute']:12} {r['peak_mib']:9.1f} {r['peak_ratio']:9.2f} {r['step_s']:8.3f} "
             f"{r['time_ratio']:10.2f}"
         )
-    if args.json:
-        os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "results": results}, f, indent=2)
+    write_json(args.json, {"args": vars(args), "results": results})
 
 
 if __name__ == "__main__":

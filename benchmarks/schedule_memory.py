@@ -8,14 +8,13 @@ devices share one allocator, so the figure is the whole pipeline's peak. Also pr
 time, as a ratio to GPipe measured in the same run.
 
 Usage:
-    python benchmarks/schedule_memory.py [--stages 4] [--micro-batches 8] [--batch 4096]
+    python -m benchmarks.schedule_memory [--stages 4] [--micro-batches 8] [--batch 4096]
         [--width 256] [--layers 8] [--repeats 3] [--json out/schedule_memory.json]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -24,7 +23,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # Allocator statistics on CPU need oneDNN's allocator, which TensorFlow turns on by default only
 # on some processors: forced on here, before TensorFlow starts (tfpipe.allocator).
 os.environ["TF_ENABLE_ONEDNN_OPTS"] = "1"
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+if not __package__:  # `python benchmarks/schedule_memory.py`: import its folder as the package
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+from benchmarks.speed_table import write_json
 
 
 def main() -> None:
@@ -42,7 +44,7 @@ def main() -> None:
     import tfpipe
 
     tfpipe.configure_cpu_devices(args.stages)
-    from common import deep_mlp, step_peak, wide_data
+    from benchmarks.common import deep_mlp, step_peak, wide_data
 
     x, y = wide_data(args.batch, args.width)
     results = []
@@ -80,10 +82,7 @@ def main() -> None:
             f"{r['schedule']:10} {r['peak_mib']:9.1f} {r['peak_ratio']:10.2f} {r['step_s']:8.3f} "
             f"{r['time_ratio']:10.2f}  {r['predicted_in_flight']}"
         )
-    if args.json:
-        os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "results": results}, f, indent=2)
+    write_json(args.json, {"args": vars(args), "results": results})
 
 
 if __name__ == "__main__":

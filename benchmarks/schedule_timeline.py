@@ -8,7 +8,7 @@ measured timeline shows each rank following its schedule row with as much overla
 ranks as the cores allow, not the concurrency of one device per stage.
 
 Usage:
-    python benchmarks/schedule_timeline.py [--schedules gpipe,1f1b] [--stages 4]
+    python -m benchmarks.schedule_timeline [--schedules gpipe,1f1b] [--stages 4]
         [--micro-batches 8] [--out docs/img]
 """
 

@@ -181,12 +181,24 @@ def median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
-def add_timing_args(parser: argparse.ArgumentParser) -> None:
-    """`--rounds`, `--runs`, `--steps`, `--warmup`: how each configuration is timed."""
+def add_timing_args(parser: argparse.ArgumentParser, quick: str, json_path: str,
+                    quiet: bool = False) -> None:
+    """`--rounds`, `--runs`, `--steps`, `--warmup`: how each configuration is timed; `--quick`
+    (with help `quick`), `--round-timeout`, `--json` (default `json_path`); with `quiet`,
+    `--quiet` and `--quiet-wait` (see `wait_quiet`)."""
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--runs", type=int, default=2, help="timed runs per visit")
     parser.add_argument("--steps", type=int, default=10, help="steps per timed run")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per visit")
+    parser.add_argument("--quick", action="store_true", help=quick)
+    parser.add_argument("--round-timeout", type=float, default=1800.0)
+    parser.add_argument("--json", "--out", dest="json", default=json_path)
+    if quiet:
+        parser.add_argument("--quiet", type=float, default=None, metavar="BUSY",
+                            help="before timing each configuration, wait until the CPUs are "
+                            "less than this fraction busy (other work on a shared machine)")
+        parser.add_argument("--quiet-wait", type=float, default=300.0,
+                            help="the longest such wait, in seconds")
 
 
 def quick_timing(args: argparse.Namespace) -> None:

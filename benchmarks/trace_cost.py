@@ -5,17 +5,22 @@ trace it (a concrete function for the batch's spec) and the number of operations
 graph. Both should grow at most linearly in M (every action is traced once).
 
 Usage:
-    python benchmarks/trace_cost.py [--stages 4] [--micro-batches 4,16,64] [--json out/trace.json]
+    python -m benchmarks.trace_cost [--stages 4] [--micro-batches 4,16,64] [--json out/trace.json]
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
+import sys
 import time
+from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+if not __package__:  # `python benchmarks/trace_cost.py`: import its folder as the package
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+from benchmarks.speed_table import write_json
 
 
 def main() -> None:
@@ -57,10 +62,7 @@ def main() -> None:
             f"K={args.stages} M={m:3d} schedule={args.schedule}: trace {seconds:6.2f} s, "
             f"{ops:7d} ops ({ops / m:.0f} per micro-batch)"
         )
-    if args.json:
-        os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
-        with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "rows": rows}, f, indent=2)
+    write_json(args.json, {"args": vars(args), "rows": rows})
 
 
 if __name__ == "__main__":

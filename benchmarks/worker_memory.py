@@ -7,9 +7,9 @@ connects to them with `tfpipe.cluster(..., threads=1)`, and trains, for each con
 (schedule x recompute mode), a fresh copy of a deep MLP whose activations dominate its
 memory (`--layers` x Dense(width, relu) + Dense(10), a large batch, a narrow width; SGD).
 
-Measurement: TensorFlow's allocator statistics (`tf.config.experimental.get_memory_info`)
-are tried on each worker's device first; TensorFlow 2.21 answers "No matching devices found"
-for remote devices, so the figure is then each worker process's peak resident set size:
+Measurement: TensorFlow's allocator statistics are asked for on each worker's device first
+(`tfpipe.allocator`); TensorFlow 2.21 keeps none for remote devices, so the figure is then
+each worker process's peak resident set size:
 `VmHWM` in `/proc/<pid>/status`, reset to the current resident size by writing "5" to
 `/proc/<pid>/clear_refs` (Linux). Per configuration: one warm-up step (places the variables,
 traces the step), then `--repeats` times: read each worker's resident size (the baseline:
@@ -38,7 +38,7 @@ SIGTERM or Ctrl-C; waiting for them to start is bounded, and a timer ends them a
 `--timeout` seconds, which makes a blocked step fail at once.
 
 Usage:
-    python benchmarks/worker_memory.py [--quick] [--stages 4] [--micro-batches 8]
+    python -m benchmarks.worker_memory [--quick] [--stages 4] [--micro-batches 8]
         [--batch 16384] [--width 128] [--layers 32] [--repeats 3]
         [--configs gpipe:never,1f1b:never,1f1b:except_last,1f1b:always,gpipe:always]
         [--mmap-threshold 65536] [--onednn] [--timeout 900] [--json out/worker_memory.json]
@@ -49,9 +49,6 @@ from __future__ import annotations
 import argparse
 import gc
 import os
-import signal
-import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -60,12 +57,11 @@ from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+if not __package__:  # `python benchmarks/worker_memory.py`: import its folder as the package
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-import workers  # noqa: E402
-from speed_table import load_line, write_json  # noqa: E402
-from workers import ENV  # noqa: E402
+from benchmarks.speed_table import load_line, median, write_json
+from tfpipe import processes
 
 CONFIGS = "gpipe:never,1f1b:never,1f1b:except_last,1f1b:always,gpipe:always"
 MIB = 2**20
@@ -74,22 +70,19 @@ MIB = 2**20
 # worker processes ---------------------------------------------------------------------------
 
 
-def start_workers(
-    n: int, started: list[subprocess.Popen[str]], logs: Path, mmap_threshold: int,
-    onednn: bool = False,
-) -> list[str]:
-    """Starts n `tfpipe worker`s on free loopback ports; waits (bounded) until each is ready.
+def worker_pool(logs: Path, mmap_threshold: int, onednn: bool = False) -> processes.WorkerPool:
+    """A pool of one-thread `tfpipe worker`s logging to `logs` (see `tfpipe.processes`).
 
     Without `onednn`, the workers run with TensorFlow's oneDNN optimisations off, which
     gives them TensorFlow's plain CPU allocator (malloc); with `mmap_threshold` > 0, glibc
     returns every allocation of at least that many bytes to the system when it is freed.
     """
-    env = dict(ENV)
+    env = processes.worker_env()
     if not onednn:
         env["TF_ENABLE_ONEDNN_OPTS"] = "0"
     if mmap_threshold > 0:
         env["MALLOC_MMAP_THRESHOLD_"] = str(mmap_threshold)
-    return workers.start_workers(n, started, logs, threads=1, env=env)
+    return processes.WorkerPool(logs, env=env, threads=1)
 
 
 def _status_kib(pid: int, field: str) -> int:
@@ -120,15 +113,9 @@ class PeakRss:
 
 def allocator_stats(devices: list[str]) -> str | None:
     """None when TensorFlow reports allocator statistics for every device, else why not."""
-    import tensorflow as tf
+    from tfpipe import allocator
 
-    for device in devices:
-        try:
-            tf.config.experimental.reset_memory_stats(device)
-            tf.config.experimental.get_memory_info(device)
-        except Exception as err:  # ValueError for remote devices in TF 2.21
-            return f"{type(err).__name__}: {err}"
-    return None
+    return next(filter(None, map(allocator.unavailable, devices)), None)
 
 
 # the measurement ----------------------------------------------------------------------------
@@ -175,10 +162,10 @@ def measure(pipe: Any, rss: PeakRss, x: Any, y: Any, repeats: int) -> dict[str, 
         added.append([p - b for p, b in zip(peak, base)])
     stages = len(rss.pids)
     return {
-        "peak_mib": [statistics.median(a[k] for a in added) for k in range(stages)],
+        "peak_mib": [median([a[k] for a in added]) for k in range(stages)],
         "runs_mib": added,
-        "baseline_mib": [statistics.median(b[k] for b in baselines) for k in range(stages)],
-        "step_s": statistics.median(times),
+        "baseline_mib": [median([b[k] for b in baselines]) for k in range(stages)],
+        "step_s": median(times),
     }
 
 
@@ -199,9 +186,8 @@ def model_mib(pipe: Any, rows: int, width: int) -> list[float]:
 
 def run(args: argparse.Namespace, devices: list[str], rss: PeakRss) -> list[dict[str, Any]]:
     """Measures every configuration, in the order given."""
-    from common import deep_mlp, wide_data
-
     import tfpipe
+    from benchmarks.common import deep_mlp, wide_data
 
     x, y = wide_data(args.batch, args.width)
     results = []
@@ -261,10 +247,6 @@ def table(results: list[dict[str, Any]]) -> list[str]:
 # entry point --------------------------------------------------------------------------------
 
 
-def _raise_interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--stages", type=int, default=None, help="workers = stages (default 4)")
@@ -295,38 +277,37 @@ def main() -> None:
     if args.batch % args.micro_batches:
         parser.error("--batch must be a multiple of --micro-batches")
 
-    signal.signal(signal.SIGTERM, _raise_interrupt)  # so the finally below ends the workers
-    started: list[subprocess.Popen[str]] = []
+    processes.raise_on_signals()  # so the finally below ends the workers
     logs = Path(tempfile.mkdtemp(prefix="tfpipe-worker-memory-"))
+    pool = worker_pool(logs, args.mmap_threshold, args.onednn)
     report: dict[str, Any] = {"args": vars(args), "load_before": os.getloadavg()}
 
-    timer = threading.Timer(args.timeout, workers.end_all, args=(started,))
+    timer = threading.Timer(args.timeout, pool.stop_all)
     timer.daemon = True
     timer.start()
     try:
-        addresses = start_workers(args.stages, started, logs, args.mmap_threshold, args.onednn)
+        addresses, _ = pool.start(args.stages)
         import tfpipe
 
         devices = tfpipe.cluster(addresses, threads=1, timeout_s=60)  # before TF starts
         why_not = allocator_stats(devices)
         report["measure"] = "peak RSS (VmHWM)"
         report["allocator_stats"] = why_not or "available"
-        print(f"[workers] {addresses}, pids {[p.pid for p in started]}, logs in {logs}",
-              flush=True)
+        print(f"[workers] {addresses}, pids {pool.pids}, logs in {logs}", flush=True)
         print(f"[measure] allocator statistics on the workers: {why_not or 'available'}; "
               "using each worker's peak RSS (VmHWM, reset through /proc/<pid>/clear_refs)",
               flush=True)
         report["devices"] = devices
-        rss = PeakRss([p.pid for p in started])
+        rss = PeakRss(pool.pids)
         report["calibration_mib"] = calibrate(devices, rss)
         print("[calibration] a function holding 32 MiB on each worker read as "
               f"{[round(c, 1) for c in report['calibration_mib']]} MiB", flush=True)
         report["results"] = run(args, devices, rss)
     finally:
         timer.cancel()
-        workers.end_all(started)
-    report["processes"] = {"pids": [p.pid for p in started],
-                           "exit_status": [p.returncode for p in started]}
+        pool.stop_all()
+    report["processes"] = {"pids": pool.pids,
+                           "exit_status": [p.returncode for p in pool.processes]}
     report["load_after"] = os.getloadavg()
 
     print(f"K={args.stages} M={args.micro_batches} batch={args.batch} width={args.width} "

@@ -35,13 +35,13 @@ Investigation knobs (not for the headline figures): `--inter-op N` gives the cli
 each worker, N inter-op threads (intra-op stays 1); `--worker-threads N` is passed as
 `tfpipe worker --threads N` (0 leaves it out). `--timeline`'s spans come from
 `profile=True`, which keeps each device's actions in schedule order and the devices
-independent (see tfpipe/executor/step.py), so ranks overlap there as they do unprofiled.
+independent (see tfpipe/executor/profiling.py), so ranks overlap there as they do unprofiled.
 
 Worker and client processes are always ended at the end, also on an error, SIGTERM or
 Ctrl-C; every wait on them is bounded.
 
 Usage:
-    python benchmarks/workers.py [--quick] [--rounds 3] [--runs 2] [--steps 10]
+    python -m benchmarks.workers [--quick] [--rounds 3] [--runs 2] [--steps 10]
         [--micro-batches 1,2,4,8,16] [--schedules gpipe,1f1b] [--peer] [--timeline]
         [--quiet 0.3 --quiet-wait 30] [--json out/workers.json]
 """
@@ -52,27 +52,23 @@ import argparse
 import json
 import math
 import os
-import queue
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-sys.path.insert(0, str(HERE))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # the parent imports tfpipe, so TensorFlow
+if not __package__:  # `python benchmarks/workers.py`: import its folder as the package
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from speed_table import (  # noqa: E402
+from benchmarks.speed_table import (
     add_timing_args,
     check_timing,
     format_rows,
     load_line,
+    median,
     quick_timing,
     rows,
     split_label,
@@ -80,14 +76,9 @@ from speed_table import (  # noqa: E402
     wait_quiet,
     write_json,
 )
-from speed_table import median as _median  # noqa: E402
+from tfpipe import processes
+from tfpipe.processes import ROOT, Lines, ProcessGroup, WorkerPool
 
-READY_TIMEOUT_S = 120.0
-ENV = {
-    **os.environ,
-    "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
-    "TF_CPP_MIN_LOG_LEVEL": "2",
-}
 BATCH = 256
 WIDTH = 1024
 
@@ -95,101 +86,14 @@ WIDTH = 1024
 # the parent: processes ----------------------------------------------------------------------
 
 
-def free_port() -> int:
-    """A TCP port free on loopback now (a worker binds it moments later)."""
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return int(s.getsockname()[1])
-
-
-def end(proc: subprocess.Popen[Any]) -> None:
-    """Ends a process we started, whatever its state: resume, SIGTERM, then SIGKILL."""
-    if proc.poll() is not None:
-        return
-    for sig in (signal.SIGCONT, signal.SIGTERM):
-        try:
-            os.kill(proc.pid, sig)
-        except ProcessLookupError:
-            return
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=10)
-
-
-class Lines:
-    """A child process's stdout, read line by line in a thread, with bounded waits."""
-
-    def __init__(self, proc: subprocess.Popen[str], log: Path) -> None:
-        self.proc, self.log = proc, log
-        self.queue: queue.Queue[str | None] = queue.Queue()
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.queue.put(line.rstrip("\n"))
-        self.queue.put(None)
-
-    def next(self, timeout_s: float, what: str) -> str:
-        """The next line, or a RuntimeError with the process's log tail after `timeout_s`."""
-        try:
-            line = self.queue.get(timeout=timeout_s)
-        except queue.Empty:
-            line = None
-            reason = f"nothing within {timeout_s:.0f} s"
-        else:
-            reason = "the process ended"
-        if line is None:
-            tail = self.log.read_text()[-3000:] if self.log.exists() else ""
-            raise RuntimeError(
-                f"{what}: {reason} (exit status {self.proc.poll()}); log {self.log}:\n{tail}"
-            )
-        return line
-
-
-def end_all(started: list[subprocess.Popen[Any]]) -> None:
-    """Ends every started process, the last started first (see `end`)."""
-    for proc in reversed(started):
-        end(proc)
-
-
-def start_workers(n: int, started: list[subprocess.Popen[Any]], logs: Path,
-                  threads: int = 1, env: dict[str, str] | None = None) -> list[str]:
-    """Starts n `tfpipe worker --threads THREADS` (0: no --threads) on free loopback ports,
-    with environment `env` (default ENV); waits until each is ready."""
-    addresses = [f"localhost:{free_port()}" for _ in range(n)]
-    readers = []
-    for task in range(n):
-        log = logs / f"worker{task}.log"
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "tfpipe", "worker", "--cluster", ",".join(addresses),
-             "--task", str(task)] + (["--threads", str(threads)] if threads else []),
-            stdout=subprocess.PIPE, stderr=log.open("w"), text=True, env=env or ENV, cwd=logs,
-        )
-        started.append(proc)
-        readers.append(Lines(proc, log))
-    deadline = time.monotonic() + READY_TIMEOUT_S
-    for task, reader in enumerate(readers):
-        line = reader.next(max(deadline - time.monotonic(), 1.0), f"worker {task}")
-        if line != f"tfpipe worker {task} ready at {addresses[task]}":
-            raise RuntimeError(f"worker {task} printed {line!r}")
-    return addresses
-
-
 class ClientProcess:
-    """A benchmark's client process, driven by commands on its stdin; other lines it prints
-    are echoed after `echo_prefix`."""
+    """A benchmark's client process (`python -m <module> --client ...`, started in `group`),
+    driven by commands on its stdin; other lines it prints are echoed after `echo_prefix`."""
 
-    def __init__(self, cmd: list[str], started: list[subprocess.Popen[Any]], logs: Path,
-                 echo_prefix: str = "") -> None:
-        log = logs / "client.log"
+    def __init__(self, cmd: list[str], group: ProcessGroup, echo_prefix: str = "") -> None:
         self.echo_prefix = echo_prefix
-        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=log.open("w"), text=True, env=ENV, cwd=ROOT)
-        started.append(self.proc)
-        self.lines = Lines(self.proc, log)
+        self.proc = group.spawn(cmd, "client.log", cwd=ROOT, stdin=True)
+        self.lines = Lines(self.proc, group.dir / "client.log")
 
     def request(self, command: str, timeout_s: float) -> Any:
         """Sends one command; returns the JSON of its `RESULT` line."""
@@ -211,41 +115,35 @@ class ClientProcess:
 
 
 class Client(ClientProcess):
-    """The client process (`workers.py --client ...`)."""
+    """The client process (`python -m benchmarks.workers --client ...`)."""
 
-    def __init__(self, args: argparse.Namespace, addresses: list[str],
-                 started: list[subprocess.Popen[Any]], logs: Path) -> None:
-        cmd = [sys.executable, __file__, "--client", ",".join(addresses),
+    def __init__(self, args: argparse.Namespace, addresses: list[str], pool: WorkerPool) -> None:
+        cmd = [sys.executable, "-m", "benchmarks.workers", "--client", ",".join(addresses),
                "--micro-batches", args.micro_batches, "--schedules", args.schedules,
                "--steps", str(args.steps), "--runs", str(args.runs), "--warmup", str(args.warmup),
                "--quiet-wait", str(args.quiet_wait), "--inter-op", str(args.inter_op),
-               "--worker-pids", ",".join(str(p.pid) for p in started)]
+               "--worker-pids", ",".join(map(str, pool.pids))]
         if args.quiet is not None:
             cmd += ["--quiet", str(args.quiet)]
-        super().__init__(cmd, started, logs, echo_prefix="  [client] ")
-
-
-def _raise_interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
+        super().__init__(cmd, pool, echo_prefix="  [client] ")
 
 
 def parent(args: argparse.Namespace) -> None:
     """Starts the workers and the client, runs the rounds, prints and writes the results."""
-    for sig in (signal.SIGTERM, signal.SIGINT):  # so the finally below ends the children
-        signal.signal(sig, _raise_interrupt)
-    started: list[subprocess.Popen[Any]] = []
+    processes.raise_on_signals()  # SIGTERM and SIGINT: the finally below ends the children
     logs = Path(tempfile.mkdtemp(prefix="tfpipe-workers-bench-"))
+    pool = WorkerPool(logs, threads=args.worker_threads)
     peer = None
     if args.peer:
-        import peer_torch as peer  # optional: needs torch
+        from benchmarks import peer_torch as peer  # optional: needs torch
 
         peer.check_torch()
     report: dict[str, Any] = {"args": vars(args), "load_before": os.getloadavg()}
     times: dict[str, dict[str, list[float]]] = {"tfpipe": {}, "torch": {}}
     try:
-        addresses = start_workers(2, started, logs, args.worker_threads)
-        client = Client(args, addresses, started, logs)
-        report["setup"] = client.request("setup", READY_TIMEOUT_S + 300)
+        addresses, _ = pool.start(2)
+        client = Client(args, addresses, pool)
+        report["setup"] = client.request("setup", processes.READY_TIMEOUT_S + 300)
         print(f"[workers] {addresses}, stages {report['setup']['stage_layers']}, "
               f"logs in {logs}", flush=True)
         busy: list[Any] = []  # torch: CPUs' busy fraction before each part of each round
@@ -270,9 +168,9 @@ def parent(args: argparse.Namespace) -> None:
         report["traces"] = client.request("traces", 60)
         client.quit(60)
     finally:
-        end_all(started)
-    report["processes"] = {"pids": [p.pid for p in started],
-                           "exit_status": [p.returncode for p in started]}
+        pool.stop_all()
+    report["processes"] = {"pids": pool.pids,
+                           "exit_status": [p.returncode for p in pool.processes]}
     report["load_after"] = os.getloadavg()
     report["busy"] = busy
     report["times_ms"] = times
@@ -280,9 +178,9 @@ def parent(args: argparse.Namespace) -> None:
     report["rows"] = table
     print("\n".join(format_rows(table)))
     probes = times["tfpipe"]
-    chain, overlap = _median(probes["probe:chain"]), _median(probes["probe:overlap"])
-    print(f"[probes] one empty call on both workers {_median(probes['probe:dispatch']):.2f} ms; "
-          f"feeding a {BATCH}x{WIDTH} batch to worker 0 adds {_median(probes['probe:feed']):.2f} "
+    chain, overlap = median(probes["probe:chain"]), median(probes["probe:overlap"])
+    print(f"[probes] one empty call on both workers {median(probes['probe:dispatch']):.2f} ms; "
+          f"feeding a {BATCH}x{WIDTH} batch to worker 0 adds {median(probes['probe:feed']):.2f} "
           f"ms; a tensor sent by a busy worker: {overlap:.1f} ms = {overlap / chain:.2f} chains "
           f"of {chain:.1f} ms (2 = sent while it computes, 3 = only once it is idle)")
     _print_cpu(report["cpu"], times["tfpipe"])
@@ -297,7 +195,7 @@ def parent(args: argparse.Namespace) -> None:
         seen += [b for k, v in times["torch"].items() if k.startswith("busy:") for b in v]
         seen += [b for *_, b in busy]
         print(f"[quiet] before each visit the CPUs were {100 * min(seen):.0f}-"
-              f"{100 * max(seen):.0f}% busy (median {100 * _median(seen):.0f}%; limit "
+              f"{100 * max(seen):.0f}% busy (median {100 * median(seen):.0f}%; limit "
               f"{100 * args.quiet:.0f}%, waits of at most {args.quiet_wait:.0f} s)")
     write_json(args.json, report)
 
@@ -313,8 +211,8 @@ def _print_cpu(cpu: dict[str, list[list[float]]], times: dict[str, list[float]])
           "visits): worker 0, worker 1, client; work = the two workers' CPU ms per step")
     print(f"{'config':<16} {'w0':>5} {'w1':>5} {'client':>6} {'work ms':>8}")
     for label, visits in cpu.items():
-        cores = [_median([v[i] for v in visits]) for i in range(3)]
-        work = (cores[0] + cores[1]) * _median(times[label])
+        cores = [median([v[i] for v in visits]) for i in range(3)]
+        work = (cores[0] + cores[1]) * median(times[label])
         print(f"{label:<16} {cores[0]:5.2f} {cores[1]:5.2f} {cores[2]:6.2f} {work:8.1f}")
 
 
@@ -421,7 +319,8 @@ def client(args: argparse.Namespace) -> None:
         devices = tfpipe.cluster(args.client, timeout_s=60)
     import keras
     import tensorflow as tf
-    from common import compiled, data_for
+
+    from benchmarks.common import compiled, data_for
 
     d0, d1 = devices
     ms = [int(m) for m in args.micro_batches.split(",")]
@@ -636,7 +535,7 @@ def _timeline(piped: Callable[..., Any], data: Any, stages: int, m: int, schedul
     figures = [_figures(t, stages) for t in timelines]
 
     def med(key: str, i: int | None = None) -> float:
-        return _median([f[key] if i is None else f[key][i] for f in figures])
+        return median([f[key] if i is None else f[key][i] for f in figures])
 
     forward = [med("forward_ms", s) for s in range(stages)]
     backward = [med("backward_ms", s) for s in range(stages)]
@@ -648,9 +547,9 @@ def _timeline(piped: Callable[..., Any], data: Any, stages: int, m: int, schedul
         "wall_ms": walls[0], "span_ms": med("span_ms"),
         "busy_ms": [med("busy_ms", r) for r in range(stages)],
         "forward_ms": forward, "backward_ms": backward,
-        "hop_ms": _median(hops) if hops else None,
+        "hop_ms": median(hops) if hops else None,
         "predicted_span_ms": predicted,
-        "lead_ms": _median(edges[0::2]), "tail_ms": _median(edges[1::2]),
+        "lead_ms": median(edges[0::2]), "tail_ms": median(edges[1::2]),
         "actions": [[rank, str(a), t0, t1] for rank, a, t0, t1 in timelines[-1]],
     }
 
@@ -684,27 +583,19 @@ def _figures(timeline: list[Any], stages: int) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_timing_args(parser)
+    add_timing_args(parser, "a smoke run: M in {1, 2}, 2 rounds of 1 run of 2 steps",
+                    "out/workers.json", quiet=True)
     parser.add_argument("--micro-batches", default=None, help="default 1,2,4,8,16 (1,2 quick)")
     parser.add_argument("--schedules", default="gpipe,1f1b")
     parser.add_argument("--peer", action="store_true",
                         help="also time torch.distributed.pipelining in every round")
     parser.add_argument("--timeline", action="store_true",
                         help="also record tfpipe's measured timeline of each configuration")
-    parser.add_argument("--quick", action="store_true",
-                        help="a smoke run: M in {1, 2}, 2 rounds of 1 run of 2 steps")
-    parser.add_argument("--quiet", type=float, default=None, metavar="BUSY",
-                        help="before timing each configuration, wait until the CPUs are less "
-                        "than this fraction busy (other work on a shared machine)")
-    parser.add_argument("--quiet-wait", type=float, default=300.0,
-                        help="the longest such wait, in seconds")
     parser.add_argument("--inter-op", type=int, default=1,
                         help="an investigation: the client's (so the workers') inter-op threads; "
                         "intra-op stays 1 (default 1: tfpipe.cluster(threads=1))")
     parser.add_argument("--worker-threads", type=int, default=1,
                         help="an investigation: `tfpipe worker --threads N`; 0 leaves it out")
-    parser.add_argument("--round-timeout", type=float, default=1800.0)
-    parser.add_argument("--json", "--out", dest="json", default="out/workers.json")
     parser.add_argument("--client", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--worker-pids", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()

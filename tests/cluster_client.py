@@ -36,6 +36,7 @@ import tensorflow as tf  # noqa: E402
 import tfpipe  # noqa: E402
 
 cluster_module = importlib.import_module("tfpipe.cluster")  # `tfpipe.cluster` is the function
+watchdog_module = importlib.import_module("tfpipe.watchdog")
 
 
 def make_model(seed: int = 7) -> keras.Model:
@@ -193,7 +194,7 @@ def run_failure(mode: str, addresses: str, pid: int, timeout_s: float,
         print(f"SIGNALLED {mode}", flush=True)
 
     if mode == "stuck":  # the fallback: interruption impossible, the process must end itself
-        cluster_module.close_connections = lambda address: 0
+        watchdog_module.close_connections = lambda address: 0
     threading.Thread(target=strike, daemon=True).start()
     kwargs = {} if exit_after_s is None else {"exit_after_s": exit_after_s}
     result: dict = {}

@@ -155,7 +155,7 @@ def test_transformer_classifier_with_custom_blocks_equals_keras():
 def test_profiling_times_a_copy_whose_weights_sit_on_the_target_device():
     """A layer built on one device and profiled on another is timed as a copy with its
     weights on the target (as the pipeline will hold them), not reading them across."""
-    from tfpipe.balance.profile import _local_copy
+    from tfpipe.measure import local_copy as _local_copy
 
     with tf.device("/device:CPU:0"):
         layer = keras.layers.Dense(4)

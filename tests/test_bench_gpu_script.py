@@ -29,8 +29,7 @@ def test_gpu_sh_parses():
 
 
 def test_promise_model_does_not_fit_one_logical_gpu_but_a_quarter_does():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    import gpu
+    from benchmarks import gpu
 
     for gib in (1.0, 2.0, 4.0, 8.0, 16.0):
         width = gpu.promise_width(gib, 8)

@@ -28,6 +28,7 @@ from tfpipe import cli
 from tfpipe.devices import resolve_devices
 
 cluster_module = importlib.import_module("tfpipe.cluster")  # `tfpipe.cluster` is the function
+watchdog_module = importlib.import_module("tfpipe.watchdog")
 
 CLIENT = Path(__file__).with_name("cluster_client.py")
 CLIENT_TIMEOUT_S = 150.0
@@ -280,12 +281,12 @@ def test_close_connections_shuts_down_only_our_connections_to_that_address():
         peer, _ = server.accept()
         peer2, _ = other.accept()
         try:
-            assert cluster_module.close_connections(f"localhost:{port}") >= 1
+            assert watchdog_module.close_connections(f"localhost:{port}") >= 1
             ours.settimeout(2)
             assert ours.recv(1) == b""  # shut down: end of stream, not a wait
             keep.sendall(b"x")
             assert peer2.recv(1) == b"x"  # the other connection is untouched
-            assert cluster_module.close_connections(f"localhost:{free_port()}") == 0
+            assert watchdog_module.close_connections(f"localhost:{free_port()}") == 0
         finally:
             for s in (ours, keep, peer, peer2):
                 s.close()

@@ -7,7 +7,7 @@ import pytest
 
 import tfpipe
 from tests.models import StepLog, assert_same_training, build, data
-from tfpipe.executor.step import rank_waits
+from tfpipe.executor.program import rank_waits
 from tfpipe.schedules import Action, Schedule
 
 _REF: dict = {}

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import tensorflow as tf
 
+from tfpipe.devices import is_local
+
 ONEDNN_HINT = (
     "per-rank memory needs allocator statistics, which TensorFlow keeps on CPU only with "
     "TF_ENABLE_ONEDNN_OPTS=1 (set it before TensorFlow starts)"
@@ -32,7 +34,7 @@ def unavailable(device: str) -> str | None:
         device: a full device string (`/job:localhost/replica:0/task:0/device:CPU:1`) or a
             short one (`CPU:1`).
     """
-    if "/job:" in device and "/job:localhost" not in device:
+    if not is_local(device):
         return f"{REMOTE_HINT} ({device})"
     try:
         tf.config.experimental.get_memory_info(local_name(device))

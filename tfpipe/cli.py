@@ -7,9 +7,8 @@ TensorFlow's runtime. Usage errors (an unknown schedule, a size that is not a po
 integer, chunks a schedule cannot use) print one line naming the value and exit with status
 2, like argparse's own errors; nothing prints a traceback for them.
 
-`plan` loads a saved `.keras` model, makes a random batch of its input shapes and dtypes, and
-prints `tfpipe.plan`'s ranked configurations. It makes the logical CPU devices it is asked for
-(`--devices 4` without a GPU) before TensorFlow starts, which only a fresh process can do.
+`plan` loads a saved `.keras` model and prints `tfpipe.plan`'s ranked configurations; it is
+implemented in `tfpipe.cli_plan`, whose `PlanError`s are printed here like the other errors.
 
 `worker` runs one task of a `tf.distribute.Server` cluster (`tfpipe.cluster.serve`) until
 SIGTERM or SIGINT, then ends the process with status 0 through `os._exit`: TensorFlow's gRPC
@@ -27,6 +26,8 @@ import platform
 import sys
 from collections.abc import Callable, Sequence
 from typing import NoReturn
+
+from tfpipe import cli_plan
 
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
@@ -56,18 +57,35 @@ def _int_at_least(minimum: int, what: str) -> Callable[[str], int]:
 
 _positive_int = _int_at_least(1, "positive")
 _index = _int_at_least(0, "non-negative")
+_Subparsers = argparse._SubParsersAction  # the type of `add_subparsers`'s result
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The `tfpipe` argument parser with its `schedule`, `info` and `worker` subcommands."""
-    from tfpipe.schedules import GENERATORS
+    """The `tfpipe` argument parser with its `schedule`, `info`, `worker` and `plan` subcommands.
 
+    Returns:
+        The parser; each subcommand sets `func`, the function that runs it.
+    """
     parser = _Parser(
         prog="tfpipe",
         description="Pipeline-parallel training for Keras 3 on TensorFlow: command-line tools.",
     )
     parser.add_argument("--version", action="version", version=f"tfpipe {_tfpipe_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    _add_schedule_parser(sub)
+    _add_info_parser(sub)
+    _add_worker_parser(sub)
+    _add_plan_parser(sub)
+    return parser
+
+
+def _add_schedule_parser(sub: _Subparsers[_Parser]) -> None:
+    """Adds the `schedule` subcommand.
+
+    Args:
+        sub: the subparsers of `build_parser`'s parser.
+    """
+    from tfpipe.schedules import GENERATORS
 
     names = ", ".join(GENERATORS)
     sched = sub.add_parser(
@@ -98,6 +116,13 @@ def build_parser() -> argparse.ArgumentParser:
                        help="also write the simulated timeline as a PNG (needs matplotlib)")
     sched.set_defaults(func=_schedule)
 
+
+def _add_info_parser(sub: _Subparsers[_Parser]) -> None:
+    """Adds the `info` subcommand.
+
+    Args:
+        sub: the subparsers of `build_parser`'s parser.
+    """
     info = sub.add_parser(
         "info",
         help="print tfpipe, TensorFlow, Keras, NumPy and Python versions and the devices",
@@ -105,6 +130,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     info.set_defaults(func=_info)
 
+
+def _add_worker_parser(sub: _Subparsers[_Parser]) -> None:
+    """Adds the `worker` subcommand.
+
+    Args:
+        sub: the subparsers of `build_parser`'s parser.
+    """
     worker = sub.add_parser(
         "worker",
         help="run one TensorFlow worker of a cluster, to hold pipeline stages",
@@ -136,6 +168,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     worker.set_defaults(func=_worker)
 
+
+def _add_plan_parser(sub: _Subparsers[_Parser]) -> None:
+    """Adds the `plan` subcommand (run by `tfpipe.cli_plan.run`).
+
+    Args:
+        sub: the subparsers of `build_parser`'s parser.
+    """
     plan = sub.add_parser(
         "plan",
         help="profile a saved model and rank stage counts, splits, micro-batches, schedules",
@@ -168,7 +207,6 @@ def build_parser() -> argparse.ArgumentParser:
     plan.add_argument("--repeats", type=_positive_int, default=5, metavar="R",
                       help="timed runs per layer and size; the median is kept (default 5)")
     plan.set_defaults(func=_plan)
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -254,6 +292,8 @@ def _schedule(args: argparse.Namespace) -> int:
 
 
 def _info(args: argparse.Namespace) -> int:
+    # Lazy: TensorFlow, Keras and NumPy load only when a command needs them (`tfpipe schedule`
+    # starts fast).
     import keras
     import numpy as np
     import tensorflow as tf
@@ -294,147 +334,11 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _plan(args: argparse.Namespace) -> int:
-    import os
-
-    from tfpipe.errors import PipelineError
-    from tfpipe.planner.costs import parse_bytes
-
+    """Runs `tfpipe plan` (`tfpipe.cli_plan.run`) and prints its error, if any, as one line."""
     try:
-        budget = None if args.memory_budget is None else parse_bytes(args.memory_budget)
-        bandwidth = None if args.bandwidth is None else parse_bytes(args.bandwidth)
-    except ValueError as err:
-        return _fail("plan", str(err))
-    if bandwidth is not None and bandwidth <= 0:
-        return _fail("plan", f"--bandwidth must be above 0 bytes/s, got {args.bandwidth!r}")
-    if not os.path.isfile(args.model):
-        return _fail("plan", f"no model file {args.model!r}: give the path of a model saved "
-                     "with model.save('model.keras')", EXIT_FAILURE)
-    try:
-        devices = _plan_devices(args.devices)
-    except PipelineError as err:
-        return _fail("plan", str(err))
-    import keras
-
-    import tfpipe
-
-    try:
-        model = keras.models.load_model(args.model)
-    except Exception as err:  # noqa: BLE001 - any load failure is reported as one line
-        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        return _fail("plan", f"cannot load {args.model!r}: {first} (custom layers must be "
-                     "registered with keras.saving.register_keras_serializable)", EXIT_FAILURE)
-    try:
-        sample = _random_batch(model, args.batch)
-        plan = tfpipe.plan(model, sample, devices, budget, bandwidth=bandwidth,
-                           repeats=args.repeats)
-    except PipelineError as err:
-        return _fail("plan", str(err), EXIT_FAILURE)
-    print(plan.table(top=args.top))
-    if args.plot is not None:
-        try:
-            path = plan.plot(args.plot)
-        except ImportError as err:
-            return _fail("plan", f"--plot needs matplotlib ({err}); install it with "
-                         "pip install 'tfpipe[plot]'", EXIT_FAILURE)
-        except OSError as err:
-            return _fail("plan", f"cannot write --plot {args.plot!r}: {err}", EXIT_FAILURE)
-        print(f"wrote {path}")
-    return 0
-
-
-def _plan_devices(spec: str) -> list[str]:
-    """Device names from `--devices`: a count, or names; makes logical CPU devices as needed.
-
-    Raises:
-        PipelineError: for a count of 0, more GPUs than visible, or names on a remote job.
-    """
-    import tensorflow as tf
-
-    from tfpipe.errors import PipelineError
-
-    gpus = tf.config.list_physical_devices("GPU")  # lists hardware; does not start the runtime
-    if spec.strip().isdigit():
-        count = int(spec)
-        if count < 1:
-            raise PipelineError(f"--devices {spec!r}: give a count of at least 1, or names")
-        if not gpus:
-            return _cpu_devices(count)
-        if count > len(gpus):
-            raise PipelineError(f"--devices {count} asks for {count} GPUs but {len(gpus)} are "
-                                f"visible: use --devices {len(gpus)} or fewer")
-        return [f"/device:GPU:{i}" for i in range(count)]
-    names = [n.strip() for n in spec.split(",") if n.strip()]
-    if not names:
-        raise PipelineError(f"--devices {spec!r}: give a count or comma-separated device names")
-    specs = []
-    for name in names:
-        try:
-            parsed = tf.DeviceSpec.from_string(name)
-        except ValueError:
-            raise PipelineError(f"--devices: {name!r} is not a device name such as "
-                                "/device:CPU:0") from None
-        if parsed.job not in (None, "localhost"):
-            raise PipelineError(f"--devices: {name!r} is on a remote job; plan for workers "
-                                "from Python with devices=tfpipe.cluster(...)")
-        specs.append(parsed)
-    cpus = [p.device_index or 0 for p in specs if (p.device_type or "").upper() == "CPU"]
-    if cpus and not gpus:
-        _cpu_devices(max(cpus) + 1)
-    return names
-
-
-def _cpu_devices(count: int) -> list[str]:
-    """`count` logical CPU devices: made now, or the first `count` of those TensorFlow already
-    made (when `main` runs inside a process that configured more)."""
-    import tfpipe
-    from tfpipe.errors import DeviceConfigurationError, PipelineError
-
-    try:
-        return tfpipe.configure_cpu_devices(count)
-    except DeviceConfigurationError as err:
-        have = [d for d in tfpipe.default_devices() if "CPU" in d]
-        if len(have) < count:
-            raise PipelineError(str(err)) from None
-        return have[:count]
-
-
-def _random_batch(model: object, batch: int) -> object:
-    """A random batch of `batch` samples for the model's inputs (their shapes and dtypes):
-    normal floats, integers in {0, 1} (valid for any embedding), random booleans.
-
-    Raises:
-        PipelineError: for an input with an unknown dimension besides the batch, or of a
-            dtype that cannot be made up (strings).
-    """
-    import keras
-    import numpy as np
-
-    from tfpipe.errors import PipelineError
-    from tfpipe.partition.graph import model_io
-
-    inputs, _ = model_io(model)
-    rng = np.random.default_rng(0)
-
-    def make(t: object) -> object:
-        name = getattr(t, "name", "input")
-        shape = tuple(t.shape)  # type: ignore[attr-defined]
-        dtype = np.dtype(str(t.dtype))  # type: ignore[attr-defined]
-        if any(d is None for d in shape[1:]):
-            raise PipelineError(
-                f"Model input {name!r} has shape {shape} with an unknown dimension besides the "
-                "batch: plan from Python with tfpipe.plan(model, real_batch) instead."
-            )
-        full = (batch, *shape[1:])
-        if dtype.kind == "f":
-            return rng.standard_normal(full).astype(dtype)
-        if dtype.kind in "iu":
-            return rng.integers(0, 2, size=full).astype(dtype)
-        if dtype.kind == "b":
-            return rng.integers(0, 2, size=full).astype(bool)
-        raise PipelineError(f"Model input {name!r} has dtype {dtype}, which tfpipe plan cannot "
-                            "make up: plan from Python with tfpipe.plan(model, real_batch).")
-
-    return keras.tree.map_structure(make, inputs)
+        return cli_plan.run(args)
+    except cli_plan.PlanError as err:
+        return _fail("plan", str(err), EXIT_USAGE if err.usage else EXIT_FAILURE)
 
 
 def _worker(args: argparse.Namespace) -> int:
@@ -475,7 +379,7 @@ def _worker(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    import tensorflow as tf
+    import tensorflow as tf  # lazy: TensorFlow loads only when a command needs it
 
     try:
         serve(addresses, task, threads=args.threads, stop=stop,

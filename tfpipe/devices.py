@@ -11,6 +11,10 @@ Remote devices: after `tfpipe.cluster(...)` connects this process to TensorFlow 
 TensorFlow lists the workers' devices beside the local ones (`/job:worker/replica:0/task:i/
 device:CPU:0`). The defaults then are the workers' devices (`worker_devices`), not a mix of
 local and remote CPUs, and a remote name must be one of the connected devices.
+
+Whether a device is this process's (`is_local`), whether a name names a device (`matches`)
+and the one device of single-device work (`default_device`) are each decided here only;
+other modules call these rather than matching device strings themselves.
 """
 
 from __future__ import annotations
@@ -49,7 +53,7 @@ def configure_cpu_devices(count: int) -> list[str]:
             cpu, [tf.config.LogicalDeviceConfiguration() for _ in range(count)]
         )
     except RuntimeError as err:
-        have = [d for d in tf.config.list_logical_devices("CPU") if _is_local(d.name)]
+        have = [d for d in tf.config.list_logical_devices("CPU") if is_local(d.name)]
         if len(have) == count:
             return [canonical(d.name) for d in have]
         raise DeviceConfigurationError(
@@ -71,7 +75,7 @@ def default_devices() -> list[str]:
     remote = worker_devices()
     if remote:
         return remote
-    local = [d for d in tf.config.list_logical_devices() if _is_local(d.name)]
+    local = [d for d in tf.config.list_logical_devices() if is_local(d.name)]
     gpus = [d.name for d in local if d.device_type == "GPU"]
     return gpus or [d.name for d in local if d.device_type == "CPU"]
 
@@ -109,9 +113,26 @@ def worker_devices(job: str = "worker") -> list[str]:
     return names
 
 
-def _is_local(device: str) -> bool:
-    """Whether a device name belongs to this process (no job, or job `localhost`)."""
+def is_local(device: str) -> bool:
+    """Whether a device name belongs to this process (no job, or job `localhost`).
+
+    Args:
+        device: a full or partial device name, such as `/device:CPU:1` or
+            `/job:worker/replica:0/task:1/device:CPU:0`.
+
+    Returns:
+        False for a device of another job (a TensorFlow worker), else True.
+    """
     return tf.DeviceSpec.from_string(device).job in (None, "localhost")
+
+
+def default_device() -> str:
+    """The one device single-device work (profiling) runs on when none is named.
+
+    Returns:
+        `/device:GPU:0` when a GPU is visible, else `/device:CPU:0`.
+    """
+    return "/device:GPU:0" if tf.config.list_logical_devices("GPU") else "/device:CPU:0"
 
 
 def canonical(device: str) -> str:
@@ -121,7 +142,7 @@ def canonical(device: str) -> str:
     their job, replica and task.
     """
     spec = tf.DeviceSpec.from_string(device)
-    if spec.job in (None, "localhost"):
+    if is_local(device):
         spec = spec.replace(job=None, replica=None, task=None)
     text: str = spec.to_string()
     return text
@@ -160,10 +181,10 @@ def resolve_devices(devices: Sequence[str] | None, num_stages: int) -> list[str]
         )
     names = [canonical(d) for d in devices]
     known = [canonical(d.name) for d in tf.config.list_logical_devices()]
-    local = {name for name in known if _is_local(name)}
-    remote = [name for name in known if not _is_local(name)]
+    local = {name for name in known if is_local(name)}
+    remote = [name for name in known if not is_local(name)]
     for given, name in zip(devices, names):
-        if _is_local(name):
+        if is_local(name):
             if name not in local:
                 raise PipelineError(
                     f"Device {given!r} does not exist; visible devices are {sorted(local)}. "
@@ -176,7 +197,7 @@ def resolve_devices(devices: Sequence[str] | None, num_stages: int) -> list[str]
                 "cluster. Start the workers with `tfpipe worker` and call "
                 "devices = tfpipe.cluster('host:port,host:port') first; pass those devices."
             )
-        elif not any(_matches(name, r) for r in remote):
+        elif not any(matches(name, r) for r in remote):
             raise PipelineError(
                 f"Device {given!r} is not a device of the connected cluster; its devices are "
                 f"{remote}. Pass names returned by tfpipe.cluster(...) or "
@@ -187,8 +208,16 @@ def resolve_devices(devices: Sequence[str] | None, num_stages: int) -> list[str]
     return [names[s * len(names) // num_stages] for s in range(num_stages)]
 
 
-def _matches(name: str, device: str) -> bool:
-    """Whether a possibly partial device name (`/job:worker/task:1`) names `device`."""
+def matches(name: str, device: str) -> bool:
+    """Whether a possibly partial device name (`/job:worker/task:1`) names `device`.
+
+    Args:
+        name: the name asked for; its unset parts match anything.
+        device: a device's full name.
+
+    Returns:
+        True when every part `name` sets equals that part of `device`.
+    """
     want, have = tf.DeviceSpec.from_string(name), tf.DeviceSpec.from_string(device)
     return all(
         getattr(want, f) is None or getattr(want, f) == getattr(have, f)

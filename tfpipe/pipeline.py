@@ -18,14 +18,20 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from tfpipe import schedules
+from tfpipe import report, schedules
 from tfpipe.atomic import atomic_saves
-from tfpipe.balance import LayerCost, activation_bytes_per_sample, imbalance, profile_layers
+from tfpipe.balance import (
+    LayerCost,
+    activation_bytes_per_sample,
+    imbalance,
+    profile_layers,
+    solve,
+)
 from tfpipe.devices import default_devices, resolve_devices
 from tfpipe.errors import PipelineError, runtime_message
 from tfpipe.executor import Executor
 from tfpipe.executor.inputs import check_array_inputs
-from tfpipe.executor.microbatch import check_micro_batches
+from tfpipe.options import PipelineOptions
 from tfpipe.partition import Stage, check_gradient_paths, read_graph, split
 from tfpipe.placement import (
     place_optimizer,
@@ -82,6 +88,8 @@ class Pipeline:
         stages: the `Stage`s: `.model` (Keras sub-model), `.device`, `.num_params`, `.layers`;
             K*v of them for interleaved schedules.
         schedule: the validated `Schedule`.
+        options: the checked `tfpipe.options.PipelineOptions` it was built with
+            (`Pipeline.from_options(model, options)` builds one from such an object).
 
     Raises:
         PipelineError: for wrong stage counts, missing devices, or a split the model cannot
@@ -109,100 +117,69 @@ class Pipeline:
         check_numerics: bool = False,
         replicas: int = 1,
     ) -> None:
-        if not isinstance(model, keras.Model):
-            raise PipelineError(f"tfpipe needs a keras.Model, got {type(model).__name__}.")
-        if not model.built:
-            raise PipelineError(
-                f"Model {model.name!r} is not built: start it with keras.Input(shape=...), call "
-                "model.build(input_shape), or use tfpipe.fit, which builds it from the data."
-            )
-        micro_batches = check_micro_batches(micro_batches)
-        replicas = _check_replicas(replicas)
-        chunks = _check_chunks(schedule, chunks)
-        mode = balance if isinstance(balance, str) else None
-        counts = None if isinstance(balance, str) else balance
-        if mode not in (None, "params", "time", "memory"):
-            raise PipelineError(
-                f"balance={balance!r}: use 'params', 'time', 'memory' or a list of layer counts."
-            )
+        _check_model(model)
+        options = PipelineOptions(
+            stages=stages, balance=balance, devices=devices, micro_batches=micro_batches,
+            schedule=schedule, chunks=chunks, profile=profile, split_points=split_points,
+            recompute=recompute, check_numerics=check_numerics, replicas=replicas,
+        )
+        self._build(model, options, sample)
+
+    @classmethod
+    def from_options(
+        cls, model: keras.Model, options: PipelineOptions, sample: Any = None
+    ) -> Pipeline:
+        """The pipeline of `model` for already checked options.
+
+        Args:
+            model: as for `Pipeline`.
+            options: a `tfpipe.options.PipelineOptions`, for example
+                `tfpipe.plan(...).best.options()`.
+            sample: a batch of inputs, for `balance="time"` / `"memory"`.
+
+        Returns:
+            The `Pipeline`, exactly as `Pipeline(model, sample=sample, **options.kwargs())`.
+
+        Raises:
+            PipelineError: as `Pipeline`.
+
+        Example:
+            >>> pipe = tfpipe.Pipeline.from_options(model, plan.best.options(), sample=x[:64])
+        """
+        _check_model(model)
+        pipe = cls.__new__(cls)
+        pipe._build(model, options, sample)
+        return pipe
+
+    def _build(self, model: keras.Model, options: PipelineOptions, sample: Any) -> None:
+        """Lays out, splits and places `model`; every check runs before any variable moves."""
+        mode = options.balance_mode
         if mode in ("time", "memory") and sample is None:
             raise PipelineError(
                 f"balance={mode!r} profiles each layer on a sample batch: pass sample=<a batch "
                 "of inputs> (tfpipe.fit does this from its data), or use balance='params'."
             )
-        if split_points is not None:
-            if counts is not None:
-                raise PipelineError("Give balance=[...] or split_points=[...], not both.")
-            counts_or_points: Sequence[Any] | None = [None] * (len(list(split_points)) + 1)
-        else:
-            counts_or_points = counts
-        num_stages = _count_stages(schedule, stages, counts_or_points, devices, chunks, replicas)
         self.model = model
-        self.schedule = schedules.get(schedule, num_stages, micro_batches, chunks=chunks)
-        self.replicas = replicas
-        ranks = self.schedule.num_ranks
-        if replicas > 1 and devices is not None and len(devices) != ranks * replicas:
-            raise PipelineError(
-                f"replicas={replicas} copies of a {ranks}-device pipeline need "
-                f"{ranks * replicas} devices, one per stage per copy, but devices lists "
-                f"{len(devices)}: {list(devices)}. Give {ranks * replicas} devices (copy r uses "
-                f"devices[{ranks}*r : {ranks}*r+{ranks}]), or change stages / replicas."
-            )
-        all_devices = resolve_devices(devices, ranks * replicas)
-        self.replica_devices = [
-            [all_devices[r * ranks + self.schedule.rank_of(k)] for k in range(num_stages)]
-            for r in range(replicas)
-        ]
+        self.options = options
+        self.replicas = options.replicas
+        self.schedule, self.replica_devices = _lay_out(options)
         stage_devices = self.replica_devices[0]
         self.layer_costs: list[LayerCost] | None = None
         if mode in ("time", "memory"):
             self.layer_costs = profile_layers(model, sample, device=stage_devices[0])
-        self.balanced_by = mode or (
-            "layer counts" if counts is not None or split_points else "params"
-        )
-        costs = None
-        if self.layer_costs is not None:
-            costs = [c.seconds if mode == "time" else c.memory_bytes for c in self.layer_costs]
-        self.stages: list[Stage] = split(
-            model, num_stages, counts, stage_devices, split_points=split_points, costs=costs
-        )
-        if _compiled(model):
-            check_gradient_paths(self.stages)
-        self.recompute = _recompute_flags(recompute, len(self.stages))
-        for st, flag in zip(self.stages, self.recompute):
-            if flag and not st.trainable_variables and not isinstance(recompute, str):
-                names = ", ".join(layer.name for layer in st.layers)
-                raise PipelineError(
-                    f"recompute asks stage {st.index} ({names}) to "
-                    "recompute, but it has no trainable weights: its backward needs no saved "
-                    f"activations of its own. Set entry {st.index} to False."
-                )
+        self.balanced_by = options.balanced_by
+        self.stages: list[Stage] = _split(model, options, stage_devices, self.layer_costs)
+        self.recompute = _recompute_flags(options, self.stages)
         self.executor = Executor(
             model,
             self.stages,
             self.schedule,
-            profile=profile,
+            profile=options.profile,
             recompute=self.recompute,
-            check_numerics=check_numerics,
+            check_numerics=options.check_numerics,
             replica_devices=self.replica_devices,
         )
-        variables = list(model.trainable_variables)
-        optimizer = model.optimizer if _compiled(model) else None
-        keys = storage_keys(optimizer, variables) if optimizer is not None else None
-        place_stages(self.stages)
-        if optimizer is not None:
-            place_optimizer(optimizer, variables, keys)
-        for name in _FUNCTIONS:  # functions traced before the move captured the old storage
-            setattr(model, name, None)
-        if model.jit_compile and len({st.device for st in self.stages}) > 1:
-            warnings.warn(
-                f"Model {model.name!r} was compiled with jit_compile=True, but tfpipe placed its "
-                f"variables on {len({st.device for st in self.stages})} devices and one XLA "
-                "program cannot span them: model.jit_compile is now False, so plain "
-                "model.fit / predict keep working on the placed model.",
-                stacklevel=2,
-            )
-            model.jit_compile = False
+        _place(model, self.stages)
         self._functions: dict[str, Any] = dict.fromkeys(_FUNCTIONS)
 
     def timeline(self) -> list[tuple[int, schedules.Action, float, float]]:
@@ -287,64 +264,23 @@ class Pipeline:
         its layer calls), profiled forward+backward time when balanced by time or memory,
         and its device; then the imbalance (largest stage / mean) of the balanced cost.
         """
-        per_layer_act = self._per_layer(lambda: activation_bytes_per_sample(read_graph(self.model)))
-        per_layer_time = (
-            None if self.layer_costs is None else [c.seconds * 1e3 for c in self.layer_costs]
-        )
-        header = ["stage", "layers", "params", "act/sample"]
-        if per_layer_time is not None:
-            header.append("time ms")
-        header.append("device")
-        rows, start = [header], 0
-        for st in self.stages:
-            names = [layer.name for layer in st.layers]
-            span = names[0] if len(names) == 1 else f"{names[0]} .. {names[-1]}"
-            n = len(names)
-            row = [str(st.index), f"{span} ({n})", f"{st.num_params:,}"]
-            row.append(_bytes(sum(per_layer_act[start : start + n])) if per_layer_act else "-")
-            if per_layer_time is not None:
-                row.append(f"{sum(per_layer_time[start : start + n]):.2f}")
-            row.append(st.device)
-            rows.append(row)
-            start += n
-        widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-        numeric = {2, 3, 4} if per_layer_time is not None else {2, 3}
-        lines = [
-            f"Pipeline of {self.model.name!r}: {len(self.stages)} stages x "
-            f"{self.micro_batches} micro-batches, schedule {self.schedule.name!r}, "
-            f"balanced by {self.balanced_by}"
-            + (
-                f", {self.replicas} replicas on "
-                + "; ".join(", ".join(row) for row in self.replica_devices[1:])
-                if self.replicas > 1
-                else ""
-            )
-        ]
-        for n, row in enumerate(rows):
-            lines.append(
-                "  ".join(
-                    c.rjust(w) if i in numeric else c.ljust(w)
-                    for i, (c, w) in enumerate(zip(row, widths))
-                ).rstrip()
-            )
-            if n == 0:
-                lines.append("  ".join("-" * w for w in widths))
-        cost = (
-            [float(r[4]) for r in rows[1:]]
-            if per_layer_time is not None
-            else [float(st.num_params) for st in self.stages]
-        )
-        lines.append(
-            f"Total params: {sum(st.num_params for st in self.stages):,}; imbalance "
-            f"(largest / mean {'time' if per_layer_time else 'params'}): {imbalance(cost):.2f}"
-        )
-        text = "\n".join(lines)
+        costs = self.layer_costs
+        text = "\n".join([
+            report.pipeline_title(
+                self.model.name, len(self.stages), self.micro_batches, self.schedule.name,
+                self.balanced_by, self.replica_devices,
+            ),
+            *report.stage_table(
+                self.stages,
+                report.per_layer(
+                    self.stages, lambda: activation_bytes_per_sample(read_graph(self.model))
+                ),
+                None if costs is None else [c.seconds for c in costs],
+                imbalance,
+            ),
+        ])
         print_fn(text)
         return text
-
-    def _per_layer(self, fn: Callable[[], list[float]]) -> list[float] | None:
-        """Per-layer-call figures, or None for an opaque model trained as one stage."""
-        return None if self.stages[0].inputs is None else fn()
 
     def __repr__(self) -> str:
         return (
@@ -358,91 +294,96 @@ def _compiled(model: keras.Model) -> bool:
     return bool(getattr(model, "compiled", False)) and getattr(model, "optimizer", None) is not None
 
 
-def _check_chunks(schedule: Any, chunks: int | None) -> int:
-    """Chunks per device: 2 by default for "interleaved", 1 otherwise."""
-    if chunks is None:
-        return 2 if schedule == "interleaved" else 1
-    if not isinstance(chunks, int) or isinstance(chunks, bool) or chunks < 1:
-        raise PipelineError(f"chunks must be a positive integer, got {chunks!r}.")
-    if chunks > 1 and schedule != "interleaved" and not isinstance(schedule, schedules.Schedule):
+def _check_model(model: Any) -> None:
+    if not isinstance(model, keras.Model):
+        raise PipelineError(f"tfpipe needs a keras.Model, got {type(model).__name__}.")
+    if not model.built:
         raise PipelineError(
-            f"chunks={chunks} needs schedule='interleaved' (several model pieces per device); "
-            f"schedule {schedule!r} runs one piece per device. Drop chunks or change the schedule."
+            f"Model {model.name!r} is not built: start it with keras.Input(shape=...), call "
+            "model.build(input_shape), or use tfpipe.fit, which builds it from the data."
         )
-    return chunks
 
 
-def _check_replicas(replicas: Any) -> int:
-    if not isinstance(replicas, int) or isinstance(replicas, bool) or replicas < 1:
+def _lay_out(options: PipelineOptions) -> tuple[schedules.Schedule, list[list[str]]]:
+    """The validated schedule, and each copy's device per model piece (`replica_devices`)."""
+    num_stages = options.count_stages(default_devices)
+    schedule = schedules.get(
+        options.schedule, num_stages, options.micro_batches, chunks=options.num_chunks
+    )
+    ranks, replicas, devices = schedule.num_ranks, options.replicas, options.devices
+    if replicas > 1 and devices is not None and len(devices) != ranks * replicas:
         raise PipelineError(
-            f"replicas must be a positive integer (data-parallel copies of the pipeline), got "
-            f"{replicas!r}."
+            f"replicas={replicas} copies of a {ranks}-device pipeline need "
+            f"{ranks * replicas} devices, one per stage per copy, but devices lists "
+            f"{len(devices)}: {list(devices)}. Give {ranks * replicas} devices (copy r uses "
+            f"devices[{ranks}*r : {ranks}*r+{ranks}]), or change stages / replicas."
         )
-    return replicas
+    given = list(devices) if isinstance(devices, tuple) else devices
+    all_devices = resolve_devices(given, ranks * replicas)
+    return schedule, [
+        [all_devices[r * ranks + schedule.rank_of(k)] for k in range(num_stages)]
+        for r in range(replicas)
+    ]
 
 
-def _count_stages(
-    schedule: Any,
-    stages: int | None,
-    balance: Sequence[int] | None,
-    devices: Sequence[str] | None,
-    chunks: int,
-    replicas: int = 1,
-) -> int:
-    """Model pieces to cut: K devices (of each replica) times chunks, or as `balance` or the
-    schedule says."""
-    if isinstance(schedule, schedules.Schedule):
-        return schedule.num_stages
-    if balance is not None:
-        if stages is not None and stages * chunks != len(balance):
+def _split(
+    model: keras.Model,
+    options: PipelineOptions,
+    devices: Sequence[str],
+    layer_costs: Sequence[LayerCost] | None,
+) -> list[Stage]:
+    """The stages on `devices` (one per model piece), refusing cuts no gradient crosses."""
+    costs = None
+    if layer_costs is not None:
+        by_time = options.balance_mode == "time"
+        costs = [c.seconds if by_time else c.memory_bytes for c in layer_costs]
+    stages = split(
+        model,
+        len(devices),
+        options.layer_counts,
+        devices,
+        split_points=options.split_points,
+        costs=costs,
+        solver=solve,
+    )
+    if _compiled(model):
+        check_gradient_paths(stages)
+    return stages
+
+
+def _recompute_flags(options: PipelineOptions, stages: Sequence[Stage]) -> list[bool]:
+    """One recompute flag per stage; a stage listed for it must have weights of its own."""
+    flags = options.recompute_flags(len(stages))
+    for st, flag in zip(stages, flags):
+        if flag and not st.trainable_variables and not isinstance(options.recompute, str):
+            names = ", ".join(layer.name for layer in st.layers)
             raise PipelineError(
-                f"stages={stages} with chunks={chunks} makes {stages * chunks} stages, but "
-                f"balance/split_points give {len(balance)}: make them agree, or give only one."
+                f"recompute asks stage {st.index} ({names}) to "
+                "recompute, but it has no trainable weights: its backward needs no saved "
+                f"activations of its own. Set entry {st.index} to False."
             )
-        return len(balance)
-    if stages is None:
-        stages = (len(devices) if devices is not None else len(default_devices())) // replicas
-    if not isinstance(stages, int) or isinstance(stages, bool) or stages < 1:
-        raise PipelineError(f"stages must be a positive integer, got {stages!r}.")
-    return stages * chunks
+    return flags
 
 
-def _bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"
-
-
-def _recompute_flags(recompute: Any, num_stages: int) -> list[bool]:
-    """Per-stage recomputation flags from `"never"`, `"except_last"`, `"always"` or a list."""
-    modes: dict[str, Callable[[int], bool]] = {
-        "never": lambda k: False,
-        "always": lambda k: True,
-        "except_last": lambda k: k < num_stages - 1,
-    }
-    if isinstance(recompute, str):
-        if recompute not in modes:
-            raise PipelineError(
-                f"recompute={recompute!r}: use 'never', 'except_last', 'always', or a list with "
-                f"one entry per stage ({num_stages} here)."
-            )
-        return [modes[recompute](k) for k in range(num_stages)]
-    flags = list(recompute)
-    if len(flags) != num_stages:
-        raise PipelineError(
-            f"recompute={flags} has {len(flags)} entries for {num_stages} stages: give one per "
-            "stage, or 'never' / 'except_last' / 'always'."
+def _place(model: keras.Model, stages: Sequence[Stage]) -> None:
+    """Moves each stage's variables (and optimizer slots) to its device; drops functions
+    traced before the move; turns off `jit_compile` when the stages span devices."""
+    variables = list(model.trainable_variables)
+    optimizer = model.optimizer if _compiled(model) else None
+    keys = storage_keys(optimizer, variables) if optimizer is not None else None
+    place_stages(stages)
+    if optimizer is not None:
+        place_optimizer(optimizer, variables, keys)
+    for name in _FUNCTIONS:  # functions traced before the move captured the old storage
+        setattr(model, name, None)
+    num_devices = len({st.device for st in stages})
+    if model.jit_compile and num_devices > 1:
+        warnings.warn(
+            f"Model {model.name!r} was compiled with jit_compile=True, but tfpipe placed its "
+            f"variables on {num_devices} devices and one XLA "
+            "program cannot span them: model.jit_compile is now False, so plain "
+            "model.fit / predict keep working on the placed model.",
+            stacklevel=4,  # _place < _build < Pipeline() / from_options < the caller
         )
-    out = []
-    for k, flag in enumerate(flags):
-        if isinstance(flag, bool):
-            out.append(flag)
-        elif flag in ("never", "always"):
-            out.append(flag == "always")
-        else:
-            raise PipelineError(
-                f"recompute entry {flag!r} for stage {k}: use True/False or 'never'/'always'."
-            )
-    return out
+        model.jit_compile = False
+

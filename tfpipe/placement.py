@@ -101,16 +101,24 @@ def place_optimizer(
         optimizer.build(variables)
     for opt in chain:
         tracked = list(getattr(opt, "_trainable_variables", variables))
-        for slots in _slot_lists(opt, tracked):
+        for slots in slot_lists(opt, tracked):
             for ref, slot in zip(tracked, slots):
                 if slot is not None:
                     move(slot, device_of(ref))
 
 
-def _slot_lists(
+def slot_lists(
     optimizer: keras.optimizers.Optimizer, tracked: list[keras.Variable]
 ) -> list[list[keras.Variable]]:
-    """Optimizer attributes holding one variable per trainable variable, shape for shape (m, v)."""
+    """Optimizer attributes holding one variable per trainable variable, shape for shape (m, v).
+
+    Args:
+        optimizer: a built Keras optimizer (not a wrapper: pass each of `optimizer_chain`).
+        tracked: the variables it updates, in its own order.
+
+    Returns:
+        One list per such attribute (Adam: m and v), aligned with `tracked`.
+    """
     found = []
     for name, value in vars(optimizer).items():
         if name in ("_trainable_variables", "_variables") or not isinstance(value, (list, tuple)):

@@ -1,25 +1,25 @@
 """`tfpipe.fit` / `evaluate` / `predict`: one-call pipelined versions of the Keras methods.
 
-Design: each builds a `Pipeline` and calls its Keras-signature method; the only work of its
-own is building a Sequential model that has no input shape yet, from the first element of
-the data, the way `model.fit` would on its first batch.
+Design: each turns its pipeline arguments (or a planned configuration) into one checked
+`tfpipe.options.PipelineOptions`, builds the `Pipeline` for it and calls its Keras-signature
+method; the only work of its own is building a Sequential model that has no input shape yet,
+from the first element of the data, the way `model.fit` would on its first batch
+(`tfpipe.data`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import keras
-import numpy as np
-import tensorflow as tf
 
+from tfpipe.data import build_from_data, first_inputs
 from tfpipe.errors import PipelineError
+from tfpipe.options import PipelineOptions
 from tfpipe.pipeline import Pipeline
+from tfpipe.planner.search import PlanConfig
 from tfpipe.schedules import Schedule
-
-if TYPE_CHECKING:
-    from tfpipe.planner import PlanConfig
 
 
 def fit(
@@ -87,30 +87,23 @@ def fit(
         >>> model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
         >>> history = tfpipe.fit(model, dataset, epochs=3, stages=4, micro_batches=8)
     """
-    if plan is not None:
-        given = {"stages": stages, "balance": balance, "micro_batches": micro_batches,
-                 "schedule": schedule, "chunks": chunks, "split_points": split_points,
-                 "recompute": recompute}
-        chosen = from_plan(plan, given)
-        stages, balance, schedule = chosen["stages"], chosen["balance"], chosen["schedule"]
-        micro_batches, chunks, recompute = (
-            chosen["micro_batches"], chosen["chunks"], chosen["recompute"]
-        )
-        devices = devices if devices is not None else list(plan.devices)
-    build_from_data(model, x)
-    pipe = pipeline_for(
-        model,
-        lambda: first_inputs(x, batch_size) if balance in ("time", "memory") else None,
+    options = _options(
+        plan,
         stages=stages,
         balance=balance,
-        devices=devices,
         micro_batches=micro_batches,
         schedule=schedule,
         chunks=chunks,
         split_points=split_points,
         recompute=recompute,
+        devices=devices,
         check_numerics=check_numerics,
         replicas=replicas,
+    )
+    build_from_data(model, x)
+    profiled = options.balance_mode in ("time", "memory")
+    pipe = pipeline_for(
+        model, lambda: first_inputs(x, batch_size) if profiled else None, options, "fit"
     )
     history = pipe.fit(
         x,
@@ -127,43 +120,16 @@ def fit(
     return history
 
 
-_DEFAULTS: dict[str, Any] = {
-    "stages": None, "balance": None, "micro_batches": 1, "schedule": "gpipe", "chunks": None,
-    "split_points": None, "recompute": "never",
-}
-
-
-def from_plan(plan: Any, given: dict[str, Any]) -> dict[str, Any]:
-    """The pipeline options of a planned configuration, checked against those given with it.
-
-    Args:
-        plan: a `tfpipe.planner.PlanConfig`.
-        given: the pipeline arguments the caller passed (defaults where not given).
-
-    Returns:
-        `given` with the plan's options filled in.
-
-    Raises:
-        PipelineError: when `plan` is not a configuration, or a given argument differs from
-            the plan's value for it.
-    """
-    if not callable(getattr(plan, "kwargs", None)) or not hasattr(plan, "devices"):
+def _options(plan: PlanConfig | None, **given: Any) -> PipelineOptions:
+    """The checked options of `tfpipe.fit`: those given, or the plan's with those given."""
+    if plan is None:
+        return PipelineOptions(**given)
+    if not isinstance(plan, PlanConfig):
         raise PipelineError(
             f"plan={plan!r} is not a planned configuration: pass one of tfpipe.plan(...).configs, "
             "for example plan.best."
         )
-    wanted = {**_DEFAULTS, **plan.kwargs()}
-    out = dict(given)
-    for key, value in given.items():
-        listed = isinstance(value, (list, tuple))
-        same = (list(value) if listed else value) == wanted[key]
-        if value != _DEFAULTS[key] and not same:
-            raise PipelineError(
-                f"{key}={value!r} disagrees with the plan's {key}={wanted[key]!r}: drop {key} "
-                "(the plan sets it) or drop plan= and give every option yourself."
-            )
-        out[key] = wanted[key]
-    return out
+    return plan.options(**given)
 
 
 def evaluate(
@@ -206,35 +172,41 @@ def _inference_pipeline(
     devices: Sequence[str] | None,
 ) -> Pipeline:
     build_from_data(model, x)
-    return pipeline_for(
-        model,
-        lambda: None,
-        stages=stages,
-        balance=balance,
-        devices=devices,
-        micro_batches=micro_batches,
+    options = PipelineOptions(
+        stages=stages, balance=balance, micro_batches=micro_batches, devices=devices
     )
+    return pipeline_for(model, lambda: None, options, "inference")
 
 
-def pipeline_for(model: keras.Model, sample: Callable[[], Any], **options: Any) -> Pipeline:
+def pipeline_for(
+    model: keras.Model, sample: Callable[[], Any], options: PipelineOptions, caller: str
+) -> Pipeline:
     """The `Pipeline` of `model` for these options, reused from the last call when they match.
 
     Reusing it keeps its traced step: a second `tfpipe.fit` neither traces again nor builds
     new stage sub-models (each trace would otherwise stay in TensorFlow's gradient registry
     for the life of the process). Recompiling the model (a new optimizer, loss or metrics)
     makes a new pipeline. The cache lives on the model, so it goes when the model goes.
+
+    Args:
+        model: the built Keras model.
+        sample: returns the batch of inputs `balance="time"` / `"memory"` profile on (called
+            only when a new pipeline is built).
+        options: the checked options.
+        caller: `"fit"` or `"inference"`: a pipeline is reused only by the same kind of call.
     """
     key = (
         id(model.optimizer) if getattr(model, "optimizer", None) is not None else None,
         id(getattr(model, "_compile_loss", None)),
         id(getattr(model, "_compile_metrics", None)),
-        repr(sorted((k, _hashable(v)) for k, v in options.items())),
+        caller,
+        repr(sorted((k, _hashable(v)) for k, v in options.kwargs().items())),
     )
     cached = model.__dict__.get("_tfpipe_pipeline")
     if cached is not None and cached[0] == key:
         reused: Pipeline = cached[1]
         return reused
-    pipe = Pipeline(model, sample=sample(), **options)
+    pipe = Pipeline.from_options(model, options, sample=sample())
     model.__dict__["_tfpipe_pipeline"] = (key, pipe)
     return pipe
 
@@ -245,25 +217,3 @@ def _hashable(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return tuple(_hashable(v) for v in value)
     return value
-
-
-def build_from_data(model: keras.Model, x: Any) -> None:
-    """Builds an unbuilt Sequential model from the input shape of `x` (array or dataset)."""
-    if model.built or not isinstance(model, keras.Sequential) or x is None:
-        return
-    if isinstance(x, tf.data.Dataset):
-        spec = x.element_spec
-        spec = spec[0] if isinstance(spec, tuple) else spec
-        shape = tuple(spec.shape)
-    else:
-        shape = (None,) + tuple(np.shape(x)[1:])
-    model.build(shape)
-
-
-def first_inputs(x: Any, batch_size: int | None) -> Any:
-    """The inputs of the first batch of `x` (a dataset, or arrays cut to `batch_size`)."""
-    if isinstance(x, tf.data.Dataset):
-        element = next(iter(x))
-        return element[0] if isinstance(element, tuple) else element
-    size = batch_size or 32
-    return keras.tree.map_structure(lambda a: a[:size], x)

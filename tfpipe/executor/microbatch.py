@@ -130,13 +130,3 @@ def _split(structure: Any, sizes: tf.Tensor, num: int) -> list[Any]:
     leaves = keras.tree.flatten(structure)
     parts = [tf.split(t, sizes, num=num, axis=0) if t is not None else [None] * num for t in leaves]
     return [keras.tree.pack_sequence_as(structure, [p[m] for p in parts]) for m in range(num)]
-
-
-def check_micro_batches(micro_batches: Any) -> int:
-    """Validates the micro-batch count argument."""
-    if not isinstance(micro_batches, int) or isinstance(micro_batches, bool) or micro_batches < 1:
-        raise PipelineError(
-            f"micro_batches must be a positive integer (the number of slices each batch is cut "
-            f"into), got {micro_batches!r}."
-        )
-    return micro_batches

@@ -14,22 +14,25 @@ Design:
   that uses it; both stages' backwards produce a gradient for it and the executor sums them
   before the one optimizer step.
 - `split_points=[names]` starts a new stage at each named layer; `balance=[counts]` gives
-  layer calls per stage; otherwise costs (parameters by default) are balanced by
-  `tfpipe.balance.solve`.
+  layer calls per stage; otherwise costs (parameters by default) are balanced by the
+  `solver` the caller passes (`tfpipe.balance.solve`). The partitioner imports nothing of
+  `tfpipe.balance`: balancing profiles layers on this package's call graph, so it sits above.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import keras
 
-from tfpipe.balance.solve import solve
 from tfpipe.errors import PipelineError
 from tfpipe.partition.graph import Graph, param_costs, read_graph
+
+Solver = Callable[[Sequence[float], int], list[int]]
+"""`solver(costs, k)`: k contiguous layer-call counts balancing `costs` (one per layer call)."""
 
 
 @dataclass
@@ -76,51 +79,47 @@ class Stage:
 def plan_balance(
     model: keras.Model,
     graph: Graph,
-    stages: int | None,
+    stages: int,
     balance: Sequence[int] | None,
     split_points: Sequence[str] | None = None,
     costs: Sequence[float] | None = None,
+    *,
+    solver: Solver,
 ) -> list[int]:
     """Decides layer calls per stage: from `balance`, from `split_points`, or by costs.
+
+    The options themselves (a positive `stages` that agrees with `balance` or
+    `split_points`) are checked once, by `tfpipe.options.PipelineOptions`; this checks them
+    against the model.
 
     Args:
         model: the user's model (for messages).
         graph: its call graph.
-        stages: K, or None when `balance` or `split_points` decide it.
+        stages: K, the number of stages (as many as `balance` or `split_points` make).
         balance: explicit layer-call counts, or None.
         split_points: layer names where a new stage starts, or None.
         costs: per layer call, for automatic balancing; default the parameter counts.
+        solver: balances `costs` over `stages` (`tfpipe.balance.solve`).
 
     Returns:
         Layer calls per stage.
 
     Raises:
-        PipelineError: wrong counts, too many stages, or an unknown layer name.
+        PipelineError: counts that do not add up to the model's layer calls, more stages than
+            layer calls, or an unknown layer name.
     """
     n = len(graph.nodes)
     names = [layer.name for layer in graph.layers]
     if split_points is not None:
         balance = _balance_from_split_points(model, names, split_points)
-        if stages is not None and stages != len(balance):
-            raise PipelineError(
-                f"stages={stages} but split_points={list(split_points)} make {len(balance)} "
-                "stages: give one of them, or make them agree."
-            )
     if balance is not None:
         balance = list(balance)
-        if stages is not None and stages != len(balance):
-            raise PipelineError(
-                f"stages={stages} but balance={balance} has {len(balance)} entries: give one "
-                "of them, or make them agree."
-            )
         if any(not isinstance(b, int) or b < 1 for b in balance) or sum(balance) != n:
             raise PipelineError(
                 f"balance={balance} must be positive layer counts summing to the model's "
                 f"{n} layer calls ({', '.join(names)}); it sums to {sum(balance)}."
             )
         return balance
-    if stages is None or not isinstance(stages, int) or stages < 1:
-        raise PipelineError(f"stages must be a positive integer, got {stages!r}.")
     if stages > n:
         raise PipelineError(
             f"stages={stages} is more than the {n} layer calls of model {model.name!r} "
@@ -128,7 +127,7 @@ def plan_balance(
         )
     if costs is None:
         costs = param_costs(graph)
-    return solve(costs, stages)
+    return solver(costs, stages)
 
 
 def _balance_from_split_points(
@@ -185,22 +184,25 @@ def stage_io(graph: Graph, sizes: Sequence[int]) -> list[tuple[list[Any], list[A
 
 def split(
     model: keras.Model,
-    stages: int | None = None,
+    stages: int,
     balance: Sequence[int] | None = None,
     devices: Sequence[str] = (),
     split_points: Sequence[str] | None = None,
     costs: Sequence[float] | None = None,
+    *,
+    solver: Solver,
 ) -> list[Stage]:
     """Splits `model` into stages placed on `devices`.
 
     Args:
         model: a built Sequential or Functional model; a subclassed model only with 1 stage.
-        stages: K, balanced by `costs` (default parameter counts); or None with `balance` /
-            `split_points`.
+        stages: K, balanced by `costs` (default parameter counts) unless `balance` or
+            `split_points` (which make K stages) place the cuts.
         balance: layer calls per stage.
         devices: one device name per stage.
         split_points: layer names where a new stage starts.
         costs: per layer call, for automatic balancing.
+        solver: balances `costs` over `stages` (`tfpipe.balance.solve`).
 
     Returns:
         K `Stage`s; stage inputs come from earlier stages or the model input.
@@ -213,7 +215,7 @@ def split(
     graph = read_graph(model)
     if not graph.nodes:
         raise PipelineError(f"Model {model.name!r} has no layers to split.")
-    sizes = plan_balance(model, graph, stages, balance, split_points, costs)
+    sizes = plan_balance(model, graph, stages, balance, split_points, costs, solver=solver)
     out, start = [], 0
     for k, (size, (inputs, outputs)) in enumerate(zip(sizes, stage_io(graph, sizes))):
         sub = keras.Model(inputs, outputs, name=f"{model.name}_stage{k}")

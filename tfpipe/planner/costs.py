@@ -48,7 +48,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from tfpipe import schedules
-from tfpipe.planner.profile import Profile
+from tfpipe.options import RECOMPUTE_MODES
+from tfpipe.planner.records import Profile
+from tfpipe.report import format_bytes as format_bytes  # re-exported: planner tables, messages
 from tfpipe.schedules import Costs, Schedule, Simulation, dependencies
 
 FORWARD_SHARE = 1.0 / 3.0
@@ -65,8 +67,6 @@ LOCAL_BANDWIDTH = 10e9
 
 REMOTE_BANDWIDTH = 1e9
 """Default bytes per second when a device is on a TensorFlow worker."""
-
-RECOMPUTE_MODES = ("never", "except_last", "always")
 
 
 @dataclass(frozen=True)
@@ -286,16 +286,3 @@ def parse_bytes(value: float | str) -> float:
         raise ValueError(f"A size in bytes must be a finite number >= 0, got {value!r}.")
     return number
 
-
-def format_bytes(n: float) -> str:
-    """`n` bytes in B, KiB, MiB or GiB, for tables and messages.
-
-    Example:
-        >>> format_bytes(3 * 2**20)
-        '3.0 MiB'
-    """
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"

@@ -16,12 +16,13 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from tfpipe.devices import default_devices, resolve_devices
+from tfpipe.data import build_from_data, first_inputs
+from tfpipe.devices import default_devices, is_local, resolve_devices
 from tfpipe.errors import PipelineError
-from tfpipe.planner.costs import RECOMPUTE_MODES, parse_bytes
+from tfpipe.options import RECOMPUTE_MODES
+from tfpipe.planner.costs import parse_bytes
 from tfpipe.planner.profile import measure_dispatch, measure_profile, measure_transfer
-from tfpipe.planner.search import MICRO_BATCHES, SCHEDULES, Plan, search
-from tfpipe.trainer import build_from_data, first_inputs
+from tfpipe.planner.search import MICRO_BATCHES, SCHEDULES, Plan, default_parallel, search
 
 
 def plan(
@@ -147,11 +148,8 @@ def plan(
 def _parallel(devices: Sequence[str]) -> bool:
     """Whether `devices` compute at the same time: not when several are logical CPU devices of
     this process, or logical GPUs while there are fewer physical GPUs than logical ones."""
-    from tfpipe.devices import _is_local
-    from tfpipe.planner.search import default_parallel
-
     if not default_parallel(devices):
         return False
-    local_gpus = {d for d in devices if _is_local(d) and "GPU" in d}
+    local_gpus = {d for d in devices if is_local(d) and "GPU" in d}
     physical = len(tf.config.list_physical_devices("GPU"))
     return len(local_gpus) < 2 or len(tf.config.list_logical_devices("GPU")) <= physical

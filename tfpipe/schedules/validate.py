@@ -48,13 +48,27 @@ def validate(schedule: Schedule) -> Schedule:
         ...     print(str(error).splitlines()[0][:60])
         Schedule 'custom' (2 stages, 1 micro-batches) is invalid: 1B
     """
-    K, M = schedule.num_stages, schedule.num_micro_batches
     seen = Counter(a for r in schedule.ranks for a in r)
+    _check_actions(schedule, seen)  # rule 1
+    _check_backwards(schedule, seen)  # rules 2 and 3
+    _check_rank_order(schedule)  # rule 4
+    _check_deadlock(schedule)  # rule 5
+    return schedule
+
+
+def _check_actions(schedule: Schedule, seen: Counter[Action]) -> None:
+    """Rule 1: no action twice, every action inside K stages x M micro-batches."""
+    K, M = schedule.num_stages, schedule.num_micro_batches
     for a, n in seen.items():
         if n > 1:
             _fail(schedule, f"{a.text(True)} (stage {a.stage}) appears {n} times; keep one", a)
         if a.stage >= K or a.micro_batch >= M:
             _fail(schedule, f"{a.text(True)} is outside {K} stages x {M} micro-batches", a)
+
+
+def _check_backwards(schedule: Schedule, seen: Counter[Action]) -> None:
+    """Rules 2 and 3: one F and one B (or one I and one W) per pair; all split or none."""
+    K, M = schedule.num_stages, schedule.num_micro_batches
     for s in range(K):
         for m in range(M):
             f, b = Action(s, "F", m), Action(s, "B", m)
@@ -96,6 +110,10 @@ def validate(schedule: Schedule) -> Schedule:
                 f"stage {s} mixes B with I/W backwards; split all of its backwards or none",
                 min(full),
             )
+
+
+def _check_rank_order(schedule: Schedule) -> None:
+    """Rule 4: on its rank, a stage's F comes before its backward, and I before W."""
     for r, actions in enumerate(schedule.ranks):
         index = {a: n for n, a in enumerate(actions)}
         for a in actions:
@@ -107,6 +125,10 @@ def validate(schedule: Schedule) -> Schedule:
                     f"stage {a.stage} on rank {r}; move it after",
                     a,
                 )
+
+
+def _check_deadlock(schedule: Schedule) -> None:
+    """Rule 5: the ranks' orders do not wait for each other forever."""
     try:
         clock(schedule)
     except Deadlock as dead:
@@ -117,7 +139,6 @@ def validate(schedule: Schedule) -> Schedule:
             "backward the next stage's backward). Reorder the actions.\n"
             + grid(schedule, dead.timeline, blocked=dead.blocked)
         ) from None
-    return schedule
 
 
 def _fail(schedule: Schedule, what: str, mark: Action | None) -> None:

@@ -1,0 +1,131 @@
+"""The executor's pure passes over schedules: literal tables of trace order, waits and replica runs."""
+
+from __future__ import annotations
+
+import ast
+import pathlib
+
+from tfpipe.executor.program import (
+    Program,
+    global_rank,
+    rank_waits,
+    replica_runs,
+    replicate_waits,
+    scope_name,
+    shift,
+    trace_order,
+)
+from tfpipe.schedules import Action, gpipe, interleaved, one_f_one_b, zb_h1
+
+PROGRAM = pathlib.Path(__file__).resolve().parents[1] / "tfpipe" / "executor" / "program.py"
+
+
+def texts(actions):
+    return [a.text(with_stage=True) for a in actions]
+
+
+def table(waits):
+    return {a.text(with_stage=True): w.text(with_stage=True) for a, w in waits.items()}
+
+
+# ----------------------------------------------------------------------------------------
+# Trace order: `clock` order, so every input exists when an action is traced.
+
+def test_trace_order_of_1f1b():
+    assert texts(trace_order(one_f_one_b(2, 3))) == [
+        "0F0", "0F1", "1F0", "1B0", "0B0", "1F1", "0F2", "1B1", "0B1", "1F2", "1B2", "0B2",
+    ]
+
+
+def test_trace_order_of_gpipe():
+    # unit-time clock: 1B1 and 0B0 both run at step 4, listed by rank
+    assert texts(trace_order(gpipe(2, 2))) == ["0F0", "0F1", "1F0", "1F1", "1B0", "0B0", "1B1", "0B1"]
+
+
+# ----------------------------------------------------------------------------------------
+# Waits: which earlier action of its rank each action is held behind.
+
+def test_forward_waits_of_1f1b_two_stages_three_micro_batches():
+    # rank 0: F0 F1 B0 F2 B1 B2; rank 1: F0 B0 F1 B1 F2 B2
+    assert table(rank_waits(one_f_one_b(2, 3))) == {"0F2": "0B0", "1F1": "1B0", "1F2": "1B1"}
+
+
+def test_gpipe_forwards_wait_on_nothing():
+    assert rank_waits(gpipe(3, 4)) == {}
+
+
+def test_replay_waits_of_1f1b_chain_the_backwards_of_a_rank():
+    assert table(rank_waits(one_f_one_b(2, 3), kinds="BI")) == {
+        "0B1": "0B0", "0B2": "0B1", "1B1": "1B0", "1B2": "1B1",
+    }
+
+
+def test_waits_of_zb_h1_count_input_and_weight_gradients():
+    # rank 0: F0 F1 I0 W0 F2 I1 W1 I2 W2; rank 1: F0 I0 F1 I1 W0 F2 I2 W1 W2
+    schedule = zb_h1(2, 3)
+    assert table(rank_waits(schedule)) == {"0F2": "0W0", "1F1": "1I0", "1F2": "1W0"}
+    assert table(rank_waits(schedule, kinds="BI")) == {
+        "0I1": "0W0", "0I2": "0W1", "1I1": "1I0", "1I2": "1W0",
+    }
+
+
+def test_interleaved_waits_cross_the_chunks_of_a_rank():
+    # 2 ranks, 2 chunks: rank 0 runs stages 0 and 2, rank 1 stages 1 and 3
+    # rank0: 0F0 0F1 2F0 2F1 0F2 2B0 0F3 2B1 2F2 0B0 2F3 0B1 2B2 2B3 0B2 0B3
+    # rank1: 1F0 1F1 3F0 3B0 3F1 3B1 1F2 1B0 1F3 1B1 3F2 3B2 3F3 3B3 1B2 1B3
+    assert table(rank_waits(interleaved(2, 4, chunks=2))) == {
+        "0F3": "2B0", "2F2": "2B1", "2F3": "0B0",
+        "3F1": "3B0", "1F2": "3B1", "1F3": "1B0", "3F2": "1B1", "3F3": "3B2",
+    }
+
+
+# ----------------------------------------------------------------------------------------
+# Replicas: copy r runs micro-batches r*M .. r*M+M-1, interleaved run by run.
+
+def test_shift_names_the_replicas_micro_batches():
+    assert shift(Action(1, "B", 2), 0, 3) == Action(1, "B", 2)
+    assert shift(Action(1, "B", 2), 2, 3) == Action(1, "B", 8)
+
+
+def test_replica_runs_of_gpipe_two_replicas():
+    runs = replica_runs(trace_order(gpipe(2, 1)), 2, 1)
+    assert [(r, a.text(with_stage=True)) for r, a in runs] == [
+        (0, "0F0"), (1, "0F1"), (0, "1F0"), (1, "1F1"), (0, "1B0"), (1, "1B1"), (0, "0B0"), (1, "0B1"),
+    ]
+
+
+def test_replicated_waits_of_1f1b():
+    waits = replicate_waits(rank_waits(one_f_one_b(2, 2)), 2, 2)
+    assert table(waits) == {"1F1": "1B0", "1F3": "1B2"}
+
+
+def test_program_of_1f1b_two_replicas():
+    program = Program.build(one_f_one_b(2, 2), 2)
+    assert len(program.runs) == 2 * 8
+    assert [(r, a.text(with_stage=True)) for r, a in program.forward_runs] == [
+        (0, "0F0"), (1, "0F2"), (0, "0F1"), (1, "0F3"), (0, "1F0"), (1, "1F2"), (0, "1F1"), (1, "1F3"),
+    ]
+    assert table(program.waits) == {"1F1": "1B0", "1F3": "1B2"}
+    assert table(program.replay_waits) == {"0B1": "0B0", "0B3": "0B2", "1B1": "1B0", "1B3": "1B2"}
+
+
+def test_scope_names_and_timeline_rows():
+    assert scope_name(0, Action(1, "W", 2), 1) == "stage1_W2"
+    assert scope_name(1, Action(1, "W", 5), 2) == "replica1_stage1_W5"
+    schedule = interleaved(2, 4, chunks=2)
+    assert [global_rank(schedule, 0, Action(s, "F", 0)) for s in range(4)] == [0, 1, 0, 1]
+    assert global_rank(schedule, 1, Action(3, "F", 4)) == 3
+
+
+# ----------------------------------------------------------------------------------------
+# Pure: no TensorFlow or Keras.
+
+def test_program_imports_no_framework():
+    for node in ast.walk(ast.parse(PROGRAM.read_text())):
+        names = []
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            names = [node.module or ""]
+        for name in names:
+            assert name.split(".")[0] not in ("tensorflow", "keras", "tf_keras"), name

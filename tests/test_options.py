@@ -1,0 +1,32 @@
+"""One source of defaults: `tfpipe.fit`, `tfpipe.Pipeline` and `PipelineOptions` agree."""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+
+import pytest
+
+import tfpipe
+from tfpipe.options import PipelineOptions
+
+FIELDS = {f.name: f.default for f in dataclasses.fields(PipelineOptions)}
+
+
+@pytest.mark.parametrize("function", [tfpipe.fit, tfpipe.Pipeline.__init__],
+                         ids=["fit", "Pipeline"])
+def test_signature_defaults_are_the_options_defaults(function):
+    shared = {name: p.default for name, p in inspect.signature(function).parameters.items()
+              if name in FIELDS}
+    assert len(shared) >= 8, sorted(shared)  # the pipeline options really are shared
+    for name, default in shared.items():
+        assert default == FIELDS[name], (name, default, FIELDS[name])
+
+
+def test_options_are_checked_once_when_made():
+    with pytest.raises(tfpipe.PipelineError, match=r"micro_batches must be a positive integer"):
+        PipelineOptions(micro_batches=0)
+    options = PipelineOptions(stages=2, micro_batches=4, schedule="interleaved")
+    assert options.chunks == 2 and dataclasses.is_dataclass(options)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        options.stages = 3

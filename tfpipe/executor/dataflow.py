@@ -1,0 +1,112 @@
+"""The trace-time dataflow of one step: values, gradients and tapes passed between actions.
+
+Design: while a step is traced, each action hands symbolic tensors to later actions: a
+stage's outputs to the stages that consume them (`publish` / `inputs_for`), input gradients
+back to the stages that made those inputs (`send_grad` / `take_grad`, summed over consumers),
+a forward's tape to its backward (`keep_forward` / `take_forward`), an `I`'s tape and output
+gradients to its `W` (`defer_weight_grad` / `take_deferred`), and every action's results to
+the actions that must wait for it (`mark_done` / `done`). Values and gradients are keyed by
+(micro-batch, id of a KerasTensor of the user's graph); tapes by (stage, micro-batch). The
+schedule's trace order (`tfpipe.executor.program`) guarantees every key is written before it
+is read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import tensorflow as tf
+
+from tfpipe.executor.microbatch import MicroBatches
+from tfpipe.schedules import Action
+
+Key = tuple[int, int]
+
+
+@dataclass
+class Recorded:
+    """What a stage's forward on one micro-batch left for its backward.
+
+    With recomputation `tape` is None and `replay` holds the stage inputs, their ids and the
+    stage's non-trainable state before the forward, for the backward's replay.
+
+    `targets` are the stage's float outputs that other stages consume (ids in `target_ids`)
+    followed by its loss terms; `seeds`, set by an `I` action for its `W`, are their output
+    gradients: the gradients the consumers sent back, then ones for the loss terms.
+    """
+
+    tape: tf.GradientTape | None
+    watched: list[tf.Tensor]
+    watched_ids: list[int]
+    targets: list[tf.Tensor]
+    target_ids: list[int]
+    seeds: list[tf.Tensor]
+    replay: tuple[list[Any], list[Any], list[tf.Tensor]] | None = None
+
+
+@dataclass
+class Dataflow:
+    """The values, gradients and tapes that the actions of one traced step pass on.
+
+    Args:
+        mb: the step's micro-batches.
+
+    Attributes:
+        losses: the weighted loss terms of every forward so far (they add up to the batch loss).
+    """
+
+    mb: MicroBatches
+    losses: list[tf.Tensor] = field(default_factory=list)
+    _values: dict[Key, Any] = field(default_factory=dict)
+    _grads: dict[Key, Any] = field(default_factory=dict)
+    _forwards: dict[Key, Recorded] = field(default_factory=dict)
+    _deferred: dict[Key, Recorded] = field(default_factory=dict)
+    _done: dict[Action, list[tf.Tensor]] = field(default_factory=dict)
+
+    def publish(self, m: int, ids: list[int], values: list[Any]) -> None:
+        """Makes the values of the graph tensors `ids` for micro-batch m available."""
+        for i, v in zip(ids, values):
+            self._values[(m, i)] = v
+
+    def inputs_for(self, m: int, ids: list[int]) -> list[Any]:
+        """The published values of the graph tensors `ids` for micro-batch m."""
+        return [self._values[(m, i)] for i in ids]
+
+    def send_grad(self, m: int, i: int, grad: Any) -> None:
+        """Sends a consumer's gradient for tensor `i` of micro-batch m back to its maker."""
+        grad = tf.convert_to_tensor(grad)
+        prev = self._grads.get((m, i))
+        self._grads[(m, i)] = grad if prev is None else prev + grad
+
+    def take_grad(self, m: int, i: int) -> Any:
+        """The summed gradient sent for tensor `i` of micro-batch m (None if none was sent)."""
+        return self._grads.pop((m, i), None)
+
+    def keep_forward(self, action: Action, rec: Recorded) -> None:
+        """Keeps what the forward `action` recorded, for its stage's backward."""
+        self._forwards[(action.stage, action.micro_batch)] = rec
+
+    def take_forward(self, action: Action) -> Recorded:
+        """What the forward of `action`'s stage and micro-batch recorded (taken once)."""
+        return self._forwards.pop((action.stage, action.micro_batch))
+
+    def defer_weight_grad(self, action: Action, rec: Recorded) -> None:
+        """Keeps an `I` action's tape and seeds for the `W` of its stage and micro-batch."""
+        self._deferred[(action.stage, action.micro_batch)] = rec
+
+    def take_deferred(self, action: Action) -> Recorded:
+        """What the `I` of `action`'s stage and micro-batch left for this `W` (taken once)."""
+        return self._deferred.pop((action.stage, action.micro_batch))
+
+    def mark_done(self, action: Action, tensors: list[tf.Tensor]) -> None:
+        """Records the tensors whose running means `action` ran."""
+        self._done[action] = tensors
+
+    def done(self, action: Action | None) -> list[tf.Tensor]:
+        """The tensors of `action` (none for None or an action not traced yet)."""
+        return list(self._done.get(action, [])) if action is not None else []
+
+    def all_done(self) -> list[tf.Tensor]:
+        """The tensors of every action traced so far."""
+        return [t for ts in self._done.values() for t in ts]

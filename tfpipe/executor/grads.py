@@ -1,0 +1,179 @@
+"""Weight-gradient accumulation over micro-batches, sparse combination and the optimizer step.
+
+Design:
+- Accumulation sums each stage's weight gradients over micro-batches on the stage's device
+  (`GradSums`); then the model's own optimizer applies one step to all variables at once
+  (`apply_gradients`), so the step counter, learning-rate schedule and any global gradient
+  clipping see one step, as in `model.fit`.
+- IndexedSlices (embedding gradients) keep the structure a full batch would give: they are
+  kept per micro-batch (`SparseParts`) and combined once all are known (`combine_sparse`),
+  because Keras's optimizers square slices before summing duplicates (Adam's v).
+- A variable used by several stages gets the sum of their gradients, as TensorFlow sums the
+  gradients of two uses (`sum_uses`), on the device of the stage that owns it.
+- With replicas, each stage's sums are all-reduced over the copies (`all_reduce`, see
+  `tfpipe.executor.replicas`) before the optimizer step.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import keras
+import tensorflow as tf
+
+from tfpipe.executor.replicas import ReplicaReducer
+from tfpipe.partition import Stage
+
+
+class SparseParts(list[Any]):
+    """The IndexedSlices gradients of one variable from several micro-batches, combined by
+    `combine_sparse` once all are known."""
+
+
+def accumulate(total: Any, grad: Any) -> Any:
+    """Adds a micro-batch's gradient of one variable to the running total.
+
+    Dense gradients are summed as they come. IndexedSlices (embedding gradients) are kept per
+    micro-batch and combined by `combine_sparse` at the end.
+
+    Args:
+        total: the running total (None before the first micro-batch, or `SparseParts`).
+        grad: this micro-batch's gradient.
+
+    Returns:
+        The new running total.
+    """
+    if total is None:
+        return SparseParts([grad]) if isinstance(grad, tf.IndexedSlices) else grad
+    if isinstance(total, SparseParts):
+        if isinstance(grad, tf.IndexedSlices):
+            return SparseParts([*total, grad])
+        total = combine_sparse(total)
+    return tf.convert_to_tensor(total) + tf.convert_to_tensor(grad)
+
+
+
+def combine_sparse(parts: Any) -> Any:
+    """One IndexedSlices with the structure a full batch would give.
+
+    Keras's optimizers square slices before summing duplicates (Adam's v), so the structure
+    matters: a gather on per-sample ids gives one slice per id, so micro-batches are
+    concatenated; a gather on the same ids in every micro-batch (a position table) gives one
+    slice per id, so values are added when every micro-batch's indices are equal (checked in
+    the graph).
+
+    Args:
+        parts: a `SparseParts`, or any other gradient (returned as is).
+    """
+    if not isinstance(parts, SparseParts):
+        return parts
+    if len(parts) == 1:
+        return parts[0]
+    first = parts[0].indices
+
+    def equal(indices: tf.Tensor) -> tf.Tensor:
+        same_shape = tf.reduce_all(tf.equal(tf.shape(indices), tf.shape(first)))
+        return tf.cond(
+            same_shape, lambda: tf.reduce_all(tf.equal(indices, first)), lambda: tf.constant(False)
+        )
+
+    all_equal = tf.reduce_all(tf.stack([equal(p.indices) for p in parts[1:]]))
+    values, indices = tf.cond(
+        all_equal,
+        lambda: (tf.add_n([p.values for p in parts]), first),
+        lambda: concat_slices(parts),
+    )
+    return tf.IndexedSlices(values, indices, parts[0].dense_shape)
+
+
+def sum_uses(a: Any, b: Any) -> Any:
+    """Sums the gradients of one variable from two stages that use it, as TensorFlow sums the
+    gradients of two uses: IndexedSlices are concatenated, anything else is added densely."""
+    if isinstance(a, tf.IndexedSlices) and isinstance(b, tf.IndexedSlices):
+        return tf.IndexedSlices(*concat_slices([a, b]), a.dense_shape)
+    return tf.convert_to_tensor(a) + tf.convert_to_tensor(b)
+
+
+def concat_slices(parts: list[tf.IndexedSlices]) -> tuple[tf.Tensor, tf.Tensor]:
+    """Values and indices of several IndexedSlices, one after another."""
+    return tf.concat([p.values for p in parts], 0), tf.concat([p.indices for p in parts], 0)
+
+
+def dense(tensors: list[Any]) -> list[tf.Tensor]:
+    """Plain tensors standing for `tensors` (slices' values), for control dependencies."""
+    out = []
+    for t in tensors:
+        for part in t if isinstance(t, SparseParts) else [t]:
+            if part is not None:
+                out.append(part.values if isinstance(part, tf.IndexedSlices) else part)
+    return out
+
+
+def dense_leaves(structure: Any) -> list[tf.Tensor]:
+    """`dense` of the flattened `structure`."""
+    return dense(keras.tree.flatten(structure))
+
+
+class GradSums:
+    """The running weight-gradient sums of one training step, per replica and stage.
+
+    Args:
+        stages: the model's stages.
+        replicas: how many copies of the pipeline run; row `r * K + s` is replica r's stage s.
+        micro_batches: M, the micro-batches of one replica (replica r runs `r*M .. r*M+M-1`).
+    """
+
+    def __init__(self, stages: list[Stage], replicas: int, micro_batches: int) -> None:
+        self.num_stages = len(stages)
+        self.micro_batches = micro_batches
+        self.rows: list[list[Any]] = [
+            [None] * len(s.trainable_variables) for _ in range(replicas) for s in stages
+        ]
+
+    def add(self, stage: int, micro_batch: int, grads: list[Any]) -> list[Any]:
+        """Adds one micro-batch's weight gradients of `stage`; returns the stage's new sums."""
+        k = (micro_batch // self.micro_batches) * self.num_stages + stage  # this replica's stage
+        self.rows[k] = [accumulate(t, g) for t, g in zip(self.rows[k], grads)]
+        return list(self.rows[k])
+
+
+def all_reduce(reducer: ReplicaReducer | None, sums: GradSums) -> list[list[Any]]:
+    """Per stage, the gradients summed over replicas (`sums.rows` holds R rows of K stages)."""
+    k = sums.num_stages
+    if reducer is None:
+        return sums.rows
+    out = []
+    for s in range(k):
+        rows = [sums.rows[r * k + s] for r in range(reducer.replicas)]
+        with tf.name_scope(f"stage{s}_all_reduce"):
+            summed = reducer.reduce(s, rows)
+        out.append([SparseParts(g) if isinstance(g, list) else g for g in summed])
+    return out
+
+
+def apply_gradients(
+    model: keras.Model, stages: list[Stage], owner: dict[int, int], grads: list[list[Any]]
+) -> None:
+    """One optimizer step over all stages, in `model.trainable_variables` order.
+
+    A variable used by several stages gets the sum of their gradients, added on the
+    device of the stage that owns it.
+
+    Args:
+        model: the user's model (its optimizer applies the step).
+        stages: the model's stages.
+        owner: `id(variable)` -> index of the stage that owns it.
+        grads: per stage, the gradients of its `trainable_variables`.
+    """
+    by_var: dict[int, Any] = {}
+    for stage, stage_grads in zip(stages, grads):
+        with tf.device(stage.device):
+            stage_grads = [combine_sparse(g) for g in stage_grads]
+        for v, g in zip(stage.trainable_variables, stage_grads):
+            if id(v) in by_var:
+                with tf.device(stages[owner[id(v)]].device):
+                    by_var[id(v)] = sum_uses(by_var[id(v)], g)
+            else:
+                by_var[id(v)] = g
+    variables = model.trainable_variables
+    model.optimizer.apply_gradients([(by_var[id(v)], v) for v in variables])

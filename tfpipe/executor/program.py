@@ -1,0 +1,132 @@
+"""Pure passes over a schedule's actions: trace order, per-rank waits and replica shifting.
+
+Design:
+- One source of truth: the executor never hard-codes an order. It traces the schedule's
+  actions in the order of `schedules.clock` (`trace_order`), so every input an action needs
+  exists when it is traced, and the dataflow graph is exactly the schedule's dependency graph.
+- Keeping the schedule's promises with few dependencies: dataflow alone already orders
+  actions that consume each other's results. What it does not do is hold back a forward
+  until the backward that the schedule put before it on the same rank has run, and that is
+  what bounds in-flight activations (1F1B: stage s starts F(m+K-s) only after B(m)). So each
+  `F` gets one control dependency (`rank_waits`): on the latest backward-type action (`B`,
+  `I` or `W`) before it on its rank, if any. GPipe gets none, 1F1B gets exactly the warm-up
+  bound.
+- Replicas: with `replicas=R` the executor runs R copies of the schedule; copy r names the
+  micro-batches `r*M .. r*M+M-1` of the batch (`shift`), so every action of every copy is a
+  distinct `Action` and one dict keyed by actions serves all copies.
+- Nothing here imports TensorFlow or Keras: these are functions over `tfpipe.schedules` data,
+  tested with literal tables (tests/test_executor_program.py), and the executor only walks
+  their result.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from tfpipe.schedules import Action, Schedule, clock
+
+Run = tuple[int, Action]
+"""`(replica, action)`: one action as one replica runs it (micro-batch already shifted)."""
+
+
+def trace_order(schedule: Schedule) -> list[Action]:
+    """The schedule's actions in the order the executor traces them: `clock` order.
+
+    Example:
+        >>> from tfpipe.schedules import gpipe
+        >>> [a.text(with_stage=True) for a in trace_order(gpipe(2, 1))]
+        ['0F0', '1F0', '1B0', '0B0']
+    """
+    return [a for _, a in clock(schedule)]
+
+
+def rank_waits(schedule: Schedule, kinds: str = "F") -> dict[Action, Action]:
+    """For each action of `kinds`, the latest backward-type action (`B`, `I`, `W`) before it on
+    its rank, if any.
+
+    With `kinds="F"`: the one dependency that bounds in-flight activations. With
+    `kinds="BI"`: used only for recomputed stages, where a replay holds a micro-batch's
+    activations, so replays on one rank run one after another, in the schedule's order.
+
+    Args:
+        schedule: the schedule.
+        kinds: the action kinds that get a wait.
+
+    Returns:
+        `{action: the action it waits on}`; actions without a wait are absent.
+    """
+    waits: dict[Action, Action] = {}
+    for actions in schedule.ranks:
+        latest = None
+        for a in actions:
+            if a.kind in kinds and latest is not None:
+                waits[a] = latest
+            if a.kind != "F":
+                latest = a
+    return waits
+
+
+def shift(action: Action, replica: int, micro_batches: int) -> Action:
+    """`action` as replica `replica` runs it: on micro-batch `replica * M + m`."""
+    return Action(action.stage, action.kind, action.micro_batch + replica * micro_batches)
+
+
+def replica_runs(order: list[Action], replicas: int, micro_batches: int) -> list[Run]:
+    """`(replica, action)` in program order: each action of `order` for every replica in turn."""
+    return [(r, shift(a, r, micro_batches)) for a in order for r in range(replicas)]
+
+
+def replicate_waits(
+    waits: dict[Action, Action], replicas: int, micro_batches: int
+) -> dict[Action, Action]:
+    """Per-rank waits of the schedule, for every replica's own actions."""
+    return {
+        shift(a, r, micro_batches): shift(w, r, micro_batches)
+        for a, w in waits.items()
+        for r in range(replicas)
+    }
+
+
+def scope_name(replica: int, action: Action, replicas: int) -> str:
+    """The name scope of an action's ops: `stage1_B2`, or `replica1_stage1_B2` with replicas."""
+    name = f"stage{action.stage}_{action.kind}{action.micro_batch}"
+    return name if replicas == 1 else f"replica{replica}_{name}"
+
+
+def global_rank(schedule: Schedule, replica: int, action: Action) -> int:
+    """The row of `action` in a measured timeline: replica r's ranks follow replica r-1's."""
+    return replica * schedule.num_ranks + schedule.rank_of(action.stage)
+
+
+@dataclass(frozen=True)
+class Program:
+    """What the executor walks for one schedule and replica count.
+
+    Attributes:
+        runs: every `(replica, action)` in trace order.
+        forward_runs: the `F` runs only, in the same order (evaluation and prediction).
+        waits: the one control dependency each forward gets (see `rank_waits`).
+        replay_waits: the dependency each recomputed `B` / `I` replay gets.
+    """
+
+    runs: list[Run]
+    forward_runs: list[Run]
+    waits: dict[Action, Action]
+    replay_waits: dict[Action, Action]
+
+    @classmethod
+    def build(cls, schedule: Schedule, replicas: int) -> Program:
+        """The program of `schedule` run by `replicas` copies.
+
+        Args:
+            schedule: a validated schedule.
+            replicas: how many data-parallel copies run it.
+        """
+        m = schedule.num_micro_batches
+        runs = replica_runs(trace_order(schedule), replicas, m)
+        return cls(
+            runs=runs,
+            forward_runs=[(r, a) for r, a in runs if a.kind == "F"],
+            waits=replicate_waits(rank_waits(schedule), replicas, m),
+            replay_waits=replicate_waits(rank_waits(schedule, kinds="BI"), replicas, m),
+        )

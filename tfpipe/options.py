@@ -1,0 +1,298 @@
+"""`PipelineOptions`: every option of a pipeline in one frozen value, checked once.
+
+Design: `tfpipe.fit`, `tfpipe.Pipeline` and the planner's `PlanConfig.options` all describe a
+pipeline with this one object, so the defaults and the checks of the options live here and
+nowhere else. Constructing one checks everything that needs neither the model nor the
+visible devices (counts, names, which options go together, and the stage count whenever the
+options alone decide it); the two checks that need more are methods called once by
+`Pipeline`: `count_stages` (the stage count from the visible devices, when neither `stages`,
+`balance`, `split_points`, `devices` nor a `Schedule` gives it) and `recompute_flags` (one
+flag per stage, once the stages are known). What needs the model itself (layer counts, layer
+names, devices that exist) is checked where the model is split and placed.
+
+This module imports neither TensorFlow nor Keras (only `tfpipe.errors` and the pure-data
+`tfpipe.schedules`), so the planner's search can make options without starting TensorFlow.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from tfpipe.errors import PipelineError
+from tfpipe.schedules import Schedule
+
+BALANCE_MODES = ("params", "time", "memory")
+"""The names `balance` takes instead of layer counts."""
+
+RECOMPUTE_MODES = ("never", "except_last", "always")
+"""The names `recompute` takes instead of one flag per stage."""
+
+PLANNED = ("stages", "balance", "micro_batches", "schedule", "chunks", "split_points",
+           "recompute")
+"""The options a `tfpipe.planner.PlanConfig` decides, in the order they are compared."""
+
+
+@dataclass(frozen=True)
+class PipelineOptions:
+    """How to pipeline a model: the options of `tfpipe.Pipeline` and `tfpipe.fit`, checked.
+
+    Lists are stored as tuples; a given `chunks` of None becomes the schedule's default (2 for
+    `"interleaved"`, else 1). Arguments as for `tfpipe.Pipeline`.
+
+    Attributes:
+        stages: K, stages per copy of the pipeline, or None when `balance`, `split_points`,
+            `devices`, a `Schedule` or the visible devices decide it.
+        balance: `"params"`, `"time"`, `"memory"`, layer calls per stage, or None.
+        devices: device names (one per stage, per copy with `replicas`), or None for
+            `tfpipe.default_devices()`.
+        micro_batches: M, micro-batches per batch.
+        schedule: a schedule name or a `tfpipe.schedules.Schedule`.
+        chunks: model pieces per device v (2 by default for `"interleaved"`, else 1).
+        profile: whether to record each step's timeline.
+        split_points: layer names where a new stage starts, or None.
+        recompute: `"never"`, `"except_last"`, `"always"`, or one entry per stage.
+        check_numerics: whether to stop at the first NaN or Inf.
+        replicas: R, data-parallel copies of the pipeline.
+
+    Raises:
+        PipelineError: for an option that is not valid whatever the model, or options that
+            contradict each other.
+
+    Example:
+        >>> options = PipelineOptions(stages=4, micro_batches=8, schedule="1f1b")
+        >>> pipe = tfpipe.Pipeline.from_options(model, options)
+    """
+
+    stages: int | None = None
+    balance: str | Sequence[int] | None = None
+    devices: Sequence[str] | None = None
+    micro_batches: int = 1
+    schedule: str | Schedule = "gpipe"
+    chunks: int | None = None
+    profile: bool = False
+    split_points: Sequence[str] | None = None
+    recompute: str | Sequence[str | bool] = "never"
+    check_numerics: bool = False
+    replicas: int = 1
+    _pieces: int | None = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        for name in ("balance", "devices", "recompute"):
+            value = getattr(self, name)
+            if isinstance(value, list):
+                object.__setattr__(self, name, tuple(value))
+        if isinstance(self.split_points, str):
+            object.__setattr__(self, "split_points", (self.split_points,))
+        elif self.split_points is not None:
+            object.__setattr__(self, "split_points", tuple(self.split_points))
+        _check_micro_batches(self.micro_batches)
+        _check_replicas(self.replicas)
+        object.__setattr__(self, "chunks", _check_chunks(self.schedule, self.chunks))
+        if self.balance_mode not in (None, *BALANCE_MODES):
+            raise PipelineError(
+                f"balance={self.balance!r}: use 'params', 'time', 'memory' or a list of layer "
+                "counts."
+            )
+        if self.split_points is not None and self.layer_counts is not None:
+            raise PipelineError("Give balance=[...] or split_points=[...], not both.")
+        object.__setattr__(self, "_pieces", self._known_stages())
+
+    # derived values -------------------------------------------------------------------------
+
+    @property
+    def balance_mode(self) -> str | None:
+        """`balance` when it names a mode (`"params"`, `"time"`, `"memory"`), else None."""
+        return self.balance if isinstance(self.balance, str) else None
+
+    @property
+    def layer_counts(self) -> Sequence[int] | None:
+        """`balance` when it gives layer calls per stage, else None."""
+        return None if isinstance(self.balance, str) else self.balance
+
+    @property
+    def balanced_by(self) -> str:
+        """What decides the split, as `Pipeline.summary()` words it."""
+        if self.balance_mode is not None:
+            return self.balance_mode
+        return "layer counts" if self.layer_counts is not None or self.split_points else "params"
+
+    @property
+    def num_chunks(self) -> int:
+        """v, model pieces per device (`chunks` with its default filled in)."""
+        return self.chunks if self.chunks is not None else 1
+
+    def count_stages(self, visible_devices: Callable[[], Sequence[str]]) -> int:
+        """Model pieces to cut: K devices (of each replica) times `chunks`, or as `balance`,
+        `split_points` or the `Schedule` say.
+
+        Args:
+            visible_devices: returns the devices stages go to by default; called only when
+                no option decides the count (`tfpipe.default_devices`).
+
+        Returns:
+            The number of model pieces (K*v).
+
+        Raises:
+            PipelineError: when the visible devices make no stage per copy.
+        """
+        if self._pieces is not None:
+            return self._pieces
+        stages = len(visible_devices()) // self.replicas
+        return _positive_stages(stages) * self.num_chunks
+
+    def recompute_flags(self, num_stages: int) -> list[bool]:
+        """Per-stage recomputation flags from `"never"`, `"except_last"`, `"always"` or a list.
+
+        Args:
+            num_stages: the number of model pieces.
+
+        Returns:
+            One flag per piece: True to recompute its forward in its backward.
+
+        Raises:
+            PipelineError: for an unknown mode, a list of another length, or a bad entry.
+        """
+        recompute = self.recompute
+        modes: dict[str, Callable[[int], bool]] = {
+            "never": lambda k: False,
+            "always": lambda k: True,
+            "except_last": lambda k: k < num_stages - 1,
+        }
+        if isinstance(recompute, str):
+            if recompute not in modes:
+                raise PipelineError(
+                    f"recompute={recompute!r}: use 'never', 'except_last', 'always', or a list "
+                    f"with one entry per stage ({num_stages} here)."
+                )
+            return [modes[recompute](k) for k in range(num_stages)]
+        flags = list(recompute)
+        if len(flags) != num_stages:
+            raise PipelineError(
+                f"recompute={flags} has {len(flags)} entries for {num_stages} stages: give one "
+                "per stage, or 'never' / 'except_last' / 'always'."
+            )
+        out = []
+        for k, flag in enumerate(flags):
+            if isinstance(flag, bool):
+                out.append(flag)
+            elif flag in ("never", "always"):
+                out.append(flag == "always")
+            else:
+                raise PipelineError(
+                    f"recompute entry {flag!r} for stage {k}: use True/False or "
+                    "'never'/'always'."
+                )
+        return out
+
+    # plans ----------------------------------------------------------------------------------
+
+    @classmethod
+    def from_plan(cls, planned: Mapping[str, Any], **given: Any) -> PipelineOptions:
+        """The options a planner chose, with the options given next to the plan.
+
+        Args:
+            planned: the planned options (`PlanConfig.kwargs()` and its `devices`).
+            **given: options as passed to `tfpipe.fit` with `plan=`. `devices` (when not
+                None) replaces the planned devices; `profile`, `check_numerics` and
+                `replicas` are the caller's; every option in `PLANNED` must be at its
+                default or equal the planned value.
+
+        Returns:
+            The checked `PipelineOptions`.
+
+        Raises:
+            PipelineError: when a given option disagrees with the planned one.
+        """
+        defaults = {f.name: f.default for f in dataclasses.fields(cls) if f.name in PLANNED}
+        chosen: dict[str, Any] = {**defaults, **planned}
+        for key in PLANNED:
+            if key not in given:
+                continue
+            value, wanted = given.pop(key), chosen[key]
+            listed = isinstance(value, (list, tuple))
+            same = (list(value) if listed else value) == wanted
+            if value != defaults[key] and not same:
+                raise PipelineError(
+                    f"{key}={value!r} disagrees with the plan's {key}={wanted!r}: drop {key} "
+                    "(the plan sets it) or drop plan= and give every option yourself."
+                )
+        if given.get("devices") is None:
+            given.pop("devices", None)
+        return cls(**{**chosen, **given})
+
+    def kwargs(self) -> dict[str, Any]:
+        """The options as keyword arguments of `tfpipe.Pipeline`."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.init}
+
+    # checks ---------------------------------------------------------------------------------
+
+    def _known_stages(self) -> int | None:
+        """The model pieces to cut when the options decide it (else None), checked."""
+        points = self.split_points
+        counts = [None] * (len(points) + 1) if points is not None else self.layer_counts
+        if isinstance(self.schedule, Schedule):
+            pieces = self.schedule.num_stages
+            if points is not None and pieces != len(counts or ()):
+                raise PipelineError(
+                    f"stages={pieces} but split_points={list(points)} make {len(counts or ())} "
+                    "stages: give one of them, or make them agree."
+                )
+            if counts is not None and pieces != len(counts):
+                raise PipelineError(
+                    f"stages={pieces} but balance={list(counts)} has {len(counts)} entries: "
+                    "give one of them, or make them agree."
+                )
+            return pieces
+        chunks = self.num_chunks
+        if counts is not None:
+            if self.stages is not None and self.stages * chunks != len(counts):
+                raise PipelineError(
+                    f"stages={self.stages} with chunks={chunks} makes {self.stages * chunks} "
+                    f"stages, but balance/split_points give {len(counts)}: make them agree, or "
+                    "give only one."
+                )
+            return len(counts)
+        if self.stages is not None:
+            return _positive_stages(self.stages) * chunks
+        if self.devices is not None:
+            return _positive_stages(len(self.devices) // self.replicas) * chunks
+        return None
+
+
+def _positive_stages(stages: Any) -> int:
+    if not isinstance(stages, int) or isinstance(stages, bool) or stages < 1:
+        raise PipelineError(f"stages must be a positive integer, got {stages!r}.")
+    return stages
+
+
+def _check_micro_batches(micro_batches: Any) -> None:
+    if not isinstance(micro_batches, int) or isinstance(micro_batches, bool) or micro_batches < 1:
+        raise PipelineError(
+            f"micro_batches must be a positive integer (the number of slices each batch is cut "
+            f"into), got {micro_batches!r}."
+        )
+
+
+def _check_replicas(replicas: Any) -> None:
+    if not isinstance(replicas, int) or isinstance(replicas, bool) or replicas < 1:
+        raise PipelineError(
+            f"replicas must be a positive integer (data-parallel copies of the pipeline), got "
+            f"{replicas!r}."
+        )
+
+
+def _check_chunks(schedule: Any, chunks: Any) -> int:
+    """Chunks per device: 2 by default for "interleaved", 1 otherwise."""
+    if chunks is None:
+        return 2 if schedule == "interleaved" else 1
+    if not isinstance(chunks, int) or isinstance(chunks, bool) or chunks < 1:
+        raise PipelineError(f"chunks must be a positive integer, got {chunks!r}.")
+    if chunks > 1 and schedule != "interleaved" and not isinstance(schedule, Schedule):
+        raise PipelineError(
+            f"chunks={chunks} needs schedule='interleaved' (several model pieces per device); "
+            f"schedule {schedule!r} runs one piece per device. Drop chunks or change the schedule."
+        )
+    return chunks
