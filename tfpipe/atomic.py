@@ -16,6 +16,10 @@ from typing import Any
 
 import keras
 
+from tfpipe._keras import lend_methods
+
+_SAVES = ("save", "save_weights")
+
 
 def _atomic(save: Callable[..., Any]) -> Callable[..., Any]:
     def wrapped(filepath: Any, *args: Any, **kwargs: Any) -> Any:
@@ -38,10 +42,5 @@ def _atomic(save: Callable[..., Any]) -> Callable[..., Any]:
 @contextlib.contextmanager
 def atomic_saves(model: keras.Model) -> Iterator[None]:
     """Makes `model.save` and `model.save_weights` atomic while active."""
-    for name in ("save", "save_weights"):
-        model.__dict__[name] = _atomic(getattr(model, name))
-    try:
+    with lend_methods(model, {name: _atomic(getattr(model, name)) for name in _SAVES}):
         yield
-    finally:
-        for name in ("save", "save_weights"):
-            model.__dict__.pop(name, None)

@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 import keras
 import tensorflow as tf
 
+from tfpipe._keras import layer_name_of
 from tfpipe.devices import matches
 
 if TYPE_CHECKING:
@@ -58,7 +59,7 @@ def flatten_sample(sample: Any, inputs: Any) -> list[Any]:
     """
     flat = keras.tree.flatten(inputs)
     if isinstance(sample, dict) and not isinstance(inputs, dict):
-        return [sample[t._keras_history.operation.name] for t in flat]
+        return [sample[layer_name_of(t)] for t in flat]
     leaves: list[Any] = keras.tree.flatten(sample)
     return leaves
 

@@ -19,6 +19,7 @@ import keras
 import tensorflow as tf
 
 from tfpipe import report, schedules
+from tfpipe._keras import lend_methods
 from tfpipe.atomic import atomic_saves
 from tfpipe.balance import (
     LayerCost,
@@ -231,13 +232,14 @@ class Pipeline:
         model = self.model
         saved = {name: getattr(model, name) for name in _FUNCTIONS}
         jit = model.jit_compile
-        for name in _STEPS:
-            model.__dict__[name] = getattr(self.executor, name)
         for name in _FUNCTIONS:
             setattr(model, name, self._functions[name])
         model.jit_compile = False  # one XLA cluster cannot span several devices
         try:
             with contextlib.ExitStack() as stack:
+                stack.enter_context(
+                    lend_methods(model, {name: getattr(self.executor, name) for name in _STEPS})
+                )
                 stack.enter_context(atomic_saves(model))
                 if getattr(model, "optimizer", None) is not None:
                     stack.enter_context(updates_on_variable_devices(model.optimizer))
@@ -251,8 +253,6 @@ class Pipeline:
             for name in _FUNCTIONS:
                 self._functions[name] = getattr(model, name)
                 setattr(model, name, saved[name])
-            for name in _STEPS:
-                model.__dict__.pop(name, None)
             model.jit_compile = jit
 
     # reporting ------------------------------------------------------------------------------

@@ -18,6 +18,14 @@ from typing import Any
 import keras
 import tensorflow as tf
 
+from tfpipe._keras import (
+    lend_update_steps,
+    per_variable_candidates,
+    rekey_optimizer,
+    reset_storage,
+    tracked_variables,
+    var_key,
+)
 from tfpipe.devices import canonical
 from tfpipe.partition import Stage
 
@@ -33,7 +41,7 @@ def move(variable: keras.Variable, device: str) -> None:
     if device_of(variable) == canonical(device):
         return
     with tf.device(device):
-        variable._initialize(tf.identity(variable.value))
+        reset_storage(variable, tf.identity(variable.value))
 
 
 def owners(stages: Sequence[Stage]) -> dict[int, int]:
@@ -58,7 +66,7 @@ def storage_keys(
     Keras's TF optimizer keys its per-variable bookkeeping by the storage's unique id, which a
     move replaces; `place_optimizer` uses these old keys to re-key that bookkeeping.
     """
-    return {optimizer._var_key(v): v for v in variables}
+    return {var_key(optimizer, v): v for v in variables}
 
 
 def optimizer_chain(optimizer: keras.optimizers.Optimizer) -> list[keras.optimizers.Optimizer]:
@@ -87,20 +95,11 @@ def place_optimizer(
     """
     chain = optimizer_chain(optimizer)
     for opt in chain:
-        if opt.built:
-            opt._trainable_variables_indices = {
-                opt._var_key(v): i for i, v in enumerate(opt._trainable_variables)
-            }
-        excluded = getattr(opt, "_exclude_from_weight_decay", None)
-        if excluded and old_keys:
-            opt._exclude_from_weight_decay = {
-                opt._var_key(old_keys[k]) if k in old_keys else k for k in excluded
-            }
-            opt._exclude_from_weight_decay_cache = {}
+        rekey_optimizer(opt, old_keys)
     if not optimizer.built:
         optimizer.build(variables)
     for opt in chain:
-        tracked = list(getattr(opt, "_trainable_variables", variables))
+        tracked = tracked_variables(opt, variables)
         for slots in slot_lists(opt, tracked):
             for ref, slot in zip(tracked, slots):
                 if slot is not None:
@@ -120,9 +119,7 @@ def slot_lists(
         One list per such attribute (Adam: m and v), aligned with `tracked`.
     """
     found = []
-    for name, value in vars(optimizer).items():
-        if name in ("_trainable_variables", "_variables") or not isinstance(value, (list, tuple)):
-            continue
+    for value in per_variable_candidates(optimizer):
         if len(value) != len(tracked) or not value:
             continue
         if all(
@@ -144,21 +141,13 @@ def updates_on_variable_devices(optimizer: keras.optimizers.Optimizer) -> Iterat
     duration of a pipelined call and restore it after. Keras's one-replica gradient
     "all-reduce" (an identity that gathers every gradient on one device) is skipped too.
     """
-    chain = optimizer_chain(optimizer)
-    for opt in chain:
-        opt.__dict__["update_step"] = _on_variable_device(opt.update_step)
-        if not tf.distribute.has_strategy():
-            # Keras "all-reduces" the gradients over the one replica of the default strategy:
-            # an IdentityN of every gradient placed on one device, so each stage's gradients
-            # crossed to that device and back every step (27 ms of a 130 ms step for two
-            # workers in benchmarks/workers.py). Over one replica the sum is the gradient.
-            opt.__dict__["_all_reduce_sum_gradients"] = list
-    try:
+    # Keras "all-reduces" the gradients over the one replica of the default strategy: an
+    # IdentityN of every gradient placed on one device, so each stage's gradients crossed to
+    # that device and back every step (27 ms of a 130 ms step for two workers in
+    # benchmarks/workers.py). Over one replica the sum is the gradient.
+    skip_all_reduce = not tf.distribute.has_strategy()
+    with lend_update_steps(optimizer_chain(optimizer), _on_variable_device, skip_all_reduce):
         yield
-    finally:
-        for opt in chain:
-            opt.__dict__.pop("update_step", None)
-            opt.__dict__.pop("_all_reduce_sum_gradients", None)
 
 
 def _on_variable_device(update_step: Any) -> Any:

@@ -14,6 +14,7 @@ from typing import Any
 
 import keras
 
+from tfpipe._keras import cache_on, cached_on, compile_key
 from tfpipe.data import build_from_data, first_inputs
 from tfpipe.errors import PipelineError
 from tfpipe.options import PipelineOptions
@@ -197,17 +198,16 @@ def pipeline_for(
     """
     key = (
         id(model.optimizer) if getattr(model, "optimizer", None) is not None else None,
-        id(getattr(model, "_compile_loss", None)),
-        id(getattr(model, "_compile_metrics", None)),
+        *compile_key(model),
         caller,
         repr(sorted((k, _hashable(v)) for k, v in options.kwargs().items())),
     )
-    cached = model.__dict__.get("_tfpipe_pipeline")
+    cached = cached_on(model)
     if cached is not None and cached[0] == key:
         reused: Pipeline = cached[1]
         return reused
     pipe = Pipeline.from_options(model, options, sample=sample())
-    model.__dict__["_tfpipe_pipeline"] = (key, pipe)
+    cache_on(model, (key, pipe))
     return pipe
 
 

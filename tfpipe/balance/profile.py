@@ -18,6 +18,7 @@ from typing import Any
 import keras
 import tensorflow as tf
 
+from tfpipe._keras import tracked_variables
 from tfpipe.balance.solve import solve
 from tfpipe.devices import default_device
 from tfpipe.measure import time_layer_calls
@@ -108,7 +109,7 @@ def _slots_per_variable(model: keras.Model) -> int:
         return 0
     if not optimizer.built:
         optimizer.build(model.trainable_variables)
-    tracked = list(getattr(optimizer, "_trainable_variables", model.trainable_variables))
+    tracked = tracked_variables(optimizer, model.trainable_variables)
     return len(slot_lists(optimizer, tracked))
 
 

@@ -25,6 +25,7 @@ from typing import Any
 import keras
 import tensorflow as tf
 
+from tfpipe._keras import compiled_loss, layer_name_of
 from tfpipe.errors import PipelineError
 from tfpipe.executor.dataflow import Dataflow, Recorded
 from tfpipe.executor.grads import dense
@@ -87,7 +88,7 @@ class StageRunner:
     def flatten_inputs(self, x: Any) -> list[Any]:
         """The data's inputs in the order of the model's input tensors (dicts by input name)."""
         flat_struct = keras.tree.flatten(self.input_struct)
-        names = [t._keras_history.operation.name for t in flat_struct]
+        names = [layer_name_of(t) for t in flat_struct]
         if isinstance(x, dict) and not isinstance(self.input_struct, dict):
             missing = [n for n in names if n not in x]
             if missing:
@@ -145,7 +146,7 @@ class StageRunner:
 
     def data_loss(self, mb: MicroBatches, m: int, y_pred: Any) -> tf.Tensor:
         """Compiled loss of micro-batch m, weighted to its share of the batch loss."""
-        loss = self.model._compile_loss(mb.ys[m], y_pred, mb.sample_weights[m])
+        loss = compiled_loss(self.model, mb.ys[m], y_pred, mb.sample_weights[m])
         return loss * tf.cast(mb.data_scale[m], loss.dtype)
 
     def extra_loss(self, stage: Stage, mb: MicroBatches, m: int) -> tf.Tensor | None:

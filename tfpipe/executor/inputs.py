@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from tfpipe._keras import layer_name_of
 from tfpipe.errors import PipelineError
 
 
@@ -77,7 +78,7 @@ def check_array_inputs(model: Any, x: Any) -> None:
         return
     if not inputs or x is None:
         return
-    names = [t._keras_history.operation.name for t in inputs]
+    names = [layer_name_of(t) for t in inputs]
     if isinstance(x, dict):
         values = [x.get(n) for n in names]
     else:

@@ -17,8 +17,8 @@ from typing import Any
 
 import keras
 import tensorflow as tf
-from keras.src.models.functional import operation_fn
 
+from tfpipe._keras import run_op_by_op
 from tfpipe.partition import Stage
 
 
@@ -64,9 +64,7 @@ def call_checked(stage: Stage, inputs: list[Any], training: bool, micro_batch: i
             the forward of layer 'name' (stage s, micro-batch m)".
     """
 
-    def checked_op(op: Any) -> Any:
-        call = operation_fn(op, training=training)
-
+    def checked_op(op: Any, call: Any) -> Any:
         def run(*args: Any, **kwargs: Any) -> Any:
             where = f"(stage {stage.index}, micro-batch {micro_batch})"
             forward = (
@@ -82,8 +80,7 @@ def call_checked(stage: Stage, inputs: list[Any], training: bool, micro_batch: i
 
         return run
 
-    model = stage.model
-    outputs = model._run_through_graph(model._standardize_inputs(inputs), operation_fn=checked_op)
+    outputs = run_op_by_op(stage.model, inputs, training, checked_op)
     return outputs[0] if isinstance(outputs, (list, tuple)) and len(outputs) == 1 else outputs
 
 

@@ -21,7 +21,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import tensorflow as tf
-from tensorflow.python.ops import collective_ops
+
+from tfpipe._keras import collective_sum
 
 # Group keys of tf.distribute's CollectiveKeys start at 1; keep well clear of them.
 _GROUP_KEYS = itertools.count(1_000_000)
@@ -78,13 +79,11 @@ class ReplicaReducer:
             for r, g in enumerate(parts):
                 with tf.device(self.devices[r][stage]):
                     reduced.append(
-                        collective_ops.all_reduce_v2(
+                        collective_sum(
                             tf.convert_to_tensor(g),
                             group_size=self.replicas,
                             group_key=self.group_keys[stage],
                             instance_key=key,
-                            merge_op="Add",
-                            final_op="Id",
                             ordering_token=self.tokens[r][stage].handle,
                         )
                     )

@@ -28,8 +28,8 @@ from typing import Any, ClassVar, NamedTuple
 
 import keras
 import tensorflow as tf
-from keras.src.losses.loss import unscale_loss_for_distribution
 
+from tfpipe._keras import layer_name_of, loss_tracker, unscale_loss
 from tfpipe.errors import PipelineError
 from tfpipe.executor.dataflow import Dataflow, Recorded
 from tfpipe.executor.forward import StageRunner
@@ -103,7 +103,7 @@ class Executor:
         self.recompute = list(recompute) if recompute is not None else [False] * len(stages)
         self.check_numerics = check_numerics
         self.made_by = {
-            id(t): t._keras_history.operation.name for st in stages for t in (st.outputs or [])
+            id(t): layer_name_of(t) for st in stages for t in (st.outputs or [])
         }
         # a model compiled only for prediction has no loss to split
         self.reduction = loss_reduction(model) if getattr(model, "compiled", False) else "sum"
@@ -181,9 +181,7 @@ class Executor:
     def _results(self, losses: list[tf.Tensor], mb: MicroBatches) -> dict[str, Any]:
         """Updates the loss tracker once with the batch loss; returns the metric results."""
         total = tf.add_n(losses)
-        self.model._loss_tracker.update_state(
-            unscale_loss_for_distribution(total), sample_weight=mb.batch
-        )
+        loss_tracker(self.model).update_state(unscale_loss(total), sample_weight=mb.batch)
         metrics: dict[str, Any] = self.model.get_metrics_result()
         return metrics
 

@@ -15,6 +15,7 @@ from typing import Any
 
 import keras
 
+from tfpipe._keras import call_index, is_functional, node_of
 from tfpipe.errors import PipelineError
 
 
@@ -56,7 +57,7 @@ def model_io(model: keras.Model) -> tuple[Any, Any]:
         return inputs[0] if len(inputs) == 1 else inputs, outputs[0] if len(
             outputs
         ) == 1 else outputs
-    if hasattr(model, "_inputs_struct") and hasattr(model, "_outputs_struct"):
+    if is_functional(model):
         return model.input, model.output
     raise PipelineError(
         f"Model {model.name!r} is a subclassed keras.Model ({type(model).__name__}) whose call() "
@@ -86,23 +87,18 @@ def read_graph(model: keras.Model) -> Graph:
         tensor = stack.pop()
         if id(tensor) in input_ids:
             continue
-        op, node_index, _ = tensor._keras_history
-        node = op._inbound_nodes[node_index]
+        node = node_of(tensor)
         if id(node) in nodes:
             continue
         nodes[id(node)] = node
         args = node.arguments.keras_tensors
-        parents[id(node)] = [
-            id(a._keras_history.operation._inbound_nodes[a._keras_history.node_index])
-            for a in args
-            if id(a) not in input_ids
-        ]
+        parents[id(node)] = [id(node_of(a)) for a in args if id(a) not in input_ids]
         stack.extend(args)
     rank = {id(layer): i for i, layer in enumerate(model.layers)}
     ordered = _topological(
         nodes,
         parents,
-        key=lambda n: (rank.get(id(n.operation), len(rank)), n.operation._inbound_nodes.index(n)),
+        key=lambda n: (rank.get(id(n.operation), len(rank)), call_index(n)),
     )
     return Graph(inputs=inputs, outputs=outputs, nodes=tuple(ordered))
 

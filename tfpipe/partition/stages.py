@@ -28,6 +28,7 @@ from typing import Any
 
 import keras
 
+from tfpipe._keras import has_functional_outputs, layer_name_of
 from tfpipe.errors import PipelineError
 from tfpipe.partition.graph import Graph, param_costs, read_graph
 
@@ -231,7 +232,7 @@ def split(
 
 
 def _is_graph_model(model: keras.Model) -> bool:
-    return isinstance(model, keras.Sequential) or hasattr(model, "_outputs_struct")
+    return isinstance(model, keras.Sequential) or has_functional_outputs(model)
 
 
 
@@ -264,7 +265,7 @@ def check_gradient_path(stage: Stage, stages: Sequence[Stage], dtypes: Sequence[
     if not own or floating or stage.model.losses or stage.outputs is None:
         return
     sent = ", ".join(
-        f"{t._keras_history.operation.name} ({keras.backend.standardize_dtype(d)})"
+        f"{layer_name_of(t)} ({keras.backend.standardize_dtype(d)})"
         for t, d in zip(stage.outputs, dtypes)
     )
     names = [v.path for v in own][:6]

@@ -1,0 +1,293 @@
+"""The one adapter over private Keras and TensorFlow: every internal read and every patch.
+
+Design: tfpipe reaches past Keras's public API in a few places: it reads the symbolic graph
+of layer calls, runs a Functional model op by op, calls the compiled loss and loss tracker,
+re-creates a variable's storage on another device, re-keys the optimizer's bookkeeping, and
+lends its own steps (and atomic saves, and per-device optimizer updates) to the user's model
+and optimizer for one Keras call. Each such reach is one small function here, with a line
+saying what it reads and which Keras versions it was written for, so a Keras or TensorFlow
+upgrade is checked, and fixed, in this module alone. Callers keep their own logic; the
+functions here do nothing but the read or the patch. Patches are instance attributes that
+shadow the class's (`obj.__dict__[name]`), and are always removed afterwards, so the user's
+model and optimizer are left as they were.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
+
+import keras
+import tensorflow as tf
+from keras.src.losses.loss import unscale_loss_for_distribution
+from keras.src.models.functional import operation_fn
+from tensorflow.python.ops import collective_ops
+
+_CACHE = "_tfpipe_pipeline"
+
+# the symbolic graph ------------------------------------------------------------------------
+
+
+def layer_name_of(tensor: Any) -> str:
+    """The name of the layer that made a KerasTensor.
+
+    Keras 3.14-3.15: `KerasTensor._keras_history` (operation, node index, tensor index).
+    """
+    name: str = tensor._keras_history.operation.name
+    return name
+
+
+def node_of(tensor: Any) -> Any:
+    """The Keras `Node` (one layer call) that made a KerasTensor.
+
+    Keras 3.14-3.15: `KerasTensor._keras_history` and `Operation._inbound_nodes`.
+    """
+    op, node_index, _ = tensor._keras_history
+    return op._inbound_nodes[node_index]
+
+
+def call_index(node: Any) -> int:
+    """Which call of its layer a `Node` is (0 for the first).
+
+    Keras 3.14-3.15: `Operation._inbound_nodes`.
+    """
+    index: int = node.operation._inbound_nodes.index(node)
+    return index
+
+
+def is_functional(model: keras.Model) -> bool:
+    """Whether `model` has a Functional graph of inputs and outputs Keras can see into.
+
+    Keras 3.14-3.15: `Functional._inputs_struct` and `Functional._outputs_struct`.
+    """
+    return hasattr(model, "_inputs_struct") and hasattr(model, "_outputs_struct")
+
+
+def has_functional_outputs(model: keras.Model) -> bool:
+    """Whether `model` has a Functional graph's output structure.
+
+    Keras 3.14-3.15: `Functional._outputs_struct`.
+    """
+    return hasattr(model, "_outputs_struct")
+
+
+def run_op_by_op(
+    model: keras.Model,
+    inputs: list[Any],
+    training: bool,
+    wrap: Callable[[Any, Callable[..., Any]], Callable[..., Any]],
+) -> Any:
+    """Runs a Functional model through Keras's own graph runner, one layer call at a time.
+
+    Keras 3.14-3.15: `Functional._run_through_graph`, `Functional._standardize_inputs` and
+    `keras.src.models.functional.operation_fn` (what `Functional.call` uses).
+
+    Args:
+        model: a Keras Functional model.
+        inputs: its input values, as `model(inputs)` takes them.
+        training: Keras's training flag.
+        wrap: `wrap(op, call)` returns what runs op `op` in place of `call`, Keras's own call
+            of it.
+
+    Returns:
+        The model's outputs as `_run_through_graph` returns them (a list for a list output).
+    """
+
+    def op_fn(op: Any) -> Callable[..., Any]:
+        return wrap(op, operation_fn(op, training=training))
+
+    return model._run_through_graph(model._standardize_inputs(inputs), operation_fn=op_fn)
+
+
+# compiled loss and metrics -------------------------------------------------------------------
+
+
+def compiled_loss(model: keras.Model, y: Any, y_pred: Any, sample_weight: Any) -> tf.Tensor:
+    """The model's compiled loss of one batch (no regularisation terms).
+
+    Keras 3.14-3.15: `Trainer._compile_loss`, a `CompileLoss` called as (y, y_pred, sw).
+    """
+    loss: tf.Tensor = model._compile_loss(y, y_pred, sample_weight)
+    return loss
+
+
+def compile_key(model: keras.Model) -> tuple[int, int]:
+    """Identities of the model's compiled loss and metrics: they change when it is recompiled.
+
+    Keras 3.14-3.15: `Trainer._compile_loss` and `Trainer._compile_metrics`.
+    """
+    return (
+        id(getattr(model, "_compile_loss", None)),
+        id(getattr(model, "_compile_metrics", None)),
+    )
+
+
+def loss_tracker(model: keras.Model) -> keras.metrics.Mean:
+    """The `Mean` metric behind the `loss` that `fit` and `evaluate` report.
+
+    Keras 3.14-3.15: `Trainer._loss_tracker`.
+    """
+    return model._loss_tracker
+
+
+def unscale_loss(loss: tf.Tensor) -> tf.Tensor:
+    """Undoes the loss's scaling by the number of replicas in sync, as Keras's steps do.
+
+    Keras 3.14-3.15: `keras.src.losses.loss.unscale_loss_for_distribution`.
+    """
+    unscaled: tf.Tensor = unscale_loss_for_distribution(loss)
+    return unscaled
+
+
+# variables and optimizers ----------------------------------------------------------------------
+
+
+def reset_storage(variable: keras.Variable, value: tf.Tensor) -> None:
+    """Re-creates a variable's storage from `value` (under the caller's `tf.device`), keeping
+    the same Python `keras.Variable` object.
+
+    Keras 3.14-3.15: the TF backend's `Variable._initialize`.
+    """
+    variable._initialize(value)
+
+
+def var_key(optimizer: keras.optimizers.Optimizer, variable: keras.Variable) -> Any:
+    """The optimizer's key for a variable: its storage's unique id, which a move replaces.
+
+    Keras 3.14-3.15: `BaseOptimizer._var_key` (the TF optimizer's override).
+    """
+    return optimizer._var_key(variable)
+
+
+def tracked_variables(
+    optimizer: keras.optimizers.Optimizer, default: Sequence[keras.Variable]
+) -> list[keras.Variable]:
+    """The variables a built optimizer updates, in its own order (`default` if it has none).
+
+    Keras 3.14-3.15: `BaseOptimizer._trainable_variables`.
+    """
+    return list(getattr(optimizer, "_trainable_variables", default))
+
+
+def rekey_optimizer(
+    optimizer: keras.optimizers.Optimizer, old_keys: Mapping[Any, keras.Variable] | None
+) -> None:
+    """Re-keys what one optimizer (not a wrapper) recorded against its variables' storage.
+
+    Keras 3.14-3.15: `BaseOptimizer._trainable_variables_indices` (built optimizers) and
+    `_exclude_from_weight_decay` with its `_exclude_from_weight_decay_cache`.
+
+    Args:
+        optimizer: a Keras optimizer whose variables have moved.
+        old_keys: `var_key` of each variable taken before the move, to the variable.
+    """
+    if optimizer.built:
+        optimizer._trainable_variables_indices = {
+            optimizer._var_key(v): i for i, v in enumerate(optimizer._trainable_variables)
+        }
+    excluded = getattr(optimizer, "_exclude_from_weight_decay", None)
+    if excluded and old_keys:
+        optimizer._exclude_from_weight_decay = {
+            optimizer._var_key(old_keys[k]) if k in old_keys else k for k in excluded
+        }
+        optimizer._exclude_from_weight_decay_cache = {}
+
+
+def per_variable_candidates(
+    optimizer: keras.optimizers.Optimizer,
+) -> list[list[Any] | tuple[Any, ...]]:
+    """The optimizer's list and tuple attributes that may hold slots (Adam's m and v).
+
+    Its own lists of tracked variables are left out.
+
+    Keras 3.14-3.15: the optimizer's instance attributes (`vars`), less
+    `_trainable_variables` and `_variables`.
+    """
+    return [
+        value
+        for name, value in vars(optimizer).items()
+        if name not in ("_trainable_variables", "_variables") and isinstance(value, (list, tuple))
+    ]
+
+
+@contextlib.contextmanager
+def lend_update_steps(
+    optimizers: Sequence[keras.optimizers.Optimizer],
+    wrap: Callable[[Any], Any],
+    skip_all_reduce: bool,
+) -> Iterator[None]:
+    """Replaces each optimizer's `update_step` by `wrap(update_step)` while active.
+
+    Keras 3.14-3.15: an instance attribute shadowing `update_step` (the documented override
+    point for custom optimizers) and, with `skip_all_reduce`, the TF optimizer's
+    `_all_reduce_sum_gradients`, made the identity on its list of (gradient, variable) pairs.
+    """
+    for opt in optimizers:
+        opt.__dict__["update_step"] = wrap(opt.update_step)
+        if skip_all_reduce:
+            opt.__dict__["_all_reduce_sum_gradients"] = list
+    try:
+        yield
+    finally:
+        for opt in optimizers:
+            opt.__dict__.pop("update_step", None)
+            opt.__dict__.pop("_all_reduce_sum_gradients", None)
+
+
+# the user's model -----------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def lend_methods(model: keras.Model, methods: Mapping[str, Callable[..., Any]]) -> Iterator[None]:
+    """Gives `model` its own `methods` (its steps, its saves) while active, then removes them.
+
+    Keras 3.14-3.15: instance attributes in `model.__dict__` shadow the class's methods
+    (`train_step`, `save`, ...) and bypass Keras's attribute tracking.
+    """
+    for name, method in methods.items():
+        model.__dict__[name] = method
+    try:
+        yield
+    finally:
+        for name in methods:
+            model.__dict__.pop(name, None)
+
+
+def cached_on(model: keras.Model) -> Any:
+    """What `cache_on` left on `model` (None if nothing).
+
+    Keras 3.14-3.15: an entry of `model.__dict__`, outside Keras's attribute tracking.
+    """
+    return model.__dict__.get(_CACHE)
+
+
+def cache_on(model: keras.Model, value: Any) -> None:
+    """Keeps `value` on `model`, invisible to Keras's tracking and saving.
+
+    Keras 3.14-3.15: an entry of `model.__dict__`, outside Keras's attribute tracking.
+    """
+    model.__dict__[_CACHE] = value
+
+
+# TensorFlow ------------------------------------------------------------------------------------
+
+
+def collective_sum(
+    value: tf.Tensor, group_size: int, group_key: int, instance_key: int, ordering_token: Any
+) -> tf.Tensor:
+    """One participant's part of an all-reduce sum (`CollectiveReduceV2`, ring all-reduce).
+
+    TensorFlow 2.16-2.21: `tensorflow.python.ops.collective_ops.all_reduce_v2` (no public
+    op takes an ordering token).
+    """
+    reduced: tf.Tensor = collective_ops.all_reduce_v2(
+        value,
+        group_size=group_size,
+        group_key=group_key,
+        instance_key=instance_key,
+        merge_op="Add",
+        final_op="Id",
+        ordering_token=ordering_token,
+    )
+    return reduced
