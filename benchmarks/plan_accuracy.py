@@ -40,7 +40,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -60,7 +59,7 @@ from benchmarks.speed_table import (
     quick_timing,
     write_json,
 )
-from benchmarks.workers import BATCH, ClientProcess
+from benchmarks.workers import BATCH, ClientProcess, record_end
 from tfpipe import processes
 from tfpipe.processes import WorkerPool
 
@@ -109,9 +108,7 @@ def parent(args: argparse.Namespace) -> None:
         client.quit(60)
     finally:
         pool.stop_all()
-    report["processes"] = {"pids": pool.pids,
-                           "exit_status": [p.returncode for p in pool.processes]}
-    report["load_after"] = os.getloadavg()
+    record_end(report, pool)
     report["times_ms"] = times
     table = compare(report["plan"]["configs"], times, args.tolerance)
     report["rows"] = table
@@ -211,58 +208,49 @@ def client(args: argparse.Namespace) -> None:
     import tensorflow as tf
 
     from benchmarks.common import compiled, data_for
-    from benchmarks.workers import Probe, Runner, _empty, _reduce
+    from benchmarks.workers import Probe, Runner, _reduce, serve, traces, visit_round
+    from tfpipe.measure import dispatch_function
 
     data = data_for("mlp", BATCH, 8)
     x = tf.constant(next(iter(data))[0])  # on the client
-    labels: list[str] = []
     runners: dict[str, Any] = {}
     pipes: dict[str, Any] = {}
-    for line in sys.stdin:
-        command = line.split()
-        if not command:
-            continue
-        if command[0] == "plan":
-            t0 = time.perf_counter()
-            plan = tfpipe.plan(compiled("mlp"), x, devices=devices, parallel=True,
-                               repeats=args.repeats,
-                               micro_batches=[int(m) for m in args.micro_batches.split(",")])
-            took = time.perf_counter() - t0
-            configs = []
-            for source, c in pick(plan, args.extra):
-                label = label_of(c)
-                pipes[label] = tfpipe.Pipeline(compiled("mlp"), **c.kwargs(),
-                                               devices=list(c.devices))
-                runners[label] = Runner(
-                    lambda n, cb, p=pipes[label]: p.fit(data, steps_per_epoch=n, callbacks=[cb],
-                                                       epochs=1, verbose=0))
-                configs.append({"label": label, "source": source,
-                                "rank": plan.configs.index(c) + 1,
-                                "predicted_ms": 1e3 * c.step_time, "kwargs": c.kwargs(),
-                                "devices": list(c.devices), "bubble": c.bubble})
-            runners["probe:dispatch"] = Probe(_empty(devices[0], devices[1], tf))
-            runners["probe:feed"] = Probe(_reduce(devices[0], tf, x),
-                                          _reduce(devices[0], tf, tf.constant(x[:1])))
-            runners["probe:profile-call"] = Probe(_fetched(devices[0], tf))
-            labels = list(runners)
-            prof = plan.profile
-            out: Any = {
-                "seconds": took, "table": plan.table(top=10), "configs": configs,
-                "devices": devices, "profile_device": prof.device,
-                "profile_ms": {str(s): [1e3 * t for t in ts] for s, ts in prof.seconds},
-                "bandwidth": plan.cost_model.bandwidth, "parallel": plan.cost_model.parallel,
-                "step_overhead_ms": [round(1e3 * t, 2) for t in plan.cost_model.step_overhead],
-                "latency_ms": round(1e3 * plan.cost_model.latency, 3),
-            }
-        elif command[0] == "round":
-            k = int(command[1]) % len(labels)  # rotate the order from round to round
-            out = {label: runners[label].visit(args.warmup, args.runs, args.steps)
-                   for label in labels[k:] + labels[:k]}
-        elif command[0] == "traces":  # each step traced once, in its first visit
-            out = {label: dict(p.executor.traces) for label, p in pipes.items()}
-        else:
-            break
-        print("RESULT " + json.dumps(out), flush=True)
+
+    def plan_command(_: list[str]) -> dict[str, Any]:
+        t0 = time.perf_counter()
+        plan = tfpipe.plan(compiled("mlp"), x, devices=devices, parallel=True,
+                           repeats=args.repeats,
+                           micro_batches=[int(m) for m in args.micro_batches.split(",")])
+        took = time.perf_counter() - t0
+        configs = []
+        for source, c in pick(plan, args.extra):
+            label = label_of(c)
+            pipes[label] = tfpipe.Pipeline(compiled("mlp"), **c.kwargs(),
+                                           devices=list(c.devices))
+            runners[label] = Runner(
+                lambda n, cb, p=pipes[label]: p.fit(data, steps_per_epoch=n, callbacks=[cb],
+                                                   epochs=1, verbose=0))
+            configs.append({"label": label, "source": source,
+                            "rank": plan.configs.index(c) + 1,
+                            "predicted_ms": 1e3 * c.step_time, "kwargs": c.kwargs(),
+                            "devices": list(c.devices), "bubble": c.bubble})
+        runners["probe:dispatch"] = Probe(dispatch_function(devices[:2]))
+        runners["probe:feed"] = Probe(_reduce(devices[0], tf, x),
+                                      _reduce(devices[0], tf, tf.constant(x[:1])))
+        runners["probe:profile-call"] = Probe(_fetched(devices[0], tf))
+        prof = plan.profile
+        return {
+            "seconds": took, "table": plan.table(top=10), "configs": configs,
+            "devices": devices, "profile_device": prof.device,
+            "profile_ms": {str(s): [1e3 * t for t in ts] for s, ts in prof.seconds},
+            "bandwidth": plan.cost_model.bandwidth, "parallel": plan.cost_model.parallel,
+            "step_overhead_ms": [round(1e3 * t, 2) for t in plan.cost_model.step_overhead],
+            "latency_ms": round(1e3 * plan.cost_model.latency, 3),
+        }
+
+    serve({"plan": plan_command,
+           "round": lambda command: visit_round(runners, int(command[1]), args),
+           "traces": lambda _: traces(pipes)})
 
 
 def _fetched(d0: str, tf: Any) -> Any:

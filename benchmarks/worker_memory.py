@@ -169,6 +169,8 @@ def measure(pipe: Any, rss: PeakRss, x: Any, y: Any, repeats: int) -> dict[str, 
     }
 
 
+# not tfpipe.planner.costs's Estimate.peak_bytes: that is a device's state + profiled inputs and
+# outputs; this is the lower bound the table compares against, one Dense input per layer.
 def model_mib(pipe: Any, rows: int, width: int) -> list[float]:
     """The theory's figure per stage (MiB): one rows x width float32 tensor (a Dense layer's
     input) per Dense layer per micro-batch in flight; a recomputed stage keeps one (its

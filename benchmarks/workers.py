@@ -11,12 +11,14 @@ worker are the client's, so each worker runs on one thread), then times, on the 
 - `gpipe M=m`, `1f1b M=m`: tfpipe, 2 stages on workers 0 and 1;
 - `comm M=m`: the step's 2 M boundary hops alone: a function that sends a
   (256/M) x 1024 float tensor worker 0 -> 1 -> 0 ... M times (each hop waits for the one
-  before), minus the same function kept on worker 0; an upper bound on what transfers add
+  before), minus the same function kept on worker 0 (`tfpipe.measure.hop_function`, the
+  planner's transfer probe); an upper bound on what transfers add
   to a step (in a pipeline they can overlap with compute);
 - CPU (Linux): for each timed configuration, the cores each worker and the client kept busy
   (CPU seconds from /proc over the timed runs' wall seconds) and the workers' CPU per step,
   which tells idle time (a worker waiting) from contention (the same work taking longer);
-- probes: the time of one empty function call that touches both workers (`dispatch`), the
+- probes: the time of one empty function call that touches both workers (`dispatch`:
+  `tfpipe.measure.dispatch_function`, what the planner times), the
   extra time of feeding one 256 x 1024 batch from the client to worker 0 (`feed`), and
   whether a worker sends a tensor while it computes something else (`chain`, `overlap`:
   see `_overlap`).
@@ -78,6 +80,7 @@ from benchmarks.speed_table import (
 )
 from tfpipe import processes
 from tfpipe.processes import ROOT, Lines, ProcessGroup, WorkerPool
+from tfpipe.schedules.timeline import rank_busy
 
 BATCH = 256
 WIDTH = 1024
@@ -169,9 +172,7 @@ def parent(args: argparse.Namespace) -> None:
         client.quit(60)
     finally:
         pool.stop_all()
-    report["processes"] = {"pids": pool.pids,
-                           "exit_status": [p.returncode for p in pool.processes]}
-    report["load_after"] = os.getloadavg()
+    record_end(report, pool)
     report["busy"] = busy
     report["times_ms"] = times
     table = rows("tfpipe", times["tfpipe"]) + (rows("torch", times["torch"]) if peer else [])
@@ -321,6 +322,7 @@ def client(args: argparse.Namespace) -> None:
     import tensorflow as tf
 
     from benchmarks.common import compiled, data_for
+    from tfpipe.measure import dispatch_function, hop_function
 
     d0, d1 = devices
     ms = [int(m) for m in args.micro_batches.split(",")]
@@ -349,9 +351,10 @@ def client(args: argparse.Namespace) -> None:
             schedule, _ = split_label(label)
             pipes[label] = piped(1, m) if schedule == "sequential" else piped(2, m, schedule)
             runners[label] = Runner(fitting(pipes[label]), pids)
-        runners[f"comm M={m}"] = Probe(_hops(d0, d1, BATCH // m, m, tf),
-                                       _hops(d0, d0, BATCH // m, m, tf))
-    runners["probe:dispatch"] = Probe(_empty(d0, d1, tf))
+        # the step's 2 M boundary hops (activations there, gradients back), minus the adds
+        runners[f"comm M={m}"] = Probe(hop_function(d0, d1, (BATCH // m, WIDTH), 2 * m),
+                                       hop_function(d0, d0, (BATCH // m, WIDTH), 2 * m))
+    runners["probe:dispatch"] = Probe(dispatch_function([d0, d1]))
     x = tf.constant(next(iter(data))[0])  # on the client
     small = tf.constant(x[:1])
     runners["probe:feed"] = Probe(_reduce(d0, tf, x), _reduce(d0, tf, small))
@@ -367,34 +370,59 @@ def client(args: argparse.Namespace) -> None:
         "model_fit_kernel_device": plain.layers[0].kernel.value.device,
         "tensorflow": tf.__version__, "keras": keras.__version__,
     }
-    labels = list(runners)
+    serve({
+        "setup": lambda _: setup,
+        "round": lambda command: visit_round(runners, int(command[1]), args),
+        "cpu": lambda _: {label: r.cpu for label, r in runners.items()
+                          if isinstance(r, Runner) and r.cpu},
+        "traces": lambda _: traces(pipes),
+        # per M: 1 stage; 2 stages both on worker 0 (the split without a second process);
+        # 2 stages on the two workers
+        "timeline": lambda _: [_timeline(piped, data, k, m, s, args, one) for m in ms
+                               for k, s, one in [(1, "gpipe", False), (2, schedules[-1], True)]
+                               + [(2, s, False) for s in schedules]],
+    })
+
+
+def serve(handlers: dict[str, Callable[[list[str]], Any]]) -> None:
+    """A client's loop: each line on stdin is a command; the handler named by its first word
+    gets its words, and what it returns is printed as one `RESULT <json>` line (what
+    `ClientProcess.request` reads). Any other command (`quit`), or stdin closing, ends it."""
     for line in sys.stdin:
         command = line.split()
         if not command:
             continue
-        if command[0] == "setup":
-            out: Any = setup
-        elif command[0] == "round":
-            k = int(command[1]) % len(labels)  # rotate the order from round to round
-            out = {}
-            for label in labels[k:] + labels[:k]:
-                if args.quiet is not None:
-                    out[f"busy:{label}"] = [wait_quiet(args.quiet, args.quiet_wait)]
-                out[label] = runners[label].visit(args.warmup, args.runs, args.steps)
-        elif command[0] == "cpu":
-            out = {label: r.cpu for label, r in runners.items()
-                   if isinstance(r, Runner) and r.cpu}
-        elif command[0] == "traces":  # each step traced once, in its first visit
-            out = {label: dict(p.executor.traces) for label, p in pipes.items()}
-        elif command[0] == "timeline":
-            # per M: 1 stage; 2 stages both on worker 0 (the split without a second
-            # process); 2 stages on the two workers
-            out = [_timeline(piped, data, k, m, s, args, one) for m in ms
-                   for k, s, one in [(1, "gpipe", False), (2, schedules[-1], True)]
-                   + [(2, s, False) for s in schedules]]
-        else:
+        if command[0] not in handlers:
             break
-        print("RESULT " + json.dumps(out), flush=True)
+        print("RESULT " + json.dumps(handlers[command[0]](command)), flush=True)
+
+
+def visit_round(runners: dict[str, Any], r: int, args: argparse.Namespace) -> dict[str, Any]:
+    """Round `r`: each runner visited once (ms per run), in an order rotated from round to
+    round; with `args.quiet` set, each visit first waits for a quiet machine (`busy:<label>`
+    records what it saw)."""
+    labels = list(runners)
+    k = r % len(labels)
+    quiet = getattr(args, "quiet", None)
+    out: dict[str, Any] = {}
+    for label in labels[k:] + labels[:k]:
+        if quiet is not None:
+            out[f"busy:{label}"] = [wait_quiet(quiet, args.quiet_wait)]
+        out[label] = runners[label].visit(args.warmup, args.runs, args.steps)
+    return out
+
+
+def traces(pipes: dict[str, Any]) -> dict[str, Any]:
+    """How often each pipeline's steps were traced (each once, in its first visit)."""
+    return {label: dict(p.executor.traces) for label, p in pipes.items()}
+
+
+def record_end(report: dict[str, Any], pool: WorkerPool) -> None:
+    """Adds what the parent records after its workers ended: their pids and exit statuses,
+    and the machine's load."""
+    report["processes"] = {"pids": pool.pids,
+                           "exit_status": [p.returncode for p in pool.processes]}
+    report["load_after"] = os.getloadavg()
 
 
 def _plain_on(device: str, compiled: Callable[..., Any], tf: Any) -> Any:
@@ -411,30 +439,6 @@ def _plain_on(device: str, compiled: Callable[..., Any], tf: Any) -> Any:
 
     model.train_step = train_step
     return model
-
-
-def _hops(d0: str, far: str, rows: int, m: int, tf: Any) -> Callable[[], Any]:
-    """A function sending a rows x 1024 tensor d0 -> far -> d0 ... m times, each hop after the
-    one before (with far == d0, the same arithmetic without transfers)."""
-    with tf.device(d0):
-        a = tf.Variable(tf.ones((rows, WIDTH)))
-        c0 = tf.Variable(1e-3)
-    with tf.device(far):
-        c1 = tf.Variable(-1e-3)
-
-    @tf.function(autograph=False)
-    def hops() -> Any:
-        with tf.device(d0):
-            t = a.read_value()
-        for _ in range(m):
-            with tf.device(far):
-                t = t + c1  # forward: the activation arrives on the next stage
-            with tf.device(d0):
-                t = t + c0  # backward: its gradient comes back
-        with tf.device(d0):
-            return tf.reduce_sum(t[:1, :1])
-
-    return hops
 
 
 def _overlap(d0: str, d1: str, tf: Any) -> tuple[Callable[[], Any], Callable[[], Any]]:
@@ -470,23 +474,6 @@ def _overlap(d0: str, d1: str, tf: Any) -> tuple[Callable[[], Any], Callable[[],
             return tf.reduce_sum(b[:1, :1]) + tf.reduce_sum(c[:1, :1])
 
     return chain, overlap
-
-
-def _empty(d0: str, d1: str, tf: Any) -> Callable[[], Any]:
-    with tf.device(d0):
-        a = tf.Variable(1.0)
-    with tf.device(d1):
-        b = tf.Variable(1.0)
-
-    @tf.function(autograph=False)
-    def empty() -> Any:
-        with tf.device(d0):
-            u = a + 1.0
-        with tf.device(d1):
-            v = b + 1.0
-        return u + v
-
-    return empty
 
 
 def _reduce(d0: str, tf: Any, x: Any) -> Callable[[], Any]:
@@ -556,12 +543,11 @@ def _timeline(piped: Callable[..., Any], data: Any, stages: int, m: int, schedul
 
 def _figures(timeline: list[Any], stages: int) -> dict[str, Any]:
     """Span, busy time per rank, mean F and B per stage, and mean hop of one step's timeline."""
-    busy = [0.0] * stages
+    span, per_rank = rank_busy(timeline)
     fwd: list[list[float]] = [[] for _ in range(stages)]
     bwd: list[list[float]] = [[] for _ in range(stages)]
     when = {}
-    for rank, action, start, end in timeline:
-        busy[rank] += end - start
+    for _, action, start, end in timeline:
         (fwd if action.kind == "F" else bwd)[action.stage].append(end - start)
         when[(action.kind, action.stage, action.micro_batch)] = (start, end)
     gaps = []
@@ -570,8 +556,8 @@ def _figures(timeline: list[Any], stages: int) -> dict[str, Any]:
         if before in when:
             gaps.append(start - when[before][1])
     return {
-        "span_ms": max(e for *_, e in timeline) - min(s for _, _, s, _ in timeline),
-        "busy_ms": busy,
+        "span_ms": span,
+        "busy_ms": [per_rank.get(r, 0.0) for r in range(stages)],
         "forward_ms": [sum(v) / len(v) for v in fwd],
         "backward_ms": [sum(v) / len(v) for v in bwd],
         "hop_ms": sum(gaps) / len(gaps) if gaps else None,

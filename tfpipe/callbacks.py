@@ -3,7 +3,8 @@
 Design: the measurement is the executor's (`Pipeline(profile=True)` stamps every action of each
 training step); this callback only turns the latest step's timeline into TensorBoard scalars
 at each epoch end, and draws it once as a PNG after the first epoch. Compute time of a rank is
-the summed span of its actions; idle time is the rest of the step (its share of the bubble).
+the summed span of its actions; idle time is the rest of the step (its share of the bubble),
+both from `tfpipe.schedules.timeline`.
 Per-rank peak memory comes from `tfpipe.allocator`; where TensorFlow keeps no allocator
 statistics (a CPU without oneDNN, a remote worker) the monitor says so once, in one warning
 line, and writes the other scalars.
@@ -21,6 +22,7 @@ import tensorflow as tf
 from tfpipe import allocator
 from tfpipe.errors import PipelineError
 from tfpipe.schedules import plot
+from tfpipe.schedules.timeline import idle, rank_busy
 
 
 class PipelineMonitor(keras.callbacks.Callback):  # type: ignore[misc]  # Keras is untyped (Any)
@@ -71,10 +73,7 @@ class PipelineMonitor(keras.callbacks.Callback):  # type: ignore[misc]  # Keras 
 
     def on_epoch_end(self, epoch: int, logs: Any = None) -> None:
         timeline = self.pipeline.timeline()
-        step = max(end for *_, end in timeline) - min(start for _, _, start, _ in timeline)
-        busy: dict[int, float] = {}
-        for rank, _, start, end in timeline:
-            busy[rank] = busy.get(rank, 0.0) + (end - start)
+        step, busy = rank_busy(timeline)
         devices = {
             self.pipeline.stages[st].device: r
             for st, r in (
@@ -86,9 +85,9 @@ class PipelineMonitor(keras.callbacks.Callback):  # type: ignore[misc]  # Keras 
             tf.summary.scalar("step_ms", step)
             for rank, ms in sorted(busy.items()):
                 self.last[f"rank{rank}/compute_ms"] = ms
-                self.last[f"rank{rank}/idle_ms"] = max(step - ms, 0.0)
+                self.last[f"rank{rank}/idle_ms"] = idle(step, ms)
                 tf.summary.scalar(f"rank{rank}/compute_ms", ms)
-                tf.summary.scalar(f"rank{rank}/idle_ms", max(step - ms, 0.0))
+                tf.summary.scalar(f"rank{rank}/idle_ms", idle(step, ms))
             for device, rank in devices.items():
                 if device in self.memory_devices:
                     peak = allocator.peak_bytes(device) / 2**20

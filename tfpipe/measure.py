@@ -14,7 +14,9 @@ its weights on the target (`local_copy`), as the pipeline will hold them.
 
 Dispatch and transfers: `measure_dispatch` and `measure_transfer` time the other costs the
 planner's search needs: starting one function on the devices a configuration uses, and one
-hop of a tensor between two devices (a fixed latency plus bytes over a bandwidth).
+hop of a tensor between two devices (a fixed latency plus bytes over a bandwidth). The
+functions they time (`dispatch_function`, `hop_function`) are public, so a benchmark probes
+the same quantities with its own sizes and clock.
 """
 
 from __future__ import annotations
@@ -242,19 +244,33 @@ def measure_dispatch(devices: Sequence[str], repeats: int = 5) -> tuple[float, .
     Example:
         >>> measure_dispatch(["/device:CPU:0", "/device:CPU:1"])   # (seconds, seconds)
     """
-    out = []
-    for k in range(1, len(devices) + 1):
+    return tuple(
+        statistics.median(call_seconds(dispatch_function(devices[:k]), repeats))
+        for k in range(1, len(devices) + 1)
+    )
 
-        @tf.function  # type: ignore[untyped-decorator]  # TensorFlow ships no type hints
-        def touch(used: tuple[str, ...] = tuple(devices[:k])) -> tf.Tensor:
-            parts = []
-            for d in used:
-                with tf.device(d):
-                    parts.append(tf.timestamp())  # stateful: runs on d, never folded away
-            return tf.add_n(parts)
 
-        out.append(statistics.median(call_seconds(touch, repeats)))
-    return tuple(out)
+def dispatch_function(devices: Sequence[str]) -> Callable[[], tf.Tensor]:
+    """A `tf.function` that computes nothing but runs on each of `devices`: one scalar on
+    each (`tf.timestamp`, stateful, so never folded away), returning their sum.
+
+    Args:
+        devices: device names.
+
+    Returns:
+        The function; `measure_dispatch` times it.
+    """
+    used = tuple(devices)
+
+    @tf.function  # type: ignore[untyped-decorator]  # TensorFlow ships no type hints
+    def touch() -> tf.Tensor:
+        parts = []
+        for d in used:
+            with tf.device(d):
+                parts.append(tf.timestamp())  # stateful: runs on d, never folded away
+        return tf.add_n(parts)
+
+    return touch  # type: ignore[no-any-return]  # tf.function is untyped
 
 
 def measure_transfer(devices: Sequence[str], repeats: int = 5) -> tuple[float, float] | None:
@@ -284,41 +300,64 @@ def measure_transfer(devices: Sequence[str], repeats: int = 5) -> tuple[float, f
     if len(devices) < 2:
         return None
     near, far = devices[0], devices[1]
-    zeros = {}
-    for d in (near, far):
-        with tf.device(d):
-            zeros[d] = tf.Variable(0.0)
     small, large = TRANSFER_BYTES
-    t_small = _hop_seconds(near, far, zeros, small, repeats)
-    t_large = _hop_seconds(near, far, zeros, large, repeats)
+    t_small = _hop_seconds(near, far, small, repeats)
+    t_large = _hop_seconds(near, far, large, repeats)
     per_byte = (t_large - t_small) / (large - small)
     if per_byte <= 0:
         return max(t_small, 0.0), math.inf
     return max(t_small - small * per_byte, 0.0), 1.0 / per_byte
 
 
-def _hop_seconds(
-    near: str, far: str, zeros: dict[str, tf.Variable], nbytes: int, repeats: int
-) -> float:
+def _hop_seconds(near: str, far: str, nbytes: int, repeats: int) -> float:
     """Seconds of one hop of an `nbytes` tensor between `near` and `far`: `TRANSFER_HOPS`
     hops there and back minus the same adds kept on `near`, over the hops."""
-    with tf.device(near):
-        start = tf.Variable(tf.ones([nbytes // 4]))
-    seconds = []
-    for other in (far, near):
-
-        @tf.function  # type: ignore[untyped-decorator]  # TensorFlow ships no type hints
-        def hops(other: str = other) -> tf.Tensor:
-            with tf.device(near):
-                t = start.read_value()
-            for i in range(TRANSFER_HOPS):
-                d = other if i % 2 == 0 else near
-                with tf.device(d):
-                    # an add that reads a variable of d runs on d, so the tensor must
-                    # get there (a chain of sines measured no transfer time at all)
-                    t = t + zeros[d]
-            with tf.device(near):
-                return tf.reduce_sum(t)  # all of it: a slice could be moved up the chain
-
-        seconds.append(min(call_seconds(hops, repeats)))
+    seconds = [
+        min(call_seconds(hop_function(near, other, (nbytes // 4,), TRANSFER_HOPS), repeats))
+        for other in (far, near)
+    ]
     return (seconds[0] - seconds[1]) / TRANSFER_HOPS
+
+
+def hop_function(
+    near: str, far: str, shape: Sequence[int], hops: int
+) -> Callable[[], tf.Tensor]:
+    """A `tf.function` that sends a float32 tensor of `shape` `near` -> `far` -> `near` ...,
+    `hops` hops, each after the one before; with `far == near`, the same adds without a
+    transfer (the baseline to subtract).
+
+    Each hop adds a variable of the device it arrives on, so the tensor must get there.
+
+    Args:
+        near: where the tensor starts (and the result is made).
+        far: the other device.
+        shape: the tensor's shape.
+        hops: how many hops (even: the tensor ends on `near`).
+
+    Returns:
+        The function, returning the sum of the tensor after the last hop.
+
+    Example:
+        >>> hop_function("/device:CPU:0", "/device:CPU:1", (256, 1024), 4)()  # 2 round trips
+    """
+    with tf.device(near):
+        start = tf.Variable(tf.ones(shape))
+    zeros = {}
+    for d in dict.fromkeys((near, far)):
+        with tf.device(d):
+            zeros[d] = tf.Variable(0.0)
+
+    @tf.function  # type: ignore[untyped-decorator]  # TensorFlow ships no type hints
+    def run() -> tf.Tensor:
+        with tf.device(near):
+            t = start.read_value()
+        for i in range(hops):
+            d = far if i % 2 == 0 else near
+            with tf.device(d):
+                # an add that reads a variable of d runs on d, so the tensor must
+                # get there (a chain of sines measured no transfer time at all)
+                t = t + zeros[d]
+        with tf.device(near):
+            return tf.reduce_sum(t)  # all of it: a slice could be moved up the chain
+
+    return run  # type: ignore[no-any-return]  # tf.function is untyped
