@@ -23,7 +23,13 @@ REMOTE_HINT = "TensorFlow reports no allocator statistics for a remote device"
 
 
 def local_name(device: str) -> str:
-    """The name `get_memory_info` takes for a full device string: `CPU:1`, `GPU:0`."""
+    """The name `get_memory_info` takes for a full device string: `CPU:1`, `GPU:0`.
+
+    Raises:
+        ValueError: for a remote device, whose short name would read this process's allocator.
+    """
+    if not is_local(device):
+        raise ValueError(f"{REMOTE_HINT} ({device})")
     return device.split("device:")[-1].upper()
 
 
@@ -38,7 +44,7 @@ def unavailable(device: str) -> str | None:
         return f"{REMOTE_HINT} ({device})"
     try:
         tf.config.experimental.get_memory_info(local_name(device))
-    except ValueError as err:
+    except (ValueError, tf.errors.OpError) as err:
         if "not available" in str(err):
             return ONEDNN_HINT
         return f"{type(err).__name__}: {err}"

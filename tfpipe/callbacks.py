@@ -5,7 +5,8 @@ training step); this callback only turns the latest step's timeline into TensorB
 at each epoch end, and draws it once as a PNG after the first epoch. Compute time of a rank is
 the summed span of its actions; idle time is the rest of the step (its share of the bubble),
 both from `tfpipe.schedules.timeline`.
-Per-rank peak memory comes from `tfpipe.allocator`; where TensorFlow keeps no allocator
+Per-rank peak memory comes from `tfpipe.allocator`, the peak of each epoch (reset when the epoch
+begins); where TensorFlow keeps no allocator
 statistics (a CPU without oneDNN, a remote worker) the monitor says so once, in one warning
 line, and writes the other scalars.
 """

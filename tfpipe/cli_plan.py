@@ -104,6 +104,7 @@ def _plan_devices(spec: str) -> list[str]:
     """
     import tensorflow as tf  # lazy: TensorFlow loads only when a command needs it
 
+    from tfpipe.devices import is_local  # lazy, as TensorFlow (it imports TensorFlow)
     from tfpipe.errors import PipelineError
 
     gpus = tf.config.list_physical_devices("GPU")  # lists hardware; does not start the runtime
@@ -127,7 +128,7 @@ def _plan_devices(spec: str) -> list[str]:
         except ValueError:
             raise PipelineError(f"--devices: {name!r} is not a device name such as "
                                 "/device:CPU:0") from None
-        if parsed.job not in (None, "localhost"):
+        if not is_local(name):
             raise PipelineError(f"--devices: {name!r} is on a remote job; plan for workers "
                                 "from Python with devices=tfpipe.cluster(...)")
         specs.append(parsed)

@@ -76,7 +76,8 @@ class Executor:
         produced: from the latest training trace, the symbolic tensors each action made
             (`F`: the stage outputs and loss terms; `B`/`I`/`W`: gradients), for checking
             their devices.
-        waits: the one control dependency each forward gets (`program.rank_waits`).
+        program: the schedule as runs in trace order, with the one control dependency each
+            forward gets (`program.waits`, see `tfpipe.executor.program`).
         stamps: with `profile=True`, the variable of each run's `(start, end)`; else None.
     """
 
@@ -98,8 +99,6 @@ class Executor:
         self.replicas = len(self.devices)
         self.reducer = ReplicaReducer(self.devices) if self.replicas > 1 else None
         self.program = Program.build(schedule, self.replicas)
-        self.runs = self.program.runs
-        self.waits = self.program.waits
         self.recompute = list(recompute) if recompute is not None else [False] * len(stages)
         self.check_numerics = check_numerics
         self.made_by = {
@@ -111,8 +110,12 @@ class Executor:
         self.traces: Counter[str] = Counter()
         self.produced: dict[Action, list[Any]] = {}
         devices = {d for row in self.devices for d in row}
-        self.stamper = stamper(profile, devices, len(self.runs))
-        self.stamps: tf.Variable | None = self.stamper.stamps
+        self.stamper = stamper(profile, devices, len(self.program.runs))
+
+    @property
+    def stamps(self) -> tf.Variable | None:
+        """The profiling stamps variable (`profile=True`), or None."""
+        return self.stamper.stamps
 
     # Keras step functions -------------------------------------------------------------------
 
@@ -135,7 +138,7 @@ class Executor:
         self.runner.feed(flow)
         self.produced = {}
         self.stamper.begin()
-        for r, action in self.runs:
+        for r, action in self.program.runs:
             at = _At(action, self.stages[action.stage], self.devices[r][action.stage])
             with tf.device(at.device), tf.name_scope(scope_name(r, action, self.replicas)):
                 produced = self._HANDLERS[action.kind](self, at, flow, sums)
@@ -170,7 +173,7 @@ class Executor:
         Raises:
             ValueError: when the pipeline was built without `profile=True`.
         """
-        return timeline(self.stamps, self.schedule, self.runs)
+        return timeline(self.stamps, self.schedule, self.program.runs)
 
     # pieces of the steps --------------------------------------------------------------------
 
@@ -220,7 +223,7 @@ class Executor:
         """
         s, m, stage = at.action.stage, at.action.micro_batch, at.stage
         inputs, in_ids = self.runner.inputs(stage, m, flow)
-        inputs = self.stamper.start(at.device, inputs, flow.done(self.waits.get(at.action)))
+        inputs = self.stamper.start(at.device, inputs, flow.done(self.program.waits.get(at.action)))
         if self.recompute[s]:
             snapshot = [tf.identity(v.value) for v in stage.model.non_trainable_variables]
             outs, terms, rec = self.runner.record(stage, m, inputs, in_ids, flow, tape=None)

@@ -17,8 +17,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from tfpipe.options import PipelineOptions
-from tfpipe.planner.costs import CostModel, format_bytes
+from tfpipe.planner.costs import CostModel
 from tfpipe.planner.records import Profile
+from tfpipe.report import format_bytes, text_table
 from tfpipe.schedules import Simulation
 from tfpipe.schedules.plot import plot as plot_timeline
 
@@ -224,15 +225,7 @@ class Plan:
                 f"{c.samples_per_second:,.0f}", f"{100 * c.bubble:.1f}%",
                 format_bytes(c.peak_memory), "yes" if c.fits else "no",
             ])
-        widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-        numeric = {0, 1, 2, 6, 7, 8, 9}
-        for n, row in enumerate(rows):
-            lines.append("  ".join(
-                cell.rjust(w) if i in numeric else cell.ljust(w)
-                for i, (cell, w) in enumerate(zip(row, widths))
-            ).rstrip())
-            if n == 0:
-                lines.append("  ".join("-" * w for w in widths))
+        lines += text_table(rows, numeric={0, 1, 2, 6, 7, 8, 9})
         if top is not None and len(self.configs) > top:
             lines.append(f"... {len(self.configs) - top} more (plan.table(top=None) lists all)")
         if first is not None:
