@@ -15,12 +15,12 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 # test-compat: the oldest supported TensorFlow + Keras (constraints/oldest.txt) in a second venv,
 # running the core tests that prove tfpipe.fit equals model.fit (the fit grid's 4-stage rows,
-# one of the skip-connection schedules).
+# one of the skip-connection schedules, nested and subclassed models).
 COMPAT_VENV := .venv-compat
 COMPAT_PY := $(COMPAT_VENV)/bin/python
 COMPAT_STAMP := $(COMPAT_VENV)/.installed
 COMPAT_TESTS := tests/test_transparency.py tests/test_placement.py tests/test_functional_graphs.py \
-	tests/test_replicas.py
+	tests/test_replicas.py tests/test_any_model.py
 COMPAT_SELECT := not test_skip_connections_across_stages and (not test_fit_equals_keras or -4-) \
 	or 1f1b-4-8
 # test-onednn-off: a small core with oneDNN forced off: the fit grid's 4-stage rows, placement,
@@ -41,7 +41,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -e '.[test,hub]'
 	touch $(STAMP)
 
 $(COMPAT_STAMP): pyproject.toml constraints/oldest.txt

@@ -11,6 +11,8 @@ Modes:
                            pipelined fit under a Watchdog(timeout_s=TIMEOUT); once training
                            runs, SIGKILL / SIGSTOP the worker process PID.
     replicas ADDRESSES     plain model.fit here, then 2 replicas x 2 stages on four workers.
+    nested ADDRESSES       as `fit`, for a subclassed task model holding a Functional
+                           backbone (traced, and the backbone read through), split inside it.
     stuck ADDRESSES PID TIMEOUT EXIT_AFTER
                            as `stop`, with the watchdog's interruption disabled: the process
                            must end with EXIT_WORKER_UNAVAILABLE after EXIT_AFTER seconds.
@@ -177,6 +179,51 @@ def run_replicas(addresses: str) -> dict:
     }
 
 
+class Task(keras.Model):
+    """A subclassed task around a nested Functional backbone, as KerasHub tasks are built."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        inputs = keras.Input((16,))
+        h = inputs
+        for i in range(4):
+            h = keras.layers.Dense(32, activation="tanh", name=f"block_{i}")(h)
+        self.backbone = keras.Model(inputs, h, name="backbone")
+        self.head = keras.layers.Dense(3, name="head")
+
+    def call(self, x: tf.Tensor) -> tf.Tensor:
+        return self.head(self.backbone(x))
+
+
+def make_task(seed: int = 7) -> keras.Model:
+    keras.utils.set_random_seed(seed)
+    model = Task()
+    model.compile(optimizer=keras.optimizers.Adam(1e-2),
+                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model(np.zeros((1, 16), "float32"))
+    return model
+
+
+def run_nested(addresses: str) -> dict:
+    devices = tfpipe.cluster(addresses, threads=1)
+    x, y = data()
+    reference, ref_losses = make_task(), Losses()
+    reference.fit(x, y, batch_size=32, epochs=2, shuffle=False, verbose=0,
+                  callbacks=[ref_losses])
+    model, losses = make_task(), Losses()
+    history = tfpipe.fit(model, x, y, batch_size=32, epochs=2, shuffle=False, verbose=0,
+                         callbacks=[losses], split_points=["block_2"], devices=devices,
+                         micro_batches=4, schedule="1f1b")
+    diffs = [float(np.max(np.abs(a.numpy() - b.numpy())))
+             for a, b in zip(model.weights, reference.weights)]
+    return {
+        "stage_names": [st.names for st in history.pipeline.stages],
+        "variables": {v.path: device_task(v.value.device) for v in model.weights},
+        "losses": losses.losses, "reference_losses": ref_losses.losses,
+        "weight_diffs": diffs,
+    }
+
+
 def run_failure(mode: str, addresses: str, pid: int, timeout_s: float,
                 exit_after_s: float | None = None) -> dict:
     x, y = data(4096)
@@ -232,6 +279,8 @@ def main(argv: list[str]) -> None:
         result = run_fit(addresses)
     elif mode == "replicas":
         result = run_replicas(addresses)
+    elif mode == "nested":
+        result = run_nested(addresses)
     else:
         result = run_failure(mode, addresses, int(argv[2]), float(argv[3]),
                              float(argv[4]) if len(argv) > 4 else None)

@@ -125,6 +125,18 @@ def test_two_stage_fit_on_two_workers_equals_model_fit(workers):
     assert result["partial_stage_devices"] == ["/job:worker/task:0", "/job:worker/task:1"]
 
 
+def test_subclassed_task_with_nested_backbone_split_on_two_workers_equals_model_fit(workers):
+    addresses, _ = workers(2)
+    result, _ = run_client("nested", ",".join(addresses))
+    assert result["stage_names"] == [["backbone/block_0", "backbone/block_1"],
+                                     ["backbone/block_2", "backbone/block_3", "head"]]
+    np.testing.assert_allclose(result["losses"], result["reference_losses"], rtol=1e-5, atol=1e-6)
+    assert max(result["weight_diffs"]) < 1e-5, result["weight_diffs"]
+    for path, task in result["variables"].items():  # each weight on its stage's worker
+        stage = 0 if any(f"block_{i}/" in path for i in (0, 1)) else 1
+        assert task == f"task:{stage}", (path, task)
+
+
 def test_two_replicas_of_a_two_stage_pipeline_on_four_workers_equal_model_fit(workers):
     """Pipeline x data parallel across worker processes: the stages' gradients meet in
     collective all-reduces between the workers, and training equals plain model.fit."""

@@ -86,7 +86,7 @@ def test_batch_smaller_than_micro_batches():
         tfpipe.fit(model, x, y, batch_size=16, stages=2, micro_batches=8, verbose=0)
 
 
-def test_subclassed_model_needs_one_stage():
+def test_subclassed_model_needs_a_sample_to_split():
     class Opaque(keras.Model):
         def __init__(self):
             super().__init__()
@@ -98,9 +98,10 @@ def test_subclassed_model_needs_one_stage():
     model = Opaque()
     model.compile("sgd", "mse")
     model(np.zeros((1, 3), "float32"))
-    with pytest.raises(tfpipe.PipelineError, match=r"subclassed keras.Model \(Opaque\).*Functional.*stages=1"):
+    with pytest.raises(tfpipe.PipelineError, match=r"subclassed model .* \(Opaque\) by tracing.*pass sample=.*stages=1"):
         tfpipe.Pipeline(model, stages=2)
-    pipe = tfpipe.Pipeline(model, stages=1)  # whole model on one device is fine
+    assert len(tfpipe.Pipeline(model, stages=2, sample=np.zeros((2, 3), "float32")).stages) == 2
+    pipe = tfpipe.Pipeline(model, stages=1)  # whole model on one device needs no tracing
     pipe.fit(np.ones((8, 3), "float32"), np.ones((8, 2), "float32"), batch_size=4, verbose=0)
 
 

@@ -129,3 +129,23 @@ def test_two_host_with_local_workers(tmp_path):
         except ProcessLookupError:
             pass
     assert "Failed to remove function remotely" not in proc.stderr  # freed before stopping
+
+
+def test_lora_causal_lm(tmp_path):
+    out = run_example("lora_causal_lm.py", ["--pretrain-steps", "4", "--finetune-steps", "6",
+                                            "--chars", "20000", "--dim", "32", "--seq-len", "32",
+                                            "--batch-size", "16"], tmp_path)
+    rows = stage_table(out)
+    assert [r[0] for r in rows] == ["0", "1", "2", "3"]
+    # the backbone is read through: stages start inside it, at its transformer layers
+    assert all("llama_backbone" in r[1] for r in rows), rows
+    assert rows[1][1].startswith("llama_backbone/transformer_layer_")
+    match = re.search(r"LoRA rank 4: ([0-9,]+) of ([0-9,]+) parameters train \((\d+) variables, "
+                      r"(\d+) optimizer slots\)", out)
+    assert match, out
+    trainable, total = (int(match.group(i).replace(",", "")) for i in (1, 2))
+    variables, slots = int(match.group(3)), int(match.group(4))
+    assert 0 < trainable < total / 5 and slots == 2 * variables  # Adam's m and v, LoRA only
+    losses = epoch_losses(out)
+    assert len(losses) == 2 and losses[-1] < losses[0], losses
+    assert "reloaded model gives the same logits: True" in out

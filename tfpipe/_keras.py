@@ -56,6 +56,59 @@ def call_index(node: Any) -> int:
     return index
 
 
+def node_layer(node: Any) -> Any:
+    """The layer (or `keras.ops` operation) a `Node` calls.
+
+    Keras 3.14-3.15: `Node.operation`.
+    """
+    return node.operation
+
+
+def node_inputs(node: Any) -> tuple[Any, ...]:
+    """The KerasTensors a `Node` consumes, in argument order (positional, then keyword).
+
+    Keras 3.14-3.15: `Node.arguments.keras_tensors`.
+    """
+    return tuple(node.arguments.keras_tensors)
+
+
+def node_outputs(node: Any) -> tuple[Any, ...]:
+    """The KerasTensors a `Node` makes.
+
+    Keras 3.14-3.15: `Node.outputs`.
+    """
+    return tuple(node.outputs)
+
+
+def node_arguments(node: Any, values: Mapping[int, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """A `Node`'s call arguments with each KerasTensor replaced by `values[id(tensor)]`.
+
+    Keras 3.14-3.15: `Node.arguments.fill_in`.
+    """
+    args, kwargs = node.arguments.fill_in(values)
+    return tuple(args), dict(kwargs)
+
+
+def inner_functional(layer: Any) -> Any:
+    """The Functional graph of a model used as a layer (None for any other layer).
+
+    Keras 3.14-3.15: a built `Sequential` keeps its graph in `Sequential._functional`.
+    """
+    if isinstance(layer, keras.Sequential):
+        return getattr(layer, "_functional", None)
+    if isinstance(layer, keras.Model) and is_functional(layer):
+        return layer
+    return None
+
+
+def sublayers(model: keras.Model) -> list[Any]:
+    """Every layer inside `model`, at any depth, outer ones first.
+
+    Keras 3.14-3.15: `Layer._flatten_layers`.
+    """
+    return list(model._flatten_layers(include_self=False, recursive=True))
+
+
 def is_functional(model: keras.Model) -> bool:
     """Whether `model` has a Functional graph of inputs and outputs Keras can see into.
 
@@ -64,18 +117,10 @@ def is_functional(model: keras.Model) -> bool:
     return hasattr(model, "_inputs_struct") and hasattr(model, "_outputs_struct")
 
 
-def has_functional_outputs(model: keras.Model) -> bool:
-    """Whether `model` has a Functional graph's output structure.
-
-    Keras 3.14-3.15: `Functional._outputs_struct`.
-    """
-    return hasattr(model, "_outputs_struct")
-
-
 def run_op_by_op(
     model: keras.Model,
-    inputs: list[Any],
-    training: bool,
+    inputs: Any,
+    training: bool | None,
     wrap: Callable[[Any, Callable[..., Any]], Callable[..., Any]],
 ) -> Any:
     """Runs a Functional model through Keras's own graph runner, one layer call at a time.
@@ -98,6 +143,26 @@ def run_op_by_op(
         return wrap(op, operation_fn(op, training=training))
 
     return model._run_through_graph(model._standardize_inputs(inputs), operation_fn=op_fn)
+
+
+def run_graph(
+    model: keras.Model, flat_inputs: Sequence[Any], wrap: Callable[[Any], Callable[..., Any]]
+) -> Any:
+    """Runs a Functional model's graph on `flat_inputs` (in `model.inputs` order) as they are.
+
+    Unlike `run_op_by_op`, the inputs are neither converted nor cast first (on KerasTensors
+    that would add a `convert_to_tensor` call per input to the graph). Keras 3.14-3.15:
+    `Functional._run_through_graph`.
+
+    Args:
+        model: a Keras Functional model.
+        flat_inputs: one value per `model.inputs` entry.
+        wrap: `wrap(op)` returns what runs op `op` (called with the node's arguments).
+
+    Returns:
+        The outputs, in the structure of the model's outputs.
+    """
+    return model._run_through_graph(list(flat_inputs), operation_fn=wrap)
 
 
 # compiled loss and metrics -------------------------------------------------------------------

@@ -183,7 +183,7 @@ def _random_batch(model: object, batch: int) -> object:
     import numpy as np
 
     from tfpipe.errors import PipelineError
-    from tfpipe.partition.graph import model_io
+    from tfpipe.partition.flatten import model_io
 
     inputs, _ = model_io(model)
     rng = np.random.default_rng(0)

@@ -18,15 +18,22 @@ import tensorflow as tf
 
 
 def build_from_data(model: keras.Model, x: Any) -> None:
-    """Builds an unbuilt Sequential model from the input shape of `x` (array or dataset).
+    """Builds an unbuilt model from `x` (array or dataset), as `model.fit` would.
+
+    An unbuilt Sequential model is built from the input shape; an unbuilt subclassed model
+    is called once on the first two samples of the first batch (which creates its layers'
+    weights, the way its first step in `model.fit` would).
 
     Args:
-        model: any Keras model; only an unbuilt `keras.Sequential` is built.
+        model: any Keras model; only an unbuilt one is built.
         x: a `tf.data.Dataset` of `x` or `(x, ...)` batches, or an array (or nested
             structure whose `np.shape` is the inputs' shape) with the batch first; None
             leaves the model as it is.
     """
-    if model.built or not isinstance(model, keras.Sequential) or x is None:
+    if model.built or x is None:
+        return
+    if not isinstance(model, keras.Sequential):
+        model(keras.tree.map_structure(lambda a: a[:2], first_inputs(x, 2)))
         return
     if isinstance(x, tf.data.Dataset):
         spec = x.element_spec

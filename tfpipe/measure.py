@@ -86,12 +86,12 @@ def time_layer_calls(
     for t, v in zip(flat_in, flatten_sample(sample, graph.inputs)):
         values[id(t)] = tf.convert_to_tensor(v, dtype=t.dtype)
     timings = []
-    for node in graph.nodes:
-        args, kwargs = node.arguments.fill_in(values)
-        layer = node.operation
+    for call in graph.calls:
+        args, kwargs = call.arguments(values)
+        layer = call.layer
         with tf.device(device):
             outputs = layer(*args, **kwargs)
-        for t, v in zip(node.outputs, keras.tree.flatten(outputs)):
+        for t, v in zip(call.outputs, keras.tree.flatten(outputs)):
             values[id(t)] = v
         seconds = time_call(local_copy(layer, args, kwargs, device), args, kwargs, device, repeats)
         act = float(sum(v.shape.num_elements() * v.dtype.size for v in keras.tree.flatten(outputs)))

@@ -49,9 +49,10 @@ class Pipeline:
     """A compiled Keras model split into stages, each on its own device.
 
     Args:
-        model: a built Sequential or Functional Keras model (compiled, to train or
-            evaluate). Its layers and variables are shared, not copied: training the
-            pipeline trains `model`.
+        model: a built Keras model (compiled, to train or evaluate): Sequential or
+            Functional, with nested models (a KerasHub backbone, a `keras.applications` base)
+            read through, or subclassed (its `call` traced on `sample`). Its layers and
+            variables are shared, not copied: training the pipeline trains `model`.
         stages: number of stages K, balanced by parameter count. Defaults to one per
             available device (the visible GPUs, else the logical CPU devices).
         balance: how to balance the `stages`: `"params"` (default: parameter counts),
@@ -70,9 +71,12 @@ class Pipeline:
             its actions one after another in the schedule's order (so that a start is when
             the action's work starts); devices still run at the same time.
         split_points: layer names where a new stage starts, instead of `stages`/`balance`,
-            for example `["block_3", "block_7"]` for three stages.
-        sample: a batch of inputs for `balance="time"` / `"memory"` (`tfpipe.fit` passes the
-            first batch of its data).
+            for example `["block_3", "block_7"]` for three stages. A layer inside a nested
+            model is named by its path (`"llama_backbone/transformer_layer_2"`) or, when
+            unambiguous, by its own name.
+        sample: a batch of inputs for `balance="time"` / `"memory"`, and to trace a
+            subclassed model split into stages (`tfpipe.fit` passes the first batch of its
+            data).
         recompute: activation recomputation: `"never"`, `"except_last"` (every stage but the
             last), `"always"`, or one entry per stage (`True`/`False` or those names). A
             recomputed stage keeps only its inputs per in-flight micro-batch and runs its
@@ -169,7 +173,9 @@ class Pipeline:
         if mode in ("time", "memory"):
             self.layer_costs = profile_layers(model, sample, device=stage_devices[0])
         self.balanced_by = options.balanced_by
-        self.stages: list[Stage] = _split(model, options, stage_devices, self.layer_costs)
+        self.stages: list[Stage] = _split(
+            model, options, stage_devices, self.layer_costs, sample
+        )
         self.recompute = _recompute_flags(options, self.stages)
         self.executor = Executor(
             model,
@@ -331,6 +337,7 @@ def _split(
     options: PipelineOptions,
     devices: Sequence[str],
     layer_costs: Sequence[LayerCost] | None,
+    sample: Any,
 ) -> list[Stage]:
     """The stages on `devices` (one per model piece), refusing cuts no gradient crosses."""
     costs = None
@@ -345,6 +352,7 @@ def _split(
         split_points=options.split_points,
         costs=costs,
         solver=solve,
+        sample=sample,
     )
     if _compiled(model):
         check_gradient_paths(stages)
@@ -356,7 +364,7 @@ def _recompute_flags(options: PipelineOptions, stages: Sequence[Stage]) -> list[
     flags = options.recompute_flags(len(stages))
     for st, flag in zip(stages, flags):
         if flag and not st.trainable_variables and not isinstance(options.recompute, str):
-            names = ", ".join(layer.name for layer in st.layers)
+            names = ", ".join(st.names)
             raise PipelineError(
                 f"recompute asks stage {st.index} ({names}) to "
                 "recompute, but it has no trainable weights: its backward needs no saved "

@@ -13,11 +13,6 @@ from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 
-class _Named(Protocol):
-    @property
-    def name(self) -> str: ...
-
-
 class StageView(Protocol):
     """What a stage table reads of a stage (`tfpipe.partition.Stage` has it)."""
 
@@ -28,7 +23,7 @@ class StageView(Protocol):
     def device(self) -> str: ...
 
     @property
-    def layers(self) -> Sequence[_Named]: ...
+    def names(self) -> Sequence[str]: ...
 
     @property
     def inputs(self) -> Sequence[Any] | None: ...
@@ -165,9 +160,8 @@ def stage_table(
     header.append("device")
     rows, start = [header], 0
     for st in stages:
-        names = [layer.name for layer in st.layers]
-        span = names[0] if len(names) == 1 else f"{names[0]} .. {names[-1]}"
-        n = len(names)
+        n = len(st.names)
+        span = st.names[0] if n == 1 else f"{st.names[0]} .. {_short(st.names[0], st.names[-1])}"
         row = [str(st.index), f"{span} ({n})", f"{st.num_params:,}"]
         act = activation_bytes
         row.append(format_bytes(sum(act[start : start + n])) if act else "-")
@@ -187,3 +181,9 @@ def stage_table(
         f"(largest / mean {'time' if per_layer_time else 'params'}): {imbalance(cost):.2f}"
     )
     return lines
+
+
+def _short(first: str, last: str) -> str:
+    """`last` without the nested-model path it shares with `first` (`a/x`, `a/y` -> `y`)."""
+    head = first.rpartition("/")[0]
+    return last[len(head) + 1 :] if head and last.startswith(head + "/") else last

@@ -18,6 +18,7 @@ from tfpipe._keras import cache_on, cached_on, compile_key
 from tfpipe.data import build_from_data, first_inputs
 from tfpipe.errors import PipelineError
 from tfpipe.options import PipelineOptions
+from tfpipe.partition.flatten import is_graph_model
 from tfpipe.pipeline import Pipeline
 from tfpipe.planner.search import PlanConfig
 from tfpipe.schedules import Schedule
@@ -102,9 +103,9 @@ def fit(
         replicas=replicas,
     )
     build_from_data(model, x)
-    profiled = options.balance_mode in ("time", "memory")
+    sampled = options.balance_mode in ("time", "memory") or not is_graph_model(model)
     pipe = pipeline_for(
-        model, lambda: first_inputs(x, batch_size) if profiled else None, options, "fit"
+        model, lambda: first_inputs(x, batch_size) if sampled else None, options, "fit"
     )
     history = pipe.fit(
         x,
@@ -176,7 +177,10 @@ def _inference_pipeline(
     options = PipelineOptions(
         stages=stages, balance=balance, micro_batches=micro_batches, devices=devices
     )
-    return pipeline_for(model, lambda: None, options, "inference")
+    sampled = not is_graph_model(model) and x is not None
+    return pipeline_for(
+        model, lambda: first_inputs(x, None) if sampled else None, options, "inference"
+    )
 
 
 def pipeline_for(

@@ -75,7 +75,7 @@ def activation_bytes_per_sample(graph: Graph) -> list[float]:
     Returns:
         One figure per layer call; outputs with an unknown dimension count 0.
     """
-    return [sum((static_bytes_per_sample(t) for t in node.outputs), 0.0) for node in graph.nodes]
+    return [sum((static_bytes_per_sample(t) for t in call.outputs), 0.0) for call in graph.calls]
 
 
 def profile_layers(
@@ -92,13 +92,13 @@ def profile_layers(
     Returns:
         One `LayerCost` per layer call, in the order of `balance=[...]`.
     """
-    graph = read_graph(model)
+    graph = read_graph(model, sample)
     slots = _slots_per_variable(model)
     params = param_costs(graph)
     timings = time_layer_calls(graph, sample, device or default_device(), repeats)
     return [
-        LayerCost(node.operation.name, n_params, seconds, act, n_params * 4.0 * (2 + slots))
-        for node, n_params, (seconds, act) in zip(graph.nodes, params, timings)
+        LayerCost(call.name, n_params, seconds, act, n_params * 4.0 * (2 + slots))
+        for call, n_params, (seconds, act) in zip(graph.calls, params, timings)
     ]
 
 

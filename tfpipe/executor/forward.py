@@ -33,7 +33,7 @@ from tfpipe.executor.inputs import check_input_dtypes
 from tfpipe.executor.microbatch import MicroBatches
 from tfpipe.executor.numerics import call_checked
 from tfpipe.partition import Stage
-from tfpipe.partition.graph import model_io
+from tfpipe.partition.graph import read_graph
 from tfpipe.partition.stages import check_gradient_path
 from tfpipe.placement import owners
 
@@ -68,7 +68,8 @@ class StageRunner:
         self.opaque = stages[0].inputs is None
         self.input_ids: list[int] = []
         if not self.opaque:
-            struct_in, struct_out = model_io(model)
+            graph = read_graph(model)  # read when the model was split
+            struct_in, struct_out = graph.inputs, graph.outputs
             self.input_struct = struct_in
             self.input_ids = [id(t) for t in keras.tree.flatten(struct_in)]
             self.output_struct = struct_out

@@ -25,6 +25,36 @@ from tfpipe.executor.replicas import ReplicaReducer
 from tfpipe.partition import Stage
 
 
+def vjp(
+    tape: tf.GradientTape, targets: list[Any], sources: list[Any], seeds: list[Any]
+) -> list[Any]:
+    """The vector-Jacobian product of `targets` with `seeds`, for each of `sources`.
+
+    A stage holds all of a layer's variables, but a call may use only some (a KerasHub
+    `ReversibleEmbedding` called in reverse reads its output table, not its input table). A
+    variable the targets do not depend on gets None, as in Keras's own step (the optimizer
+    skips it when no stage gives it a gradient; zeros would turn another stage's sparse
+    gradient dense and change Adam's second moment); an input tensor gets zeros, to send
+    back. (TensorFlow's `UnconnectedGradients.ZERO` fails on Keras variables, whose dtype is
+    a string.)
+
+    Args:
+        tape: the tape that recorded the stage's forward.
+        targets: its outputs (and loss terms).
+        sources: watched input tensors, then variables.
+        seeds: one gradient per target (shaped like it).
+
+    Returns:
+        One gradient per source (a tensor, IndexedSlices for a gathered table, or None for
+        an unused variable).
+    """
+    grads = tape.gradient(targets, sources, output_gradients=seeds)
+    return [
+        tf.zeros_like(s) if g is None and not isinstance(s, keras.Variable) else g
+        for s, g in zip(sources, grads)
+    ]
+
+
 class SparseParts(list[Any]):
     """The IndexedSlices gradients of one variable from several micro-batches, combined by
     `combine_sparse` once all are known."""
@@ -43,6 +73,8 @@ def accumulate(total: Any, grad: Any) -> Any:
     Returns:
         The new running total.
     """
+    if grad is None:  # a variable this stage holds but this call does not use
+        return total
     if total is None:
         return SparseParts([grad]) if isinstance(grad, tf.IndexedSlices) else grad
     if isinstance(total, SparseParts):
@@ -88,7 +120,10 @@ def combine_sparse(parts: Any) -> Any:
 
 def sum_uses(a: Any, b: Any) -> Any:
     """Sums the gradients of one variable from two stages that use it, as TensorFlow sums the
-    gradients of two uses: IndexedSlices are concatenated, anything else is added densely."""
+    gradients of two uses: IndexedSlices are concatenated, anything else is added densely
+    (None, from a stage that holds the variable but does not use it, adds nothing)."""
+    if a is None or b is None:
+        return b if a is None else a
     if isinstance(a, tf.IndexedSlices) and isinstance(b, tf.IndexedSlices):
         return tf.IndexedSlices(*concat_slices([a, b]), a.dense_shape)
     return tf.convert_to_tensor(a) + tf.convert_to_tensor(b)

@@ -62,7 +62,8 @@ class ReplicaReducer:
             stage: the stage index k.
             grads: `grads[r][i]`, replica r's accumulated gradient of the stage's i-th
                 trainable variable (a dense tensor, an IndexedSlices, or a list of
-                IndexedSlices parts), on device `devices[r][k]`.
+                IndexedSlices parts, or None for a variable the stage holds but does not
+                use: the same in every replica), on device `devices[r][k]`.
 
         Returns:
             The summed gradient of each variable, on replica 0's device of the stage: dense
@@ -71,6 +72,9 @@ class ReplicaReducer:
         out: list[Any] = []
         for i, first in enumerate(grads[0]):
             parts = [grads[r][i] for r in range(self.replicas)]
+            if first is None:  # the stage holds the variable but its calls do not use it
+                out.append(None)
+                continue
             if isinstance(first, (list, tf.IndexedSlices)):
                 out.append(_gathered(parts))
                 continue

@@ -33,7 +33,7 @@ from tfpipe._keras import layer_name_of, loss_tracker, unscale_loss
 from tfpipe.errors import PipelineError
 from tfpipe.executor.dataflow import Dataflow, Recorded
 from tfpipe.executor.forward import StageRunner
-from tfpipe.executor.grads import GradSums, all_reduce, apply_gradients, dense
+from tfpipe.executor.grads import GradSums, all_reduce, apply_gradients, dense, vjp
 from tfpipe.executor.microbatch import MicroBatches, loss_reduction
 from tfpipe.executor.numerics import check_gradients
 from tfpipe.executor.profiling import stamper, timeline
@@ -44,7 +44,6 @@ from tfpipe.schedules import Action, Schedule
 
 __all__ = ["Executor"]
 
-_ZERO = tf.UnconnectedGradients.ZERO
 
 
 class _At(NamedTuple):
@@ -242,9 +241,7 @@ class Executor:
         rec, seeds = self._backward_inputs(at, flow)
         assert rec.tape is not None, "replay gives a recomputed stage its tape"
         sources = rec.watched + at.stage.trainable_variables
-        result = rec.tape.gradient(
-            rec.targets, sources, output_gradients=seeds, unconnected_gradients=_ZERO
-        )
+        result = vjp(rec.tape, rec.targets, sources, seeds)
         n = len(rec.watched)
         produced = self._keep(at, flow, sums, rec, result[:n], result[n:])
         self.stamper.end(at.device, produced)
@@ -258,9 +255,7 @@ class Executor:
         result = []
         if rec.watched:
             assert rec.tape is not None, "replay gives a recomputed stage its tape"
-            result = rec.tape.gradient(
-                rec.targets, rec.watched, output_gradients=seeds, unconnected_gradients=_ZERO
-            )
+            result = vjp(rec.tape, rec.targets, rec.watched, seeds)
         produced = self._keep(at, flow, sums, rec, result, [])
         if not produced:  # nothing to send back (first stage): mark the action done all the same
             produced = [tf.identity(s) for s in seeds[:1]]
@@ -273,12 +268,7 @@ class Executor:
         rec = flow.take_deferred(at.action)
         seeds = self.stamper.start(at.device, rec.seeds, flow.done(Action(s, "I", m)))
         assert rec.tape is not None, "replay gave a recomputed stage its tape at its I"
-        result = rec.tape.gradient(
-            rec.targets,
-            at.stage.trainable_variables,
-            output_gradients=seeds,
-            unconnected_gradients=_ZERO,
-        )
+        result = vjp(rec.tape, rec.targets, at.stage.trainable_variables, seeds)
         rec.tape = None  # the persistent tape's activations can go
         produced = self._keep(at, flow, sums, rec, [], result)
         self.stamper.end(at.device, produced)

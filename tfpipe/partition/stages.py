@@ -28,8 +28,9 @@ from typing import Any
 
 import keras
 
-from tfpipe._keras import has_functional_outputs, layer_name_of
+from tfpipe._keras import layer_name_of
 from tfpipe.errors import PipelineError
+from tfpipe.partition.flatten import is_graph_model
 from tfpipe.partition.graph import Graph, param_costs, read_graph
 
 Solver = Callable[[Sequence[float], int], list[int]]
@@ -48,6 +49,8 @@ class Stage:
         device: the device that holds the stage's variables and runs its forward and
             backward, for example `/device:CPU:1`.
         layers: the layers called in this stage, in order.
+        names: their names, prefixed by the nested models they sit in
+            (`"backbone/transformer_layer_2"`).
         inputs: KerasTensors of the user's graph that this stage consumes and another stage
             (or the model input) makes.
         outputs: KerasTensors this stage makes that later stages consume or that are model
@@ -63,6 +66,7 @@ class Stage:
     inputs: list[Any] | None = None
     outputs: list[Any] | None = None
     shared_from: dict[int, int] = field(default_factory=dict)
+    names: list[str] = field(default_factory=list)
 
     @property
     def num_params(self) -> int:
@@ -109,8 +113,8 @@ def plan_balance(
         PipelineError: counts that do not add up to the model's layer calls, more stages than
             layer calls, or an unknown layer name.
     """
-    n = len(graph.nodes)
-    names = [layer.name for layer in graph.layers]
+    n = len(graph.calls)
+    names = graph.names
     if split_points is not None:
         balance = _balance_from_split_points(model, names, split_points)
     if balance is not None:
@@ -136,14 +140,7 @@ def _balance_from_split_points(
 ) -> list[int]:
     if isinstance(split_points, str):
         split_points = [split_points]
-    starts = []
-    for name in split_points:
-        if name not in names:
-            raise PipelineError(
-                f"split_points names layer {name!r}, which model {model.name!r} does not call; "
-                f"its layer calls are: {', '.join(names)}."
-            )
-        starts.append(names.index(name))
+    starts = [_call_named(model, names, name) for name in split_points]
     if starts != sorted(set(starts)) or 0 in starts:
         raise PipelineError(
             f"split_points={list(split_points)} must name distinct layers in model order, not "
@@ -151,6 +148,24 @@ def _balance_from_split_points(
         )
     bounds = [0] + starts + [len(names)]
     return [b - a for a, b in zip(bounds, bounds[1:])]
+
+
+def _call_named(model: keras.Model, names: list[str], name: str) -> int:
+    """The first call of the layer `name`: a full path, or a plain name that is unambiguous."""
+    if name in names:
+        return names.index(name)
+    paths = sorted({n for n in names if n.rpartition("/")[2] == name})
+    if len(paths) == 1:
+        return names.index(paths[0])
+    if paths:
+        raise PipelineError(
+            f"split_points names layer {name!r}, which model {model.name!r} calls in several "
+            f"nested models: {', '.join(paths)}. Give the full path."
+        )
+    raise PipelineError(
+        f"split_points names layer {name!r}, which model {model.name!r} does not call; "
+        f"its layer calls are: {', '.join(names)}."
+    )
 
 
 def stage_io(graph: Graph, sizes: Sequence[int]) -> list[tuple[list[Any], list[Any]]]:
@@ -164,20 +179,20 @@ def stage_io(graph: Graph, sizes: Sequence[int]) -> list[tuple[list[Any], list[A
     stage_of_node: list[int] = []
     for k, size in enumerate(sizes):
         stage_of_node.extend([k] * size)
-    for node, k in zip(graph.nodes, stage_of_node):
-        for t in node.outputs:
+    for call, k in zip(graph.calls, stage_of_node):
+        for t in call.outputs:
             producer[id(t)] = k
     model_outputs = {id(t) for t in keras.tree.flatten(graph.outputs)}
     ins: list[dict[int, Any]] = [{} for _ in sizes]
     needed_elsewhere: set[int] = set(model_outputs)
-    for node, k in zip(graph.nodes, stage_of_node):
-        for t in node.arguments.keras_tensors:
+    for call, k in zip(graph.calls, stage_of_node):
+        for t in call.inputs:
             if producer.get(id(t), -1) != k:
                 ins[k].setdefault(id(t), t)
                 needed_elsewhere.add(id(t))
     outs: list[dict[int, Any]] = [{} for _ in sizes]
-    for node, k in zip(graph.nodes, stage_of_node):
-        for t in node.outputs:
+    for call, k in zip(graph.calls, stage_of_node):
+        for t in call.outputs:
             if id(t) in needed_elsewhere:
                 outs[k].setdefault(id(t), t)
     return [(list(i.values()), list(o.values())) for i, o in zip(ins, outs)]
@@ -192,6 +207,7 @@ def split(
     costs: Sequence[float] | None = None,
     *,
     solver: Solver,
+    sample: Any = None,
 ) -> list[Stage]:
     """Splits `model` into stages placed on `devices`.
 
@@ -204,6 +220,7 @@ def split(
         split_points: layer names where a new stage starts.
         costs: per layer call, for automatic balancing.
         solver: balances `costs` over `stages` (`tfpipe.balance.solve`).
+        sample: a batch of inputs, to trace a subclassed model's call (`read_graph`).
 
     Returns:
         K `Stage`s; stage inputs come from earlier stages or the model input.
@@ -211,16 +228,19 @@ def split(
     Raises:
         PipelineError: see `plan_balance` and `graph.model_io`.
     """
-    if stages == 1 and balance is None and split_points is None and not _is_graph_model(model):
-        return [Stage(0, model, devices[0], list(model.layers))]
-    graph = read_graph(model)
-    if not graph.nodes:
+    if stages == 1 and balance is None and split_points is None and not is_graph_model(model):
+        layers = list(model.layers)
+        return [Stage(0, model, devices[0], layers, names=[la.name for la in layers])]
+    graph = read_graph(model, sample)
+    if not graph.calls:
         raise PipelineError(f"Model {model.name!r} has no layers to split.")
     sizes = plan_balance(model, graph, stages, balance, split_points, costs, solver=solver)
     out, start = [], 0
     for k, (size, (inputs, outputs)) in enumerate(zip(sizes, stage_io(graph, sizes))):
         sub = keras.Model(inputs, outputs, name=f"{model.name}_stage{k}")
-        out.append(Stage(k, sub, devices[k], graph.layers[start : start + size], inputs, outputs))
+        part = slice(start, start + size)
+        out.append(Stage(k, sub, devices[k], graph.layers[part], inputs, outputs,
+                         names=graph.names[part]))
         start += size
     holder: dict[int, int] = {}
     for stage in out:
@@ -229,10 +249,6 @@ def split(
             if first != stage.index:
                 stage.shared_from[id(v)] = first
     return out
-
-
-def _is_graph_model(model: keras.Model) -> bool:
-    return isinstance(model, keras.Sequential) or has_functional_outputs(model)
 
 
 
@@ -270,7 +286,7 @@ def check_gradient_path(stage: Stage, stages: Sequence[Stage], dtypes: Sequence[
     )
     names = [v.path for v in own][:6]
     raise PipelineError(
-        f"Stage {stage.index} ({', '.join(layer.name for layer in stage.layers)}) has trainable "
+        f"Stage {stage.index} ({', '.join(stage.names)}) has trainable "
         f"weights {names}{' ...' if len(own) > 6 else ''} but sends the next stages only "
         f"non-float tensors: {sent}. No gradient can flow back through them, so these "
         "weights would never train (plain Keras warns 'Gradients do not exist'). Fix: cut "

@@ -69,7 +69,7 @@ def measure_profile(
         >>> prof = measure_profile(model, x[:64], sizes=[8, 64], device="/device:CPU:0")
         >>> prof.layer_seconds(8)   # per layer call, measured on 8 samples
     """
-    graph = read_graph(model)
+    graph = read_graph(model, sample)
     flat_sample = flatten_sample(sample, graph.inputs)  # in the order of the model's inputs
     rows = int(flat_sample[0].shape[0])
     wanted = sorted({int(s) for s in sizes})
@@ -130,16 +130,16 @@ def _edges(
     sample's own array for a model input).
     """
     consumers: dict[int, list[int]] = {}
-    for j, node in enumerate(graph.nodes):
-        for t in node.arguments.keras_tensors:
+    for j, call in enumerate(graph.calls):
+        for t in call.inputs:
             consumers.setdefault(id(t), []).append(j)
     edges = []
     for t, value in zip(keras.tree.flatten(graph.inputs), flat_sample):
         measured = float(tf.size(value)) * tf.as_dtype(value.dtype).size / rows
         size = static_bytes_per_sample(t, measured)
         edges.append(Edge(-1, tuple(consumers.get(id(t), [])), size))
-    for j, node in enumerate(graph.nodes):
-        outs = list(node.outputs)
+    for j, call in enumerate(graph.calls):
+        outs = list(call.outputs)
         for t in outs:
             size = static_bytes_per_sample(t, measured_act[j] / len(outs))
             edges.append(Edge(j, tuple(consumers.get(id(t), [])), size))
