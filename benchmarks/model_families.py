@@ -4,8 +4,8 @@ For every family (random init, tiny configs, no downloads, dropout 0) it trains 
 plain `model.fit` and one with `tfpipe.fit` from the same seed and data, and prints the stages'
 layer calls and the largest weight difference: absolute, and relative to the variable's largest
 value (for variables whose largest value is at least 1e-3: a zero-initialised bias that moved by
-1e-9 in both runs has no meaningful relative difference). `tests/test_keras_hub.py` runs the same families and asserts them equal to 1e-5;
-`docs/models.md` records this script's table.
+1e-9 in both runs has no meaningful relative difference). `tests/test_keras_hub.py` runs the
+same families and asserts them equal to 1e-5; `docs/models.md` records this script's table.
 
 SGD with momentum: attention key biases get a gradient of pure rounding noise (softmax ignores a
 shift shared by all keys), which Adam would scale up to full-size steps.
