@@ -319,6 +319,34 @@ def lend_methods(model: keras.Model, methods: Mapping[str, Callable[..., Any]]) 
             model.__dict__.pop(name, None)
 
 
+@contextlib.contextmanager
+def lend_moments(
+    layer: keras.layers.BatchNormalization, record: Callable[[Any, Any, Any], None]
+) -> Iterator[None]:
+    """While active, `layer` reports each batch's moments and leaves its moving statistics be.
+
+    Its moments are still computed by its own `_moments` and used to normalise; `record(
+    inputs, mean, variance)` sees them; `momentum` is 1.0, so Keras's own update writes the
+    moving statistics back unchanged. Keras 3.14-3.15: `BatchNormalization._moments` and
+    `momentum` (read when the layer is called, so while a step is traced).
+    """
+    own = type(layer)._moments
+    momentum = layer.momentum
+
+    def moments(inputs: Any, mask: Any) -> Any:
+        mean, variance = own(layer, inputs, mask)
+        record(inputs, mean, variance)
+        return mean, variance
+
+    layer.__dict__["_moments"] = moments
+    layer.__dict__["momentum"] = 1.0
+    try:
+        yield
+    finally:
+        layer.__dict__.pop("_moments", None)
+        layer.__dict__["momentum"] = momentum
+
+
 def cached_on(model: keras.Model) -> Any:
     """What `cache_on` left on `model` (None if nothing).
 

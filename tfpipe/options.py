@@ -27,6 +27,9 @@ from tfpipe.schedules import Schedule
 BALANCE_MODES = ("params", "time", "memory")
 """The names `balance` takes instead of layer counts."""
 
+BATCH_NORM_MODES = ("micro-batch", "deferred")
+"""How BatchNormalization's moving statistics are updated (`batch_norm`)."""
+
 RECOMPUTE_MODES = ("never", "except_last", "always")
 """The names `recompute` takes instead of one flag per stage."""
 
@@ -56,6 +59,9 @@ class PipelineOptions:
         recompute: `"never"`, `"except_last"`, `"always"`, or one entry per stage.
         check_numerics: whether to stop at the first NaN or Inf.
         replicas: R, data-parallel copies of the pipeline.
+        batch_norm: `"micro-batch"` (BatchNormalization's moving statistics updated per
+            micro-batch, as Keras would on each) or `"deferred"` (updated once per batch from
+            all its micro-batches, as one full-batch step would).
 
     Raises:
         PipelineError: for an option that is not valid whatever the model, or options that
@@ -77,6 +83,7 @@ class PipelineOptions:
     recompute: str | Sequence[str | bool] = "never"
     check_numerics: bool = False
     replicas: int = 1
+    batch_norm: str = "micro-batch"
     _pieces: int | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -98,6 +105,18 @@ class PipelineOptions:
             )
         if self.split_points is not None and self.layer_counts is not None:
             raise PipelineError("Give balance=[...] or split_points=[...], not both.")
+        if self.batch_norm not in BATCH_NORM_MODES:
+            raise PipelineError(
+                f"batch_norm={self.batch_norm!r}: use 'micro-batch' (the default: moving "
+                "statistics updated per micro-batch) or 'deferred' (once per batch, from all "
+                "its micro-batches)."
+            )
+        if self.batch_norm == "deferred" and self.replicas > 1:
+            raise PipelineError(
+                f"batch_norm='deferred' with replicas={self.replicas}: deferred statistics "
+                "are combined within one copy of the pipeline only. Use replicas=1, or "
+                "batch_norm='micro-batch'."
+            )
         object.__setattr__(self, "_pieces", self._known_stages())
 
     # derived values -------------------------------------------------------------------------

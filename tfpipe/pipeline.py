@@ -49,10 +49,9 @@ class Pipeline:
     """A compiled Keras model split into stages, each on its own device.
 
     Args:
-        model: a built Keras model (compiled, to train or evaluate): Sequential or
-            Functional, with nested models (a KerasHub backbone, a `keras.applications` base)
-            read through, or subclassed (its `call` traced on `sample`). Its layers and
-            variables are shared, not copied: training the pipeline trains `model`.
+        model: a built Keras model (compiled, to train or evaluate): Sequential, Functional
+            (nested models read through) or subclassed (its `call` traced on `sample`). Its
+            layers and variables are shared, not copied: training it trains `model`.
         stages: number of stages K, balanced by parameter count. Defaults to one per
             available device (the visible GPUs, else the logical CPU devices).
         balance: how to balance the `stages`: `"params"` (default: parameter counts),
@@ -71,12 +70,10 @@ class Pipeline:
             its actions one after another in the schedule's order (so that a start is when
             the action's work starts); devices still run at the same time.
         split_points: layer names where a new stage starts, instead of `stages`/`balance`,
-            for example `["block_3", "block_7"]` for three stages. A layer inside a nested
-            model is named by its path (`"llama_backbone/transformer_layer_2"`) or, when
-            unambiguous, by its own name.
-        sample: a batch of inputs for `balance="time"` / `"memory"`, and to trace a
-            subclassed model split into stages (`tfpipe.fit` passes the first batch of its
-            data).
+            for example `["block_3", "block_7"]` for three stages; inside a nested model, by
+            path (`"llama_backbone/transformer_layer_2"`) or by an unambiguous plain name.
+        sample: a batch of inputs, for `balance="time"` / `"memory"` and to trace a
+            subclassed model (`tfpipe.fit` passes the first batch of its data).
         recompute: activation recomputation: `"never"`, `"except_last"` (every stage but the
             last), `"always"`, or one entry per stage (`True`/`False` or those names). A
             recomputed stage keeps only its inputs per in-flight micro-batch and runs its
@@ -88,6 +85,9 @@ class Pipeline:
             micro-batches, copy r taking the r-th run of M, and each stage's gradients are
             all-reduced over its R devices with TensorFlow collective ops before the one
             optimizer step. The variables stay one set, on copy 0's devices.
+        batch_norm: `"micro-batch"` (default: BatchNormalization updates its moving statistics
+            per micro-batch, as Keras would on each) or `"deferred"` (once per batch, from all
+            its micro-batches, as one full-batch step would; see `tfpipe.executor.batchnorm`).
 
     Attributes:
         stages: the `Stage`s: `.model` (Keras sub-model), `.device`, `.num_params`, `.layers`;
@@ -121,12 +121,14 @@ class Pipeline:
         recompute: str | Sequence[str | bool] = "never",
         check_numerics: bool = False,
         replicas: int = 1,
+        batch_norm: str = "micro-batch",
     ) -> None:
         _check_model(model)
         options = PipelineOptions(
             stages=stages, balance=balance, devices=devices, micro_batches=micro_batches,
             schedule=schedule, chunks=chunks, profile=profile, split_points=split_points,
             recompute=recompute, check_numerics=check_numerics, replicas=replicas,
+            batch_norm=batch_norm,
         )
         self._build(model, options, sample)
 
@@ -185,6 +187,7 @@ class Pipeline:
             recompute=self.recompute,
             check_numerics=options.check_numerics,
             replica_devices=self.replica_devices,
+            batch_norm=options.batch_norm,
         )
         _place(model, self.stages)
         self._functions: dict[str, Any] = dict.fromkeys(_FUNCTIONS)

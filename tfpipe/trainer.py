@@ -41,6 +41,7 @@ def fit(
     recompute: str | Sequence[str | bool] = "never",
     check_numerics: bool = False,
     replicas: int = 1,
+    batch_norm: str = "micro-batch",
     callbacks: list[keras.callbacks.Callback] | None = None,
     validation_data: Any = None,
     verbose: str | int = "auto",
@@ -51,7 +52,8 @@ def fit(
     """Trains a compiled Keras model pipelined across devices; the result equals `model.fit`.
 
     Args:
-        model: a compiled Sequential or Functional model (built, or buildable from `x`).
+        model: a compiled Keras model (built, or buildable from `x`): Sequential,
+            Functional (nested models read through) or subclassed (its `call` traced).
         x: a `tf.data.Dataset` of `(x, y)` or `(x, y, sample_weight)` batches, or NumPy
             arrays / tensors with `y` and `batch_size`, as for `model.fit`.
         y: targets when `x` is an array.
@@ -71,6 +73,8 @@ def fit(
         check_numerics: stop at the first NaN/Inf, naming the stage, layer and pass.
         replicas: R data-parallel copies of the pipeline on R*K devices (see `Pipeline`);
             each stage's gradients are all-reduced over its copies before the one update.
+        batch_norm: `"micro-batch"` (default) or `"deferred"`: BatchNormalization's moving
+            statistics updated per micro-batch, or once per batch as a full batch would.
         callbacks, validation_data, verbose, steps_per_epoch, **fit_kwargs: as `model.fit`.
         plan: a `tfpipe.planner.PlanConfig` (for example `tfpipe.plan(...).best`): its
             `stages`, `balance`, `micro_batches`, `schedule`, `recompute`, `chunks` and
@@ -101,6 +105,7 @@ def fit(
         devices=devices,
         check_numerics=check_numerics,
         replicas=replicas,
+        batch_norm=batch_norm,
     )
     build_from_data(model, x)
     sampled = options.balance_mode in ("time", "memory") or not is_graph_model(model)

@@ -27,6 +27,7 @@ import tensorflow as tf
 
 from tfpipe._keras import compiled_loss, layer_name_of
 from tfpipe.errors import PipelineError
+from tfpipe.executor.batchnorm import DeferredBatchNorm
 from tfpipe.executor.dataflow import Dataflow, Recorded
 from tfpipe.executor.grads import dense
 from tfpipe.executor.inputs import check_input_dtypes
@@ -57,10 +58,19 @@ class StageRunner:
         model: the user's Keras model (its compiled loss, metrics and optimizer are used).
         stages: the model's stages, stage k feeding stage k+1.
         check_numerics: call stages layer by layer, stopping at the first NaN or Inf.
+        deferred: with `batch_norm="deferred"`, the pipeline's BatchNormalization layers,
+            whose moments each training call records per micro-batch; else None.
     """
 
-    def __init__(self, model: keras.Model, stages: list[Stage], check_numerics: bool) -> None:
+    def __init__(
+        self,
+        model: keras.Model,
+        stages: list[Stage],
+        check_numerics: bool,
+        deferred: DeferredBatchNorm | None = None,
+    ) -> None:
         self.model = model
+        self.deferred = deferred
         self.stages = stages
         self.last = len(stages) - 1
         self.check_numerics = check_numerics
@@ -124,12 +134,14 @@ class StageRunner:
     def call(self, stage: Stage, inputs: list[Any], training: bool, micro_batch: int) -> list[Any]:
         """Calls the stage's sub-model (layer by layer, checked, with `check_numerics`)."""
         if self.opaque:
-            return [stage.model(inputs[0], training=training)]
+            return [stage.model(inputs[0], training=training)]  # opaque: one stage
         inputs = inputs[: len(graph_inputs(stage))]
-        if self.check_numerics:
-            outs = call_checked(stage, inputs, training, micro_batch)
-        else:
-            outs = stage.model(inputs, training=training)
+        recording = self.deferred.micro_batch(micro_batch) if self.deferred else _nothing()
+        with recording:
+            if self.check_numerics:
+                outs = call_checked(stage, inputs, training, micro_batch)
+            else:
+                outs = stage.model(inputs, training=training)
         flat: list[Any] = keras.tree.flatten(outs)
         return flat
 
@@ -269,3 +281,7 @@ class StageRunner:
         for v, value in zip(variables, current):
             v.assign(value)
         return replayed
+
+
+def _nothing() -> contextlib.AbstractContextManager[None]:
+    return contextlib.nullcontext()

@@ -21,6 +21,7 @@ Design:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -31,6 +32,7 @@ import tensorflow as tf
 
 from tfpipe._keras import layer_name_of, loss_tracker, unscale_loss
 from tfpipe.errors import PipelineError
+from tfpipe.executor.batchnorm import DeferredBatchNorm
 from tfpipe.executor.dataflow import Dataflow, Recorded
 from tfpipe.executor.forward import StageRunner
 from tfpipe.executor.grads import GradSums, all_reduce, apply_gradients, dense, vjp
@@ -68,6 +70,8 @@ class Executor:
             (see `tfpipe.executor.numerics`).
         replica_devices: `replica_devices[r][k]`, the device of stage k in replica r; None
             runs one copy on the stages' own devices.
+        batch_norm: `"micro-batch"`, or `"deferred"`: BatchNormalization's moving statistics
+            updated once per batch from all micro-batches (`tfpipe.executor.batchnorm`).
 
     Attributes:
         traces: how many times each step kind was traced (`"train"`, `"test"`, `"predict"`);
@@ -89,6 +93,7 @@ class Executor:
         recompute: Sequence[bool] | None = None,
         check_numerics: bool = False,
         replica_devices: Sequence[Sequence[str]] | None = None,
+        batch_norm: str = "micro-batch",
     ) -> None:
         self.model = model
         self.stages = stages
@@ -105,7 +110,8 @@ class Executor:
         }
         # a model compiled only for prediction has no loss to split
         self.reduction = loss_reduction(model) if getattr(model, "compiled", False) else "sum"
-        self.runner = StageRunner(model, stages, check_numerics)
+        self.deferred = DeferredBatchNorm(stages) if batch_norm == "deferred" else None
+        self.runner = StageRunner(model, stages, check_numerics, self.deferred)
         self.traces: Counter[str] = Counter()
         self.produced: dict[Action, list[Any]] = {}
         devices = {d for row in self.devices for d in row}
@@ -137,12 +143,15 @@ class Executor:
         self.runner.feed(flow)
         self.produced = {}
         self.stamper.begin()
-        for r, action in self.program.runs:
-            at = _At(action, self.stages[action.stage], self.devices[r][action.stage])
-            with tf.device(at.device), tf.name_scope(scope_name(r, action, self.replicas)):
-                produced = self._HANDLERS[action.kind](self, at, flow, sums)
-            self.produced[action] = produced
-            flow.mark_done(action, dense(produced))
+        with self.deferred.deferring() if self.deferred else contextlib.nullcontext():
+            for r, action in self.program.runs:
+                at = _At(action, self.stages[action.stage], self.devices[r][action.stage])
+                with tf.device(at.device), tf.name_scope(scope_name(r, action, self.replicas)):
+                    produced = self._HANDLERS[action.kind](self, at, flow, sums)
+                self.produced[action] = produced
+                flow.mark_done(action, dense(produced))
+        if self.deferred:
+            self.deferred.update()
         self.stamper.finish(flow.all_done())
         apply_gradients(self.model, self.stages, self.runner.owner, all_reduce(self.reducer, sums))
         return self._results(flow.losses, flow.mb)
