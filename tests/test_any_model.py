@@ -207,3 +207,36 @@ def test_saved_model_after_pipelined_fit_of_nested_models_loads_and_predicts(tmp
     assert [layer.name for layer in loaded.layers[1:]] == ["encoder", "b", "head"]
     np.testing.assert_allclose(loaded.predict(X8, verbose=0), model.predict(X8, verbose=0),
                                rtol=1e-6, atol=1e-7)
+
+
+def quantized() -> keras.Model:
+    """Keras's own int8 quantization: int8 kernels with float scales, frozen; biases train."""
+    inputs = keras.Input((8,))
+    h = keras.layers.Dense(16, activation="relu", name="d1")(inputs)
+    h = keras.layers.Dense(16, activation="relu", name="d2")(h)
+    model = keras.Model(inputs, keras.layers.Dense(3, activation="softmax", name="head")(h))
+    model.quantize("int8")
+    return model
+
+
+@pytest.mark.filterwarnings("ignore:Layer InputLayer does not have a `quantize` method")
+def test_int8_quantized_model_splits_and_equals_fit():
+    pipe, _, model = fit_both(quantized, X8, Y3, stages=3, micro_batches=4, schedule="1f1b")
+    kernels = [v for v in model.weights if v.path.endswith("/kernel")]
+    assert len(kernels) == 3 and all(v.dtype == "int8" and not v.trainable for v in kernels)
+    for st in pipe.stages:
+        for layer in st.layers:
+            assert {device_of(v) for v in layer.weights} <= {st.device}, layer.name
+
+
+def test_profiled_balance_and_the_planner_count_the_flattened_calls():
+    model = make(nested)
+    history = tfpipe.fit(model, X8, Y3, batch_size=16, epochs=1, verbose=0, stages=3,
+                         balance="time", micro_batches=2)
+    flat = ["encoder/a", "encoder/mlp/s1", "encoder/mlp/s2", "b", "head"]
+    assert [c.name for c in history.pipeline.layer_costs] == flat
+    assert [n for st in history.pipeline.stages for n in st.names] == flat
+    plan = tfpipe.plan(make(nested), X8[:32], stages=[2], micro_batches=[2], schedules=["1f1b"],
+                       recompute=["never"], repeats=1, profile_sizes=[16])
+    assert plan.profile.names == tuple(flat)
+    assert sum(plan.best.balance) == len(flat)
