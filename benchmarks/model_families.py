@@ -35,10 +35,12 @@ DECODER = dict(vocabulary_size=VOCAB, num_layers=4, num_query_heads=2, num_key_v
                hidden_dim=16, intermediate_dim=32)
 
 
+ENCODER = dict(vocabulary_size=VOCAB, num_layers=4, num_heads=2, hidden_dim=16,
+               intermediate_dim=32, dropout=0.0, max_sequence_length=LENGTH)
+
+
 def gpt2():
-    backbone = keras_hub.models.GPT2Backbone(
-        vocabulary_size=VOCAB, num_layers=4, num_heads=2, hidden_dim=16, intermediate_dim=32,
-        dropout=0.0, max_sequence_length=LENGTH)
+    backbone = keras_hub.models.GPT2Backbone(**ENCODER)
     return keras_hub.models.GPT2CausalLM(backbone, preprocessor=None)
 
 
@@ -76,17 +78,13 @@ def mixtral():
 
 
 def bert():
-    backbone = keras_hub.models.BertBackbone(
-        vocabulary_size=VOCAB, num_layers=4, num_heads=2, hidden_dim=16, intermediate_dim=32,
-        dropout=0.0, max_sequence_length=LENGTH)
+    backbone = keras_hub.models.BertBackbone(**ENCODER)
     return keras_hub.models.BertTextClassifier(backbone, num_classes=3, preprocessor=None,
                                                dropout=0.0)
 
 
 def roberta():
-    backbone = keras_hub.models.RobertaBackbone(
-        vocabulary_size=VOCAB, num_layers=4, num_heads=2, hidden_dim=16, intermediate_dim=32,
-        dropout=0.0, max_sequence_length=LENGTH)
+    backbone = keras_hub.models.RobertaBackbone(**ENCODER)
     return keras_hub.models.RobertaTextClassifier(backbone, num_classes=3, preprocessor=None,
                                                   dropout=0.0)
 

@@ -10,6 +10,7 @@ each other. The dtype checks of array inputs are the executor's
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import keras
@@ -60,3 +61,20 @@ def first_inputs(x: Any, batch_size: int | None) -> Any:
         return element[0] if isinstance(element, tuple) else element
     size = batch_size or 32
     return keras.tree.map_structure(lambda a: a[:size], x)
+
+
+def flatten_by_name(x: Any, names: Sequence[str], by_name: bool) -> tuple[list[Any], list[str]]:
+    """The inputs in `x` in the order of `names`.
+
+    Args:
+        x: a structure of inputs (arrays, tensors or KerasTensors).
+        names: the input names, in the order wanted.
+        by_name: pick from a dict `x` by key (when the model's inputs are a list of named
+            inputs rather than a dict); otherwise flatten `x` in Keras's tree order.
+
+    Returns:
+        The flat inputs, and the names a dict `x` lacks (then the inputs are only those found).
+    """
+    if by_name and isinstance(x, dict):
+        return [x[n] for n in names if n in x], [n for n in names if n not in x]
+    return keras.tree.flatten(x), []

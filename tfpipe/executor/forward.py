@@ -26,6 +26,7 @@ import keras
 import tensorflow as tf
 
 from tfpipe._keras import compiled_loss, layer_name_of
+from tfpipe.data import flatten_by_name
 from tfpipe.errors import PipelineError
 from tfpipe.executor.batchnorm import DeferredBatchNorm
 from tfpipe.executor.dataflow import Dataflow, Recorded
@@ -100,17 +101,13 @@ class StageRunner:
         """The data's inputs in the order of the model's input tensors (dicts by input name)."""
         flat_struct = keras.tree.flatten(self.input_struct)
         names = [layer_name_of(t) for t in flat_struct]
-        if isinstance(x, dict) and not isinstance(self.input_struct, dict):
-            missing = [n for n in names if n not in x]
-            if missing:
-                raise PipelineError(
-                    f"The data's inputs are a dict with keys {sorted(x)}, but model "
-                    f"{self.model.name!r} needs inputs named {names}; missing {missing}. "
-                    "Name the dict keys after the model's keras.Input names."
-                )
-            flat: list[Any] = [x[n] for n in names]
-        else:
-            flat = keras.tree.flatten(x)
+        flat, missing = flatten_by_name(x, names, not isinstance(self.input_struct, dict))
+        if missing:
+            raise PipelineError(
+                f"The data's inputs are a dict with keys {sorted(x)}, but model "
+                f"{self.model.name!r} needs inputs named {names}; missing {missing}. "
+                "Name the dict keys after the model's keras.Input names."
+            )
         if len(flat) != len(names):
             raise PipelineError(
                 f"Model {self.model.name!r} takes {len(names)} input(s) {names}, but each data "

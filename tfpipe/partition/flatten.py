@@ -36,6 +36,7 @@ from tfpipe._keras import (
     run_graph,
     sublayers,
 )
+from tfpipe.data import flatten_by_name
 from tfpipe.errors import PipelineError
 
 
@@ -139,10 +140,8 @@ def _match_inputs(
     """`given` KerasTensors as `functional.inputs` takes them: by name from a dict, else in
     flattened order; cast (a `cast` call in the graph) where the dtypes differ."""
     wanted = list(functional.inputs)
-    if isinstance(given, dict) and not isinstance(functional.input, dict):
-        flat = [given[t.name] for t in wanted if t.name in given]
-    else:
-        flat = keras.tree.flatten(given)
+    by_name = not isinstance(functional.input, dict)
+    flat, _ = flatten_by_name(given, [t.name for t in wanted], by_name)
     if len(flat) != len(wanted):
         raise PipelineError(
             f"Nested model {functional.name!r} takes {len(wanted)} inputs "
