@@ -1,11 +1,18 @@
-"""Target 4: tracing time of the first step and graph size, for K=4 stages and growing M.
+"""First-step cost of a pipelined step: trace time, graph size, first run, against model.fit.
 
-Builds the pipelined training step for K stages and M micro-batches and reports the time to
-trace it (a concrete function for the batch's spec) and the number of operations in its
-graph. Both should grow at most linearly in M (every action is traced once).
+Builds the pipelined training step for K stages and M micro-batches, traces it for the batch's
+spec (`trace_s`, and the number of operations in its graph), runs it once (`first_run_s`:
+TensorFlow's own graph optimisation and function set-up) and again (`steady_s`), and times
+`model.fit`'s first step on the same model and batch (`keras_first_s`, one per model). Each
+stage's forward is one function called per micro-batch (`tfpipe.executor.stagefn`), so the
+graph grows with K and by a few call operations per micro-batch.
+
+Models: `mlp` (8 x Dense(256)) or `transformer` (`benchmarks.common.transformer`: the demo's
+character Transformer, `--blocks` blocks of width `--width`, sequence 32), batch 4 M.
 
 Usage:
-    python -m benchmarks.trace_cost [--stages 4] [--micro-batches 4,16,64] [--json out/trace.json]
+    python -m benchmarks.trace_cost [--model transformer --blocks 12] [--stages 4]
+        [--micro-batches 8,32,64] [--json out/trace.json]
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 if not __package__:  # `python benchmarks/trace_cost.py`: import its folder as the package
@@ -23,8 +31,39 @@ if not __package__:  # `python benchmarks/trace_cost.py`: import its folder as t
 from benchmarks.speed_table import write_json
 
 
+def build(args: argparse.Namespace) -> Any:
+    """The compiled model, its input spec and a batch of zeros for `batch` samples."""
+    import keras
+    import tensorflow as tf
+
+    from benchmarks.common import transformer
+
+    keras.utils.set_random_seed(0)
+    if args.model == "mlp":
+        model = keras.Sequential(
+            [keras.Input((256,))]
+            + [keras.layers.Dense(256, activation="relu") for _ in range(8)]
+            + [keras.layers.Dense(10)]
+        )
+        x_spec, y_spec = tf.TensorSpec((None, 256), tf.float32), tf.TensorSpec((None,), tf.int64)
+    else:
+        model = transformer(vocab=96, seq_len=32, dim=args.width, blocks=args.blocks)
+        x_spec = y_spec = tf.TensorSpec((None, 32), tf.int32)
+    model.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    return model, (x_spec, y_spec)
+
+
+def zeros(spec: Any, batch: int) -> Any:
+    import tensorflow as tf
+
+    return tf.zeros((batch, *spec.shape[1:]), spec.dtype)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="mlp", choices=["mlp", "transformer"])
+    parser.add_argument("--blocks", type=int, default=12)
+    parser.add_argument("--width", type=int, default=64)
     parser.add_argument("--stages", type=int, default=4)
     parser.add_argument("--micro-batches", default="4,16,64")
     parser.add_argument("--schedule", default="1f1b")
@@ -34,35 +73,40 @@ def main() -> None:
     import tfpipe
 
     tfpipe.configure_cpu_devices(args.stages)
-    import keras
     import tensorflow as tf
 
     rows = []
     for m in [int(v) for v in args.micro_batches.split(",")]:
-        keras.utils.set_random_seed(0)
-        model = keras.Sequential(
-            [keras.Input((256,))]
-            + [keras.layers.Dense(256, activation="relu") for _ in range(8)]
-            + [keras.layers.Dense(10)]
-        )
-        model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        batch = 4 * m
+        model, spec = build(args)
+        started = time.perf_counter()
+        model.fit(zeros(spec[0], batch), zeros(spec[1], batch), batch_size=batch, verbose=0)
+        keras_first = time.perf_counter() - started
+        model, spec = build(args)
         pipe = tfpipe.Pipeline(model, stages=args.stages, micro_batches=m, schedule=args.schedule)
-        spec = (tf.TensorSpec((None, 256), tf.float32), tf.TensorSpec((None,), tf.int64))
         with pipe._attached():
-            start = time.perf_counter()
-            graph = (
-                tf.function(lambda x, y: pipe.executor.train_step((x, y)), autograph=False)
-                .get_concrete_function(*spec)
-                .graph
-            )
-            seconds = time.perf_counter() - start
-        ops = len(graph.get_operations())
-        rows.append({"M": m, "trace_s": seconds, "ops": ops, "ops_per_micro_batch": ops / m})
+            started = time.perf_counter()
+            step = tf.function(lambda x, y: pipe.executor.train_step((x, y)), autograph=False)
+            concrete = step.get_concrete_function(*spec)
+            trace = time.perf_counter() - started
+            x, y = zeros(spec[0], batch), zeros(spec[1], batch)
+            first, steady = _timed(lambda: concrete(x, y)), _timed(lambda: concrete(x, y))
+        ops = len(concrete.graph.get_operations())
+        rows.append({"K": args.stages, "M": m, "trace_s": trace, "ops": ops,
+                     "first_run_s": first, "steady_s": steady, "keras_first_s": keras_first})
         print(
-            f"K={args.stages} M={m:3d} schedule={args.schedule}: trace {seconds:6.2f} s, "
-            f"{ops:7d} ops ({ops / m:.0f} per micro-batch)"
+            f"{args.model} K={args.stages} M={m:3d} {args.schedule}: trace {trace:6.2f} s, "
+            f"{ops:6d} ops, first run {first:6.2f} s, steady {steady:5.2f} s; first step "
+            f"{trace + first:6.2f} s vs model.fit's {keras_first:5.2f} s "
+            f"({(trace + first) / keras_first:.1f}x)"
         )
     write_json(args.json, {"args": vars(args), "rows": rows})
+
+
+def _timed(fn: Any) -> float:
+    started = time.perf_counter()
+    fn()
+    return time.perf_counter() - started
 
 
 if __name__ == "__main__":

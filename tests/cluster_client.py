@@ -79,22 +79,28 @@ def device_task(device: str) -> str:
     return "client" if spec.job in (None, "localhost") else f"task:{spec.task}"
 
 
-def graph_ops(pipe: tfpipe.Pipeline, batch: tuple) -> list[tf.Operation]:
-    """Every op of the pipeline's training step traced on `batch`, nested bodies included."""
+def graph_ops(pipe: tfpipe.Pipeline, batch: tuple) -> list[tuple[tf.Operation, str]]:
+    """Every op of the pipeline's training step traced on `batch`, with the device it asks for,
+    the bodies of the functions it calls included: an op in a body without a device of its own
+    runs on the device of the call (a stage function called under its stage's device)."""
     with pipe._attached():  # noqa: SLF001 (tests only): the optimizer hook fit installs
         concrete = tf.function(pipe.executor.train_step, autograph=False).get_concrete_function(batch)
-    ops: list[tf.Operation] = []
-    seen: set[str] = set()
+    ops: list[tuple[tf.Operation, str]] = []
+    seen: set[tuple[str, str]] = set()
 
-    def walk(graph: tf.Graph) -> None:
+    def walk(graph: tf.Graph, device: str) -> None:
+        functions = getattr(graph, "_functions", {})
         for op in graph.get_operations():
-            ops.append(op)
-        for name, fn in getattr(graph, "_functions", {}).items():
-            if name not in seen and hasattr(fn, "graph"):
-                seen.add(name)
-                walk(fn.graph)
+            placed = op.device or device
+            ops.append((op, placed))
+            called = op.get_attr("f").name if op.type.endswith("PartitionedCall") else None
+            for name in [called] if called else []:
+                fn = functions.get(name)
+                if fn is not None and hasattr(fn, "graph") and (name, placed) not in seen:
+                    seen.add((name, placed))
+                    walk(fn.graph, placed)
 
-    walk(concrete.graph)
+    walk(concrete.graph, "")
     return ops
 
 
@@ -132,10 +138,10 @@ def run_fit(addresses: str) -> dict:
         slots[var.path] = [device_task(optimizer._momentums[index].value.device),  # noqa: SLF001
                            device_task(optimizer._velocities[index].value.device)]  # noqa: SLF001
     by_kind: dict[str, list[str]] = {}
-    for op in graph_ops(pipe, (tf.constant(x[:32]), tf.constant(y[:32]))):
+    for op, device in graph_ops(pipe, (tf.constant(x[:32]), tf.constant(y[:32]))):
         if op.type in ("MatMul", "BiasAddGrad", "TanhGrad", "AssignSubVariableOp",
                        "AssignAddVariableOp", "AssignVariableOp"):
-            by_kind.setdefault(op.type, []).append(device_task(op.device) if op.device else "")
+            by_kind.setdefault(op.type, []).append(device_task(device) if device else "")
     return {
         "devices": devices,
         "default_devices": tfpipe.default_devices(),
@@ -168,8 +174,8 @@ def run_replicas(addresses: str) -> dict:
         pipe.fit(x, y, batch_size=32, epochs=2, shuffle=False, verbose=0, callbacks=[losses])
     weights = [w.numpy() for w in model.weights]
     diffs = [float(np.max(np.abs(a - b))) for a, b in zip(weights, reference.get_weights())]
-    reduces = [device_task(op.device) for op in graph_ops(pipe, (tf.constant(x[:32]),
-                                                               tf.constant(y[:32])))
+    reduces = [device_task(device) for op, device in graph_ops(pipe, (tf.constant(x[:32]),
+                                                                     tf.constant(y[:32])))
                if op.type == "CollectiveReduceV2"]
     return {
         "replica_devices": pipe.replica_devices,

@@ -6,9 +6,10 @@ variance (the forward is Keras's own), but its moving mean and variance are left
 the micro-batches (`_keras.lend_moments`) and updated once, after the last one, from the
 moments of the whole batch: mean = sum_m n_m mean_m / N and variance = sum_m n_m (var_m +
 mean_m^2) / N - mean^2, with n_m the values per channel of micro-batch m. That is exactly what
-one full-batch step computes for a layer's inputs. The moments are recorded while the step is
-traced, keyed by layer and micro-batch, so a recomputed forward (replayed in the backward)
-replaces its first record instead of counting twice.
+one full-batch step computes for a layer's inputs. A stage's call collects its layers' moments
+(`collect`; a stage function returns them as outputs, since a tensor made inside it cannot be
+used outside), and the step files them by layer and micro-batch (`store`), so a recomputed
+forward (replayed in the backward) replaces its first record instead of counting twice.
 """
 
 from __future__ import annotations
@@ -55,17 +56,7 @@ class DeferredBatchNorm:
                         )
                     self.layers.append((stage, layer))
         self.moments: dict[tuple[int, int], list[_Moments]] = {}
-        self._micro_batch: int | None = None
-        self._fresh: set[tuple[int, int]] = set()  # keys recorded by the current call
-
-    @contextlib.contextmanager
-    def micro_batch(self, m: int) -> Iterator[None]:
-        """Records the moments of the layers called while active as micro-batch `m`'s."""
-        self._micro_batch, self._fresh = m, set()
-        try:
-            yield
-        finally:
-            self._micro_batch = None
+        self._sink: list[tuple[int, _Moments]] | None = None
 
     @contextlib.contextmanager
     def deferring(self) -> Iterator[None]:
@@ -76,16 +67,31 @@ class DeferredBatchNorm:
                 stack.enter_context(lend_moments(layer, self._recorder(layer)))
             yield
 
+    @contextlib.contextmanager
+    def collect(self) -> Iterator[list[tuple[int, _Moments]]]:
+        """Gathers, in call order, `(id(layer), moments)` of the layers called while active
+        (inside a stage function they are its outputs; `store` files them)."""
+        outer, self._sink = self._sink, []
+        try:
+            yield self._sink
+        finally:
+            self._sink = outer
+
+    def store(self, m: int, records: list[tuple[int, _Moments]]) -> None:
+        """Files one call's records as micro-batch `m`'s; a replayed forward (recomputation)
+        replaces the records of its first run instead of adding to them."""
+        fresh: set[int] = set()
+        for layer_id, moments in records:
+            if layer_id not in fresh:
+                fresh.add(layer_id)
+                self.moments[(layer_id, m)] = []
+            self.moments[(layer_id, m)].append(moments)
+
     def _recorder(self, layer: keras.layers.BatchNormalization) -> Any:
         def record(inputs: Any, mean: Any, variance: Any) -> None:
-            if self._micro_batch is None:
-                return
-            count = tf.cast(tf.size(inputs) // tf.size(mean), mean.dtype)
-            key = (id(layer), self._micro_batch)
-            if key not in self._fresh:  # a replayed forward replaces the first one's record
-                self._fresh.add(key)
-                self.moments[key] = []
-            self.moments[key].append((mean, variance, count))
+            if self._sink is not None:
+                count = tf.cast(tf.size(inputs) // tf.size(mean), mean.dtype)
+                self._sink.append((id(layer), (mean, variance, count)))
 
         return record
 

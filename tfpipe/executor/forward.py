@@ -34,6 +34,7 @@ from tfpipe.executor.grads import dense
 from tfpipe.executor.inputs import check_input_dtypes
 from tfpipe.executor.microbatch import MicroBatches
 from tfpipe.executor.numerics import call_checked
+from tfpipe.executor.stagefn import StageFunctions
 from tfpipe.partition import Stage
 from tfpipe.partition.graph import read_graph
 from tfpipe.partition.stages import check_gradient_path
@@ -72,6 +73,8 @@ class StageRunner:
     ) -> None:
         self.model = model
         self.deferred = deferred
+        self.functions = StageFunctions(deferred)
+        self.losses: dict[int, list[Any]] = {}  # each stage's add_loss terms, latest call
         self.stages = stages
         self.last = len(stages) - 1
         self.check_numerics = check_numerics
@@ -129,18 +132,23 @@ class StageRunner:
         return flow.inputs_for(m, ids), ids
 
     def call(self, stage: Stage, inputs: list[Any], training: bool, micro_batch: int) -> list[Any]:
-        """Calls the stage's sub-model (layer by layer, checked, with `check_numerics`)."""
+        """Calls the stage's forward function (`StageFunctions`), or its layers one by one,
+        checked, with `check_numerics`; keeps its `add_loss` terms and BatchNorm moments."""
         if self.opaque:
             return [stage.model(inputs[0], training=training)]  # opaque: one stage
         inputs = inputs[: len(graph_inputs(stage))]
-        recording = self.deferred.micro_batch(micro_batch) if self.deferred else _nothing()
-        with recording:
-            if self.check_numerics:
-                outs = call_checked(stage, inputs, training, micro_batch)
-            else:
-                outs = stage.model(inputs, training=training)
-        flat: list[Any] = keras.tree.flatten(outs)
-        return flat
+        if self.check_numerics:
+            with self.deferred.collect() if self.deferred else _nothing() as records:
+                outs: list[Any] = keras.tree.flatten(
+                    call_checked(stage, inputs, training, micro_batch)
+                )
+            losses = list(stage.model.losses)
+        else:
+            outs, losses, records = self.functions(stage, inputs, training)
+        self.losses[stage.index] = losses
+        if self.deferred:
+            self.deferred.store(micro_batch, records)
+        return outs
 
     def publish(self, stage: Stage, m: int, outs: list[Any], flow: Dataflow) -> None:
         """Makes a stage's outputs for micro-batch m available to the stages that consume them."""
@@ -166,7 +174,7 @@ class StageRunner:
         Keras lists a model's losses as the layers' own terms followed by one weight
         regularisation term per regularised trainable variable.
         """
-        terms = stage.model.losses
+        terms = self.losses.get(stage.index, [])
         regularised = [v for v in stage.trainable_variables if v.regularizer is not None]
         activity = terms[: len(terms) - len(regularised)]
         weights = [v.regularizer(v) for v in regularised if self.owner[id(v)] == stage.index]
@@ -280,5 +288,5 @@ class StageRunner:
         return replayed
 
 
-def _nothing() -> contextlib.AbstractContextManager[None]:
-    return contextlib.nullcontext()
+def _nothing() -> contextlib.AbstractContextManager[list[Any]]:
+    return contextlib.nullcontext([])

@@ -166,10 +166,36 @@ class GradSums:
         ]
 
     def add(self, stage: int, micro_batch: int, grads: list[Any]) -> list[Any]:
-        """Adds one micro-batch's weight gradients of `stage`; returns the stage's new sums."""
+        """Adds one micro-batch's weight gradients of `stage`; returns the stage's new sums.
+
+        The dense sums are one call of `_add_all` (one function per stage, not one addition
+        per variable per micro-batch in the step's graph).
+        """
         k = (micro_batch // self.micro_batches) * self.num_stages + stage  # this replica's stage
-        self.rows[k] = [accumulate(t, g) for t, g in zip(self.rows[k], grads)]
+        row = list(self.rows[k])
+        dense = [i for i, (t, g) in enumerate(zip(row, grads)) if _dense(t) and _dense(g)]
+        if dense:
+            summed = _add_all([row[i] for i in dense], [grads[i] for i in dense])
+            row = [summed[dense.index(i)] if i in dense else accumulate(total, g)
+                   for i, (total, g) in enumerate(zip(row, grads))]
+        else:
+            row = [accumulate(total, g) for total, g in zip(row, grads)]
+        self.rows[k] = row
         return list(self.rows[k])
+
+
+def _dense(value: Any) -> bool:
+    return tf.is_tensor(value) and not isinstance(value, (tf.IndexedSlices, SparseParts))
+
+
+def _sum_pairs(totals: list[tf.Tensor], grads: list[tf.Tensor]) -> list[tf.Tensor]:
+    return [t + tf.cast(g, t.dtype) for t, g in zip(totals, grads)]
+
+
+_add_all = tf.function(
+    _sum_pairs, autograph=False, reduce_retracing=True,
+    experimental_attributes={"_noinline": True},
+)
 
 
 def all_reduce(reducer: ReplicaReducer | None, sums: GradSums) -> list[list[Any]]:

@@ -1,0 +1,60 @@
+"""Each stage's forward is one function, traced once and called per micro-batch: the traced step
+holds no per-micro-batch copy of any layer, and training still equals `model.fit`."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+import tfpipe
+from tests.models import StepLog, assert_same_training, build, data
+
+
+def traced_step(pipe: tfpipe.Pipeline, x: np.ndarray, y: np.ndarray) -> tf.Graph:
+    with pipe._attached():  # noqa: SLF001 (tests only): the hooks fit installs
+        step = tf.function(pipe.executor.train_step, autograph=False)
+        return step.get_concrete_function((tf.constant(x), tf.constant(y))).graph
+
+
+def test_layers_are_traced_once_per_stage_whatever_the_micro_batches():
+    x, y = data("mlp", n=32)
+    graphs = {}
+    for m in (2, 8):
+        pipe = tfpipe.Pipeline(build("mlp"), stages=4, micro_batches=m, schedule="1f1b")
+        graphs[m] = traced_step(pipe, x, y)
+    for m, graph in graphs.items():
+        types = [op.type for op in graph.get_operations()]
+        assert "MatMul" not in types  # every layer op sits in a stage function's body
+        calls = [op for op in graph.get_operations() if op.type.endswith("PartitionedCall")]
+        names = {op.get_attr("f").name for op in calls}
+        forwards = {n for n in names if n.startswith("__forward_")}
+        backwards = {n for n in names if "backward" in n}
+        assert len(forwards) == len(backwards) == 4, names  # one of each per stage
+        assert len(calls) >= 2 * 4 * m  # a forward and a backward call per stage per micro-batch
+    growth = (len(graphs[8].get_operations()) - len(graphs[2].get_operations())) / 6
+    assert growth < 200, growth  # a few call and slicing ops per micro-batch, not the layers
+
+
+def test_each_stage_function_is_traced_once_over_a_whole_fit():
+    x, y = data("mlp", n=64)
+    ref, ref_log = build("mlp"), StepLog()
+    ref.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0, callbacks=[ref_log])
+    model, log = build("mlp"), StepLog()
+    history = tfpipe.fit(model, x, y, batch_size=16, epochs=2, shuffle=False, verbose=0,
+                         callbacks=[log], stages=4, micro_batches=4, schedule="1f1b")
+    assert_same_training(ref, ref_log, model, log)
+    functions = history.pipeline.executor.runner.functions
+    counts = functions.tracing_counts()
+    assert sorted(counts) == [(s, True) for s in range(4)]
+    assert set(counts.values()) == {1}, counts
+
+
+def test_uneven_micro_batches_trace_one_more_signature_only():
+    keras.utils.set_random_seed(0)
+    x, y = data("mlp", n=60)  # batches of 16: the last batch (12) splits into micro-batches of 3
+    model = build("mlp")
+    history = tfpipe.fit(model, x, y, batch_size=16, epochs=1, verbose=0, stages=2,
+                         micro_batches=4)
+    counts = history.pipeline.executor.runner.functions.tracing_counts()
+    assert set(counts.values()) <= {1, 2}, counts
