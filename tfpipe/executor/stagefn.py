@@ -5,13 +5,15 @@ Design:
   layers: M x K copies, and M x K copies again for the backward. Here each stage's forward is
   one `tf.function` per training flag (and input signature), called once per micro-batch; the
   per-stage tapes differentiate the call through the one gradient function TensorFlow makes
-  for it. Measured (12-block Transformer, width 64, sequence 32, K = 4, 1F1B, 2 CPU cores):
-  at M = 8 the traced step went from 41,168 to 2,899 operations and its trace from 12.1 s to
-  3.4 s; at M = 32 from 162,704 to 9,643 operations and 48.5 s to 7.0 s.
-- The calls are not inlined (`_noinline`): inlined, TensorFlow's runtime would expand them
-  back into M x K copies before running the first step, and optimising that graph took as
-  long as tracing it had (15.6 s at M = 8, 83 s at M = 32, against 4.4 s and 15.4 s
-  uninlined). Steady steps took the same time either way (0.15 s vs 0.14 s at M = 8).
+  for it. The dense weight-gradient sums are one call per stage and micro-batch too
+  (`tfpipe.executor.grads`). Measured on a 12-block Transformer (width 64, sequence 32,
+  K = 4, 1F1B, 2 CPU cores, `benchmarks/trace_cost.py`; figures in docs/benchmarks.md): at
+  M = 8 the traced step went from 53,467 operations to 1,723 and its trace from 16.4 s to
+  3.6 s; at M = 32 from 211,915 to 4,363, and the first step from 185 s to 22 s.
+- The calls are not inlined (`_noinline`): inlined, TensorFlow's runtime expands them back
+  into M x K copies before the first step runs, and optimising that graph took longer than
+  tracing it had: the first run at M = 8 took 16.4 s with inlined calls, 4.4 s without.
+  Steady steps took the same time either way (0.13-0.15 s at M = 8).
 - A tensor made inside a function cannot be used outside it, so the function returns all a
   step needs of the call: the stage's outputs, its `add_loss` terms, and, with deferred
   BatchNorm, its layers' moments (`DeferredBatchNorm.collect`), re-paired with their layers
