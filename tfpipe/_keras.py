@@ -119,8 +119,8 @@ def is_functional(model: keras.Model) -> bool:
 
 def run_op_by_op(
     model: keras.Model,
-    inputs: Any,
-    training: bool | None,
+    inputs: list[Any],
+    training: bool,
     wrap: Callable[[Any, Callable[..., Any]], Callable[..., Any]],
 ) -> Any:
     """Runs a Functional model through Keras's own graph runner, one layer call at a time.

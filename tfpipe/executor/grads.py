@@ -172,15 +172,12 @@ class GradSums:
         per variable per micro-batch in the step's graph).
         """
         k = (micro_batch // self.micro_batches) * self.num_stages + stage  # this replica's stage
-        row = list(self.rows[k])
+        row = self.rows[k]
         dense = [i for i, (t, g) in enumerate(zip(row, grads)) if _dense(t) and _dense(g)]
-        if dense:
-            summed = _add_all([row[i] for i in dense], [grads[i] for i in dense])
-            row = [summed[dense.index(i)] if i in dense else accumulate(total, g)
-                   for i, (total, g) in enumerate(zip(row, grads))]
-        else:
-            row = [accumulate(total, g) for total, g in zip(row, grads)]
-        self.rows[k] = row
+        summed = dict(zip(dense, _add_all([row[i] for i in dense], [grads[i] for i in dense])
+                          if dense else []))
+        self.rows[k] = [summed[i] if i in summed else accumulate(total, g)
+                        for i, (total, g) in enumerate(zip(row, grads))]
         return list(self.rows[k])
 
 
