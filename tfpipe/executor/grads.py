@@ -156,9 +156,14 @@ class GradSums:
         stages: the model's stages.
         replicas: how many copies of the pipeline run; row `r * K + s` is replica r's stage s.
         micro_batches: M, the micro-batches of one replica (replica r runs `r*M .. r*M+M-1`).
+        add_all: adds lists of dense tensors pairwise (`sum_function()`, kept by the executor
+            so that its traces live as long as the pipeline, not the process).
     """
 
-    def __init__(self, stages: list[Stage], replicas: int, micro_batches: int) -> None:
+    def __init__(
+        self, stages: list[Stage], replicas: int, micro_batches: int, add_all: Any
+    ) -> None:
+        self.add_all = add_all
         self.num_stages = len(stages)
         self.micro_batches = micro_batches
         self.rows: list[list[Any]] = [
@@ -168,13 +173,13 @@ class GradSums:
     def add(self, stage: int, micro_batch: int, grads: list[Any]) -> list[Any]:
         """Adds one micro-batch's weight gradients of `stage`; returns the stage's new sums.
 
-        The dense sums are one call of `_add_all` (one function per stage, not one addition
+        The dense sums are one call of `add_all` (one function per stage, not one addition
         per variable per micro-batch in the step's graph).
         """
         k = (micro_batch // self.micro_batches) * self.num_stages + stage  # this replica's stage
         row = self.rows[k]
         dense = [i for i, (t, g) in enumerate(zip(row, grads)) if _dense(t) and _dense(g)]
-        summed = dict(zip(dense, _add_all([row[i] for i in dense], [grads[i] for i in dense])
+        summed = dict(zip(dense, self.add_all([row[i] for i in dense], [grads[i] for i in dense])
                           if dense else []))
         self.rows[k] = [summed[i] if i in summed else accumulate(total, g)
                         for i, (total, g) in enumerate(zip(row, grads))]
@@ -189,10 +194,16 @@ def _sum_pairs(totals: list[tf.Tensor], grads: list[tf.Tensor]) -> list[tf.Tenso
     return [t + tf.cast(g, t.dtype) for t, g in zip(totals, grads)]
 
 
-_add_all = tf.function(
-    _sum_pairs, autograph=False, reduce_retracing=True,
-    experimental_attributes={"_noinline": True},
-)
+def sum_function() -> Any:
+    """A function adding two lists of dense tensors pairwise, traced once per stage (its
+    variables' shapes) and not inlined, like the stage functions (`tfpipe.executor.stagefn`).
+
+    Each pipeline makes its own: a remote worker keeps every function a client ran until the
+    client frees it, and a module-level one would be freed only at exit, after the workers
+    may be gone (TensorFlow then logs "Failed to remove function remotely").
+    """
+    return tf.function(_sum_pairs, autograph=False, reduce_retracing=True,
+                       experimental_attributes={"_noinline": True})
 
 
 def all_reduce(reducer: ReplicaReducer | None, sums: GradSums) -> list[list[Any]]:

@@ -35,7 +35,14 @@ from tfpipe.errors import PipelineError
 from tfpipe.executor.batchnorm import DeferredBatchNorm
 from tfpipe.executor.dataflow import Dataflow, Recorded
 from tfpipe.executor.forward import StageRunner
-from tfpipe.executor.grads import GradSums, all_reduce, apply_gradients, dense, vjp
+from tfpipe.executor.grads import (
+    GradSums,
+    all_reduce,
+    apply_gradients,
+    dense,
+    sum_function,
+    vjp,
+)
 from tfpipe.executor.microbatch import MicroBatches, loss_reduction
 from tfpipe.executor.numerics import check_gradients
 from tfpipe.executor.profiling import stamper, timeline
@@ -112,6 +119,7 @@ class Executor:
         self.reduction = loss_reduction(model) if getattr(model, "compiled", False) else "sum"
         self.deferred = DeferredBatchNorm(stages) if batch_norm == "deferred" else None
         self.runner = StageRunner(model, stages, check_numerics, self.deferred)
+        self.add_all = sum_function()  # the step's dense gradient sums
         self.traces: Counter[str] = Counter()
         self.produced: dict[Action, list[Any]] = {}
         devices = {d for row in self.devices for d in row}
@@ -139,7 +147,7 @@ class Executor:
                 "(x, y, sample_weight). Pass y=... with array inputs, or a dataset of (x, y) pairs."
             )
         flow = Dataflow(self._split(x, y, sw))
-        sums = GradSums(self.stages, self.replicas, self.micro_batches)
+        sums = GradSums(self.stages, self.replicas, self.micro_batches, self.add_all)
         self.runner.feed(flow)
         self.produced = {}
         self.stamper.begin()
