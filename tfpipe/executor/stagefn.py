@@ -13,7 +13,8 @@ Design:
 - The calls are not inlined (`_noinline`): inlined, TensorFlow's runtime expands them back
   into M x K copies before the first step runs, and optimising that graph took longer than
   tracing it had: the first run at M = 8 took 16.4 s with inlined calls, 4.4 s without.
-  Steady steps took the same time either way (0.13-0.15 s at M = 8).
+  Steady steps at M = 32 were 3-7 % slower than before stage functions (side by side,
+  docs/benchmarks.md): the price of 3 x M x K calls per step that are not inlined.
 - A tensor made inside a function cannot be used outside it, so the function returns all a
   step needs of the call: the stage's outputs, its `add_loss` terms, and, with deferred
   BatchNorm, its layers' moments (`DeferredBatchNorm.collect`), re-paired with their layers
