@@ -117,3 +117,10 @@ class DeferredBatchNorm:
 
 def _inner(layer: Any) -> list[Any]:
     return sublayers(layer) if isinstance(layer, keras.layers.Layer) else []
+
+
+def collecting(
+    deferred: DeferredBatchNorm | None,
+) -> contextlib.AbstractContextManager[list[tuple[int, _Moments]]]:
+    """`deferred.collect()`, or an empty list to collect into when nothing is deferred."""
+    return deferred.collect() if deferred is not None else contextlib.nullcontext([])

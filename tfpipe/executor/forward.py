@@ -28,7 +28,7 @@ import tensorflow as tf
 from tfpipe._keras import compiled_loss, layer_name_of
 from tfpipe.data import flatten_by_name
 from tfpipe.errors import PipelineError
-from tfpipe.executor.batchnorm import DeferredBatchNorm
+from tfpipe.executor.batchnorm import DeferredBatchNorm, collecting
 from tfpipe.executor.dataflow import Dataflow, Recorded
 from tfpipe.executor.grads import dense
 from tfpipe.executor.inputs import check_input_dtypes
@@ -138,7 +138,7 @@ class StageRunner:
             return [stage.model(inputs[0], training=training)]  # opaque: one stage
         inputs = inputs[: len(graph_inputs(stage))]
         if self.check_numerics:
-            with self.deferred.collect() if self.deferred else _nothing() as records:
+            with collecting(self.deferred) as records:
                 outs: list[Any] = keras.tree.flatten(
                     call_checked(stage, inputs, training, micro_batch)
                 )
@@ -286,7 +286,3 @@ class StageRunner:
         for v, value in zip(variables, current):
             v.assign(value)
         return replayed
-
-
-def _nothing() -> contextlib.AbstractContextManager[list[Any]]:
-    return contextlib.nullcontext([])

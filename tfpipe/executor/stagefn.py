@@ -25,13 +25,12 @@ Design:
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any
 
 import keras
 import tensorflow as tf
 
-from tfpipe.executor.batchnorm import DeferredBatchNorm
+from tfpipe.executor.batchnorm import DeferredBatchNorm, collecting
 from tfpipe.partition import Stage
 
 Records = list[tuple[int, Any]]
@@ -73,15 +72,10 @@ class StageFunctions:
 
     def _build(self, stage: Stage, training: bool, key: tuple[int, bool]) -> Any:
         def forward(inputs: list[Any]) -> tuple[list[Any], list[Any], list[Any]]:
-            with self._collect() as got:
+            with collecting(self.deferred) as got:
                 outs = keras.tree.flatten(stage.model(inputs, training=training))
             self._moment_layers[key] = [layer for layer, _ in got]
             return outs, list(stage.model.losses), [t for _, ms in got for t in ms]
 
         return tf.function(forward, autograph=False, reduce_retracing=True,
                            experimental_attributes={"_noinline": True})
-
-    def _collect(self) -> contextlib.AbstractContextManager[Records]:
-        if self.deferred is None:
-            return contextlib.nullcontext([])
-        return self.deferred.collect()

@@ -110,7 +110,10 @@ def read_graph(model: keras.Model, sample: Any = None) -> Graph:
 def _read(model: keras.Model, sample: Any) -> Graph:
     inputs, outputs, names = symbolic_graph(model, sample)
     nodes = walk(inputs, outputs)
-    parents = {id(n): [id(node_of(a)) for a in _own_inputs(n, inputs)] for n in nodes}
+    input_ids = {id(t) for t in keras.tree.flatten(inputs)}
+    parents = {
+        id(n): [id(node_of(t)) for t in node_inputs(n) if id(t) not in input_ids] for n in nodes
+    }
     ordered = _topological({id(n): n for n in nodes}, parents, key=_order_key(model, names))
     calls = tuple(
         Call(node_layer(n), names.get(id(n), node_layer(n).name), node_inputs(n),
@@ -130,11 +133,6 @@ def _order_key(model: keras.Model, made: dict[int, str]) -> Callable[[Any], tupl
     order = layer_order(model)
     rank = {id(layer): i for i, layer in reversed(list(enumerate(order)))}
     return lambda n: (rank.get(id(node_layer(n)), len(rank)), call_index(n))
-
-
-def _own_inputs(node: Any, inputs: Any) -> list[Any]:
-    input_ids = {id(t) for t in keras.tree.flatten(inputs)}
-    return [t for t in node_inputs(node) if id(t) not in input_ids]
 
 
 def _topological(nodes: dict[int, Any], parents: dict[int, list[int]], key: Any) -> list[Any]:
