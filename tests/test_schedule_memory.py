@@ -1,4 +1,13 @@
-"""Measured memory direction: 1F1B's allocator peak is below GPipe's (no timing asserted)."""
+"""Measured memory direction: 1F1B's allocator peak is below GPipe's (no timing asserted).
+
+1F1B's in-flight bound is a control dependency per forward (`tfpipe.executor.program`), so
+its peak is held whatever the load. GPipe gets no such wait: TensorFlow's dataflow executor
+may run a backward before later forwards, so GPipe's measured peak falls anywhere between
+1F1B's and its grid's M micro-batches in flight, and depends on how busy the machine is. At
+M = 8 the two met under CI load (1F1B 25.5 MiB, GPipe 22.75 MiB); at M = 16 (micro-batches
+of 512 rows, as before), median of 3, the ratio read 0.58-0.79 alone and beside two busy
+processes.
+"""
 
 from __future__ import annotations
 
@@ -15,8 +24,8 @@ def test_one_f_one_b_peak_below_gpipe(tmp_path):
     out = tmp_path / "memory.json"
     proc = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "schedule_memory.py"), "--stages", "4",
-         "--micro-batches", "8", "--batch", "4096", "--width", "256", "--layers", "8",
-         "--repeats", "1", "--schedules", "gpipe,1f1b", "--json", str(out)],
+         "--micro-batches", "16", "--batch", "8192", "--width", "256", "--layers", "8",
+         "--repeats", "3", "--schedules", "gpipe,1f1b", "--json", str(out)],
         capture_output=True, text=True, timeout=300,
         env={**os.environ, "PYTHONPATH": str(ROOT)},
     )
