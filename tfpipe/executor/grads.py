@@ -4,7 +4,9 @@ Design:
 - Accumulation sums each stage's weight gradients over micro-batches on the stage's device
   (`GradSums`); then the model's own optimizer applies one step to all variables at once
   (`apply_gradients`), so the step counter, learning-rate schedule and any global gradient
-  clipping see one step, as in `model.fit`.
+  clipping see one step, as in `model.fit`. Its math outside `update_step` (weight decay,
+  clipping, unscaling, constraints, EMA) is traced under `placement.ops_follow_their_data`,
+  so each variable's share runs on its stage's device (tests/test_device_traffic.py).
 - IndexedSlices (embedding gradients) keep the structure a full batch would give: they are
   kept per micro-batch (`SparseParts`) and combined once all are known (`combine_sparse`),
   because Keras's optimizers square slices before summing duplicates (Adam's v).
@@ -23,6 +25,7 @@ import tensorflow as tf
 
 from tfpipe.executor.replicas import ReplicaReducer
 from tfpipe.partition import Stage
+from tfpipe.placement import ops_follow_their_data
 
 
 def vjp(
@@ -245,4 +248,5 @@ def apply_gradients(
             else:
                 by_var[id(v)] = g
     variables = model.trainable_variables
-    model.optimizer.apply_gradients([(by_var[id(v)], v) for v in variables])
+    with ops_follow_their_data():
+        model.optimizer.apply_gradients([(by_var[id(v)], v) for v in variables])

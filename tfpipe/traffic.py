@@ -1,0 +1,93 @@
+"""Bytes a traced step moves between devices, read from TensorFlow's placed, partitioned graphs.
+
+Design: a tensor's requested device says little, since the placer decides for every op made
+without one (it used to put Keras's weight-decay and clipping math on the default device).
+What the runtime really moves is the `_Send` nodes of the partition graphs it runs: one per
+tensor and pair of devices. TensorFlow reports those graphs (RunMetadata) when a function is
+first instantiated with run metadata on, so `placed_transfers` traces a fresh function,
+runs it once so, and sizes each sent tensor by the static shape of the op that made it in
+the traced graph (ops of a lowered `tf.cond` branch are found in that branch's graph).
+Reading RunMetadata needs TensorFlow's private eager context: the one touchpoint is here.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import tensorflow as tf
+from tensorflow.python.eager import context
+
+from tfpipe.devices import canonical
+
+
+@dataclass(frozen=True)
+class Transfer:
+    """One tensor sent from one device to another in a step.
+
+    Attributes:
+        source: the sending device (canonical, e.g. `/device:CPU:1`).
+        target: the receiving device.
+        tensor: the sent tensor's name in the traced graph (`op:slot`).
+        nbytes: its size by its static shape, or None where that is unknown.
+    """
+
+    source: str
+    target: str
+    tensor: str
+    nbytes: int | None
+
+
+def placed_transfers(fn: Callable[..., Any], *args: Any) -> list[Transfer]:
+    """Every tensor `fn(*args)` sends between devices, as placed and partitioned by TensorFlow.
+
+    Args:
+        fn: a `tf.function` that has never run (RunMetadata carries the partition graphs
+            only when a function is first instantiated).
+        *args: its arguments; tensors with full shapes, so that sizes are known.
+
+    Returns:
+        The transfers of one call, one per `_Send` of its partition graphs.
+    """
+    outputs = _outputs_by_name(fn.get_concrete_function(*args).graph, "")
+    context.enable_run_metadata()
+    try:
+        context.export_run_metadata()  # drops what an earlier reader left behind
+        fn(*args)
+        metadata = context.export_run_metadata()
+    finally:
+        context.disable_run_metadata()
+    found = []
+    for graph in metadata.function_graphs:
+        for partition in graph.partition_graphs:
+            for node in partition.node:
+                if node.op == "_Send":
+                    found.append(_transfer(node, outputs))
+    return found
+
+
+def _transfer(node: Any, outputs: dict[str, list[tf.Tensor]]) -> Transfer:
+    name, _, slot = node.input[0].partition(":")
+    made = outputs.get(re.sub(r"/(then|else)/_\d+/", r"/\1/", name))
+    nbytes = 0 if re.search(r"/ctrl/_\d+$", name) else None  # a control edge's empty token
+    if made is not None and int(slot or 0) < len(made):
+        t = made[int(slot or 0)]
+        n = t.shape.num_elements() if t.shape.rank is not None else None
+        nbytes = None if n is None or t.dtype == tf.resource else n * t.dtype.size
+    return Transfer(canonical(node.attr["send_device"].s.decode()),
+                    canonical(node.attr["recv_device"].s.decode()), f"{name}:{slot or 0}", nbytes)
+
+
+def _outputs_by_name(graph: tf.Graph, prefix: str) -> dict[str, list[tf.Tensor]]:
+    """`{op name: outputs}` of `graph` and of the branches of its `tf.cond`s (named as the
+    runtime names them once lowered: `<cond>/then/<op>`)."""
+    found: dict[str, list[tf.Tensor]] = {}
+    for op in graph.get_operations():
+        found[prefix + op.name] = list(op.outputs)
+        for branch, attr in (("then", "_true_graph"), ("else", "_false_graph")):
+            inner = getattr(op, attr, None)
+            if inner is not None:
+                found.update(_outputs_by_name(inner, f"{prefix}{op.name}/{branch}/"))
+    return found
