@@ -88,3 +88,49 @@ def test_optimizer_math_stays_beside_its_variables(case, policy):
     tol = 2e-3 if case == "mixed_float16" else 1e-5
     for a, b in zip(ref.weights, piped.weights):
         np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=tol, atol=tol, err_msg=a.path)
+
+
+def test_batch_is_split_on_the_host_and_sent_straight_to_its_stages():
+    """On a GPU machine ops without a device default to GPU:0; here the step is traced under
+    CPU:3 to stand for it. The batch arrives on the host (CPU:0): each micro-batch's inputs
+    go straight to stage 0 and its labels straight to the last stage, none through CPU:3."""
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(BATCH, WIDTH)).astype("float32")
+    y = rng.integers(0, 3, size=BATCH)
+    piped = model("sgd")
+    piped.compile(piped.optimizer, piped.loss, metrics=["accuracy"])
+    pipe = tfpipe.Pipeline(piped, stages=2, micro_batches=M, devices=["/cpu:1", "/cpu:2"])
+    with pipe._attached():
+        def step(a, b):
+            with tf.device("/cpu:3"):
+                return pipe.executor.train_step((a, b))
+
+        sent = placed_transfers(tf.function(step, autograph=False), tf.constant(x), tf.constant(y))
+    through = [t for t in sent if "CPU:3" in t.source + t.target and t.nbytes > 8]
+    assert not through, through
+    total = sum(t.nbytes or 0 for t in sent)
+    assert total <= 1.05 * least_bytes(pipe, x, y), (total, least_bytes(pipe, x, y))
+
+
+def test_traffic_by_kind_names_what_crosses_between_which_devices():
+    from tfpipe.traffic import kind_of, traffic_table
+
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(BATCH, WIDTH)).astype("float32")
+    y = rng.integers(0, 3, size=BATCH)
+    pipe = tfpipe.Pipeline(model("adam"), stages=2, micro_batches=M, devices=["/cpu:1", "/cpu:2"])
+    with pipe._attached():
+        step = tf.function(lambda a, b: pipe.executor.train_step((a, b)), autograph=False)
+        sent = placed_transfers(step, tf.constant(x), tf.constant(y))
+    by = {}
+    for t in sent:
+        key = (t.source[-5:], t.target[-5:], kind_of(t))
+        by[key] = by.get(key, 0) + t.nbytes
+    boundary = BATCH * WIDTH * 4  # the whole batch's activations at the cut, float32
+    assert by[("CPU:0", "CPU:1", "inputs")] == x.nbytes
+    assert by[("CPU:0", "CPU:2", "labels")] == y.nbytes
+    assert by[("CPU:1", "CPU:2", "activations")] == boundary
+    assert by[("CPU:2", "CPU:1", "gradients")] == boundary
+    assert not [k for k in by if k[2] == "other"], by
+    table = traffic_table(sent)
+    assert "/device:CPU:0 -> /device:CPU:2" in table and "labels" in table, table

@@ -119,3 +119,34 @@ def test_single_stage_keeps_everything_on_one_device():
     x, y = data("cnn")
     pipe.fit(x, y, batch_size=16, verbose=0)
     assert all(device_of(v) == "/device:CPU:2" for v in model.weights)
+
+
+def test_seed_generator_state_sits_on_its_stage_device():
+    """Dropout reads and advances its seed generator's state on every call: it moves with the
+    stage (it is not among the model's weights), and the dropout masks stay Keras's own."""
+    import keras
+
+    from tests.test_functional_graphs import micro_batch_reference
+
+    def make():
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential([
+            keras.Input((8,)), keras.layers.Dense(12, activation="relu"), keras.layers.Dropout(0.3),
+            keras.layers.Dense(12, activation="relu"), keras.layers.Dropout(0.3),
+            keras.layers.Dense(3, activation="softmax"),
+        ])
+        model.compile(keras.optimizers.SGD(0.1), "sparse_categorical_crossentropy")
+        return model
+
+    x, y = data("mlp")
+    ref = make()
+    micro_batch_reference(ref, x, y, micro_batches=2, epochs=1)
+    model = make()
+    pipe = tfpipe.Pipeline(model, stages=2, micro_batches=2, devices=["/cpu:1", "/cpu:2"])
+    for stage in pipe.stages:
+        seeds = [v for layer in stage.layers for v in layer.variables if "seed" in v.path]
+        assert seeds, stage.index
+        assert all(device_of(v) == stage.device for v in seeds), [(v.path, device_of(v)) for v in seeds]
+    pipe.fit(x, y, batch_size=16, epochs=1, verbose=0, shuffle=False)
+    for a, b in zip(ref.weights, model.weights):
+        np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-5, atol=1e-6, err_msg=a.path)

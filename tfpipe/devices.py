@@ -126,6 +126,10 @@ def is_local(device: str) -> bool:
     return tf.DeviceSpec.from_string(device).job in (None, "localhost")
 
 
+HOST = "/job:localhost/replica:0/task:0/device:CPU:0"
+"""This process's first CPU: where its data arrives and where a batch is split."""
+
+
 def default_device() -> str:
     """The one device single-device work (profiling) runs on when none is named.
 

@@ -50,11 +50,22 @@ def owners(stages: Sequence[Stage]) -> dict[int, int]:
 
 
 def place_stages(stages: Sequence[Stage]) -> None:
-    """Moves every variable (trainable or not) onto the device of the first stage that uses it."""
+    """Moves every variable (trainable or not) onto the device of the first stage that uses it.
+
+    Also the state of its layers' seed generators (Dropout, GaussianNoise): not among a
+    model's weights, but read and advanced by every call, so left on the default device it
+    was a round trip per micro-batch, and a variable on another device for a compiled stage.
+    """
     owner = owners(stages)
     for stage in stages:
         for v in stage.model.weights:
             if owner[id(v)] == stage.index:
+                move(v, stage.device)
+    seen: set[int] = set(owner)
+    for stage in stages:
+        for v in stage.model.variables:
+            if id(v) not in seen:
+                seen.add(id(v))
                 move(v, stage.device)
 
 

@@ -21,6 +21,7 @@ import tensorflow as tf
 from tensorflow.python.eager import context
 
 from tfpipe.devices import canonical
+from tfpipe.report import format_bytes, text_table
 
 
 @dataclass(frozen=True)
@@ -91,3 +92,44 @@ def _outputs_by_name(graph: tf.Graph, prefix: str) -> dict[str, list[tf.Tensor]]
             if inner is not None:
                 found.update(_outputs_by_name(inner, f"{prefix}{op.name}/{branch}/"))
     return found
+
+
+KINDS = ("inputs", "labels", "sample_weights", "activations", "gradients", "scalars", "other")
+
+
+def kind_of(transfer: Transfer) -> str:
+    """What a pipelined step's transfer carries, read from the name scopes the executor gives
+    its ops: a split of the batch (`inputs/`, `labels/`, `sample_weights/`), a forward's
+    output (`stage<k>_F<m>/`: activations), a backward's (`stage<k>_B<m>/` or `_I<m>/`: input
+    gradients); anything of at most 8 bytes is a scalar; the rest is "other"."""
+    name = transfer.tensor.split("/")
+    if transfer.nbytes is not None and transfer.nbytes <= 8:
+        return "scalars"
+    for part in name[:-1]:
+        if part in ("inputs", "labels", "sample_weights"):
+            return part
+        found = re.fullmatch(r"(?:replica\d+_)?stage\d+_([FBIW])\d+", part)
+        if found:
+            return "activations" if found.group(1) == "F" else "gradients"
+    return "other"
+
+
+def traffic_table(transfers: list[Transfer]) -> str:
+    """Bytes per step between each pair of devices, by kind, as a text table.
+
+    Example:
+        ```
+        from -> to                       inputs  activations  scalars
+        ------------------------------  -------  -----------  -------
+        /device:CPU:0 -> /device:CPU:1  8.0 KiB      8.0 KiB     12 B
+        ```
+    """
+    pairs: dict[tuple[str, str], dict[str, int]] = {}
+    for t in transfers:
+        row = pairs.setdefault((t.source, t.target), dict.fromkeys(KINDS, 0))
+        row[kind_of(t)] += t.nbytes or 0
+    kinds = [k for k in KINDS if any(row[k] for row in pairs.values())]
+    rows = [[f"{a} -> {b}", *(format_bytes(row[k]) if row[k] else "0" for k in kinds)]
+            for (a, b), row in sorted(pairs.items())]
+    header = ["from -> to", *kinds]
+    return "\n".join(text_table([header, *rows], numeric=set(range(1, len(header)))))

@@ -110,7 +110,8 @@ class MicroBatches:
             base = tf.identity(batch // num)
         rem = batch % num
         sizes = base + tf.cast(tf.range(num) < rem, tf.int32)
-        xs, ys, sws = (_split(t, sizes, num) for t in (x, y, sample_weight))
+        xs, ys, sws = (_split(t, sizes, num, kind) for t, kind in
+                       ((x, "inputs"), (y, "labels"), (sample_weight, "sample_weights")))
         fraction = [tf.cast(sizes[m], tf.float32) / tf.cast(batch, tf.float32) for m in range(num)]
         if reduction == "sum":
             data_scale = [tf.constant(1.0) for _ in range(num)]
@@ -124,9 +125,13 @@ class MicroBatches:
         return cls(xs, ys, sws, sizes, data_scale, fraction, batch)
 
 
-def _split(structure: Any, sizes: tf.Tensor, num: int) -> list[Any]:
+def _split(structure: Any, sizes: tf.Tensor, num: int, kind: str) -> list[Any]:
+    """`structure`'s leaves split into `num` parts, in name scope `kind` (which
+    `tfpipe.traffic` reads to tell inputs, labels and sample weights apart)."""
     if structure is None:
         return [None] * num
     leaves = keras.tree.flatten(structure)
-    parts = [tf.split(t, sizes, num=num, axis=0) if t is not None else [None] * num for t in leaves]
+    with tf.name_scope(kind):
+        parts = [tf.split(t, sizes, num=num, axis=0) if t is not None else [None] * num
+                 for t in leaves]
     return [keras.tree.pack_sequence_as(structure, [p[m] for p in parts]) for m in range(num)]

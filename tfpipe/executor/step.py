@@ -31,6 +31,7 @@ import keras
 import tensorflow as tf
 
 from tfpipe._keras import layer_name_of, loss_tracker, unscale_loss
+from tfpipe.devices import HOST
 from tfpipe.errors import PipelineError
 from tfpipe.executor.batchnorm import DeferredBatchNorm
 from tfpipe.executor.dataflow import Dataflow, Recorded
@@ -194,8 +195,11 @@ class Executor:
     # pieces of the steps --------------------------------------------------------------------
 
     def _split(self, x: Any, y: Any, sw: Any) -> MicroBatches:
-        """The batch as M micro-batches per replica."""
-        return MicroBatches.split(x, y, sw, self.micro_batches * self.replicas, self.reduction)
+        """The batch as M micro-batches per replica, split on the host (`devices.HOST`), where
+        the data arrives: each slice then goes straight to the stage that reads it (labels to
+        the last), not through the default device (GPU:0 on a GPU machine) first."""
+        with tf.device(HOST):
+            return MicroBatches.split(x, y, sw, self.micro_batches * self.replicas, self.reduction)
 
     def _results(self, losses: list[tf.Tensor], mb: MicroBatches) -> dict[str, Any]:
         """Updates the loss tracker once with the batch loss; returns the metric results."""

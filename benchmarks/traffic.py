@@ -1,0 +1,122 @@
+"""Bytes a pipelined training step moves over loopback, per optimizer, against the least needed.
+
+Starts two `tfpipe worker` processes (one stage each) and connects this process as the client,
+which holds the data. Per optimizer: a fresh MLP (`--layers` x Dense(`--width`) + Dense(10)),
+two stages, M micro-batches; two warm-up steps (tracing), then `--steps` steps, reading the
+loopback interface's received bytes (`/proc/net/dev`, `lo`) before and after. Everything
+between the client and the workers crosses loopback, so this counts what really moved, gRPC
+framing included, and anything else the machine sends over loopback meanwhile (run it on an
+otherwise quiet machine). The least a 2-stage step must move: the inputs from the client to
+stage 0, the labels to stage 1, and per micro-batch the boundary activation forward and its
+gradient back. Beside it, the bytes `tfpipe.traffic.placed_transfers` finds in the step's
+placed partition graphs (traced in this process with the same placement).
+
+Usage:
+    python benchmarks/traffic.py [--width 1024] [--layers 8] [--batch 256] [--micro-batches 4]
+        [--steps 3] [--optimizers sgd,adam,adamw,clipnorm,global_clipnorm,mixed_float16]
+        [--json out/traffic.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+if not __package__:  # `python benchmarks/traffic.py`: import its folder as the package
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
+
+from benchmarks.speed_table import write_json
+from tfpipe.processes import WorkerPool
+
+OPTIMIZERS = {
+    "sgd": ("SGD", {"learning_rate": 0.01}),
+    "adam": ("Adam", {}),
+    "adamw": ("AdamW", {"weight_decay": 0.01}),
+    "clipnorm": ("SGD", {"clipnorm": 1.0}),
+    "global_clipnorm": ("Adam", {"global_clipnorm": 1.0}),
+    "mixed_float16": ("Adam", {}),  # Keras wraps it in a LossScaleOptimizer
+}
+
+
+def loopback_bytes() -> int:
+    """Bytes the loopback interface has received since boot."""
+    for line in Path("/proc/net/dev").read_text().splitlines():
+        name, _, counters = line.partition(":")
+        if name.strip() == "lo":
+            return int(counters.split()[0])
+    raise SystemExit("traffic: no loopback interface in /proc/net/dev")
+
+
+def measure(name: str, devices: list[str], args: argparse.Namespace) -> dict[str, Any]:
+    """One optimizer's MiB per step (loopback and placed graphs) and the least needed."""
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    import tfpipe
+    from tfpipe.traffic import placed_transfers
+
+    keras.mixed_precision.set_global_policy("mixed_float16" if name == "mixed_float16" else "float32")
+    keras.utils.set_random_seed(0)
+    layers = [keras.layers.Dense(args.width, activation="relu") for _ in range(args.layers)]
+    model = keras.Sequential([keras.Input((args.width,)), *layers,
+                              keras.layers.Dense(10, dtype="float32")])
+    cls, kwargs = OPTIMIZERS[name]
+    model.compile(getattr(keras.optimizers, cls)(**kwargs),
+                  keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(args.batch, args.width)).astype("float32")
+    y = rng.integers(0, 10, size=args.batch)
+    pipe = tfpipe.Pipeline(model, stages=2, devices=devices, micro_batches=args.micro_batches)
+    fit = dict(batch_size=args.batch, epochs=1, verbose=0, shuffle=False)
+    pipe.fit(np.concatenate([x, x]), np.concatenate([y, y]), **fit)  # traces; two steps
+    before = loopback_bytes()
+    pipe.fit(np.concatenate([x] * args.steps), np.concatenate([y] * args.steps), **fit)
+    moved = (loopback_bytes() - before) / args.steps
+    with pipe._attached():
+        step = tf.function(lambda a, b: pipe.executor.train_step((a, b)), autograph=False)
+        placed = sum(t.nbytes or 0 for t in placed_transfers(step, tf.constant(x), tf.constant(y)))
+    boundary = pipe.stages[0].model.outputs[0]
+    itemsize = np.dtype(boundary.dtype).itemsize
+    least = x.nbytes + y.nbytes + 2 * args.batch * int(np.prod(boundary.shape[1:])) * itemsize
+    keras.mixed_precision.set_global_policy("float32")
+    mib = 2.0**20
+    return {"optimizer": name, "loopback_mib": moved / mib, "placed_mib": placed / mib,
+            "least_mib": least / mib, "ratio": moved / least, "placed_ratio": placed / least}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--width", type=int, default=1024)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--micro-batches", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--optimizers", default=",".join(OPTIMIZERS))
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as logs, WorkerPool(Path(logs)) as pool:
+        addresses, _ = pool.start(2)
+        import tfpipe
+
+        devices = tfpipe.cluster(addresses, threads=1, timeout_s=60)
+        results = [measure(name, devices, args) for name in args.optimizers.split(",")]
+    print(f"2 stages on 2 workers, {args.layers} x Dense({args.width}) + Dense(10), batch "
+          f"{args.batch}, M={args.micro_batches}; loopback bytes received per step, mean of "
+          f"{args.steps}")
+    print(f"{'optimizer':16} {'loopback MiB':>12} {'placed MiB':>10} {'least MiB':>9} "
+          f"{'loopback/least':>14} {'placed/least':>12}")
+    for r in results:
+        print(f"{r['optimizer']:16} {r['loopback_mib']:12.2f} {r['placed_mib']:10.2f} "
+              f"{r['least_mib']:9.2f} {r['ratio']:14.2f} {r['placed_ratio']:12.2f}")
+    write_json(args.json, {"args": vars(args), "results": results})
+
+
+if __name__ == "__main__":
+    main()
