@@ -7,10 +7,12 @@ initialises) and measures, each part in its own process with a time limit:
 - `warmup`: the first use of the GPU, timed: TensorFlow's pip wheels carry no sm_90 code, so
   on an H100 / H200 the driver JIT-compiles the kernels from PTX (`gpu.sh` enlarges the JIT
   cache so that the later parts reuse them).
-- `speed`: target 1 (tfpipe 1 stage, M = 1 against `model.fit`; on a GPU Keras compiles
-  `model.fit`'s step with XLA by default, which tfpipe does not, so `model.fit` with
-  `jit_compile=False` is timed too) and target 2 (1 stage, M micro-batches against M = 1, and
-  against sequential accumulation), on one logical GPU, through `benchmarks/overhead.py`.
+- `speed`: target 1 (tfpipe 1 stage, M = 1 against `model.fit`, both with Keras's default
+  `jit_compile="auto"`, which is XLA on a GPU; `model.fit` with `jit_compile=False` is timed
+  too) and target 2 (1 stage, M micro-batches against M = 1, and against sequential
+  accumulation), on one logical GPU; then per-stage XLA on and off (`measure_jit`: 1 stage
+  and `model.fit`, each with and without XLA, and K = `--logical` stages with and without),
+  through `benchmarks/overhead.py`.
 - `memory`: allocator peak of one training step on each logical GPU
   (`tfpipe.allocator.peak_bytes("GPU:i")` after `tfpipe.allocator.reset`) for
   GPipe / 1F1B with recompute never, and 1F1B with except_last and always; K = `--logical`.
@@ -132,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
         "warmup": {},
         "overhead": {},
         "micro_batching": {},
+        "jit": {},
         "memory": {},
         "promise": {},
     }
@@ -232,6 +235,10 @@ def summary(report: dict[str, Any]) -> str:
                  if "throughput_ratio_vs_no_xla" in r else "")
         lines.append(f"  target 1 {name}: throughput ratio {r['throughput_ratio']:.3f}"
                      f" (model.fit jit_compile={r['model_fit_jit_compile']}){extra}")
+    for name, r in report["jit"].items():
+        lines.append(f"  XLA {name}: 1 stage / model.fit, both XLA "
+                     f"{r['one_stage_xla_vs_model_fit_xla']:.3f}; K={r['stages']} XLA / no XLA "
+                     f"{r['k_stages_xla_vs_no_xla']:.3f}")
     for name, rows in report["micro_batching"].items():
         cells = ", ".join(f"M={r['M']} {r['throughput_vs_M1']:.2f}" for r in rows)
         lines.append(f"  target 2 {name}: throughput vs M=1: {cells}")
@@ -358,8 +365,15 @@ def part_warmup(args: argparse.Namespace, devices: list[str], mem: list[str],
 
 def part_speed(args: argparse.Namespace, devices: list[str], mem: list[str],
                results: Results) -> None:
-    """Targets 1 and 2 on the first logical device (where `model.fit` runs by default)."""
-    from benchmarks.overhead import measure_micro_batching, measure_overhead, micro_batching_table
+    """Targets 1 and 2 on the first logical device (where `model.fit` runs by default), then
+    per-stage XLA on and off (`measure_jit`, K = all logical devices)."""
+    from benchmarks.overhead import (
+        jit_table,
+        measure_jit,
+        measure_micro_batching,
+        measure_overhead,
+        micro_batching_table,
+    )
 
     counts = [int(m) for m in args.micro_batches.split(",")]
     for name in args.models.split(","):
@@ -377,6 +391,11 @@ def part_speed(args: argparse.Namespace, devices: list[str], mem: list[str],
                                       device=devices[0])
         results.put("micro_batching", name, rows)
         print(micro_batching_table(name, batch, rows), flush=True)
+    for name in args.models.split(","):
+        batch = 256 if name == "mlp" else 64
+        r = measure_jit(name, batch, args.steps, args.repeats, devices)
+        results.put("jit", name, r)
+        print(jit_table(name, r), flush=True)
 
 
 def step_peaks(fit_once: Callable[[], Any], mem: list[str], repeats: int) -> dict[str, Any]:

@@ -7,12 +7,18 @@ same M micro-batches with one plain `GradientTape` each and sums the gradients (
 accumulation"), which isolates what tfpipe's accumulation adds beyond the smaller products.
 All figures are throughput ratios from medians of `--repeats` runs, measured in one process.
 
-`measure_overhead` and `measure_micro_batching` are also used by `benchmarks/gpu.py`, which
-runs them on one logical GPU.
+`--jit` measures per-stage XLA instead (`measure_jit`), on 4 logical CPU devices: 1 stage
+with `jit_compile=True` against `model.fit(jit_compile=True)` (and both without XLA), and 4
+stages with XLA against without, all fitted in turn in one process.
+
+`measure_overhead`, `measure_micro_batching` and `measure_jit` are also used by
+`benchmarks/gpu.py`, which runs them on logical GPUs.
 
 Usage:
     python -m benchmarks.overhead [--models mlp,transformer] [--repeats 5] [--steps 30]
         [--micro-batches 2,4,8,16] [--json out/overhead.json]
+    python -m benchmarks.overhead --jit [--models mlp,transformer] [--repeats 5] [--steps 20]
+        [--jit-micro-batches 4]
 """
 
 from __future__ import annotations
@@ -39,7 +45,22 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--micro-batches", default="2,4,8,16")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--jit", action="store_true",
+                        help="per-stage XLA: 1 stage vs model.fit, 4 stages with vs without")
+    parser.add_argument("--jit-micro-batches", type=int, default=4)
     args = parser.parse_args()
+    if args.jit:
+        import tfpipe
+
+        devices = tfpipe.configure_cpu_devices(4)
+        report_jit: dict[str, Any] = {"args": vars(args), "jit": {}}
+        for name in args.models.split(","):
+            batch = args.batch if name == "mlp" else 64
+            r = measure_jit(name, batch, args.steps, args.repeats, devices, args.jit_micro_batches)
+            report_jit["jit"][name] = r
+            print(jit_table(name, r))
+        write_json(args.json, report_jit)
+        return
 
     report: dict[str, Any] = {"args": vars(args), "overhead": {}, "micro_batching": {}}
     counts = [int(m) for m in args.micro_batches.split(",")]
@@ -76,8 +97,9 @@ def measure_overhead(
         device: the device of the tfpipe stage; `model.fit` runs on the default device, which
             must be the same one (the first GPU, or CPU:0 without GPUs).
         no_xla_baseline: also time `model.fit` with `jit_compile=False`. On a GPU Keras's
-            default `jit_compile="auto"` compiles `model.fit`'s step with XLA, which tfpipe
-            does not (one XLA program cannot span devices); this isolates that difference.
+            default `jit_compile="auto"` compiles `model.fit`'s step with XLA, and tfpipe's
+            `"auto"` then compiles each stage's forward and backward (not the whole step:
+            one XLA program cannot span devices); this isolates what XLA gives `model.fit`.
 
     Returns:
         `model_fit_ms`, `tfpipe_ms`, `throughput_ratio` (model.fit time / tfpipe time), the
@@ -112,6 +134,87 @@ def measure_overhead(
             times["tfpipe"]
         )
     return result
+
+
+def measure_jit(
+    name: str,
+    batch: int,
+    steps: int,
+    repeats: int,
+    devices: list[str],
+    micro_batches: int = 4,
+) -> dict[str, Any]:
+    """Per-stage XLA: `model.fit` and 1-stage tfpipe, each with and without XLA, on
+    `devices[0]`; K = `len(devices)` stages with XLA and without; all fitted in turn.
+
+    Args:
+        name: `"mlp"` or `"transformer"` (see `common.compiled`).
+        batch: the global batch.
+        steps: steps per timed fit (the first one, which traces and compiles, is not timed).
+        repeats: fits of each configuration; medians are reported.
+        devices: the stages' devices; `model.fit` runs on the default device, which must be
+            `devices[0]` (the first GPU, or CPU:0).
+        micro_batches: M of the K-stage pipelines (the 1-stage ones run M = 1).
+
+    Returns:
+        `ms` (median ms per step of each configuration), `stages` (K), `micro_batches`, and
+        throughput ratios: `one_stage_xla_vs_model_fit_xla` (the 0.97 target),
+        `one_stage_vs_model_fit_no_xla`, `k_stages_xla_vs_no_xla` and
+        `model_fit_xla_vs_no_xla` (above 1: faster with XLA).
+    """
+    import tfpipe
+    from benchmarks.common import compiled, data_for, side_by_side
+
+    data = data_for(name, batch, steps)
+    fit: dict[str, Any] = dict(epochs=1, steps_per_epoch=steps, verbose=0)
+    plain = {jit: compiled(name) for jit in (True, False)}
+    for jit, model in plain.items():
+        model.jit_compile = jit
+    k = len(devices)
+    pipes = {
+        (1, jit): tfpipe.Pipeline(compiled(name), stages=1, devices=devices[:1], jit_compile=jit)
+        for jit in (True, False)
+    }
+    pipes.update({
+        (k, jit): tfpipe.Pipeline(compiled(name), stages=k, micro_batches=micro_batches,
+                                  devices=devices, jit_compile=jit)
+        for jit in (True, False)
+    })
+    runs: dict[str, Callable[[Any], None]] = {}
+    for jit, model in plain.items():
+        runs[f"model.fit xla={jit}"] = (
+            lambda m: lambda t: m.fit(data, callbacks=[t], **fit)
+        )(model)
+    for (stages, jit), pipe in pipes.items():
+        runs[f"tfpipe K={stages} xla={jit}"] = (
+            lambda p: lambda t: p.fit(data, callbacks=[t], **fit)
+        )(pipe)
+    times = {label: median(t) for label, t in side_by_side(runs, repeats).items()}
+    ms = {label: 1e3 * t for label, t in times.items()}
+    fit_on, fit_off = times["model.fit xla=True"], times["model.fit xla=False"]
+    return {
+        "stages": k,
+        "micro_batches": micro_batches,
+        "ms": ms,
+        "one_stage_xla_vs_model_fit_xla": fit_on / times["tfpipe K=1 xla=True"],
+        "one_stage_vs_model_fit_no_xla": fit_off / times["tfpipe K=1 xla=False"],
+        "k_stages_xla_vs_no_xla": times[f"tfpipe K={k} xla=False"]
+        / times[f"tfpipe K={k} xla=True"],
+        "model_fit_xla_vs_no_xla": fit_off / fit_on,
+    }
+
+
+def jit_table(name: str, r: dict[str, Any]) -> str:
+    """The `[jit]` lines printed by `main --jit` (and by `benchmarks/gpu.py`)."""
+    lines = [f"[jit] {name}: ms/step " + ", ".join(f"{k} {v:.1f}" for k, v in r["ms"].items())]
+    lines.append(
+        f"[jit] {name}: throughput ratios: 1 stage XLA / model.fit XLA "
+        f"{r['one_stage_xla_vs_model_fit_xla']:.3f} (target >= 0.97); 1 stage / model.fit, "
+        f"both without XLA {r['one_stage_vs_model_fit_no_xla']:.3f}; K={r['stages']} "
+        f"M={r['micro_batches']} XLA / no XLA {r['k_stages_xla_vs_no_xla']:.3f}; model.fit "
+        f"XLA / no XLA {r['model_fit_xla_vs_no_xla']:.3f}"
+    )
+    return "\n".join(lines)
 
 
 def measure_micro_batching(

@@ -52,38 +52,58 @@ def loopback_bytes() -> int:
     raise SystemExit("traffic: no loopback interface in /proc/net/dev")
 
 
-def measure(name: str, devices: list[str], args: argparse.Namespace) -> dict[str, Any]:
-    """One optimizer's MiB per step (loopback and placed graphs) and the least needed."""
+def build(name: str, width: int, layers: int, batch: int) -> tuple[Any, Any, Any]:
+    """A compiled MLP for optimizer case `name` (sets the global dtype policy), with a batch.
+
+    Returns:
+        The model, inputs `[batch, width]` and integer labels `[batch]`.
+    """
     import keras
     import numpy as np
-    import tensorflow as tf
 
-    import tfpipe
-    from tfpipe.traffic import placed_transfers
-
-    keras.mixed_precision.set_global_policy("mixed_float16" if name == "mixed_float16" else "float32")
+    keras.mixed_precision.set_global_policy(
+        "mixed_float16" if name == "mixed_float16" else "float32")
     keras.utils.set_random_seed(0)
-    layers = [keras.layers.Dense(args.width, activation="relu") for _ in range(args.layers)]
-    model = keras.Sequential([keras.Input((args.width,)), *layers,
-                              keras.layers.Dense(10, dtype="float32")])
+    dense = [keras.layers.Dense(width, activation="relu") for _ in range(layers)]
+    model = keras.Sequential([keras.Input((width,)), *dense, keras.layers.Dense(10, dtype="float32")])
     cls, kwargs = OPTIMIZERS[name]
     model.compile(getattr(keras.optimizers, cls)(**kwargs),
                   keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     rng = np.random.default_rng(0)
-    x = rng.normal(size=(args.batch, args.width)).astype("float32")
-    y = rng.integers(0, 10, size=args.batch)
+    return model, rng.normal(size=(batch, width)).astype("float32"), rng.integers(0, 10, size=batch)
+
+
+def placed_and_least(pipe: Any, x: Any, y: Any) -> tuple[int, int]:
+    """Bytes one step of a 2-stage `pipe` sends between devices by its placed partition
+    graphs (`tfpipe.traffic.placed_transfers`), and the least such a step must send."""
+    import numpy as np
+    import tensorflow as tf
+
+    from tfpipe.traffic import placed_transfers
+
+    with pipe._attached():
+        step = tf.function(lambda a, b: pipe.executor.train_step((a, b)), autograph=False)
+        placed = sum(t.nbytes or 0 for t in placed_transfers(step, tf.constant(x), tf.constant(y)))
+    boundary = pipe.stages[0].model.outputs[0]
+    itemsize = np.dtype(boundary.dtype).itemsize
+    return placed, x.nbytes + y.nbytes + 2 * len(x) * int(np.prod(boundary.shape[1:])) * itemsize
+
+
+def measure(name: str, devices: list[str], args: argparse.Namespace) -> dict[str, Any]:
+    """One optimizer's MiB per step (loopback and placed graphs) and the least needed."""
+    import keras
+    import numpy as np
+
+    import tfpipe
+
+    model, x, y = build(name, args.width, args.layers, args.batch)
     pipe = tfpipe.Pipeline(model, stages=2, devices=devices, micro_batches=args.micro_batches)
     fit = dict(batch_size=args.batch, epochs=1, verbose=0, shuffle=False)
     pipe.fit(np.concatenate([x, x]), np.concatenate([y, y]), **fit)  # traces; two steps
     before = loopback_bytes()
     pipe.fit(np.concatenate([x] * args.steps), np.concatenate([y] * args.steps), **fit)
     moved = (loopback_bytes() - before) / args.steps
-    with pipe._attached():
-        step = tf.function(lambda a, b: pipe.executor.train_step((a, b)), autograph=False)
-        placed = sum(t.nbytes or 0 for t in placed_transfers(step, tf.constant(x), tf.constant(y)))
-    boundary = pipe.stages[0].model.outputs[0]
-    itemsize = np.dtype(boundary.dtype).itemsize
-    least = x.nbytes + y.nbytes + 2 * args.batch * int(np.prod(boundary.shape[1:])) * itemsize
+    placed, least = placed_and_least(pipe, x, y)
     keras.mixed_precision.set_global_policy("float32")
     mib = 2.0**20
     return {"optimizer": name, "loopback_mib": moved / mib, "placed_mib": placed / mib,

@@ -51,8 +51,8 @@ def test_gpu_sh_cpu_smoke(tmp_path):
 
     report = json.loads(out.read_text())
     assert report["mode"] == "cpu-smoke"
-    assert {"card", "args", "parts", "env", "warmup", "overhead", "micro_batching", "memory",
-            "promise"} <= set(report)
+    assert {"card", "args", "parts", "env", "warmup", "overhead", "micro_batching", "jit",
+            "memory", "promise"} <= set(report)
     assert list(report["parts"]) == ["warmup", "promise_plain", "promise_pipeline", "memory",
                                      "speed"]
     assert all(p["status"] == "ok" for p in report["parts"].values()), report["parts"]
@@ -62,6 +62,9 @@ def test_gpu_sh_cpu_smoke(tmp_path):
     assert {"model_fit_ms", "tfpipe_ms", "throughput_ratio", "model_fit_no_xla_ms",
             "throughput_ratio_vs_no_xla", "model_fit_jit_compile"} <= set(overhead)
     assert [r["M"] for r in report["micro_batching"]["mlp"]] == [1, 2]
+    jit = report["jit"]["mlp"]  # per-stage XLA on and off
+    assert jit["stages"] == 4 and len(jit["ms"]) == 6
+    assert {"one_stage_xla_vs_model_fit_xla", "k_stages_xla_vs_no_xla"} <= set(jit)
 
     rows = report["memory"]["rows"]
     assert [(r["schedule"], r["recompute"]) for r in rows] == [

@@ -30,3 +30,17 @@ def test_options_are_checked_once_when_made():
     assert options.chunks == 2 and dataclasses.is_dataclass(options)
     with pytest.raises(dataclasses.FrozenInstanceError):
         options.stages = 3
+
+
+def test_jit_compile_auto_follows_the_model_and_is_checked_once():
+    auto = PipelineOptions(stages=2)
+    assert auto.jit_compile == "auto"
+    assert auto.xla(True) is True and auto.xla(False) is False  # the model's own setting
+    assert PipelineOptions(jit_compile=True).xla(False) is True
+    assert PipelineOptions(jit_compile=False).xla(True) is False
+    assert PipelineOptions(stages=2, replicas=2).xla(True) is False  # as Keras under tf.distribute
+    for bad in ("on", 1, None):
+        with pytest.raises(tfpipe.PipelineError, match=r"jit_compile=.*use 'auto'"):
+            PipelineOptions(jit_compile=bad)
+    with pytest.raises(tfpipe.PipelineError, match=r"jit_compile=True with replicas=2"):
+        PipelineOptions(stages=2, replicas=2, jit_compile=True)

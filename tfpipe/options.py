@@ -62,6 +62,9 @@ class PipelineOptions:
         batch_norm: `"micro-batch"` (BatchNormalization's moving statistics updated per
             micro-batch, as Keras would on each) or `"deferred"` (updated once per batch from
             all its micro-batches, as one full-batch step would).
+        jit_compile: `"auto"` (XLA on each stage's forward exactly when the model's own
+            `jit_compile`, as Keras resolved it at `compile`, is True, and `replicas` is 1),
+            `True` or `False` (see `xla`).
 
     Raises:
         PipelineError: for an option that is not valid whatever the model, or options that
@@ -84,6 +87,7 @@ class PipelineOptions:
     check_numerics: bool = False
     replicas: int = 1
     batch_norm: str = "micro-batch"
+    jit_compile: bool | str = "auto"
     _pieces: int | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -117,6 +121,15 @@ class PipelineOptions:
                 "are combined within one copy of the pipeline only. Use replicas=1, or "
                 "batch_norm='micro-batch'."
             )
+        _check_jit_compile(self.jit_compile)
+        if self.jit_compile is True and self.replicas > 1:
+            raise PipelineError(
+                f"jit_compile=True with replicas={self.replicas}: every copy of the pipeline "
+                "reads the one set of variables on copy 0's devices, and an XLA program cannot "
+                "read a variable held on another device. Use replicas=1, or jit_compile=False "
+                "('auto' turns XLA off with replicas, as Keras does under a distribution "
+                "strategy)."
+            )
         object.__setattr__(self, "_pieces", self._known_stages())
 
     # derived values -------------------------------------------------------------------------
@@ -142,6 +155,22 @@ class PipelineOptions:
     def num_chunks(self) -> int:
         """v, model pieces per device (`chunks` with its default filled in)."""
         return self.chunks if self.chunks is not None else 1
+
+    def xla(self, model_jit_compile: bool) -> bool:
+        """Whether stage functions are compiled with XLA: `jit_compile` with `"auto"` resolved.
+
+        Args:
+            model_jit_compile: the model's own `jit_compile` as Keras resolved it at `compile`
+                (`"auto"` there is True on a machine with a GPU when every layer supports XLA).
+
+        Returns:
+            `jit_compile` when it is True or False; for `"auto"`, `model_jit_compile`, but
+            False with `replicas` (as Keras turns `"auto"` off under a distribution strategy:
+            the copies read variables on other devices, which XLA cannot).
+        """
+        if isinstance(self.jit_compile, bool):
+            return self.jit_compile
+        return bool(model_jit_compile) and self.replicas == 1
 
     def count_stages(self, visible_devices: Callable[[], Sequence[str]]) -> int:
         """Model pieces to cut: K devices (of each replica) times `chunks`, or as `balance`,
@@ -300,6 +329,17 @@ def _check_replicas(replicas: Any) -> None:
         raise PipelineError(
             f"replicas must be a positive integer (data-parallel copies of the pipeline), got "
             f"{replicas!r}."
+        )
+
+
+def _check_jit_compile(jit_compile: Any) -> None:
+    if not isinstance(jit_compile, bool) and not (
+        isinstance(jit_compile, str) and jit_compile == "auto"
+    ):
+        raise PipelineError(
+            f"jit_compile={jit_compile!r}: use 'auto' (the default: XLA on each stage's forward "
+            "when the model's own jit_compile is True, as Keras's 'auto' makes it on a GPU "
+            "machine), True (XLA on every stage) or False (no XLA)."
         )
 
 

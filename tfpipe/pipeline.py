@@ -32,6 +32,7 @@ from tfpipe.devices import default_devices, resolve_devices
 from tfpipe.errors import PipelineError, runtime_message
 from tfpipe.executor import Executor
 from tfpipe.executor.inputs import check_array_inputs
+from tfpipe.executor.stagefn import model_jit_compile, turn_off_jit_compile
 from tfpipe.options import PipelineOptions
 from tfpipe.partition import Stage, check_gradient_paths, read_graph, split
 from tfpipe.placement import (
@@ -88,6 +89,10 @@ class Pipeline:
         batch_norm: `"micro-batch"` (default: BatchNormalization updates its moving statistics
             per micro-batch, as Keras would on each) or `"deferred"` (once per batch, from all
             its micro-batches, as one full-batch step would; see `tfpipe.executor.batchnorm`).
+        jit_compile: XLA on each stage's forward and backward, compiled on the stage's
+            device: `"auto"` (default: when the model's own `jit_compile` is True, as Keras's
+            `"auto"` makes it on a GPU machine), `True` or `False`. A stage XLA cannot compile
+            runs without, with a warning (see `tfpipe.executor.stagefn`).
 
     Attributes:
         stages: the `Stage`s: `.model` (Keras sub-model), `.device`, `.num_params`, `.layers`;
@@ -95,6 +100,7 @@ class Pipeline:
         schedule: the validated `Schedule`.
         options: the checked `tfpipe.options.PipelineOptions` it was built with
             (`Pipeline.from_options(model, options)` builds one from such an object).
+        jit_compile: whether the stage functions are compiled with XLA (`"auto"` resolved).
 
     Raises:
         PipelineError: for wrong stage counts, missing devices, or a split the model cannot
@@ -122,13 +128,14 @@ class Pipeline:
         check_numerics: bool = False,
         replicas: int = 1,
         batch_norm: str = "micro-batch",
+        jit_compile: bool | str = "auto",
     ) -> None:
         _check_model(model)
         options = PipelineOptions(
             stages=stages, balance=balance, devices=devices, micro_batches=micro_batches,
             schedule=schedule, chunks=chunks, profile=profile, split_points=split_points,
             recompute=recompute, check_numerics=check_numerics, replicas=replicas,
-            batch_norm=batch_norm,
+            batch_norm=batch_norm, jit_compile=jit_compile,
         )
         self._build(model, options, sample)
 
@@ -179,15 +186,12 @@ class Pipeline:
             model, options, stage_devices, self.layer_costs, sample
         )
         self.recompute = _recompute_flags(options, self.stages)
+        self.jit_compile = options.xla(model_jit_compile(model))
         self.executor = Executor(
-            model,
-            self.stages,
-            self.schedule,
-            profile=options.profile,
-            recompute=self.recompute,
-            check_numerics=options.check_numerics,
-            replica_devices=self.replica_devices,
-            batch_norm=options.batch_norm,
+            model, self.stages, self.schedule, profile=options.profile,
+            recompute=self.recompute, check_numerics=options.check_numerics,
+            replica_devices=self.replica_devices, batch_norm=options.batch_norm,
+            jit_compile=self.jit_compile,
         )
         _place(model, self.stages)
         self._functions: dict[str, Any] = dict.fromkeys(_FUNCTIONS)
@@ -347,16 +351,8 @@ def _split(
     if layer_costs is not None:
         by_time = options.balance_mode == "time"
         costs = [c.seconds if by_time else c.memory_bytes for c in layer_costs]
-    stages = split(
-        model,
-        len(devices),
-        options.layer_counts,
-        devices,
-        split_points=options.split_points,
-        costs=costs,
-        solver=solve,
-        sample=sample,
-    )
+    stages = split(model, len(devices), options.layer_counts, devices,
+                   split_points=options.split_points, costs=costs, solver=solve, sample=sample)
     if _compiled(model):
         check_gradient_paths(stages)
     return stages
@@ -391,10 +387,10 @@ def _place(model: keras.Model, stages: Sequence[Stage]) -> None:
     if model.jit_compile and num_devices > 1:
         warnings.warn(
             f"Model {model.name!r} was compiled with jit_compile=True, but tfpipe placed its "
-            f"variables on {num_devices} devices and one XLA "
-            "program cannot span them: model.jit_compile is now False, so plain "
-            "model.fit / predict keep working on the placed model.",
+            f"variables on {num_devices} devices and one XLA program cannot span them: "
+            "model.jit_compile is now False, so plain model.fit / predict keep working on the "
+            "placed model (tfpipe compiles each stage on its own device: see jit_compile).",
             stacklevel=4,  # _place < _build < Pipeline() / from_options < the caller
         )
-        model.jit_compile = False
+        turn_off_jit_compile(model)
 

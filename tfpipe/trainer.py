@@ -42,6 +42,7 @@ def fit(
     check_numerics: bool = False,
     replicas: int = 1,
     batch_norm: str = "micro-batch",
+    jit_compile: bool | str = "auto",
     callbacks: list[keras.callbacks.Callback] | None = None,
     validation_data: Any = None,
     verbose: str | int = "auto",
@@ -75,6 +76,9 @@ def fit(
             each stage's gradients are all-reduced over its copies before the one update.
         batch_norm: `"micro-batch"` (default) or `"deferred"`: BatchNormalization's moving
             statistics updated per micro-batch, or once per batch as a full batch would.
+        jit_compile: `"auto"` (default: XLA on each stage when the model's own
+            `jit_compile` is True, as `model.compile`'s default makes it on a GPU machine),
+            `True` (XLA on each stage's forward and backward, on its device) or `False`.
         callbacks, validation_data, verbose, steps_per_epoch, **fit_kwargs: as `model.fit`.
         plan: a `tfpipe.planner.PlanConfig` (for example `tfpipe.plan(...).best`): its
             `stages`, `balance`, `micro_batches`, `schedule`, `recompute`, `chunks` and
@@ -106,6 +110,7 @@ def fit(
         check_numerics=check_numerics,
         replicas=replicas,
         batch_norm=batch_norm,
+        jit_compile=jit_compile,
     )
     build_from_data(model, x)
     sampled = options.balance_mode in ("time", "memory") or not is_graph_model(model)

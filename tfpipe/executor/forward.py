@@ -34,7 +34,7 @@ from tfpipe.executor.grads import dense
 from tfpipe.executor.inputs import check_input_dtypes
 from tfpipe.executor.microbatch import MicroBatches
 from tfpipe.executor.numerics import call_checked
-from tfpipe.executor.stagefn import StageFunctions
+from tfpipe.executor.stagefn import StageFunctions, warn_uncompiled
 from tfpipe.partition import Stage
 from tfpipe.partition.graph import read_graph
 from tfpipe.partition.stages import check_gradient_path
@@ -62,6 +62,9 @@ class StageRunner:
         check_numerics: call stages layer by layer, stopping at the first NaN or Inf.
         deferred: with `batch_norm="deferred"`, the pipeline's BatchNormalization layers,
             whose moments each training call records per micro-batch; else None.
+        jit_compile: compile the stage functions with XLA (`StageFunctions`); the stages
+            `check_numerics` runs layer by layer and an opaque model stay uncompiled, with a
+            warning.
     """
 
     def __init__(
@@ -70,10 +73,11 @@ class StageRunner:
         stages: list[Stage],
         check_numerics: bool,
         deferred: DeferredBatchNorm | None = None,
+        jit_compile: bool = False,
     ) -> None:
         self.model = model
         self.deferred = deferred
-        self.functions = StageFunctions(deferred)
+        self.functions = StageFunctions(deferred, jit_compile)
         self.losses: dict[int, list[Any]] = {}  # each stage's add_loss terms, latest call
         self.stages = stages
         self.last = len(stages) - 1
@@ -92,6 +96,12 @@ class StageRunner:
             # model outputs made before the last stage: its tape watches them for the loss
             early = [i for i in self.output_ids if made_by.get(i, self.last) != self.last]
             self.early_outputs = early
+        if jit_compile and (check_numerics or self.opaque):
+            warn_uncompiled(stages, (
+                f"tfpipe calls subclassed model {model.name!r} whole, not as a stage function"
+                if self.opaque else "check_numerics=True calls each stage's layers one by one "
+                "(to name the first that makes a NaN or Inf), not as a stage function"
+            ))
 
     def feed(self, flow: Dataflow) -> None:
         """Makes each micro-batch's model inputs available to the stages that consume them."""

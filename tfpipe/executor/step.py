@@ -80,6 +80,8 @@ class Executor:
             runs one copy on the stages' own devices.
         batch_norm: `"micro-batch"`, or `"deferred"`: BatchNormalization's moving statistics
             updated once per batch from all micro-batches (`tfpipe.executor.batchnorm`).
+        jit_compile: compile each stage's forward (and so its backward) with XLA on its
+            device (`tfpipe.executor.stagefn`).
 
     Attributes:
         traces: how many times each step kind was traced (`"train"`, `"test"`, `"predict"`);
@@ -102,6 +104,7 @@ class Executor:
         check_numerics: bool = False,
         replica_devices: Sequence[Sequence[str]] | None = None,
         batch_norm: str = "micro-batch",
+        jit_compile: bool = False,
     ) -> None:
         self.model = model
         self.stages = stages
@@ -119,7 +122,7 @@ class Executor:
         # a model compiled only for prediction has no loss to split
         self.reduction = loss_reduction(model) if getattr(model, "compiled", False) else "sum"
         self.deferred = DeferredBatchNorm(stages) if batch_norm == "deferred" else None
-        self.runner = StageRunner(model, stages, check_numerics, self.deferred)
+        self.runner = StageRunner(model, stages, check_numerics, self.deferred, jit_compile)
         self.add_all = sum_function()  # the step's dense gradient sums
         self.traces: Counter[str] = Counter()
         self.produced: dict[Action, list[Any]] = {}
