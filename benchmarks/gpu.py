@@ -58,11 +58,11 @@ HERE = Path(__file__).resolve().parent
 if not __package__:  # `python benchmarks/gpu.py` (gpu.sh): import its folder as the package
     sys.path[0] = str(HERE.parent)
 
-PARTS = ("warmup", "promise_plain", "promise_pipeline", "memory", "speed")
+PARTS = ("warmup", "promise_plain", "promise_pipeline", "memory", "traffic", "speed")
 # Seconds each part may take at most (the overall --budget-s caps them further); `speed` goes
 # last and gets whatever is left.
 CAPS = {"warmup": 240, "promise_plain": 90, "promise_pipeline": 120, "memory": 120,
-        "speed": 300}
+        "traffic": 90, "speed": 300}
 STARTED = time.perf_counter()
 MEMORY_CONFIGS = (("gpipe", "never"), ("1f1b", "never"), ("1f1b", "except_last"),
                   ("1f1b", "always"))
@@ -136,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         "micro_batching": {},
         "jit": {},
         "memory": {},
+        "traffic": {},
         "promise": {},
     }
     print(f"[gpu] mode {report['mode']}, card {report['card'] or 'none (nvidia-smi absent)'}, "
@@ -242,6 +243,9 @@ def summary(report: dict[str, Any]) -> str:
     for name, rows in report["micro_batching"].items():
         cells = ", ".join(f"M={r['M']} {r['throughput_vs_M1']:.2f}" for r in rows)
         lines.append(f"  target 2 {name}: throughput vs M=1: {cells}")
+    if report["traffic"]:
+        cells = ", ".join(f"{name} {r['placed_ratio']:.2f}" for name, r in report["traffic"].items())
+        lines.append(f"  bytes between devices / least needed: {cells}")
     plain, piped = report["promise"].get("plain"), report["promise"].get("pipeline")
     if plain:
         lines.append(f"  promise: plain model.fit on one logical device: {plain['status']}")
@@ -286,6 +290,7 @@ def run_part(args: argparse.Namespace) -> int:
         "warmup": part_warmup,
         "speed": part_speed,
         "memory": part_memory,
+        "traffic": part_traffic,
         "promise_plain": part_promise_plain,
         "promise_pipeline": part_promise_pipeline,
     }[args.part]
@@ -406,6 +411,40 @@ def step_peaks(fit_once: Callable[[], Any], mem: list[str], repeats: int) -> dic
     for key in ("peak_above_rest_mib", "peak_mib", "rest_mib"):
         out[key] = [None if v is None else round(v, 1) for v in out[key]]
     return out
+
+
+def part_traffic(args: argparse.Namespace, devices: list[str], mem: list[str],
+                 results: Results) -> None:
+    """Bytes one training step sends between devices, per optimizer, against the least needed
+    (`benchmarks/traffic.py`'s model and count, read from the step's placed partition graphs):
+    two stages on the last two logical devices, so that the first (the default device, where
+    Keras's optimizer math landed before it followed its variables) should see only scalars;
+    also the bytes other than the batch's own (which come from the host: CPU:0 in the CPU
+    smoke run) that touched the default device."""
+    import keras
+
+    import tfpipe
+    from benchmarks.traffic import OPTIMIZERS, build, placed_and_least
+    from tfpipe.devices import canonical
+    from tfpipe.traffic import kind_of
+
+    width, batch = (1024, 256) if not args.cpu_smoke else (128, 64)
+    stage_devices = devices[-2:]
+    for name in OPTIMIZERS:
+        model, x, y = build(name, width, 8 if not args.cpu_smoke else 2, batch)
+        pipe = tfpipe.Pipeline(model, stages=2, devices=stage_devices, micro_batches=4)
+        sent, least = placed_and_least(pipe, x, y)
+        keras.mixed_precision.set_global_policy("float32")
+        placed = sum(t.nbytes or 0 for t in sent)
+        first = canonical(devices[0])
+        default = sum(t.nbytes or 0 for t in sent if first in (t.source, t.target)
+                      and kind_of(t) not in ("inputs", "labels", "sample_weights"))
+        results.put("traffic", name, {"placed_mib": placed / MiB, "least_mib": least / MiB,
+                                      "placed_ratio": placed / least,
+                                      "default_device_bytes": default,
+                                      "stage_devices": stage_devices})
+        print(f"[traffic] {name}: {placed / MiB:.2f} MiB per step, least {least / MiB:.2f} "
+              f"({placed / least:.2f}x); {default} B (not the batch) to or from {devices[0]}", flush=True)
 
 
 def part_memory(args: argparse.Namespace, devices: list[str], mem: list[str],

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One prepared GPU benchmark run for tfpipe (issue #7): targets 1 and 2, per-stage XLA on and off
-# (issue #21), per-logical-GPU memory peaks of GPipe / 1F1B / recompute, and the memory promise,
-# on one GPU split into logical GPUs.
+# (issue #21), per-logical-GPU memory peaks of GPipe / 1F1B / recompute, bytes between devices
+# per optimizer (issue #18), and the memory promise, on one GPU split into logical GPUs.
 # benchmarks/gpu.py does the measuring (its docstring says what and how); this script finds or
 # installs a TensorFlow that sees the GPU, prints the card, and runs it within a time budget.
 #

@@ -73,9 +73,9 @@ def build(name: str, width: int, layers: int, batch: int) -> tuple[Any, Any, Any
     return model, rng.normal(size=(batch, width)).astype("float32"), rng.integers(0, 10, size=batch)
 
 
-def placed_and_least(pipe: Any, x: Any, y: Any) -> tuple[int, int]:
-    """Bytes one step of a 2-stage `pipe` sends between devices by its placed partition
-    graphs (`tfpipe.traffic.placed_transfers`), and the least such a step must send."""
+def placed_and_least(pipe: Any, x: Any, y: Any) -> tuple[list[Any], int]:
+    """What one step of a 2-stage `pipe` sends between devices by its placed partition graphs
+    (`tfpipe.traffic.placed_transfers`), and the least bytes such a step must send."""
     import numpy as np
     import tensorflow as tf
 
@@ -83,10 +83,10 @@ def placed_and_least(pipe: Any, x: Any, y: Any) -> tuple[int, int]:
 
     with pipe._attached():
         step = tf.function(lambda a, b: pipe.executor.train_step((a, b)), autograph=False)
-        placed = sum(t.nbytes or 0 for t in placed_transfers(step, tf.constant(x), tf.constant(y)))
+        sent = placed_transfers(step, tf.constant(x), tf.constant(y))
     boundary = pipe.stages[0].model.outputs[0]
     itemsize = np.dtype(boundary.dtype).itemsize
-    return placed, x.nbytes + y.nbytes + 2 * len(x) * int(np.prod(boundary.shape[1:])) * itemsize
+    return sent, x.nbytes + y.nbytes + 2 * len(x) * int(np.prod(boundary.shape[1:])) * itemsize
 
 
 def measure(name: str, devices: list[str], args: argparse.Namespace) -> dict[str, Any]:
@@ -103,7 +103,8 @@ def measure(name: str, devices: list[str], args: argparse.Namespace) -> dict[str
     before = loopback_bytes()
     pipe.fit(np.concatenate([x] * args.steps), np.concatenate([y] * args.steps), **fit)
     moved = (loopback_bytes() - before) / args.steps
-    placed, least = placed_and_least(pipe, x, y)
+    sent, least = placed_and_least(pipe, x, y)
+    placed = sum(t.nbytes or 0 for t in sent)
     keras.mixed_precision.set_global_policy("float32")
     mib = 2.0**20
     return {"optimizer": name, "loopback_mib": moved / mib, "placed_mib": placed / mib,

@@ -54,7 +54,7 @@ def test_gpu_sh_cpu_smoke(tmp_path):
     assert {"card", "args", "parts", "env", "warmup", "overhead", "micro_batching", "jit",
             "memory", "promise"} <= set(report)
     assert list(report["parts"]) == ["warmup", "promise_plain", "promise_pipeline", "memory",
-                                     "speed"]
+                                     "traffic", "speed"]
     assert all(p["status"] == "ok" for p in report["parts"].values()), report["parts"]
     assert len(report["env"]["devices"]) == 4 and report["env"]["tensorflow"]
 
@@ -62,6 +62,11 @@ def test_gpu_sh_cpu_smoke(tmp_path):
     assert {"model_fit_ms", "tfpipe_ms", "throughput_ratio", "model_fit_no_xla_ms",
             "throughput_ratio_vs_no_xla", "model_fit_jit_compile"} <= set(overhead)
     assert [r["M"] for r in report["micro_batching"]["mlp"]] == [1, 2]
+    traffic = report["traffic"]  # bytes between devices per optimizer, from placed graphs
+    assert set(traffic) == {"sgd", "adam", "adamw", "clipnorm", "global_clipnorm",
+                            "mixed_float16"}
+    for name, r in traffic.items():
+        assert r["placed_ratio"] <= 1.05 and r["default_device_bytes"] <= 1024, (name, r)
     jit = report["jit"]["mlp"]  # per-stage XLA on and off
     assert jit["stages"] == 4 and len(jit["ms"]) == 6
     assert {"one_stage_xla_vs_model_fit_xla", "k_stages_xla_vs_no_xla"} <= set(jit)
