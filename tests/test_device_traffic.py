@@ -134,3 +134,35 @@ def test_traffic_by_kind_names_what_crosses_between_which_devices():
     assert not [k for k in by if k[2] == "other"], by
     table = traffic_table(sent)
     assert "/device:CPU:0 -> /device:CPU:2" in table and "labels" in table, table
+
+
+def test_pipeline_traffic_reports_a_step_and_trains_nothing():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(BATCH, WIDTH)).astype("float32")
+    y = rng.integers(0, 3, size=BATCH)
+    piped = model("adam")
+    pipe = tfpipe.Pipeline(piped, stages=2, micro_batches=M, devices=["/cpu:1", "/cpu:2"])
+    before = [v.numpy() for v in [*piped.variables, *piped.optimizer.variables]]
+    lines = []
+    text = pipe.traffic(x, y, print_fn=lines.append)
+    assert lines == [text]
+    rows = {line.split("  ")[0]: line for line in text.splitlines()[2:]}
+    header = text.splitlines()[0].split("  ")
+    header = [h.strip() for h in header if h.strip()]
+    assert header[1:] == ["inputs", "labels", "activations", "gradients", "scalars"], text
+    expected = {"/device:CPU:0 -> /device:CPU:1": "inputs", "/device:CPU:0 -> /device:CPU:2":
+                "labels", "/device:CPU:1 -> /device:CPU:2": "activations",
+                "/device:CPU:2 -> /device:CPU:1": "gradients"}
+    for pair, row in rows.items():
+        cells = dict(zip(header[1:], [c for c in row[len(pair):].split("  ") if c.strip()]))
+        big = {k for k, v in cells.items() if v.strip() != "0" and k != "scalars"}
+        assert big == ({expected[pair]} if pair in expected else set()), (pair, row)
+    after = [v.numpy() for v in [*piped.variables, *piped.optimizer.variables]]
+    for a, b in zip(before, after):  # the step it ran was undone: weights, slots, step count
+        np.testing.assert_array_equal(a, b)
+    # and training afterwards is model.fit's
+    ref = model("adam")
+    ref.fit(x, y, batch_size=BATCH, epochs=1, verbose=0, shuffle=False)
+    pipe.fit(x, y, batch_size=BATCH, epochs=1, verbose=0, shuffle=False)
+    for a, b in zip(ref.weights, piped.weights):
+        np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-5, atol=1e-6, err_msg=a.path)

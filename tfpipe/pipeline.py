@@ -41,6 +41,7 @@ from tfpipe.placement import (
     storage_keys,
     updates_on_variable_devices,
 )
+from tfpipe.traffic import step_table
 
 _STEPS = ("train_step", "test_step", "predict_step")
 _FUNCTIONS = ("train_function", "test_function", "predict_function")
@@ -295,6 +296,15 @@ class Pipeline:
         print_fn(text)
         return text
 
+    def traffic(self, x: Any, y: Any, print_fn: Callable[[str], None] = print) -> str:
+        """Prints (and returns) the bytes one training step on `(x, y)` sends between each pair
+        of devices, by kind, as TensorFlow placed it (`tfpipe.traffic.step_table`: the step
+        runs once, then every variable it changed is set back)."""
+        with self._attached():
+            text = step_table(self.executor.train_step, self.model, x, y)
+        print_fn(text)
+        return text
+
     def __repr__(self) -> str:
         return (
             f"Pipeline({self.model.name!r}, stages={len(self.stages)}, "
@@ -333,19 +343,12 @@ def _lay_out(options: PipelineOptions) -> tuple[schedules.Schedule, list[list[st
         )
     given = list(devices) if isinstance(devices, tuple) else devices
     all_devices = resolve_devices(given, ranks * replicas)
-    return schedule, [
-        [all_devices[r * ranks + schedule.rank_of(k)] for k in range(num_stages)]
-        for r in range(replicas)
-    ]
+    return schedule, [[all_devices[r * ranks + schedule.rank_of(k)] for k in range(num_stages)]
+                      for r in range(replicas)]
 
 
-def _split(
-    model: keras.Model,
-    options: PipelineOptions,
-    devices: Sequence[str],
-    layer_costs: Sequence[LayerCost] | None,
-    sample: Any,
-) -> list[Stage]:
+def _split(model: keras.Model, options: PipelineOptions, devices: Sequence[str],
+           layer_costs: Sequence[LayerCost] | None, sample: Any) -> list[Stage]:
     """The stages on `devices` (one per model piece), refusing cuts no gradient crosses."""
     costs = None
     if layer_costs is not None:
@@ -365,8 +368,8 @@ def _recompute_flags(options: PipelineOptions, stages: Sequence[Stage]) -> list[
         if flag and not st.trainable_variables and not isinstance(options.recompute, str):
             names = ", ".join(st.names)
             raise PipelineError(
-                f"recompute asks stage {st.index} ({names}) to "
-                "recompute, but it has no trainable weights: its backward needs no saved "
+                f"recompute asks stage {st.index} ({names}) to recompute, but it has no "
+                "trainable weights: its backward needs no saved "
                 f"activations of its own. Set entry {st.index} to False."
             )
     return flags

@@ -128,8 +128,32 @@ def traffic_table(transfers: list[Transfer]) -> str:
     for t in transfers:
         row = pairs.setdefault((t.source, t.target), dict.fromkeys(KINDS, 0))
         row[kind_of(t)] += t.nbytes or 0
+    pairs = {pair: row for pair, row in pairs.items() if any(row.values())}  # not control only
     kinds = [k for k in KINDS if any(row[k] for row in pairs.values())]
     rows = [[f"{a} -> {b}", *(format_bytes(row[k]) if row[k] else "0" for k in kinds)]
             for (a, b), row in sorted(pairs.items())]
     header = ["from -> to", *kinds]
     return "\n".join(text_table([header, *rows], numeric=set(range(1, len(header)))))
+
+
+def step_table(train_step: Callable[[Any], Any], model: Any, x: Any, y: Any) -> str:
+    """`traffic_table` of one training step on `(x, y)`, as TensorFlow placed it.
+
+    The step runs once (placement is only known once a function runs), in a fresh function;
+    then every variable it changed (the model's, its optimizer's, its metrics') is set back,
+    so the report trains nothing.
+
+    Args:
+        train_step: the pipelined step, called as `train_step((x, y))` while it is lent to
+            the model.
+        model: the user's compiled model.
+        x, y: one batch (arrays or tensors).
+    """
+    variables = [*model.variables, *model.optimizer.variables, *model.metrics_variables]
+    saved = [v.numpy() for v in variables]
+    step = tf.function(lambda a, b: train_step((a, b)), autograph=False)
+    try:
+        return traffic_table(placed_transfers(step, tf.convert_to_tensor(x), tf.convert_to_tensor(y)))
+    finally:
+        for v, value in zip(variables, saved):
+            v.assign(value)
