@@ -150,3 +150,23 @@ def test_seed_generator_state_sits_on_its_stage_device():
     pipe.fit(x, y, batch_size=16, epochs=1, verbose=0, shuffle=False)
     for a, b in zip(ref.weights, model.weights):
         np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-5, atol=1e-6, err_msg=a.path)
+
+
+def test_metric_variables_sit_on_the_loss_stage():
+    """The loss tracker (made at compile) and metrics built by an earlier plain fit move to
+    the last stage, which computes the loss and metrics; metrics built later are made there;
+    and the reported metrics stay Keras's."""
+    model = build("mlp", "adam")  # compiled with metrics=["accuracy"]
+    x, y = data("mlp")
+    ref = build("mlp", "adam")
+    ref_hist = [ref.fit(x, y, batch_size=16, epochs=1, verbose=0, shuffle=False).history
+                for _ in range(2)]
+    first = model.fit(x, y, batch_size=16, epochs=1, verbose=0, shuffle=False).history
+    pipe = tfpipe.Pipeline(model, stages=2, micro_batches=2, devices=["/cpu:1", "/cpu:2"])
+    assert {v.path for v in model.metrics_variables} >= {"loss/total", "accuracy/total"}
+    for v in model.metrics_variables:
+        assert device_of(v) == "/device:CPU:2", v.path
+    second = pipe.fit(x, y, batch_size=16, epochs=1, verbose=0, shuffle=False).history
+    for ours, theirs in zip([first, second], ref_hist):
+        for k in theirs:
+            np.testing.assert_allclose(ours[k], theirs[k], rtol=1e-5, atol=1e-6, err_msg=k)

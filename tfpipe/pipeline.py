@@ -36,6 +36,7 @@ from tfpipe.executor.stagefn import model_jit_compile, turn_off_jit_compile
 from tfpipe.options import PipelineOptions
 from tfpipe.partition import Stage, check_gradient_paths, read_graph, split
 from tfpipe.placement import (
+    place_metrics,
     place_optimizer,
     place_stages,
     storage_keys,
@@ -280,10 +281,8 @@ class Pipeline:
         """
         costs = self.layer_costs
         text = "\n".join([
-            report.pipeline_title(
-                self.model.name, len(self.stages), self.micro_batches, self.schedule.name,
-                self.balanced_by, self.replica_devices,
-            ),
+            report.pipeline_title(self.model.name, len(self.stages), self.micro_batches,
+                                  self.schedule.name, self.balanced_by, self.replica_devices),
             *report.stage_table(
                 self.stages,
                 report.per_layer(
@@ -382,6 +381,7 @@ def _place(model: keras.Model, stages: Sequence[Stage]) -> None:
     optimizer = model.optimizer if _compiled(model) else None
     keys = storage_keys(optimizer, variables) if optimizer is not None else None
     place_stages(stages)
+    place_metrics(model, stages[-1].device)
     if optimizer is not None:
         place_optimizer(optimizer, variables, keys)
     for name in _FUNCTIONS:  # functions traced before the move captured the old storage

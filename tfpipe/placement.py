@@ -69,6 +69,15 @@ def place_stages(stages: Sequence[Stage]) -> None:
                 move(v, stage.device)
 
 
+def place_metrics(model: keras.Model, device: str) -> None:
+    """Moves the model's metric variables (its loss tracker, built at `compile`, and compiled
+    metrics built by an earlier plain `fit`) to `device`, the last stage's: the stage that
+    computes the loss and the metrics, so that only their updates' results stay there.
+    Compiled metrics built later by the pipelined step are made there already."""
+    for v in model.metrics_variables:
+        move(v, device)
+
+
 def storage_keys(
     optimizer: keras.optimizers.Optimizer, variables: list[keras.Variable]
 ) -> dict[Any, keras.Variable]:
