@@ -87,7 +87,7 @@ def test_unknown_schedule_exits_2_naming_it(tmp_path):
     assert "Traceback" not in proc.stderr
     assert error_lines(proc.stderr) == [
         "tfpipe schedule: error: unknown schedule 'pipedream': use one of gpipe, 1f1b, "
-        "interleaved, zb-h1"
+        "interleaved, zb-h1, looped-bfs, zb-v"
     ], proc.stderr
     assert proc.stdout == ""
 
@@ -133,8 +133,8 @@ def run_main(capsys, *args: str) -> tuple[int, str, str]:
         (["--stages", "2", "--micro-batches", "-1"],
          "tfpipe schedule: error: argument --micro-batches: must be a positive integer, got '-1'"),
         (["--stages", "2", "--micro-batches", "3", "--chunks", "2"],
-         "tfpipe schedule: error: --chunks 2 needs schedule 'interleaved'; 'gpipe' runs one "
-         "stage per device"),
+         "tfpipe schedule: error: --chunks 2 needs a schedule of 'interleaved', 'looped-bfs', "
+         "'zb-v'; 'gpipe' runs one stage per device"),
         (["--micro-batches", "3"],
          "tfpipe schedule: error: the following arguments are required: --stages"),
     ],
@@ -167,7 +167,38 @@ def test_png_that_cannot_be_written_exits_1(capsys, tmp_path):
     assert err.startswith("tfpipe schedule: error: cannot write --png") and len(err.splitlines()) == 1
 
 
-@pytest.mark.parametrize("name", ["gpipe", "1f1b", "interleaved", "zb-h1"])
+@pytest.mark.parametrize("name", ["gpipe", "1f1b", "interleaved", "zb-h1", "looped-bfs", "zb-v"])
 def test_every_schedule_runs(capsys, name):
     status, out, _ = run_main(capsys, "schedule", name, "--stages", "3", "--micro-batches", "5")
     assert status == 0 and "rank2" in out and "bubble fraction" in out
+    if name in ("interleaved", "looped-bfs", "zb-v"):  # 2 chunks by default
+        assert "6 model pieces (2 per rank)" in out and "rank3" not in out
+
+
+def test_zb_v_prints_its_v_and_its_bubble(capsys):
+    status, out, _ = run_main(capsys, "schedule", "zb-v", "--stages", "4", "--micro-batches", "8")
+    assert status == 0
+    assert out.startswith("schedule 'zb-v': 4 stages x 8 micro-batches, 8 model pieces (2 per "
+                          "rank)\n"), out
+    assert "rank0  0F0  0F1" in out and "rank3  .    .    .    3F0  4F0" in out
+    # (K-1)/(6M+K-1) = 3/51 with F = I = W per piece; peak per piece min(2K - s, M)
+    assert "bubble fraction: 0.0588" in out
+    assert "peak micro-batches in flight per model piece: 8, 7, 6, 5, 4, 3, 2, 1" in out
+    status, _, err = run_main(capsys, "schedule", "zb-v", "--stages", "2", "--micro-batches",
+                              "2", "--chunks", "3")
+    assert status == 2 and "places two stages on each rank in a V" in err
+
+
+def test_looped_bfs_prints_its_grid_and_interleaved_bubble(capsys):
+    status, out, _ = run_main(capsys, "schedule", "looped-bfs", "--stages", "2",
+                              "--micro-batches", "4")
+    assert status == 0
+    assert out.startswith(
+        "schedule 'looped-bfs': 2 stages x 4 micro-batches, 4 model pieces (2 per rank)\n"
+        "step   0    1    2    3    4    5    6    7    8    9    10   11   12   13   14   15   16   17\n"
+        "rank0  0F0  0F1  0F2  0F3  2F0  2F1  2F2  2F3  .    .    2B3  2B2  2B1  2B0  0B3  0B2  0B1  0B0\n"
+        "rank1  .    1F0  1F1  1F2  1F3  3F0  3F1  3F2  3F3  3B3  3B2  3B1  3B0  1B3  1B2  1B1  1B0  .\n"
+    ), out
+    # (K-1)/(vM+K-1) = 1/9 with v=2 chunks, as interleaved; GPipe's memory: M per piece
+    assert "bubble fraction: 0.1111" in out
+    assert "peak micro-batches in flight per model piece: 4, 4, 4, 4" in out

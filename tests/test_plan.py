@@ -123,6 +123,43 @@ def test_ranked_fitting_first_then_by_peak():
         assert c.micro_batches <= 64 and c.devices == tuple(GPUS[: c.stages])
 
 
+def test_looped_bfs_is_predicted_with_chunks_and_searched_when_fit_can_run_it():
+    from tfpipe.planner.search import SCHEDULES
+
+    plan = search(synthetic(), 64, GPUS, micro_batches=(4, 8), recompute=("never",),
+                  schedules=("interleaved", "looped-bfs"), bandwidth=math.inf)  # no transfer
+    bfs = [c for c in plan.configs if c.schedule == "looped-bfs"]
+    assert bfs and all(c.chunks == 2 and len(c.balance) == 2 * c.stages and c.stages > 1
+                       for c in bfs)
+    for c in bfs:  # GPipe's memory: no less than interleaved's; equal pieces: its bubble
+        twin = next(i for i in plan.configs if i.schedule == "interleaved"
+                    and (i.stages, i.balance, i.micro_batches) == (c.stages, c.balance,
+                                                                   c.micro_batches))
+        assert c.peak_memory >= twin.peak_memory
+        if len(set(c.balance)) == 1:
+            assert c.bubble == pytest.approx(twin.bubble, rel=1e-9)
+    assert {"looped-bfs", "zb-v"} <= set(SCHEDULES)
+    default = {c.schedule for c in search(synthetic(), 64, GPUS, micro_batches=(4,)).configs}
+    assert set(SCHEDULES) <= default  # every one, as tfpipe.fit(plan=best) runs them by name
+
+
+def test_zb_v_is_predicted_with_two_chunks_and_beats_zb_h1():
+    plan = search(synthetic(), 64, GPUS, micro_batches=(8,), recompute=("never",),
+                  schedules=("zb-h1", "zb-v"), chunks=3, bandwidth=math.inf)
+    zbv = [c for c in plan.configs if c.schedule == "zb-v"]
+    assert zbv and all(c.chunks == 2 and len(c.balance) == 2 * c.stages for c in zbv)
+    assert {c.stages for c in zbv} == {2, 3, 4}  # not on one device
+    for k in (2, 4):  # equal pieces: ZB-V's smaller bubble and step
+        v = next(c for c in zbv if c.stages == k and len(set(c.balance)) == 1)
+        h = next(c for c in plan.configs if c.schedule == "zb-h1" and c.stages == k
+                 and len(set(c.balance)) == 1)
+        assert v.bubble < h.bubble and v.step_time < h.step_time
+        # Its peak holds as many stages' worth of micro-batches as ZB-H1's
+        # (test_schedules_properties), but each of its twice as many pieces also keeps its own
+        # input: in bytes 9% more here at K=2 (4 pieces of 2 layers), 22% at K=4 (1 layer each).
+        assert h.peak_memory <= v.peak_memory
+
+
 def test_no_configuration_fits():
     smallest = min(c.peak_memory for c in search(synthetic(), 64, GPUS).configs)
     with pytest.raises(tfpipe.PipelineError) as err:

@@ -8,7 +8,7 @@ import pytest
 import tfpipe
 from tests.models import StepLog, assert_same_training, build, data
 from tfpipe.executor.program import rank_waits
-from tfpipe.schedules import Action, Schedule
+from tfpipe.schedules import Action, Schedule, default_chunks, get
 
 _REF: dict = {}
 
@@ -33,17 +33,22 @@ CASES = [
     for schedule in ("gpipe", "1f1b", "zb-h1")
     for stages in (2, 4)
     for m in (4, 8)
-] + [("interleaved", 2, 4), ("interleaved", 2, 8), ("interleaved", 4, 4), ("interleaved", 4, 8)]
+] + [("interleaved", 2, 4), ("interleaved", 2, 8), ("interleaved", 4, 4), ("interleaved", 4, 8),
+     ("looped-bfs", 2, 4), ("looped-bfs", 4, 8), ("zb-v", 2, 4), ("zb-v", 4, 8)]
 
 
 @pytest.mark.parametrize("schedule,stages,micro_batches", CASES)
 def test_schedule_equals_keras(schedule, stages, micro_batches):
-    kind = "deep" if schedule == "interleaved" else "functional"
+    kind = "deep" if default_chunks(schedule) > 1 else "functional"
     ref, ref_log = reference(kind)
     model, log = build(kind, optimizer_for(kind)), StepLog()
     x, y = data(kind)
-    pipe = tfpipe.Pipeline(model, stages=stages, micro_batches=micro_batches, schedule=schedule)
-    pipe.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0, callbacks=[log])
+    history = tfpipe.fit(model, x, y, batch_size=16, epochs=2, shuffle=False, verbose=0,
+                         callbacks=[log], micro_batches=micro_batches, stages=stages,
+                         schedule=schedule)  # by name: chunks default to 2 where several
+    pipe = history.pipeline
+    assert (pipe.schedule.name, pipe.schedule.num_ranks) == (schedule, stages)
+    assert len({s.device for s in pipe.stages}) == stages
     assert_same_training(ref, ref_log, model, log)
 
 
@@ -53,6 +58,20 @@ def test_interleaved_places_non_adjacent_chunks_on_each_device():
     assert [s.device for s in pipe.stages] == ["/device:CPU:0", "/device:CPU:1",
                                                "/device:CPU:0", "/device:CPU:1"]
     assert pipe.schedule.num_ranks == 2 and len(pipe.stages) == 4
+
+
+def test_looped_bfs_places_stages_like_interleaved():
+    pipe = tfpipe.Pipeline(build("mlp", "adam"), stages=2, micro_batches=4, schedule="looped-bfs")
+    assert pipe.schedule == get("looped-bfs", 4, 4, chunks=2)
+    assert [s.device for s in pipe.stages] == ["/device:CPU:0", "/device:CPU:1",
+                                               "/device:CPU:0", "/device:CPU:1"]
+
+
+def test_zb_v_places_stages_in_a_v():
+    pipe = tfpipe.Pipeline(build("mlp", "adam"), stages=2, micro_batches=4, schedule="zb-v")
+    assert pipe.schedule == get("zb-v", 4, 4, chunks=2)
+    assert [s.device for s in pipe.stages] == ["/device:CPU:0", "/device:CPU:1",
+                                               "/device:CPU:1", "/device:CPU:0"]
 
 
 def test_user_made_schedule_runs():

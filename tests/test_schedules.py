@@ -18,15 +18,20 @@ from tfpipe.schedules import (
     Costs,
     Schedule,
     ScheduleError,
+    default_chunks,
     format_schedule,
     get,
     gpipe,
     interleaved,
     interleaved_stages,
+    looped_bfs,
+    looped_bfs_stages,
     one_f_one_b,
     simulate,
     validate,
     zb_h1,
+    zb_v,
+    zb_v_stages,
 )
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -101,6 +106,46 @@ LITERAL_CASES = [
         "0F0 0F1 2F0 2F1 0F2 2B0 0F3 2B1 2F2 0B0 2F3 0B1 2B2 2B3 0B2 0B3",
         "1F0 1F1 3F0 3B0 3F1 3B1 1F2 1B0 1F3 1B1 3F2 3B2 3F3 3B3 1B2 1B3",
     ]),
+    (looped_bfs(2, 4, chunks=2), """
+        step   0    1    2    3    4    5    6    7    8    9    10   11   12   13   14   15   16   17
+        rank0  0F0  0F1  0F2  0F3  2F0  2F1  2F2  2F3  .    .    2B3  2B2  2B1  2B0  0B3  0B2  0B1  0B0
+        rank1  .    1F0  1F1  1F2  1F3  3F0  3F1  3F2  3F3  3B3  3B2  3B1  3B0  1B3  1B2  1B1  1B0  .
+        """, [
+        "0F0 0F1 0F2 0F3 2F0 2F1 2F2 2F3 2B3 2B2 2B1 2B0 0B3 0B2 0B1 0B0",
+        "1F0 1F1 1F2 1F3 3F0 3F1 3F2 3F3 3B3 3B2 3B1 3B0 1B3 1B2 1B1 1B0",
+    ]),
+    # M < D: micro-batch 0 comes back to rank 0 for stage 3 before rank 0 could start it.
+    (looped_bfs(3, 2, chunks=2), """
+        step   0    1    2    3    4    5    6    7    8    9    10   11   12   13
+        rank0  0F0  0F1  .    3F0  3F1  .    .    .    .    3B1  3B0  .    0B1  0B0
+        rank1  .    1F0  1F1  .    4F0  4F1  .    .    4B1  4B0  .    1B1  1B0  .
+        rank2  .    .    2F0  2F1  .    5F0  5F1  5B1  5B0  .    2B1  2B0  .    .
+        """, [
+        "0F0 0F1 3F0 3F1 3B1 3B0 0B1 0B0",
+        "1F0 1F1 4F0 4F1 4B1 4B0 1B1 1B0",
+        "2F0 2F1 5F0 5F1 5B1 5B0 2B1 2B0",
+    ]),
+    (zb_v(2, 4), """
+        step   0    1    2    3    4    5    6    7    8    9    10   11   12   13   14   15   16   17   18   19   20   21   22   23   24
+        rank0  0F0  0F1  0F2  3F0  3I0  3W0  3F1  3I1  3W1  0F3  0I0  0W0  3F2  3I2  3W2  0I1  0W1  3F3  3I3  3W3  0I2  0W2  0I3  0W3  .
+        rank1  .    1F0  2F0  1F1  2F1  2I0  2W0  1F2  1I0  1W0  2F2  2I1  2W1  1F3  1I1  1W1  2F3  2I2  2W2  1I2  2I3  1I3  1W2  2W3  1W3
+        """, [
+        "0F0 0F1 0F2 3F0 3I0 3W0 3F1 3I1 3W1 0F3 0I0 0W0 3F2 3I2 3W2 0I1 0W1 3F3 3I3 3W3 0I2 0W2 "
+        "0I3 0W3",
+        "1F0 2F0 1F1 2F1 2I0 2W0 1F2 1I0 1W0 2F2 2I1 2W1 1F3 1I1 1W1 2F3 2I2 2W2 1I2 2I3 1I3 1W2 "
+        "2W3 1W3",
+    ]),
+    # M < 2D - 1: built for 2D - 1 = 5 micro-batches, those of micro-batches 2..4 left out.
+    (zb_v(3, 2), """
+        step   0    1    2    3    4    5    6    7    8    9    10   11   12   13   14   15   16   17
+        rank0  0F0  0F1  .    .    .    5F0  5I0  5W0  5F1  5I1  5W1  .    .    0I0  0W0  .    0I1  0W1
+        rank1  .    1F0  1F1  .    4F0  .    4F1  4I0  4W0  .    4I1  4W1  1I0  1W0  .    1I1  1W1  .
+        rank2  .    .    2F0  3F0  2F1  3F1  .    .    3I0  3W0  2I0  2W0  3I1  3W1  2I1  2W1  .    .
+        """, [
+        "0F0 0F1 5F0 5I0 5W0 5F1 5I1 5W1 0I0 0W0 0I1 0W1",
+        "1F0 1F1 4F0 4F1 4I0 4W0 4I1 4W1 1I0 1W0 1I1 1W1",
+        "2F0 3F0 2F1 3F1 3I0 3W0 2I0 2W0 3I1 3W1 2I1 2W1",
+    ]),
     (zb_h1(2, 4), """
         step   0   1   2   3   4   5   6   7   8   9   10  11  12
         rank0  F0  F1  .   I0  W0  F2  I1  W1  F3  I2  W2  I3  W3
@@ -149,6 +194,45 @@ def test_interleaved_with_one_chunk_is_1f1b():
     assert interleaved(4, 6, chunks=1).ranks == one_f_one_b(4, 6).ranks
 
 
+def test_looped_bfs_places_stages_like_interleaved_and_runs_them_breadth_first():
+    s = looped_bfs(3, 4, chunks=2)
+    assert (s.num_ranks, s.num_stages) == (3, 6)
+    assert all(s.rank_of(stage) == stage % 3 for stage in range(6))
+    for r, actions in enumerate(s.ranks):
+        # every forward of stage r, then of stage r + 3; backwards the mirror image
+        assert [(a.stage, a.kind) for a in actions[:8]] == [(r, "F")] * 4 + [(r + 3, "F")] * 4
+        assert actions[8:] == tuple(Action(a.stage, "B", a.micro_batch) for a in
+                                    reversed(actions[:8]))
+
+
+def test_looped_bfs_with_one_chunk_is_gpipe_with_backwards_reversed():
+    s, g = looped_bfs(3, 4, chunks=1), gpipe(3, 4)
+    assert [r[:4] for r in s.ranks] == [r[:4] for r in g.ranks]
+    assert [r[4:] for r in s.ranks] == [tuple(reversed(r[4:])) for r in g.ranks]
+
+
+def test_zb_v_places_stages_in_a_v_with_split_backwards():
+    s = zb_v(4, 8)
+    assert (s.num_ranks, s.num_stages) == (4, 8)
+    assert [s.rank_of(stage) for stage in range(8)] == [0, 1, 2, 3, 3, 2, 1, 0]
+    assert all(s.splits_backward(k) for k in range(8))
+    assert not any(a.kind == "B" for r in s.ranks for a in r)
+    assert zb_v_stages(8, 8, chunks=2) == s == get("zb-v", 8, 8, chunks=2)
+
+
+@pytest.mark.parametrize("args,fragment", [
+    ((4, 3, 1), r"num_stages=4 with chunks=1 was asked for: use chunks=2 .* num_stages=8 "
+                r"\(the model cut in 8 pieces on 4 devices\)"),
+    ((5, 3, 2), r"num_stages=5 with chunks=2 .* num_stages=4 \(the model cut in 4 pieces on 2"),
+])
+def test_zb_v_refuses_other_chunks_showing_the_grid_it_would_run(args, fragment):
+    with pytest.raises(ValueError, match=fragment) as error:
+        zb_v_stages(*args)
+    message = str(error.value)
+    assert "places two stages on each rank in a V" in message
+    assert "step   0" in message and "rank0  0F0  0F1" in message  # the grid it would run
+
+
 def test_zb_h1_has_only_split_backwards():
     s = zb_h1(3, 4)
     assert s.has_split_backward and all(s.splits_backward(k) for k in range(3))
@@ -160,6 +244,8 @@ def test_zb_h1_has_only_split_backwards():
     ("one_f_one_b", one_f_one_b(3, 4)),
     ("interleaved", interleaved(2, 4, chunks=2)),
     ("zb_h1", zb_h1(3, 4)),
+    ("looped_bfs", looped_bfs(2, 4, chunks=2)),
+    ("zb_v", zb_v(2, 4)),
 ])
 def test_module_docstring_shows_the_real_grid(module: str, schedule: Schedule):
     doc = importlib.import_module(f"tfpipe.schedules.{module}").__doc__
@@ -284,7 +370,7 @@ def test_validate_deadlock_marks_the_blocked_actions():
 
 @pytest.mark.parametrize("name", sorted(GENERATORS))
 def test_generated_schedules_validate(name: str):
-    chunks = 2 if name == "interleaved" else 1
+    chunks = default_chunks(name)
     for k in (2, 4):
         for m in (1, 3, 8):
             schedule = get(name, k * chunks, m, chunks=chunks)
@@ -295,7 +381,9 @@ def test_generated_schedules_validate(name: str):
 # Registry and `get`.
 
 def test_registry_names():
-    assert sorted(GENERATORS) == ["1f1b", "gpipe", "interleaved", "zb-h1"]
+    assert sorted(GENERATORS) == ["1f1b", "gpipe", "interleaved", "looped-bfs", "zb-h1", "zb-v"]
+    assert {name: default_chunks(name) for name in GENERATORS} == {
+        "gpipe": 1, "1f1b": 1, "interleaved": 2, "zb-h1": 1, "looped-bfs": 2, "zb-v": 2}
 
 
 def test_get_keeps_the_two_size_form():
@@ -309,6 +397,14 @@ def test_get_interleaved_counts_virtual_stages():
     s = get("interleaved", 6, 6, chunks=3)
     assert s == interleaved(2, 6, chunks=3) == interleaved_stages(6, 6, chunks=3)
     assert get("interleaved", 4, 4).ranks == one_f_one_b(4, 4).ranks
+
+
+def test_get_looped_bfs_counts_virtual_stages():
+    assert get("looped-bfs", 6, 4, chunks=3) == looped_bfs(2, 4, chunks=3) \
+        == looped_bfs_stages(6, 4, chunks=3)
+    with pytest.raises(ValueError, match=r"Looped BFS schedule: num_stages=5 is not divisible "
+                       r"by chunks=2.*4 or 6"):
+        get("looped-bfs", 5, 4, chunks=2)
 
 
 def test_get_interleaved_indivisible_stages_names_the_fix():
@@ -343,14 +439,15 @@ def test_get_user_schedule_checks_its_size_and_rank_count():
     ((True, 4), "num_stages must be a positive integer, got True"),
 ])
 def test_generators_reject_bad_sizes(args: tuple, fragment: str):
-    for generate in (gpipe, one_f_one_b, zb_h1, interleaved):
+    for generate in (gpipe, one_f_one_b, zb_h1, interleaved, looped_bfs, zb_v):
         with pytest.raises(ValueError, match=fragment):
             generate(*args)
 
 
 def test_interleaved_rejects_bad_chunks():
-    with pytest.raises(ValueError, match="chunks must be a positive integer"):
-        interleaved(2, 4, chunks=0)
+    for generate in (interleaved, looped_bfs):
+        with pytest.raises(ValueError, match="chunks must be a positive integer"):
+            generate(2, 4, chunks=0)
 
 
 # ----------------------------------------------------------------------------------------

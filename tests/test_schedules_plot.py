@@ -6,7 +6,17 @@ import pathlib
 
 import pytest
 
-from tfpipe.schedules import Action, Costs, interleaved, one_f_one_b, plot, simulate, zb_h1
+from tfpipe.schedules import (
+    Action,
+    Costs,
+    interleaved,
+    looped_bfs,
+    one_f_one_b,
+    plot,
+    simulate,
+    zb_h1,
+    zb_v,
+)
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -21,6 +31,8 @@ def assert_png(path: pathlib.Path) -> None:
     (one_f_one_b(4, 8), Costs(1.0, 2.0)),
     (zb_h1(4, 8), Costs(1.0, 2.0)),
     (interleaved(2, 4, chunks=2), Costs(0.5, 1.0, transfer=0.1)),
+    (looped_bfs(2, 4, chunks=2), Costs(0.5, 1.0, transfer=0.1)),
+    (zb_v(2, 4), Costs(0.5, 1.0, transfer=0.1)),
 ])
 def test_plot_simulation(tmp_path: pathlib.Path, schedule, costs):
     out = tmp_path / "nested" / f"{schedule.name}.png"

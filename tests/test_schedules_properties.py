@@ -12,14 +12,17 @@ from tfpipe.schedules import (
     Costs,
     Schedule,
     clock,
+    default_chunks,
     dependencies,
     get,
     gpipe,
     interleaved,
+    looped_bfs,
     one_f_one_b,
     simulate,
     validate,
     zb_h1,
+    zb_v,
 )
 
 SETTINGS = settings(max_examples=150, deadline=None, derandomize=True)
@@ -120,13 +123,81 @@ def test_zb_h1_bubble_is_about_a_third_for_many_micro_batches():
     assert 0.33 < zb / one < 0.35
 
 
-names = st.sampled_from(["gpipe", "1f1b", "interleaved", "zb-h1"])
+@SETTINGS
+@given(d=stages, m=micro_batches, v=chunk_counts, backward=backward_costs)
+def test_looped_bfs_closed_forms(d: int, m: int, v: int, backward: float):
+    """Per-chunk costs 1/v and B/v (a rank's whole forward 1 and backward B, as in GPipe).
+
+    Step time (1 + B) * (max(M, D) + (min(M, D) - 1) / v), interleaved's: for M >= D the
+    bubble is (D-1)/(v M + D - 1), GPipe's (D-1)/(M + D - 1) with the fill/drain cut by v.
+    Memory is GPipe's: every stage holds all M micro-batches at the turn, a rank v * M chunks.
+    """
+    schedule = validate(get("looped-bfs", d * v, m, chunks=v))
+    assert (schedule.num_ranks, schedule.num_stages) == (d, d * v)
+    sim = simulate(schedule, Costs(forward=1.0 / v, backward=backward / v))
+    assert close(sim.step_time, (1.0 + backward) * (max(m, d) + (min(m, d) - 1) / v))
+    if m >= d:
+        assert close(sim.bubble_fraction, (d - 1) / (v * m + d - 1))
+    inter = simulate(interleaved(d, m, chunks=v), Costs(forward=1.0 / v, backward=backward / v))
+    assert close(sim.step_time, inter.step_time)
+    assert sim.peak_in_flight == (m,) * (d * v)
+
+
+def test_looped_bfs_exact_bubble_for_two_ranks_two_chunks():
+    sim = simulate(looped_bfs(2, 4, chunks=2), Costs(forward=0.5, backward=1.0))
+    assert close(sim.step_time, 13.5)  # 3 * (4 + 1/2)
+    assert close(sim.bubble_fraction, 1 / 9)  # (D-1)/(vM+D-1) = 1/(8+1), GPipe: 1/5
+    assert sim.peak_in_flight == (4, 4, 4, 4)  # GPipe's M per stage; 8 chunks on each rank
+
+
+@SETTINGS
+@given(d=stages, m=micro_batches)
+def test_zb_v_closed_forms(d: int, m: int):
+    """Chunk costs f = i = w = 1/2 (a stage's forward 1, backward 2, as for ZB-H1 and 1F1B).
+
+    Step >= 6 M f + (D - 1) f: rank D-1 waits (D-1) f for the first micro-batch, then has
+    6 M f of work. For M >= 2D - 1 ZB-V meets that bound: bubble (D-1)/(6M+D-1), against
+    ZB-H1's (D-1)/(3M+D-1) and 1F1B's (D-1)/(M+D-1) on the same D devices; the papers'
+    "zero bubble" for F = B = W leaves out this start-up. Memory: rank r holds at most
+    min(2D, 2M, M + r + 1) chunk activations (half a stage each), so the busiest holds
+    min(D, M) stages' worth, the peak of 1F1B's stage 0; stage s holds min(2D - s, M).
+    """
+    schedule = validate(get("zb-v", 2 * d, m, chunks=2))
+    assert (schedule.num_ranks, schedule.num_stages) == (d, 2 * d)
+    assert [schedule.rank_of(s) for s in range(2 * d)] == [*range(d), *reversed(range(d))]
+    sim = simulate(schedule, Costs(forward=0.5, backward=1.0))  # I = W = 0.5
+    f = 0.5
+    assert sim.step_time >= 6 * m * f + (d - 1) * f - 1e-9
+    if m >= 2 * d - 1:
+        assert close(sim.step_time, 6 * m * f + (d - 1) * f)
+        assert close(sim.bubble_fraction, (d - 1) / (6 * m + d - 1))
+        zb = simulate(zb_h1(d, m), EQUAL)
+        assert sim.bubble_fraction <= zb.bubble_fraction + 1e-12
+    one = simulate(one_f_one_b(d, m), EQUAL)
+    assert sim.bubble_fraction <= one.bubble_fraction + 1e-12
+    for r, actions in enumerate(schedule.ranks):
+        live = peak = 0
+        for a in actions:
+            live += {"F": 1, "I": 0, "W": -1}[a.kind]
+            peak = max(peak, live)
+        assert peak == min(2 * d, 2 * m, m + r + 1)
+    assert max(min(2 * d, 2 * m, m + r + 1) for r in range(d)) / 2 == max(one.peak_in_flight)
+    assert sim.peak_in_flight == tuple(min(2 * d - s, m) for s in range(2 * d))
+
+
+def test_zb_v_bubble_for_four_ranks_eight_micro_batches():
+    sim = simulate(zb_v(4, 8), Costs(forward=0.5, backward=1.0))
+    assert close(sim.step_time, 25.5)  # 6 * 8 / 2 + 3 / 2
+    assert close(sim.bubble_fraction, 3 / 51)  # ZB-H1: 3/27, 1F1B: 3/11
+
+
+names = st.sampled_from(["gpipe", "1f1b", "interleaved", "zb-h1", "looped-bfs", "zb-v"])
 
 
 @st.composite
 def schedules(draw) -> Schedule:
     name = draw(names)
-    v = draw(chunk_counts) if name == "interleaved" else 1
+    v = 2 if name == "zb-v" else draw(chunk_counts) if default_chunks(name) > 1 else 1
     return get(name, draw(stages) * v, draw(micro_batches), chunks=v)
 
 

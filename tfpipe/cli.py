@@ -85,9 +85,10 @@ def _add_schedule_parser(sub: _Subparsers[_Parser]) -> None:
     Args:
         sub: the subparsers of `build_parser`'s parser.
     """
-    from tfpipe.schedules import GENERATORS
+    from tfpipe.schedules import DEFAULT_CHUNKS, GENERATORS
 
     names = ", ".join(GENERATORS)
+    several = ", ".join(repr(name) for name in DEFAULT_CHUNKS)
     sched = sub.add_parser(
         "schedule",
         help="print a schedule's step x rank grid, its simulated bubble and peak memory",
@@ -109,7 +110,7 @@ def _add_schedule_parser(sub: _Subparsers[_Parser]) -> None:
     )
     sched.add_argument(
         "--chunks", type=_positive_int, default=None, metavar="V",
-        help="model pieces per device for 'interleaved' (default 2; the model is cut into "
+        help=f"model pieces per device for {several} (default 2; the model is cut into "
         "K*V stages); other schedules take only 1",
     )
     sched.add_argument("--png", metavar="PATH", default=None,
@@ -244,17 +245,17 @@ def _number(value: float) -> str:
 
 
 def _schedule(args: argparse.Namespace) -> int:
-    from tfpipe.schedules import GENERATORS, get
+    from tfpipe.schedules import DEFAULT_CHUNKS, GENERATORS, default_chunks, get
     from tfpipe.schedules.format import format_schedule
     from tfpipe.schedules.simulate import Costs, peak_in_flight, simulate
 
     if args.name not in GENERATORS:
         return _fail("schedule", f"unknown schedule {args.name!r}: use one of "
                      f"{', '.join(GENERATORS)}")
-    interleaved = args.name == "interleaved"
-    chunks = args.chunks if args.chunks is not None else (2 if interleaved else 1)
-    if chunks != 1 and not interleaved:
-        return _fail("schedule", f"--chunks {chunks} needs schedule 'interleaved'; "
+    chunks = args.chunks if args.chunks is not None else default_chunks(args.name)
+    if chunks != 1 and args.name not in DEFAULT_CHUNKS:
+        several = ", ".join(repr(name) for name in DEFAULT_CHUNKS)
+        return _fail("schedule", f"--chunks {chunks} needs a schedule of {several}; "
                      f"{args.name!r} runs one stage per device (leave --chunks out)")
     try:
         schedule = get(args.name, args.stages * chunks, args.micro_batches, chunks=chunks)

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tfpipe.errors import PipelineError
-from tfpipe.schedules import Schedule
+from tfpipe.schedules import DEFAULT_CHUNKS, Schedule, default_chunks
 
 BALANCE_MODES = ("params", "time", "memory")
 """The names `balance` takes instead of layer counts."""
@@ -344,14 +344,17 @@ def _check_jit_compile(jit_compile: Any) -> None:
 
 
 def _check_chunks(schedule: Any, chunks: Any) -> int:
-    """Chunks per device: 2 by default for "interleaved", 1 otherwise."""
+    """Chunks per device: the schedule's default (`schedules.DEFAULT_CHUNKS`: 2 for
+    "interleaved", "looped-bfs" and "zb-v"), 1 otherwise."""
     if chunks is None:
-        return 2 if schedule == "interleaved" else 1
+        return default_chunks(schedule) if isinstance(schedule, str) else 1
     if not isinstance(chunks, int) or isinstance(chunks, bool) or chunks < 1:
         raise PipelineError(f"chunks must be a positive integer, got {chunks!r}.")
-    if chunks > 1 and schedule != "interleaved" and not isinstance(schedule, Schedule):
+    if chunks > 1 and isinstance(schedule, str) and default_chunks(schedule) == 1:
+        several = ", ".join(repr(n) for n in DEFAULT_CHUNKS if n != "interleaved")
         raise PipelineError(
-            f"chunks={chunks} needs schedule='interleaved' (several model pieces per device); "
-            f"schedule {schedule!r} runs one piece per device. Drop chunks or change the schedule."
+            f"chunks={chunks} needs schedule='interleaved' (or {several}: several model pieces "
+            f"per device); schedule {schedule!r} runs one piece per device. Drop chunks or "
+            "change the schedule."
         )
     return chunks

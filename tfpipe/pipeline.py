@@ -64,10 +64,10 @@ class Pipeline:
         devices: device names, one per stage; fewer than K puts contiguous stages on each
             device. Defaults to the visible GPUs, else the logical CPU devices.
         micro_batches: M, the number of slices each batch is cut into.
-        schedule: `"gpipe"`, `"1f1b"`, `"interleaved"`, `"zb-h1"`, or a
-            `tfpipe.schedules.Schedule` (its ranks are the devices, its stages the model pieces).
-        chunks: for `"interleaved"`, model pieces per device, v (default 2): the model is cut
-            into K*v stages and device r holds stages r, r+K, r+2K, ...
+        schedule: `"gpipe"`, `"1f1b"`, `"interleaved"`, `"zb-h1"`, `"looped-bfs"`, `"zb-v"`,
+            or a `tfpipe.schedules.Schedule` (ranks are the devices, stages the model pieces).
+        chunks: for `"interleaved"` and `"looped-bfs"`, model pieces per device, v (default
+            2): the model is cut into K*v stages, device r holds r, r+K, ... (`"zb-v"`: 2).
         profile: record when each action of a training step started and ended;
             `timeline()` returns the latest step's measured timeline. Each device then runs
             its actions one after another in the schedule's order (so that a start is when

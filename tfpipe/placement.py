@@ -200,7 +200,7 @@ def ops_follow_their_data() -> Iterator[None]:
 
 def _largest_input_device(op: tf.Operation) -> str:
     if op.device:
-        return op.device
+        return str(op.device)
     best, size = "", -1.0
     for t in op.inputs:
         device = _tensor_device(t)
@@ -217,7 +217,7 @@ def _tensor_device(t: Any, hops: int = 0) -> str:
     if hops > 16:
         return ""
     if t.op.device:
-        return t.op.device
+        return str(t.op.device)
     if t.op.type == "Placeholder":
         for outer, inner in getattr(t.graph, "captures", ()):
             if inner is t:

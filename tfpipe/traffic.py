@@ -41,7 +41,7 @@ class Transfer:
     nbytes: int | None
 
 
-def placed_transfers(fn: Callable[..., Any], *args: Any) -> list[Transfer]:
+def placed_transfers(fn: Any, *args: Any) -> list[Transfer]:
     """Every tensor `fn(*args)` sends between devices, as placed and partitioned by TensorFlow.
 
     Args:
@@ -153,7 +153,8 @@ def step_table(train_step: Callable[[Any], Any], model: Any, x: Any, y: Any) -> 
     saved = [v.numpy() for v in variables]
     step = tf.function(lambda a, b: train_step((a, b)), autograph=False)
     try:
-        return traffic_table(placed_transfers(step, tf.convert_to_tensor(x), tf.convert_to_tensor(y)))
+        sent = placed_transfers(step, tf.convert_to_tensor(x), tf.convert_to_tensor(y))
+        return traffic_table(sent)
     finally:
         for v, value in zip(variables, saved):
             v.assign(value)

@@ -22,7 +22,7 @@ from tfpipe.errors import PipelineError
 from tfpipe.options import RECOMPUTE_MODES
 from tfpipe.planner.costs import parse_bytes
 from tfpipe.planner.profile import measure_dispatch, measure_profile, measure_transfer
-from tfpipe.planner.search import MICRO_BATCHES, SCHEDULES, Plan, default_parallel, search
+from tfpipe.planner.search import MICRO_BATCHES, Plan, default_parallel, search
 
 
 def plan(
@@ -33,7 +33,7 @@ def plan(
     *,
     stages: int | Sequence[int] | None = None,
     micro_batches: Sequence[int] = MICRO_BATCHES,
-    schedules: Sequence[str] = SCHEDULES,
+    schedules: Sequence[str] | None = None,
     recompute: Sequence[str] = RECOMPUTE_MODES,
     chunks: int = 2,
     bandwidth: float | None = None,
@@ -62,9 +62,9 @@ def plan(
             Configurations above it are ranked after the others, marked as not fitting.
         stages: the stage counts K to try (default 1 to `len(devices)`).
         micro_batches: the micro-batch counts M to try (those up to B).
-        schedules: the schedules to try.
+        schedules: the schedules to try (default `tfpipe.planner.SCHEDULES`).
         recompute: the recomputation modes to try.
-        chunks: model pieces per device for `"interleaved"`.
+        chunks: model pieces per device for `"interleaved"` and `"looped-bfs"`.
         bandwidth: bytes per second between devices, for the per-hop transfer time of the
             activation crossing each cut. Default: measured between the first two devices,
             with each hop's fixed latency (`tfpipe.planner.profile.measure_transfer`); the

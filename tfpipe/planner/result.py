@@ -32,9 +32,11 @@ class PlanConfig:
         stages: K, the number of devices the model is spread over.
         balance: layer calls per model piece, `stages * chunks` entries.
         micro_batches: M, micro-batches per step.
-        schedule: `"gpipe"`, `"1f1b"`, `"interleaved"` or `"zb-h1"`.
+        schedule: a name of `tfpipe.schedules.GENERATORS` (`"gpipe"`, `"1f1b"`,
+            `"interleaved"`, `"zb-h1"`, `"looped-bfs"`, `"zb-v"`).
         recompute: `"never"`, `"except_last"` or `"always"`.
-        chunks: model pieces per device (more than 1 only for `"interleaved"`).
+        chunks: model pieces per device (more than 1 only for the schedules of
+            `tfpipe.schedules.DEFAULT_CHUNKS`).
         devices: the K devices, in stage order.
         batch_size: B, samples per step the prediction is for.
         micro_batch_size: `ceil(B / M)`, the size the layer times were measured at.
@@ -80,9 +82,9 @@ class PlanConfig:
 
         Returns:
             `stages`, `balance`, `micro_batches`, `schedule`, `recompute` and, for
-            interleaved schedules, `chunks`. Pass `devices=` yourself (any list whose first
-            `stages` entries are `self.devices`), or use `tfpipe.fit(..., plan=config)`,
-            which passes `self.devices` too.
+            schedules with several pieces per device, `chunks`. Pass `devices=` yourself
+            (any list whose first `stages` entries are `self.devices`), or use
+            `tfpipe.fit(..., plan=config)`, which passes `self.devices` too.
 
         Example:
             >>> tfpipe.fit(model, x, y, batch_size=64, **config.kwargs(), devices=devices)

@@ -5,12 +5,13 @@ candidate costs one simulation of at most a few hundred actions (`CostModel.esti
 Python): stage counts 1..len(devices), for each the optimal contiguous split
 (`tfpipe.balance.solve`) of the layer times measured at that micro-batch size and, when it
 differs, of the layer bytes; micro-batch counts from a small divisor-friendly set up to the
-batch size; the four built-in schedules where they make sense (interleaved and ZB-H1 need two
-devices or more, interleaved needs K x chunks layer calls); and the three recompute modes.
+batch size; the built-in schedules where they make sense (all but GPipe and 1F1B need two
+devices or more, those with several chunks per device K x chunks layer calls); and the
+three recompute modes.
 Configurations are ranked by predicted step time among those that fit the memory budget,
 then by peak memory (per device; summed over devices that share one processor) and
 simplicity (fewer stages, fewer micro-batches); those that do not fit
-follow, smallest peak first, so `plan.configs[:3]` are always the three best runnable ones.
+follow, smallest peak first, so `plan.configs[:3]` are always the three best that fit.
 `PlanConfig` and `Plan`, the result types, live in `tfpipe.planner.result` (importable
 from here too).
 """
@@ -32,10 +33,10 @@ from tfpipe.planner.costs import (
 from tfpipe.planner.records import Profile
 from tfpipe.planner.result import Plan as Plan
 from tfpipe.planner.result import PlanConfig as PlanConfig
-from tfpipe.schedules import GENERATORS
+from tfpipe.schedules import DEFAULT_CHUNKS, GENERATORS, default_chunks
 
-SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb-h1")
-"""The schedules the planner tries, in the order ties are broken."""
+SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb-h1", "looped-bfs", "zb-v")
+"""The schedules the planner tries by default, in the order ties are broken."""
 
 MICRO_BATCHES = (1, 2, 4, 8, 16, 32)
 """The micro-batch counts the planner tries (those up to the batch size)."""
@@ -63,7 +64,7 @@ def search(
     memory_budget: float | None = None,
     stages: int | Sequence[int] | None = None,
     micro_batches: Sequence[int] = MICRO_BATCHES,
-    schedules: Sequence[str] = SCHEDULES,
+    schedules: Sequence[str] | None = None,
     recompute: Sequence[str] = RECOMPUTE_MODES,
     chunks: int = 2,
     bandwidth: float | None = None,
@@ -83,9 +84,10 @@ def search(
             others and marked as not fitting. None: no limit.
         stages: the stage counts K to try (default 1 to `len(devices)`).
         micro_batches: the micro-batch counts M to try; those above B are skipped.
-        schedules: the schedule names to try.
+        schedules: the schedule names to try (default `SCHEDULES`).
         recompute: the recompute modes to try.
-        chunks: model pieces per device for `"interleaved"` (at least 2).
+        chunks: model pieces per device for `"interleaved"` and `"looped-bfs"`, at least 2
+            (`"zb-v"` always holds 2).
         bandwidth: bytes per second between devices; default `default_bandwidth(devices)`.
         parallel: whether the devices compute at the same time; default
             `default_parallel(devices)` (False for logical CPU devices, whose predicted step
@@ -106,6 +108,8 @@ def search(
     """
     devices = list(devices)
     n = profile.num_layers
+    if schedules is None:
+        schedules = list(SCHEDULES)
     stage_counts, counts = _search_space(
         n, batch_size, devices, stages, micro_batches, schedules, recompute, chunks
     )
@@ -146,8 +150,8 @@ def _configs(
     found: list[PlanConfig] = []
     for k in stage_counts:
         for sched in schedules:
-            v = chunks if sched == "interleaved" else 1
-            if k == 1 and sched in ("interleaved", "zb-h1") or k * v > n:
+            v = chunks if default_chunks(sched) > 1 and sched != "zb-v" else default_chunks(sched)
+            if k == 1 and sched not in ("gpipe", "1f1b") or k * v > n:
                 continue  # no bubble to fill on one device; too few layer calls to cut
             for m in counts:
                 size = model.micro_batch_size(m)
@@ -226,7 +230,8 @@ def _search_space(
     if bad or not recompute:
         raise PipelineError(f"recompute={list(recompute)}: give modes from {RECOMPUTE_MODES}.")
     if not isinstance(chunks, int) or chunks < 2:
-        raise PipelineError(f"chunks must be an integer >= 2 for 'interleaved', got {chunks!r}.")
+        several = " and ".join(repr(name) for name in DEFAULT_CHUNKS if name != "zb-v")
+        raise PipelineError(f"chunks must be an integer >= 2 for {several}, got {chunks!r}.")
     return stage_counts, counts
 
 

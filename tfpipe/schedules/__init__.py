@@ -8,8 +8,10 @@ Registry convention: every `GENERATORS` entry is called as
 `generator(num_stages, num_micro_batches, chunks=1)`, where `num_stages` counts the model's
 pieces (virtual stages) and `chunks` is how many of them each rank holds, so the schedule runs
 on `num_stages // chunks` ranks. Single-stage-per-rank schedules (`gpipe`, `1f1b`, `zb-h1`)
-accept only `chunks=1`; `interleaved` accepts any `chunks` that divides `num_stages` (with
-`chunks=1` it is exactly `1f1b`).
+accept only `chunks=1`; `interleaved` and `looped-bfs` accept any `chunks` that divides
+`num_stages` (with `chunks=1` they are `1f1b` and GPipe); `zb-v` takes only `chunks=2` (its
+V places two stages on each rank). `DEFAULT_CHUNKS` names the schedules that hold several
+stages per rank, with the `chunks` to use when none is given.
 """
 
 from __future__ import annotations
@@ -22,11 +24,13 @@ from tfpipe.schedules.clock import clock, dependencies
 from tfpipe.schedules.format import format_schedule
 from tfpipe.schedules.gpipe import gpipe
 from tfpipe.schedules.interleaved import interleaved, interleaved_stages
+from tfpipe.schedules.looped_bfs import looped_bfs, looped_bfs_stages
 from tfpipe.schedules.one_f_one_b import one_f_one_b
 from tfpipe.schedules.plot import plot
 from tfpipe.schedules.simulate import Costs, Simulation, peak_in_flight, simulate
 from tfpipe.schedules.validate import ScheduleError, validate
 from tfpipe.schedules.zb_h1 import zb_h1
+from tfpipe.schedules.zb_v import zb_v, zb_v_stages
 
 Generator = Callable[..., Schedule]
 
@@ -52,7 +56,23 @@ GENERATORS: dict[str, Generator] = {
     "1f1b": _one_stage_per_rank("1f1b", one_f_one_b),
     "interleaved": interleaved_stages,
     "zb-h1": _one_stage_per_rank("zb-h1", zb_h1),
+    "looped-bfs": looped_bfs_stages,
+    "zb-v": zb_v_stages,
 }
+
+DEFAULT_CHUNKS: dict[str, int] = {"interleaved": 2, "looped-bfs": 2, "zb-v": 2}
+"""The schedules that hold several stages (chunks) per rank, with their default `chunks`;
+every other name of `GENERATORS` runs one stage per rank (`chunks=1`)."""
+
+
+def default_chunks(name: str) -> int:
+    """The `chunks` a schedule name runs with when none is given: `DEFAULT_CHUNKS`, else 1.
+
+    Example:
+        >>> default_chunks("interleaved"), default_chunks("1f1b")
+        (2, 1)
+    """
+    return DEFAULT_CHUNKS.get(name, 1)
 
 
 def get(
@@ -68,7 +88,8 @@ def get(
         num_stages: K, the number of model stages (virtual stages when `chunks > 1`).
         num_micro_batches: M, the micro-batch count.
         chunks: stages per rank; the schedule runs on `K // chunks` ranks. Only
-            `"interleaved"` (or a user `Schedule` with that many ranks) takes `chunks > 1`.
+            the schedules of `DEFAULT_CHUNKS` (or a user `Schedule` with that many ranks) take
+            `chunks > 1`.
 
     Returns:
         A validated `Schedule` for K stages and M micro-batches.
@@ -111,22 +132,28 @@ __all__ = [
     "KINDS",
     "Action",
     "Costs",
+    "DEFAULT_CHUNKS",
     "GENERATORS",
     "Generator",
     "Schedule",
     "ScheduleError",
     "Simulation",
     "clock",
+    "default_chunks",
     "dependencies",
     "format_schedule",
     "get",
     "gpipe",
     "interleaved",
     "interleaved_stages",
+    "looped_bfs",
+    "looped_bfs_stages",
     "one_f_one_b",
     "peak_in_flight",
     "plot",
     "simulate",
     "validate",
     "zb_h1",
+    "zb_v",
+    "zb_v_stages",
 ]

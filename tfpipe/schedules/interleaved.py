@@ -55,7 +55,7 @@ def interleaved(num_ranks: int, num_micro_batches: int, chunks: int = 2) -> Sche
         ['0F0 0F1 2F0 2F1 2B0 2B1 0B0 0B1', '1F0 1F1 3F0 3B0 3F1 3B1 1B0 1B1']
     """
     check_sizes(num_ranks, num_micro_batches)
-    _check_chunks(chunks)
+    check_chunks(chunks)
     if chunks == 1:
         return one_f_one_b(num_ranks, num_micro_batches)
     ranks = tuple(_rank_order(r, num_ranks, num_micro_batches, chunks) for r in range(num_ranks))
@@ -80,21 +80,36 @@ def interleaved_stages(num_stages: int, num_micro_batches: int, chunks: int = 1)
         >>> interleaved_stages(4, 2, chunks=2).num_ranks
         2
     """
+    return interleaved(num_ranks_for("Interleaved", num_stages, num_micro_batches, chunks),
+                       num_micro_batches, chunks)
+
+
+def num_ranks_for(label: str, num_stages: int, num_micro_batches: int, chunks: int) -> int:
+    """`num_stages // chunks`, after checking the sizes and that `chunks` divides `num_stages`.
+
+    Shared by the schedules that deal several stages to each rank (`interleaved`,
+    `looped-bfs`); `label` names the schedule in the error.
+
+    Raises:
+        ValueError: for a size or `chunks` that is not a positive integer, or a `num_stages`
+            that is not a multiple of `chunks` (naming the nearest multiples).
+    """
     check_sizes(num_stages, num_micro_batches)
-    _check_chunks(chunks)
+    check_chunks(chunks)
     if num_stages % chunks:
         lower = num_stages - num_stages % chunks
         fixes = ([f"{lower}"] if lower else []) + [f"{lower + chunks}"]
         raise ValueError(
-            f"Interleaved schedule: num_stages={num_stages} is not divisible by "
+            f"{label} schedule: num_stages={num_stages} is not divisible by "
             f"chunks={chunks}, so the stages cannot be dealt evenly to ranks. Partition the "
             f"model into a multiple of {chunks} stages (for example {' or '.join(fixes)}), "
             f"or pick a chunks value that divides {num_stages}."
         )
-    return interleaved(num_stages // chunks, num_micro_batches, chunks)
+    return num_stages // chunks
 
 
-def _check_chunks(chunks: int) -> None:
+def check_chunks(chunks: int) -> None:
+    """Raises a `ValueError` unless `chunks` is a positive integer (bools rejected)."""
     if isinstance(chunks, bool) or not isinstance(chunks, int) or chunks < 1:
         raise ValueError(
             f"chunks must be a positive integer (model chunks per rank), got {chunks!r}."
