@@ -244,7 +244,8 @@ def summary(report: dict[str, Any]) -> str:
         cells = ", ".join(f"M={r['M']} {r['throughput_vs_M1']:.2f}" for r in rows)
         lines.append(f"  target 2 {name}: throughput vs M=1: {cells}")
     if report["traffic"]:
-        cells = ", ".join(f"{name} {r['placed_ratio']:.2f}" for name, r in report["traffic"].items())
+        cells = ", ".join(f"{name} {r['placed_ratio']:.2f}"
+                          for name, r in report["traffic"].items())
         lines.append(f"  bytes between devices / least needed: {cells}")
     plain, piped = report["promise"].get("plain"), report["promise"].get("pipeline")
     if plain:
@@ -444,7 +445,8 @@ def part_traffic(args: argparse.Namespace, devices: list[str], mem: list[str],
                                       "default_device_bytes": default,
                                       "stage_devices": stage_devices})
         print(f"[traffic] {name}: {placed / MiB:.2f} MiB per step, least {least / MiB:.2f} "
-              f"({placed / least:.2f}x); {default} B (not the batch) to or from {devices[0]}", flush=True)
+              f"({placed / least:.2f}x); {default} B (not the batch) to or from {devices[0]}",
+              flush=True)
 
 
 def part_memory(args: argparse.Namespace, devices: list[str], mem: list[str],

@@ -65,7 +65,8 @@ def build(name: str, width: int, layers: int, batch: int) -> tuple[Any, Any, Any
         "mixed_float16" if name == "mixed_float16" else "float32")
     keras.utils.set_random_seed(0)
     dense = [keras.layers.Dense(width, activation="relu") for _ in range(layers)]
-    model = keras.Sequential([keras.Input((width,)), *dense, keras.layers.Dense(10, dtype="float32")])
+    model = keras.Sequential([keras.Input((width,)), *dense,
+                              keras.layers.Dense(10, dtype="float32")])
     cls, kwargs = OPTIMIZERS[name]
     model.compile(getattr(keras.optimizers, cls)(**kwargs),
                   keras.losses.SparseCategoricalCrossentropy(from_logits=True))
