@@ -34,7 +34,8 @@ CASES = [
     for stages in (2, 4)
     for m in (4, 8)
 ] + [("interleaved", 2, 4), ("interleaved", 2, 8), ("interleaved", 4, 4), ("interleaved", 4, 8),
-     ("looped-bfs", 2, 4), ("looped-bfs", 4, 8), ("zb-v", 2, 4), ("zb-v", 4, 8)]
+     ("looped-bfs", 2, 4), ("looped-bfs", 4, 8), ("zb-v", 2, 4), ("zb-v", 4, 8),
+     ("interleaved-zb", 2, 4), ("interleaved-zb", 4, 8)]
 
 
 @pytest.mark.parametrize("schedule,stages,micro_batches", CASES)
@@ -127,13 +128,11 @@ def test_profiled_timeline_follows_dependencies(tmp_path):
     for rank, action, t0, t1 in timeline:
         assert t1 >= t0 >= 0 and rank == action.stage
         for dep in tfpipe.schedules.dependencies(action, pipe.schedule):
-            if dep.kind == "F" and dep.stage != action.stage:
-                # what a forward sends is its last result: both stamps wait for it, and on
-                # concurrent devices either may run first by a few microseconds
-                assert start[action] >= end[dep] - 0.1, (action, dep)
-            else:
-                # a backward sends its input gradient before its weight gradients are done
-                assert start[action] >= start[dep], (action, dep)
+            # An action's start stamp waits for what it reads, which its dependency made after
+            # its own start stamp. (A forward's end stamp waits for the same result as the
+            # next stage's start stamp: siblings, either may run first; CI under load saw the
+            # start 0.16 ms before the end, so no order between those two is asserted.)
+            assert start[action] >= start[dep], (action, dep)
     for rank, actions in enumerate(pipe.schedule.ranks):  # each device in schedule order
         for a, b in zip(actions, actions[1:]):
             assert start[b] >= end[a], (rank, a, b)
