@@ -87,7 +87,7 @@ def test_unknown_schedule_exits_2_naming_it(tmp_path):
     assert "Traceback" not in proc.stderr
     assert error_lines(proc.stderr) == [
         "tfpipe schedule: error: unknown schedule 'pipedream': use one of gpipe, 1f1b, "
-        "interleaved, zb-h1, looped-bfs, zb-v"
+        "interleaved, zb-h1, looped-bfs, zb-v, interleaved-zb"
     ], proc.stderr
     assert proc.stdout == ""
 
@@ -134,7 +134,7 @@ def run_main(capsys, *args: str) -> tuple[int, str, str]:
          "tfpipe schedule: error: argument --micro-batches: must be a positive integer, got '-1'"),
         (["--stages", "2", "--micro-batches", "3", "--chunks", "2"],
          "tfpipe schedule: error: --chunks 2 needs a schedule of 'interleaved', 'looped-bfs', "
-         "'zb-v'; 'gpipe' runs one stage per device"),
+         "'zb-v', 'interleaved-zb'; 'gpipe' runs one stage per device"),
         (["--micro-batches", "3"],
          "tfpipe schedule: error: the following arguments are required: --stages"),
     ],
@@ -167,11 +167,12 @@ def test_png_that_cannot_be_written_exits_1(capsys, tmp_path):
     assert err.startswith("tfpipe schedule: error: cannot write --png") and len(err.splitlines()) == 1
 
 
-@pytest.mark.parametrize("name", ["gpipe", "1f1b", "interleaved", "zb-h1", "looped-bfs", "zb-v"])
+@pytest.mark.parametrize("name", ["gpipe", "1f1b", "interleaved", "zb-h1", "looped-bfs", "zb-v",
+                                  "interleaved-zb"])
 def test_every_schedule_runs(capsys, name):
     status, out, _ = run_main(capsys, "schedule", name, "--stages", "3", "--micro-batches", "5")
     assert status == 0 and "rank2" in out and "bubble fraction" in out
-    if name in ("interleaved", "looped-bfs", "zb-v"):  # 2 chunks by default
+    if name in ("interleaved", "looped-bfs", "zb-v", "interleaved-zb"):  # 2 chunks by default
         assert "6 model pieces (2 per rank)" in out and "rank3" not in out
 
 
@@ -202,3 +203,21 @@ def test_looped_bfs_prints_its_grid_and_interleaved_bubble(capsys):
     # (K-1)/(vM+K-1) = 1/9 with v=2 chunks, as interleaved; GPipe's memory: M per piece
     assert "bubble fraction: 0.1111" in out
     assert "peak micro-batches in flight per model piece: 4, 4, 4, 4" in out
+
+
+def test_interleaved_zb_prints_its_grid_and_a_smaller_bubble_than_interleaved(capsys):
+    status, out, _ = run_main(capsys, "schedule", "interleaved-zb", "--stages", "2",
+                              "--micro-batches", "4")
+    assert status == 0
+    assert out.startswith(
+        "schedule 'interleaved-zb': 2 stages x 4 micro-batches, 4 model pieces (2 per rank)\n"
+        "step   0    1    2    3    4    5    6    7    8    9    10   11   12   13   14   15   16   17   18   19   20   21   22   23   24   25\n"
+        "rank0  0F0  0F1  2F0  2F1  0F2  2I0  2W0  0F3  2I1  2W1  2F2  0I0  0W0  2F3  0I1  0W1  .    2I2  2W2  .    2I3  0I2  0I3  2W3  0W2  0W3\n"
+        "rank1  .    1F0  1F1  3F0  3I0  3W0  3F1  3I1  3W1  1F2  1I0  1W0  1F3  1I1  1W1  3F2  3I2  3W2  3F3  3I3  1I2  1I3  3W3  1W2  1W3  .\n"
+    ), out
+    # 1/13 against interleaved's 1/9, at interleaved's peak per piece (4, 3, 2, 1)
+    assert "bubble fraction: 0.0769" in out
+    assert "peak micro-batches in flight per model piece: 4, 3, 2, 1" in out
+    status, out, _ = run_main(capsys, "schedule", "interleaved-zb", "--stages", "2",
+                              "--micro-batches", "4", "--chunks", "3")
+    assert status == 0 and "6 model pieces (3 per rank)" in out and "rank2" not in out

@@ -24,6 +24,8 @@ from tfpipe.schedules import (
     gpipe,
     interleaved,
     interleaved_stages,
+    interleaved_zb,
+    interleaved_zb_stages,
     looped_bfs,
     looped_bfs_stages,
     one_f_one_b,
@@ -146,6 +148,25 @@ LITERAL_CASES = [
         "1F0 1F1 4F0 4F1 4I0 4W0 4I1 4W1 1I0 1W0 1I1 1W1",
         "2F0 3F0 2F1 3F1 3I0 3W0 2I0 2W0 3I1 3W1 2I1 2W1",
     ]),
+    (interleaved_zb(2, 4, chunks=2), """
+        step   0    1    2    3    4    5    6    7    8    9    10   11   12   13   14   15   16   17   18   19   20   21   22   23   24   25
+        rank0  0F0  0F1  2F0  2F1  0F2  2I0  2W0  0F3  2I1  2W1  2F2  0I0  0W0  2F3  0I1  0W1  .    2I2  2W2  .    2I3  0I2  0I3  2W3  0W2  0W3
+        rank1  .    1F0  1F1  3F0  3I0  3W0  3F1  3I1  3W1  1F2  1I0  1W0  1F3  1I1  1W1  3F2  3I2  3W2  3F3  3I3  1I2  1I3  3W3  1W2  1W3  .
+        """, [
+        "0F0 0F1 2F0 2F1 0F2 2I0 2W0 0F3 2I1 2W1 2F2 0I0 0W0 2F3 0I1 0W1 2I2 2W2 2I3 0I2 0I3 2W3 "
+        "0W2 0W3",
+        "1F0 1F1 3F0 3I0 3W0 3F1 3I1 3W1 1F2 1I0 1W0 1F3 1I1 1W1 3F2 3I2 3W2 3F3 3I3 1I2 1I3 3W3 "
+        "1W2 1W3",
+    ]),
+    # M = D: rank 0 waits for the first I, then the Ws fill the cool-down's waits.
+    (interleaved_zb(2, 2, chunks=2), """
+        step   0    1    2    3    4    5    6    7    8    9    10   11   12   13
+        rank0  0F0  0F1  2F0  2F1  .    2I0  2W0  .    2I1  0I0  0I1  2W1  0W0  0W1
+        rank1  .    1F0  1F1  3F0  3I0  3W0  3F1  3I1  1I0  1I1  3W1  1W0  1W1  .
+        """, [
+        "0F0 0F1 2F0 2F1 2I0 2W0 2I1 0I0 0I1 2W1 0W0 0W1",
+        "1F0 1F1 3F0 3I0 3W0 3F1 3I1 1I0 1I1 3W1 1W0 1W1",
+    ]),
     (zb_h1(2, 4), """
         step   0   1   2   3   4   5   6   7   8   9   10  11  12
         rank0  F0  F1  .   I0  W0  F2  I1  W1  F3  I2  W2  I3  W3
@@ -233,6 +254,30 @@ def test_zb_v_refuses_other_chunks_showing_the_grid_it_would_run(args, fragment)
     assert "step   0" in message and "rank0  0F0  0F1" in message  # the grid it would run
 
 
+@pytest.mark.parametrize("ranks,m,chunks", [(2, 4, 2), (3, 5, 2), (4, 8, 3), (3, 2, 2), (2, 6, 1)])
+def test_interleaved_zb_is_interleaved_with_split_backwards(ranks: int, m: int, chunks: int):
+    s, base = interleaved_zb(ranks, m, chunks=chunks), interleaved(ranks, m, chunks=chunks)
+    assert (s.num_ranks, s.num_stages) == (ranks, ranks * chunks)
+    assert all(s.rank_of(stage) == stage % ranks for stage in range(ranks * chunks))
+    assert all(s.splits_backward(k) for k in range(ranks * chunks))
+    for mine, theirs in zip(s.ranks, base.ranks):
+        # interleaved's forwards and backwards in interleaved's order, each B as I ...
+        assert [a for a in mine if a.kind != "W"] == [
+            Action(a.stage, "I" if a.kind == "B" else "F", a.micro_batch) for a in theirs]
+        # ... and each W after its own I
+        ran = [a for a in mine if a.kind != "F"]
+        assert all(ran.index(Action(a.stage, "I", a.micro_batch)) < ran.index(a)
+                   for a in ran if a.kind == "W")
+    assert interleaved_zb_stages(ranks * chunks, m, chunks=chunks) == s
+    assert get("interleaved-zb", ranks * chunks, m, chunks=chunks) == s
+
+
+def test_get_interleaved_zb_refuses_indivisible_stages():
+    with pytest.raises(ValueError, match=r"Interleaved zero-bubble schedule: num_stages=5 is "
+                       r"not divisible by chunks=2.*4 or 6"):
+        get("interleaved-zb", 5, 4, chunks=2)
+
+
 def test_zb_h1_has_only_split_backwards():
     s = zb_h1(3, 4)
     assert s.has_split_backward and all(s.splits_backward(k) for k in range(3))
@@ -243,6 +288,7 @@ def test_zb_h1_has_only_split_backwards():
     ("gpipe", gpipe(3, 3)),
     ("one_f_one_b", one_f_one_b(3, 4)),
     ("interleaved", interleaved(2, 4, chunks=2)),
+    ("interleaved_zb", interleaved_zb(2, 4, chunks=2)),
     ("zb_h1", zb_h1(3, 4)),
     ("looped_bfs", looped_bfs(2, 4, chunks=2)),
     ("zb_v", zb_v(2, 4)),
@@ -381,9 +427,11 @@ def test_generated_schedules_validate(name: str):
 # Registry and `get`.
 
 def test_registry_names():
-    assert sorted(GENERATORS) == ["1f1b", "gpipe", "interleaved", "looped-bfs", "zb-h1", "zb-v"]
+    assert sorted(GENERATORS) == ["1f1b", "gpipe", "interleaved", "interleaved-zb",
+                                  "looped-bfs", "zb-h1", "zb-v"]
     assert {name: default_chunks(name) for name in GENERATORS} == {
-        "gpipe": 1, "1f1b": 1, "interleaved": 2, "zb-h1": 1, "looped-bfs": 2, "zb-v": 2}
+        "gpipe": 1, "1f1b": 1, "interleaved": 2, "zb-h1": 1, "looped-bfs": 2, "zb-v": 2,
+        "interleaved-zb": 2}
 
 
 def test_get_keeps_the_two_size_form():
@@ -439,13 +487,13 @@ def test_get_user_schedule_checks_its_size_and_rank_count():
     ((True, 4), "num_stages must be a positive integer, got True"),
 ])
 def test_generators_reject_bad_sizes(args: tuple, fragment: str):
-    for generate in (gpipe, one_f_one_b, zb_h1, interleaved, looped_bfs, zb_v):
+    for generate in (gpipe, one_f_one_b, zb_h1, interleaved, looped_bfs, zb_v, interleaved_zb):
         with pytest.raises(ValueError, match=fragment):
             generate(*args)
 
 
 def test_interleaved_rejects_bad_chunks():
-    for generate in (interleaved, looped_bfs):
+    for generate in (interleaved, looped_bfs, interleaved_zb):
         with pytest.raises(ValueError, match="chunks must be a positive integer"):
             generate(2, 4, chunks=0)
 

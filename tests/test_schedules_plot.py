@@ -10,6 +10,7 @@ from tfpipe.schedules import (
     Action,
     Costs,
     interleaved,
+    interleaved_zb,
     looped_bfs,
     one_f_one_b,
     plot,
@@ -33,6 +34,7 @@ def assert_png(path: pathlib.Path) -> None:
     (interleaved(2, 4, chunks=2), Costs(0.5, 1.0, transfer=0.1)),
     (looped_bfs(2, 4, chunks=2), Costs(0.5, 1.0, transfer=0.1)),
     (zb_v(2, 4), Costs(0.5, 1.0, transfer=0.1)),
+    (interleaved_zb(2, 4, chunks=2), Costs(0.5, 1.0, transfer=0.1)),
 ])
 def test_plot_simulation(tmp_path: pathlib.Path, schedule, costs):
     out = tmp_path / "nested" / f"{schedule.name}.png"

@@ -17,8 +17,10 @@ from tfpipe.schedules import (
     get,
     gpipe,
     interleaved,
+    interleaved_zb,
     looped_bfs,
     one_f_one_b,
+    peak_in_flight,
     simulate,
     validate,
     zb_h1,
@@ -191,7 +193,58 @@ def test_zb_v_bubble_for_four_ranks_eight_micro_batches():
     assert close(sim.bubble_fraction, 3 / 51)  # ZB-H1: 3/27, 1F1B: 3/11
 
 
-names = st.sampled_from(["gpipe", "1f1b", "interleaved", "zb-h1", "looped-bfs", "zb-v"])
+def rank_peaks(schedule: Schedule) -> list[int]:
+    """Per rank, the most chunk activations held at once (from F to B, or to W)."""
+    peaks = []
+    for actions in schedule.ranks:
+        live = peak = 0
+        for a in actions:
+            live += {"F": 1, "B": -1, "I": 0, "W": -1}[a.kind]
+            peak = max(peak, live)
+        peaks.append(peak)
+    return peaks
+
+
+@SETTINGS
+@given(d=stages, m=micro_batches, v=chunk_counts,
+       costs=st.sampled_from([EQUAL, Costs(1.0, 1.0), Costs(1.0, 3.0),
+                              Costs(1.0, 2.0, transfer=0.25)]))
+def test_interleaved_zb_against_interleaved(d: int, m: int, v: int, costs: Costs):
+    """Interleaved 1F1B with I in place of B and the Ws filling its waits: never a larger
+    bubble than interleaved's (strictly smaller for M >= D >= 2 with F = I = W), at the same
+    peak in flight on every stage and the same most chunk activations on every rank."""
+    schedule = validate(get("interleaved-zb", d * v, m, chunks=v))
+    base = interleaved(d, m, chunks=v)
+    assert (schedule.num_ranks, schedule.num_stages) == (d, d * v)
+    sim, ref = simulate(schedule, costs), simulate(base, costs)
+    assert sim.bubble_fraction <= ref.bubble_fraction + 1e-12
+    assert sim.step_time <= ref.step_time + 1e-9
+    if costs == EQUAL and m >= d >= 2:
+        assert sim.bubble_fraction < ref.bubble_fraction - 1e-9
+    per_chunk = Costs(forward=1.0 / v, backward=2.0 / v)  # the docs' costs: a stage's F 1, B 2
+    assert simulate(schedule, per_chunk).bubble_fraction <= \
+        simulate(base, per_chunk).bubble_fraction + 1e-12
+    assert sim.peak_in_flight == ref.peak_in_flight == peak_in_flight(base)
+    assert rank_peaks(schedule) == rank_peaks(base)
+
+
+def test_interleaved_zb_figures_for_two_and_four_ranks():
+    """The figures of docs/schedules.md and the module docstring (v = 2, F = I = W = 1/2)."""
+    costs = Costs(forward=0.5, backward=1.0)
+    sim, ref = simulate(interleaved_zb(2, 4), costs), simulate(interleaved(2, 4), costs)
+    assert (sim.step_time, ref.step_time) == (13.0, 13.5)
+    assert close(sim.bubble_fraction, 1 / 13) and close(ref.bubble_fraction, 1 / 9)
+    assert sim.peak_in_flight == ref.peak_in_flight == (4, 3, 2, 1)
+    sim, ref = simulate(interleaved_zb(4, 8), costs), simulate(interleaved(4, 8), costs)
+    assert (sim.step_time, ref.step_time) == (27.0, 28.5)
+    assert close(sim.bubble_fraction, 3 / 27) and close(ref.bubble_fraction, 9 / 57)
+    assert sim.peak_in_flight == ref.peak_in_flight == (8, 8, 7, 5, 4, 4, 3, 1)
+    assert rank_peaks(sim.schedule) == rank_peaks(ref.schedule) == [11, 9, 7, 5]
+    assert close(simulate(zb_h1(4, 8), EQUAL).bubble_fraction, 3 / 27)  # ZB-H1's, 1 chunk
+
+
+names = st.sampled_from(["gpipe", "1f1b", "interleaved", "zb-h1", "looped-bfs", "zb-v",
+                         "interleaved-zb"])
 
 
 @st.composite

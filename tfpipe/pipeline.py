@@ -65,9 +65,9 @@ class Pipeline:
             device. Defaults to the visible GPUs, else the logical CPU devices.
         micro_batches: M, the number of slices each batch is cut into.
         schedule: `"gpipe"`, `"1f1b"`, `"interleaved"`, `"zb-h1"`, `"looped-bfs"`, `"zb-v"`,
-            or a `tfpipe.schedules.Schedule` (ranks are the devices, stages the model pieces).
-        chunks: for `"interleaved"` and `"looped-bfs"`, model pieces per device, v (default
-            2): the model is cut into K*v stages, device r holds r, r+K, ... (`"zb-v"`: 2).
+            `"interleaved-zb"`, or a `tfpipe.schedules.Schedule` (ranks: devices, stages: pieces).
+        chunks: for `"interleaved"`, `"looped-bfs"`, `"interleaved-zb"`, pieces per device, v
+            (default 2; `"zb-v"`: 2): the model is cut into K*v stages, device r holds r, r+K, ...
         profile: record when each action of a training step started and ended;
             `timeline()` returns the latest step's measured timeline. Each device then runs
             its actions one after another in the schedule's order (so that a start is when

@@ -65,10 +65,10 @@ def fit(
             `x`), or layer calls per stage instead of `stages`.
         micro_batches: M; each batch of B samples becomes M micro-batches of about B/M.
         devices: device names per stage; default the GPUs, else the logical CPU devices.
-        schedule: `"gpipe"`, `"1f1b"`, `"interleaved"`, `"zb-h1"`, `"looped-bfs"`, `"zb-v"` or
-            a `tfpipe.schedules.Schedule`.
-        chunks: model pieces per device for `"interleaved"`, `"looped-bfs"` (default 2) and
-            `"zb-v"` (2).
+        schedule: `"gpipe"`, `"1f1b"`, `"interleaved"`, `"zb-h1"`, `"looped-bfs"`, `"zb-v"`,
+            `"interleaved-zb"` or a `tfpipe.schedules.Schedule`.
+        chunks: model pieces per device for `"interleaved"`, `"looped-bfs"`,
+            `"interleaved-zb"` (default 2) and `"zb-v"` (2).
         split_points: layer names where a new stage starts, instead of `stages`/`balance`.
         recompute: `"never"`, `"except_last"`, `"always"` or one flag per stage: recompute a
             stage's forward in its backward instead of keeping its activations.

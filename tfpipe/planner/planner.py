@@ -64,7 +64,8 @@ def plan(
         micro_batches: the micro-batch counts M to try (those up to B).
         schedules: the schedules to try (default `tfpipe.planner.SCHEDULES`).
         recompute: the recomputation modes to try.
-        chunks: model pieces per device for `"interleaved"` and `"looped-bfs"`.
+        chunks: model pieces per device for `"interleaved"`, `"looped-bfs"` and
+            `"interleaved-zb"`.
         bandwidth: bytes per second between devices, for the per-hop transfer time of the
             activation crossing each cut. Default: measured between the first two devices,
             with each hop's fixed latency (`tfpipe.planner.profile.measure_transfer`); the

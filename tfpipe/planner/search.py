@@ -35,7 +35,7 @@ from tfpipe.planner.result import Plan as Plan
 from tfpipe.planner.result import PlanConfig as PlanConfig
 from tfpipe.schedules import DEFAULT_CHUNKS, GENERATORS, default_chunks
 
-SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb-h1", "looped-bfs", "zb-v")
+SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb-h1", "looped-bfs", "zb-v", "interleaved-zb")
 """The schedules the planner tries by default, in the order ties are broken."""
 
 MICRO_BATCHES = (1, 2, 4, 8, 16, 32)
@@ -86,8 +86,8 @@ def search(
         micro_batches: the micro-batch counts M to try; those above B are skipped.
         schedules: the schedule names to try (default `SCHEDULES`).
         recompute: the recompute modes to try.
-        chunks: model pieces per device for `"interleaved"` and `"looped-bfs"`, at least 2
-            (`"zb-v"` always holds 2).
+        chunks: model pieces per device for `"interleaved"`, `"looped-bfs"` and
+            `"interleaved-zb"`, at least 2 (`"zb-v"` always holds 2).
         bandwidth: bytes per second between devices; default `default_bandwidth(devices)`.
         parallel: whether the devices compute at the same time; default
             `default_parallel(devices)` (False for logical CPU devices, whose predicted step
@@ -230,7 +230,7 @@ def _search_space(
     if bad or not recompute:
         raise PipelineError(f"recompute={list(recompute)}: give modes from {RECOMPUTE_MODES}.")
     if not isinstance(chunks, int) or chunks < 2:
-        several = " and ".join(repr(name) for name in DEFAULT_CHUNKS if name != "zb-v")
+        several = ", ".join(repr(name) for name in DEFAULT_CHUNKS if name != "zb-v")
         raise PipelineError(f"chunks must be an integer >= 2 for {several}, got {chunks!r}.")
     return stage_counts, counts
 

@@ -8,10 +8,11 @@ Registry convention: every `GENERATORS` entry is called as
 `generator(num_stages, num_micro_batches, chunks=1)`, where `num_stages` counts the model's
 pieces (virtual stages) and `chunks` is how many of them each rank holds, so the schedule runs
 on `num_stages // chunks` ranks. Single-stage-per-rank schedules (`gpipe`, `1f1b`, `zb-h1`)
-accept only `chunks=1`; `interleaved` and `looped-bfs` accept any `chunks` that divides
-`num_stages` (with `chunks=1` they are `1f1b` and GPipe); `zb-v` takes only `chunks=2` (its
-V places two stages on each rank). `DEFAULT_CHUNKS` names the schedules that hold several
-stages per rank, with the `chunks` to use when none is given.
+accept only `chunks=1`; `interleaved`, `interleaved-zb` and `looped-bfs` accept any `chunks`
+that divides `num_stages` (with `chunks=1` they are `1f1b`, 1F1B with the backward split, and
+GPipe); `zb-v` takes only `chunks=2` (its V places two stages on each rank).
+`DEFAULT_CHUNKS` names the schedules that hold several stages per rank, with the `chunks` to
+use when none is given.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from tfpipe.schedules.clock import clock, dependencies
 from tfpipe.schedules.format import format_schedule
 from tfpipe.schedules.gpipe import gpipe
 from tfpipe.schedules.interleaved import interleaved, interleaved_stages
+from tfpipe.schedules.interleaved_zb import interleaved_zb, interleaved_zb_stages
 from tfpipe.schedules.looped_bfs import looped_bfs, looped_bfs_stages
 from tfpipe.schedules.one_f_one_b import one_f_one_b
 from tfpipe.schedules.plot import plot
@@ -58,9 +60,11 @@ GENERATORS: dict[str, Generator] = {
     "zb-h1": _one_stage_per_rank("zb-h1", zb_h1),
     "looped-bfs": looped_bfs_stages,
     "zb-v": zb_v_stages,
+    "interleaved-zb": interleaved_zb_stages,
 }
 
-DEFAULT_CHUNKS: dict[str, int] = {"interleaved": 2, "looped-bfs": 2, "zb-v": 2}
+DEFAULT_CHUNKS: dict[str, int] = {
+    "interleaved": 2, "looped-bfs": 2, "zb-v": 2, "interleaved-zb": 2}
 """The schedules that hold several stages (chunks) per rank, with their default `chunks`;
 every other name of `GENERATORS` runs one stage per rank (`chunks=1`)."""
 
@@ -146,6 +150,8 @@ __all__ = [
     "gpipe",
     "interleaved",
     "interleaved_stages",
+    "interleaved_zb",
+    "interleaved_zb_stages",
     "looped_bfs",
     "looped_bfs_stages",
     "one_f_one_b",
