@@ -31,7 +31,7 @@ ONEDNN_OFF_TESTS := tests/test_transparency.py tests/test_placement.py \
 ONEDNN_OFF_SELECT := (test_fit_equals_keras and -4-) or test_placement or 1f1b-4-8 or mixed \
 	or test_monitor_writes
 TEST_WORKERS ?= 2
-PYTEST := -m pytest -q -n $(TEST_WORKERS)
+PYTEST := -m pytest -q -n $(TEST_WORKERS) --durations=25
 export NO_MKDOCS_2_WARNING := 1
 
 .PHONY: demo lint test test-onednn-off test-compat docs install clean

@@ -166,3 +166,18 @@ def test_pipeline_traffic_reports_a_step_and_trains_nothing():
     pipe.fit(x, y, batch_size=BATCH, epochs=1, verbose=0, shuffle=False)
     for a, b in zip(ref.weights, piped.weights):
         np.testing.assert_allclose(b.numpy(), a.numpy(), rtol=1e-5, atol=1e-6, err_msg=a.path)
+
+
+def test_pipeline_traffic_takes_a_dict_of_inputs():
+    keras.utils.set_random_seed(0)
+    a, b = keras.Input((WIDTH,), name="a"), keras.Input((4,), name="b")
+    h = keras.layers.Dense(WIDTH, activation="relu")(a)
+    h = keras.layers.Concatenate()([keras.layers.Dense(WIDTH)(h), b])
+    m = keras.Model({"a": a, "b": b}, keras.layers.Dense(3)(h))
+    m.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    pipe = tfpipe.Pipeline(m, stages=2, micro_batches=M, devices=["/cpu:1", "/cpu:2"])
+    rng = np.random.default_rng(1)
+    x = {"a": rng.normal(size=(BATCH, WIDTH)).astype("float32"),
+         "b": rng.normal(size=(BATCH, 4)).astype("float32")}
+    text = pipe.traffic(x, rng.integers(0, 3, size=BATCH), print_fn=lambda _: None)
+    assert "inputs" in text.splitlines()[0] and "/device:CPU:0 -> /device:CPU:2" in text, text

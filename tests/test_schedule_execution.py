@@ -28,12 +28,13 @@ def reference(kind: str):
     return _REF[kind]
 
 
+# Each schedule at (K=2, M=4) and (K=4, M=8): a short and a deep pipeline, M = 2K (the
+# (2, 8) and (4, 4) rows went when the suite passed 20 minutes; they added no new order).
 CASES = [
     (schedule, stages, m)
     for schedule in ("gpipe", "1f1b", "zb-h1")
-    for stages in (2, 4)
-    for m in (4, 8)
-] + [("interleaved", 2, 4), ("interleaved", 2, 8), ("interleaved", 4, 4), ("interleaved", 4, 8),
+    for stages, m in ((2, 4), (4, 8))
+] + [("interleaved", 2, 4), ("interleaved", 4, 8),
      ("looped-bfs", 2, 4), ("looped-bfs", 4, 8), ("zb-v", 2, 4), ("zb-v", 4, 8),
      ("interleaved-zb", 2, 4), ("interleaved-zb", 4, 8)]
 

@@ -147,13 +147,14 @@ def step_table(train_step: Callable[[Any], Any], model: Any, x: Any, y: Any) -> 
         train_step: the pipelined step, called as `train_step((x, y))` while it is lent to
             the model.
         model: the user's compiled model.
-        x, y: one batch (arrays or tensors).
+        x, y: one batch (arrays or tensors, or dicts or lists of them).
     """
     variables = [*model.variables, *model.optimizer.variables, *model.metrics_variables]
     saved = [v.numpy() for v in variables]
     step = tf.function(lambda a, b: train_step((a, b)), autograph=False)
     try:
-        sent = placed_transfers(step, tf.convert_to_tensor(x), tf.convert_to_tensor(y))
+        tensors = tf.nest.map_structure(tf.convert_to_tensor, (x, y))  # dicts, lists too
+        sent = placed_transfers(step, *tensors)
         return traffic_table(sent)
     finally:
         for v, value in zip(variables, saved):
