@@ -30,6 +30,8 @@ worth against 1F1B's D.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from tfpipe.schedules.actions import Action, Schedule, check_sizes
 from tfpipe.schedules.one_f_one_b import one_f_one_b
 
@@ -82,6 +84,29 @@ def interleaved_stages(num_stages: int, num_micro_batches: int, chunks: int = 1)
     """
     return interleaved(num_ranks_for("Interleaved", num_stages, num_micro_batches, chunks),
                        num_micro_batches, chunks)
+
+
+def by_stages(
+    label: str, generator: Callable[[int, int, int], Schedule]
+) -> Callable[..., Schedule]:
+    """The registry form of `generator(num_ranks, num_micro_batches, chunks)`: sized by
+    virtual stages, `(num_stages, num_micro_batches, chunks=1)`, run on `num_stages // chunks`
+    ranks (`num_ranks_for` checks the sizes; `label` names the schedule in its errors).
+
+    Example:
+        >>> from tfpipe.schedules.looped_bfs import looped_bfs
+        >>> by_stages("Looped BFS", looped_bfs)(6, 4, chunks=3).num_ranks
+        2
+    """
+
+    def generate(num_stages: int, num_micro_batches: int, chunks: int = 1) -> Schedule:
+        num_ranks = num_ranks_for(label, num_stages, num_micro_batches, chunks)
+        return generator(num_ranks, num_micro_batches, chunks)
+
+    generate.__name__ = f"{generator.__name__}_stages"
+    generate.__doc__ = (f"Registry form of `{generator.__name__}`, sized by virtual stages "
+                        f"(`tfpipe.schedules.interleaved.by_stages`).")
+    return generate
 
 
 def num_ranks_for(label: str, num_stages: int, num_micro_batches: int, chunks: int) -> int:

@@ -35,7 +35,7 @@ from __future__ import annotations
 from collections import deque
 
 from tfpipe.schedules.actions import Action, Schedule, check_sizes
-from tfpipe.schedules.interleaved import check_chunks, interleaved, num_ranks_for
+from tfpipe.schedules.interleaved import by_stages, check_chunks, interleaved
 from tfpipe.schedules.simulate import peak_in_flight
 
 
@@ -67,26 +67,8 @@ def interleaved_zb(num_ranks: int, num_micro_batches: int, chunks: int = 2) -> S
     return Schedule("interleaved-zb", num_ranks * chunks, num_micro_batches, ranks)
 
 
-def interleaved_zb_stages(num_stages: int, num_micro_batches: int, chunks: int = 1) -> Schedule:
-    """Registry form of `interleaved_zb`: sized by virtual stages rather than by ranks.
-
-    Args:
-        num_stages: K, the number of model pieces (virtual stages), a multiple of `chunks`.
-        num_micro_batches: M >= 1.
-        chunks: v, stages per rank; the schedule runs on `K // v` ranks.
-
-    Returns:
-        `interleaved_zb(num_stages // chunks, num_micro_batches, chunks)`.
-
-    Raises:
-        ValueError: if `num_stages` is not a positive multiple of `chunks`.
-
-    Example:
-        >>> interleaved_zb_stages(8, 8, chunks=2).num_ranks
-        4
-    """
-    num_ranks = num_ranks_for("Interleaved zero-bubble", num_stages, num_micro_batches, chunks)
-    return interleaved_zb(num_ranks, num_micro_batches, chunks)
+interleaved_zb_stages = by_stages("Interleaved zero-bubble", interleaved_zb)
+"""`interleaved_zb` sized by virtual stages (the registry form)."""
 
 
 def _rank_peaks(schedule: Schedule) -> list[int]:

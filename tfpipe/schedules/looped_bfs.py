@@ -27,7 +27,7 @@ and later its backwards, in one run, so a chunk's weights are gathered once per 
 from __future__ import annotations
 
 from tfpipe.schedules.actions import Action, Schedule, check_sizes
-from tfpipe.schedules.interleaved import check_chunks, num_ranks_for
+from tfpipe.schedules.interleaved import by_stages, check_chunks
 
 
 def looped_bfs(num_ranks: int, num_micro_batches: int, chunks: int = 2) -> Schedule:
@@ -63,23 +63,5 @@ def looped_bfs(num_ranks: int, num_micro_batches: int, chunks: int = 2) -> Sched
     return Schedule("looped-bfs", num_ranks * chunks, num_micro_batches, tuple(ranks))
 
 
-def looped_bfs_stages(num_stages: int, num_micro_batches: int, chunks: int = 1) -> Schedule:
-    """Registry form of `looped_bfs`: sized by virtual stages rather than by ranks.
-
-    Args:
-        num_stages: K, the number of model pieces (virtual stages), a multiple of `chunks`.
-        num_micro_batches: M >= 1.
-        chunks: v, stages per rank; the schedule runs on `K // v` ranks.
-
-    Returns:
-        `looped_bfs(num_stages // chunks, num_micro_batches, chunks)`.
-
-    Raises:
-        ValueError: if `num_stages` is not a positive multiple of `chunks`.
-
-    Example:
-        >>> looped_bfs_stages(6, 4, chunks=3).num_ranks
-        2
-    """
-    num_ranks = num_ranks_for("Looped BFS", num_stages, num_micro_batches, chunks)
-    return looped_bfs(num_ranks, num_micro_batches, chunks)
+looped_bfs_stages = by_stages("Looped BFS", looped_bfs)
+"""`looped_bfs` sized by virtual stages (the registry form)."""
