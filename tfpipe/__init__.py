@@ -7,10 +7,13 @@ Planning: `plan` profiles a model on its devices and ranks pipeline configuratio
 Options: `PipelineOptions` holds a pipeline's options, checked once (`Pipeline.from_options`,
 `Plan.best.options()`).
 
+Memory: `build_scope` builds a model whose weights are made only on their stage's device.
+
 Note: `tfpipe.cluster` is the function; its module is `importlib.import_module("tfpipe.cluster")`.
 """
 
 from tfpipe import schedules
+from tfpipe.build import build_scope
 from tfpipe.cluster import cluster
 from tfpipe.devices import configure_cpu_devices, default_devices, worker_devices
 from tfpipe.errors import DeviceConfigurationError, PipelineError, WorkerUnavailableError
@@ -26,5 +29,5 @@ __all__ = [
     "DeviceConfigurationError", "Pipeline", "PipelineError", "Watchdog",
     "WorkerUnavailableError", "cluster", "configure_cpu_devices", "default_devices",
     "evaluate", "fit", "predict", "schedules", "worker_devices", "__version__",
-    "Plan", "PipelineOptions", "plan",
+    "Plan", "PipelineOptions", "build_scope", "plan",
 ]

@@ -1,12 +1,14 @@
 """Moves each stage's variables, and the optimizer slots that shadow them, onto the stage's device.
 
-Design: users build their models before calling tfpipe, so variables already exist on the
-default device. We re-create each variable's storage under `tf.device(stage.device)` through
-the Keras TF backend's own initialiser (`Variable._initialize`), which keeps the same Python
-`keras.Variable` object: the user's model, its `.keras` file and any callback still see the
-one variable, now on its stage's device. Optimizer slots are colocated with their variable
-when built after the move; slots built earlier (a model trained before) are moved the same
-way by matching the optimizer's per-variable slot lists.
+Design: users build their models before calling tfpipe, so variables usually exist on the
+default device already (a model built in `tfpipe.build_scope` has none: each is then made from
+its initializer on its stage's device, see `tfpipe.build`). We re-create each variable's
+storage under `tf.device(stage.device)` through the Keras TF backend's own initialiser
+(`Variable._initialize`), which keeps the same Python `keras.Variable` object: the user's
+model, its `.keras` file and any callback still see the one variable, now on its stage's
+device. Optimizer slots are colocated with their variable when built after the move; slots
+built earlier (a model trained before) are moved the same way by matching the optimizer's per-
+variable slot lists.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ import keras
 import tensorflow as tf
 
 from tfpipe._keras import (
+    initialize_deferred,
+    is_deferred,
     lend_update_steps,
     per_variable_candidates,
     rekey_optimizer,
@@ -37,7 +41,13 @@ def device_of(variable: keras.Variable | tf.Variable) -> str:
 
 
 def move(variable: keras.Variable, device: str) -> None:
-    """Re-creates `variable`'s storage on `device`, keeping its value and its Python identity."""
+    """Re-creates `variable`'s storage on `device`, keeping its value and its Python identity,
+    and frees the old storage; a variable built in `tfpipe.build_scope` (no storage yet) is
+    made on `device` from its initializer, and nowhere else."""
+    if is_deferred(variable):
+        with tf.device(device):
+            initialize_deferred(variable)
+        return
     if device_of(variable) == canonical(device):
         return
     with tf.device(device):
@@ -86,7 +96,7 @@ def storage_keys(
     Keras's TF optimizer keys its per-variable bookkeeping by the storage's unique id, which a
     move replaces; `place_optimizer` uses these old keys to re-key that bookkeeping.
     """
-    return {var_key(optimizer, v): v for v in variables}
+    return {var_key(optimizer, v): v for v in variables if not is_deferred(v)}
 
 
 def optimizer_chain(optimizer: keras.optimizers.Optimizer) -> list[keras.optimizers.Optimizer]:
