@@ -22,8 +22,10 @@ LAYERS: list[tuple[str, str, list[str]]] = [
      ["tfpipe.errors", "tfpipe.schedules", "tfpipe.schedules.*", "tfpipe.executor.program",
       "tfpipe.balance.solve", "tfpipe.options", "tfpipe.planner.costs", "tfpipe.planner.records",
       "tfpipe.processes", "tfpipe.report"]),
-    ("runtime", "TensorFlow and Keras basics: devices, allocator statistics, data, atomic saves",
-     ["tfpipe.devices", "tfpipe.allocator", "tfpipe.data", "tfpipe.atomic", "tfpipe._keras"]),
+    ("runtime", "TensorFlow and Keras basics: devices, allocator statistics, data, atomic saves, "
+     "building without storage",
+     ["tfpipe.devices", "tfpipe.allocator", "tfpipe.data", "tfpipe.atomic", "tfpipe._keras",
+      "tfpipe._keras.*", "tfpipe.build"]),
     ("graph", "the model as a graph of layer calls, its stages and where variables live; "
      "measuring them",
      ["tfpipe.partition", "tfpipe.partition.*", "tfpipe.placement", "tfpipe.measure",
