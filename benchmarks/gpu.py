@@ -137,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         "jit": {},
         "memory": {},
         "traffic": {},
+        "replicas": {},
         "promise": {},
     }
     print(f"[gpu] mode {report['mode']}, card {report['card'] or 'none (nvidia-smi absent)'}, "
@@ -247,6 +248,12 @@ def summary(report: dict[str, Any]) -> str:
         cells = ", ".join(f"{name} {r['placed_ratio']:.2f}"
                           for name, r in report["traffic"].items())
         lines.append(f"  bytes between devices / least needed: {cells}")
+    two, four = report["replicas"].get("replicas=2"), report["replicas"].get("replicas=4")
+    if two:
+        lines.append(f"  replicas=2 x 2 stages: bytes / least {two['placed_ratio']:.2f}")
+    if four:
+        lines.append(f"  replicas=4 x 1 stage: collectives {four['communication_hint']}, "
+                     f"{four['status']}")
     plain, piped = report["promise"].get("plain"), report["promise"].get("pipeline")
     if plain:
         lines.append(f"  promise: plain model.fit on one logical device: {plain['status']}")
@@ -447,6 +454,42 @@ def part_traffic(args: argparse.Namespace, devices: list[str], mem: list[str],
         print(f"[traffic] {name}: {placed / MiB:.2f} MiB per step, least {least / MiB:.2f} "
               f"({placed / least:.2f}x); {default} B (not the batch) to or from {devices[0]}",
               flush=True)
+    if len(devices) >= 4:
+        traffic_replicas(args, devices[:4], results)
+
+
+def traffic_replicas(args: argparse.Namespace, devices: list[str], results: Results) -> None:
+    """Replicas on 4 logical devices: 2 copies of 2 stages (each copy past the first reads its
+    weights once, its gradient sums are added on copy 0's devices: the bytes against
+    `benchmarks.traffic.least_bytes`), then 4 copies of 1 stage, whose gradients meet in
+    collectives (`communication_hint`: NCCL where every device is a GPU of its own; TensorFlow's
+    ring on logical GPUs that share one, as here), trained for one step."""
+    import numpy as np
+
+    import tfpipe
+    from benchmarks.traffic import build, placed_and_least
+
+    width, batch = (1024, 256) if not args.cpu_smoke else (128, 64)
+    model, x, y = build("adam", width, 8 if not args.cpu_smoke else 2, batch)
+    pipe = tfpipe.Pipeline(model, stages=2, replicas=2, devices=devices, micro_batches=4)
+    sent, least = placed_and_least(pipe, x, y)
+    placed = sum(t.nbytes or 0 for t in sent)
+    results.put("replicas", "replicas=2", {"placed_mib": placed / MiB, "least_mib": least / MiB,
+                                           "placed_ratio": placed / least, "devices": devices})
+    print(f"[traffic] adam, replicas=2: {placed / MiB:.2f} MiB per step, least "
+          f"{least / MiB:.2f} ({placed / least:.2f}x)", flush=True)
+    model, x, y = build("adam", width, 8 if not args.cpu_smoke else 2, batch)
+    pipe = tfpipe.Pipeline(model, stages=1, replicas=4, devices=devices, micro_batches=1)
+    reducer = pipe.executor.reducer
+    row: dict[str, Any] = {"communication_hint": reducer.hint if reducer else None,
+                           "devices": devices, "status": "failed"}
+    results.put("replicas", "replicas=4", row)
+    history = pipe.fit(x, y, batch_size=batch, epochs=1, verbose=0)
+    loss = float(history.history["loss"][-1])
+    row.update(status="trained" if np.isfinite(loss) else "not finite", loss=loss)
+    results.put("replicas", "replicas=4", row)
+    print(f"[traffic] adam, replicas=4: collectives {row['communication_hint']}, "
+          f"{row['status']} (loss {loss:.4f})", flush=True)
 
 
 def part_memory(args: argparse.Namespace, devices: list[str], mem: list[str],

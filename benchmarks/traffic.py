@@ -1,20 +1,32 @@
 """Bytes a pipelined training step moves over loopback, per optimizer, against the least needed.
 
-Starts two `tfpipe worker` processes (one stage each) and connects this process as the client,
+Starts `tfpipe worker` processes (one stage each) and connects this process as the client,
 which holds the data. Per optimizer: a fresh MLP (`--layers` x Dense(`--width`) + Dense(10)),
-two stages, M micro-batches; two warm-up steps (tracing), then `--steps` steps, reading the
-loopback interface's received bytes (`/proc/net/dev`, `lo`) before and after. Everything
-between the client and the workers crosses loopback, so this counts what really moved, gRPC
-framing included, and anything else the machine sends over loopback meanwhile (run it on an
-otherwise quiet machine). The least a 2-stage step must move: the inputs from the client to
-stage 0, the labels to stage 1, and per micro-batch the boundary activation forward and its
-gradient back. Beside it, the bytes `tfpipe.traffic.placed_transfers` finds in the step's
-placed partition graphs (traced in this process with the same placement).
+two stages on two workers, M micro-batches; two warm-up steps (tracing), then `--steps`
+steps, reading the loopback interface's received bytes (`/proc/net/dev`, `lo`) before and
+after. Everything between the client and the workers crosses loopback, so this counts what
+really moved, gRPC framing included, and anything else the machine sends over loopback
+meanwhile (run it on an otherwise quiet machine). Beside it, the bytes
+`tfpipe.traffic.placed_transfers` finds in the step's placed partition graphs (traced in this
+process with the same placement; a collective's own messages are not among them).
+
+Then, with `--replicas R` (default 2; 1 skips it), one more row: Adam, R copies of the
+2-stage pipeline on 2R workers, M micro-batches per copy (the batch is R*M micro-batches).
+
+The least a step must move (`least_bytes`), with B the batch, a the boundary activation's
+bytes per sample and P the bytes of the trainable weights:
+
+    inputs + labels + 2 * B * a + 2 * (R - 1) * P
+
+the inputs from the client to each copy's stage 0 and the labels to its last stage (the whole
+batch, once), each boundary activation forward and its gradient back, and per stage and copy
+r > 0 one reduction of its gradients into copy 0 (one gradient per variable) and one read of
+its weights (one copy per step). With R = 1 the last term is 0.
 
 Usage:
     python benchmarks/traffic.py [--width 1024] [--layers 8] [--batch 256] [--micro-batches 4]
         [--steps 3] [--optimizers sgd,adam,adamw,clipnorm,global_clipnorm,mixed_float16]
-        [--json out/traffic.json]
+        [--replicas 2] [--json out/traffic.json]
 """
 
 from __future__ import annotations
@@ -74,10 +86,23 @@ def build(name: str, width: int, layers: int, batch: int) -> tuple[Any, Any, Any
     return model, rng.normal(size=(batch, width)).astype("float32"), rng.integers(0, 10, size=batch)
 
 
+def least_bytes(pipe: Any, x: Any, y: Any) -> int:
+    """The least one training step of a 2-stage `pipe` (with `pipe.replicas` copies) must move
+    between devices: `inputs + labels + 2 * B * a + 2 * (R - 1) * P` (see the module's
+    docstring)."""
+    import numpy as np
+
+    boundary = pipe.stages[0].model.outputs[0]
+    per_sample = int(np.prod(boundary.shape[1:])) * np.dtype(boundary.dtype).itemsize
+    weights = sum(int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize
+                  for v in pipe.model.trainable_variables)
+    return int(x.nbytes + y.nbytes + 2 * len(x) * per_sample + 2 * (pipe.replicas - 1) * weights)
+
+
 def placed_and_least(pipe: Any, x: Any, y: Any) -> tuple[list[Any], int]:
     """What one step of a 2-stage `pipe` sends between devices by its placed partition graphs
-    (`tfpipe.traffic.placed_transfers`), and the least bytes such a step must send."""
-    import numpy as np
+    (`tfpipe.traffic.placed_transfers`), and the least bytes such a step must send
+    (`least_bytes`)."""
     import tensorflow as tf
 
     from tfpipe.traffic import placed_transfers
@@ -85,20 +110,21 @@ def placed_and_least(pipe: Any, x: Any, y: Any) -> tuple[list[Any], int]:
     with pipe._attached():
         step = tf.function(lambda a, b: pipe.executor.train_step((a, b)), autograph=False)
         sent = placed_transfers(step, tf.constant(x), tf.constant(y))
-    boundary = pipe.stages[0].model.outputs[0]
-    itemsize = np.dtype(boundary.dtype).itemsize
-    return sent, x.nbytes + y.nbytes + 2 * len(x) * int(np.prod(boundary.shape[1:])) * itemsize
+    return sent, least_bytes(pipe, x, y)
 
 
-def measure(name: str, devices: list[str], args: argparse.Namespace) -> dict[str, Any]:
-    """One optimizer's MiB per step (loopback and placed graphs) and the least needed."""
+def measure(name: str, devices: list[str], args: argparse.Namespace,
+            replicas: int = 1) -> dict[str, Any]:
+    """One optimizer's MiB per step (loopback and placed graphs) and the least needed, for
+    `replicas` copies of a 2-stage pipeline on `devices` (2 per copy)."""
     import keras
     import numpy as np
 
     import tfpipe
 
     model, x, y = build(name, args.width, args.layers, args.batch)
-    pipe = tfpipe.Pipeline(model, stages=2, devices=devices, micro_batches=args.micro_batches)
+    pipe = tfpipe.Pipeline(model, stages=2, devices=devices, micro_batches=args.micro_batches,
+                           replicas=replicas)
     fit = dict(batch_size=args.batch, epochs=1, verbose=0, shuffle=False)
     pipe.fit(np.concatenate([x, x]), np.concatenate([y, y]), **fit)  # traces; two steps
     before = loopback_bytes()
@@ -108,8 +134,9 @@ def measure(name: str, devices: list[str], args: argparse.Namespace) -> dict[str
     placed = sum(t.nbytes or 0 for t in sent)
     keras.mixed_precision.set_global_policy("float32")
     mib = 2.0**20
-    return {"optimizer": name, "loopback_mib": moved / mib, "placed_mib": placed / mib,
-            "least_mib": least / mib, "ratio": moved / least, "placed_ratio": placed / least}
+    return {"optimizer": name, "replicas": replicas, "workers": len(devices),
+            "loopback_mib": moved / mib, "placed_mib": placed / mib, "least_mib": least / mib,
+            "ratio": moved / least, "placed_ratio": placed / least}
 
 
 def main() -> None:
@@ -120,22 +147,27 @@ def main() -> None:
     parser.add_argument("--micro-batches", type=int, default=4)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--optimizers", default=",".join(OPTIMIZERS))
+    parser.add_argument("--replicas", type=int, default=2,
+                        help="copies of the pipeline in the extra Adam row (1: no such row)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as logs, WorkerPool(Path(logs)) as pool:
-        addresses, _ = pool.start(2)
+        addresses, _ = pool.start(2 * max(args.replicas, 1))
         import tfpipe
 
         devices = tfpipe.cluster(addresses, threads=1, timeout_s=60)
-        results = [measure(name, devices, args) for name in args.optimizers.split(",")]
-    print(f"2 stages on 2 workers, {args.layers} x Dense({args.width}) + Dense(10), batch "
-          f"{args.batch}, M={args.micro_batches}; loopback bytes received per step, mean of "
-          f"{args.steps}")
+        results = [measure(name, devices[:2], args) for name in args.optimizers.split(",")]
+        if args.replicas > 1:
+            results.append(measure("adam", devices, args, replicas=args.replicas))
+    print(f"2 stages per copy, one worker each, {args.layers} x Dense({args.width}) + Dense(10), "
+          f"batch {args.batch}, M={args.micro_batches} per copy; loopback bytes received per "
+          f"step, mean of {args.steps}")
     print(f"{'optimizer':16} {'loopback MiB':>12} {'placed MiB':>10} {'least MiB':>9} "
           f"{'loopback/least':>14} {'placed/least':>12}")
     for r in results:
-        print(f"{r['optimizer']:16} {r['loopback_mib']:12.2f} {r['placed_mib']:10.2f} "
+        label = r["optimizer"] + (f", replicas={r['replicas']}" if r["replicas"] > 1 else "")
+        print(f"{label:16} {r['loopback_mib']:12.2f} {r['placed_mib']:10.2f} "
               f"{r['least_mib']:9.2f} {r['ratio']:14.2f} {r['placed_ratio']:12.2f}")
     write_json(args.json, {"args": vars(args), "results": results})
 

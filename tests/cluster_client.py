@@ -174,14 +174,16 @@ def run_replicas(addresses: str) -> dict:
         pipe.fit(x, y, batch_size=32, epochs=2, shuffle=False, verbose=0, callbacks=[losses])
     weights = [w.numpy() for w in model.weights]
     diffs = [float(np.max(np.abs(a - b))) for a, b in zip(weights, reference.get_weights())]
-    reduces = [device_task(device) for op, device in graph_ops(pipe, (tf.constant(x[:32]),
-                                                                     tf.constant(y[:32])))
-               if op.type == "CollectiveReduceV2"]
+    ops = graph_ops(pipe, (tf.constant(x[:32]), tf.constant(y[:32])))
+    # each stage's gradient sums: copy 1's added to copy 0's on copy 0's worker
+    reduces = [(device_task(device), device_task(op.inputs[1].device)) for op, device in ops
+               if "_reduce/" in op.name and op.type == "AddV2"]
+    collectives = [op.name for op, _ in ops if op.type.startswith("Collective")]
     return {
         "replica_devices": pipe.replica_devices,
         "variables": sorted({device_task(v.value.device) for v in model.weights}),
         "losses": losses.losses, "reference_losses": ref_losses.losses,
-        "weight_diffs": diffs, "reduces": reduces,
+        "weight_diffs": diffs, "reduces": reduces, "collectives": collectives,
     }
 
 

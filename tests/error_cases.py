@@ -61,6 +61,21 @@ def nan_model():
     return tracked(model)
 
 
+def huge_allocation():
+    """Layer 'huge' asks for a 1 PiB tensor: the CPU allocator's ResourceExhaustedError (more than
+    any address space holds, so it fails whatever the kernel's overcommit policy). One stage on
+    one device: in a step that spans devices, TensorFlow reports the other devices' cancelled
+    receives ("RecvAsync is cancelled", a CancelledError) in place of the allocator's error."""
+    big = (2**24, 2**24)
+    model = keras.Sequential([
+        keras.Input((8,)), keras.layers.Dense(8, name="d0"),
+        keras.layers.Lambda(lambda t: t + keras.ops.sum(keras.ops.broadcast_to(t[:1, :1], big)),
+                            name="huge"),
+        keras.layers.Dense(3, name="head")])
+    model.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    return tracked(model)
+
+
 def uncompiled():
     return tracked(keras.Sequential([keras.Input((8,)), keras.layers.Dense(3)]))
 
@@ -264,6 +279,9 @@ CASES = [
     Case("NaN in a layer's forward with check_numerics=True (found while the step runs)",
          lambda: fit(nan_model(), balance=[1, 2], micro_batches=2, check_numerics=True),
          tfpipe.PipelineError, r"^tfpipe check_numerics: NaN or Inf in the forward of layer 'log_layer' \(stage 1, micro-batch 0\)", after_placement=True),
+    Case("a stage's device out of memory (found while the step runs)",
+         lambda: fit(huge_allocation(), stages=1, micro_batches=2),
+         tfpipe.WorkerOutOfMemoryError, r"^Device /job:localhost/replica:0/task:0/device:CPU:0 \(pipeline stage 0\) ran out of memory: OOM when allocating tensor with shape\[16777216,16777216\].*schedule='1f1b'.*recompute=.*memory_budget=", after_placement=True),
     Case("unknown schedule name", lambda: tfpipe.Pipeline(mlp(), stages=2, schedule="pipedream"),
          ValueError, r"Unknown schedule 'pipedream': use one of"),
     Case("invalid user-made schedule (prints the grid)", lambda: tfpipe.Pipeline(mlp(), micro_batches=2, schedule=BAD),

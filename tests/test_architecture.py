@@ -21,7 +21,8 @@ LAYERS: list[tuple[str, str, list[str]]] = [
      "the passes over action lists, the partition solver, the options, the cost model",
      ["tfpipe.errors", "tfpipe.schedules", "tfpipe.schedules.*", "tfpipe.executor.program",
       "tfpipe.balance.solve", "tfpipe.options", "tfpipe.planner.costs", "tfpipe.planner.records",
-      "tfpipe.processes", "tfpipe.report"]),
+      "tfpipe.processes", "tfpipe.report", "tfpipe.health", "tfpipe.memory_cgroup",
+      "tfpipe.oom_report", "tfpipe.sentinel"]),
     ("runtime", "TensorFlow and Keras basics: devices, allocator statistics, data, atomic saves, "
      "building without storage",
      ["tfpipe.devices", "tfpipe.allocator", "tfpipe.data", "tfpipe.atomic", "tfpipe._keras",
@@ -33,12 +34,12 @@ LAYERS: list[tuple[str, str, list[str]]] = [
     ("executor", "interprets a schedule's action lists as Keras train / test / predict steps",
      ["tfpipe.executor", "tfpipe.executor.*"]),
     ("pipeline", "a model split, placed and lent the executor's steps for Keras's fit",
-     ["tfpipe.pipeline"]),
+     ["tfpipe.pipeline", "tfpipe.oom"]),
     ("front", "what users call: fit, the planner, workers, the watchdog, callbacks",
      ["tfpipe.trainer", "tfpipe.planner", "tfpipe.planner.*", "tfpipe.cluster",
       "tfpipe.watchdog", "tfpipe.callbacks"]),
     ("entry", "the package's public surface and the command line",
-     ["tfpipe", "tfpipe.cli", "tfpipe.cli_plan", "tfpipe.__main__"]),
+     ["tfpipe", "tfpipe.cli", "tfpipe.cli_plan", "tfpipe.cli_worker", "tfpipe.__main__"]),
 ]
 PURE = "pure"
 MAX_MODULE_LINES = 400

@@ -52,7 +52,7 @@ def test_gpu_sh_cpu_smoke(tmp_path):
     report = json.loads(out.read_text())
     assert report["mode"] == "cpu-smoke"
     assert {"card", "args", "parts", "env", "warmup", "overhead", "micro_batching", "jit",
-            "memory", "promise"} <= set(report)
+            "memory", "replicas", "promise"} <= set(report)
     assert list(report["parts"]) == ["warmup", "promise_plain", "promise_pipeline", "memory",
                                      "traffic", "speed"]
     assert all(p["status"] == "ok" for p in report["parts"].values()), report["parts"]
@@ -67,6 +67,10 @@ def test_gpu_sh_cpu_smoke(tmp_path):
                             "mixed_float16"}
     for name, r in traffic.items():
         assert r["placed_ratio"] <= 1.05 and r["default_device_bytes"] <= 1024, (name, r)
+    replicas = report["replicas"]  # 2 copies x 2 stages, then 4 x 1 with collectives
+    assert replicas["replicas=2"]["placed_ratio"] <= 1.05, replicas
+    assert replicas["replicas=4"]["status"] == "trained", replicas
+    assert replicas["replicas=4"]["communication_hint"] == "auto"  # "nccl" on whole GPUs
     jit = report["jit"]["mlp"]  # per-stage XLA on and off
     assert jit["stages"] == 4 and len(jit["ms"]) == 6
     assert {"one_stage_xla_vs_model_fit_xla", "k_stages_xla_vs_no_xla"} <= set(jit)

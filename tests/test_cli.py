@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from tfpipe import cli
+from tfpipe.schedules import default_chunks, min_micro_batches
 
 ROOT = Path(__file__).resolve().parents[1]
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -87,7 +88,7 @@ def test_unknown_schedule_exits_2_naming_it(tmp_path):
     assert "Traceback" not in proc.stderr
     assert error_lines(proc.stderr) == [
         "tfpipe schedule: error: unknown schedule 'pipedream': use one of gpipe, 1f1b, "
-        "interleaved, zb-h1, looped-bfs, zb-v, interleaved-zb"
+        "interleaved, zb-h1, looped-bfs, zb-v, interleaved-zb, dualpipe-v"
     ], proc.stderr
     assert proc.stdout == ""
 
@@ -134,7 +135,7 @@ def run_main(capsys, *args: str) -> tuple[int, str, str]:
          "tfpipe schedule: error: argument --micro-batches: must be a positive integer, got '-1'"),
         (["--stages", "2", "--micro-batches", "3", "--chunks", "2"],
          "tfpipe schedule: error: --chunks 2 needs a schedule of 'interleaved', 'looped-bfs', "
-         "'zb-v', 'interleaved-zb'; 'gpipe' runs one stage per device"),
+         "'zb-v', 'interleaved-zb', 'dualpipe-v'; 'gpipe' runs one stage per device"),
         (["--micro-batches", "3"],
          "tfpipe schedule: error: the following arguments are required: --stages"),
     ],
@@ -168,12 +169,45 @@ def test_png_that_cannot_be_written_exits_1(capsys, tmp_path):
 
 
 @pytest.mark.parametrize("name", ["gpipe", "1f1b", "interleaved", "zb-h1", "looped-bfs", "zb-v",
-                                  "interleaved-zb"])
+                                  "interleaved-zb", "dualpipe-v"])
 def test_every_schedule_runs(capsys, name):
-    status, out, _ = run_main(capsys, "schedule", name, "--stages", "3", "--micro-batches", "5")
+    m = max(5, min_micro_batches(name, 3))  # dualpipe-v: 2 per device
+    status, out, _ = run_main(capsys, "schedule", name, "--stages", "3", "--micro-batches", str(m))
     assert status == 0 and "rank2" in out and "bubble fraction" in out
-    if name in ("interleaved", "looped-bfs", "zb-v", "interleaved-zb"):  # 2 chunks by default
+    if default_chunks(name) == 2:  # interleaved, looped-bfs, zb-v, interleaved-zb, dualpipe-v
         assert "6 model pieces (2 per rank)" in out and "rank3" not in out
+
+
+def test_dualpipe_v_prints_its_grid_and_zb_vs_bubble(capsys):
+    status, out, _ = run_main(capsys, "schedule", "dualpipe-v", "--stages", "2",
+                              "--micro-batches", "4")
+    assert status == 0
+    assert out.startswith(
+        "schedule 'dualpipe-v': 2 stages x 4 micro-batches, 4 model pieces (2 per rank)\n"
+        "step   0    1    2    3    4    5    6    7    8    9    10   11   12   13   14   15   16   17   18\n"
+        "rank0  0F0  0F1  0F2  3F0  3I0  3W0  3F1  0F3  3B1  3F2  0B0  3B2  3F3  0B1  3B3  0I2  0W2  0I3  0W3\n"
+        "rank1  .    1F0  2F0  1F1  2F1  1F2  2B0  2F2  1B0  1F3  2B1  2F3  1B1  2B2  1B2  2I3  1I3  2W3  1W3\n"
+    ), out
+    assert "step time: 12.5\n" in out and "bubble fraction: 0.0400" in out  # ZB-V's 1/25
+    assert "peak micro-batches in flight per model piece: 4, 3, 2, 1" in out
+    status, out, _ = run_main(capsys, "schedule", "dualpipe-v", "--stages", "4",
+                              "--micro-batches", "8")
+    assert status == 0 and "bubble fraction: 0.0588" in out  # (K-1)/(6M+K-1) = 3/51
+    assert "peak micro-batches in flight per model piece: 8, 7, 6, 5, 4, 3, 2, 1" in out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--stages", "4", "--micro-batches", "6"],
+     "tfpipe schedule: error: Schedule 'dualpipe-v' on 4 devices needs at least 8 micro-batches "
+     "(2 per device), but 6 were asked for: use 8 or more, or schedule 'zb-v', which runs any "
+     "count. With 8 it runs:"),
+    (["--stages", "2", "--micro-batches", "4", "--chunks", "3"],
+     "tfpipe schedule: error: Schedule 'dualpipe-v' places two stages on each rank in a V"),
+])
+def test_dualpipe_v_refusals_exit_2_with_one_line(capsys, args, message):
+    status, out, err = run_main(capsys, "schedule", "dualpipe-v", *args)
+    assert status == 2 and out == ""
+    assert len(err.splitlines()) == 1 and err.startswith(message), err
 
 
 def test_zb_v_prints_its_v_and_its_bubble(capsys):

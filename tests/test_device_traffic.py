@@ -8,6 +8,9 @@ math ran on CPU:0 and every weight or gradient of both stages crossed to it and 
 the least here, 22x on the issue's 32 MiB MLP). `tfpipe.placement.ops_follow_their_data`
 keeps it beside the variables, and only scalars cross. Each case also trains as plain
 `model.fit` does.
+
+With `replicas=2` the least adds, per stage, one read of its weights by copy 1 and one
+gradient sum sent back to copy 0 (`test_replicas_read_each_weight_once_per_step...`).
 """
 
 from __future__ import annotations
@@ -53,10 +56,16 @@ def policy(request):
 
 
 def least_bytes(pipe: tfpipe.Pipeline, x: np.ndarray, y: np.ndarray) -> int:
-    """Inputs and labels once, and each boundary activation forward and its gradient back."""
+    """Inputs and labels once, and each boundary activation forward and its gradient back;
+    with R replicas, per copy r > 0 one read of every weight and one gradient per weight."""
     boundary = pipe.stages[0].model.outputs[0]
     per_sample = int(np.prod(boundary.shape[1:])) * np.dtype(boundary.dtype).itemsize
-    return x.nbytes + y.nbytes + 2 * len(x) * per_sample
+    return (x.nbytes + y.nbytes + 2 * len(x) * per_sample
+            + 2 * (pipe.replicas - 1) * weight_bytes(pipe.model.trainable_variables))
+
+
+def weight_bytes(variables: list) -> int:
+    return sum(int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize for v in variables)
 
 
 @pytest.mark.parametrize(
@@ -181,3 +190,44 @@ def test_pipeline_traffic_takes_a_dict_of_inputs():
          "b": rng.normal(size=(BATCH, 4)).astype("float32")}
     text = pipe.traffic(x, rng.integers(0, 3, size=BATCH), print_fn=lambda _: None)
     assert "inputs" in text.splitlines()[0] and "/device:CPU:0 -> /device:CPU:2" in text, text
+
+
+@pytest.mark.parametrize("micro_batches", [1, 4])
+def test_replicas_read_each_weight_once_per_step_and_send_one_gradient_back(micro_batches):
+    """Two copies of a 2-stage pipeline: copy 0 on CPU:0-1 (holding the variables), copy 1 on
+    CPU:2-3. Copy 1 reads each stage's weights once a step, whatever M (it used to read them
+    on every call of its stage functions: M copies a step, and unseen here, as the placed
+    graphs of functions called inside the step are not reported), and sends one gradient sum
+    per variable to copy 0's device, where the reduction reads it (its one result; an
+    all-reduce's second was dropped). Nothing else crosses but the batch, the boundary
+    tensors and scalars (metric updates)."""
+    from tfpipe.traffic import kind_of, traffic_table
+
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(BATCH, WIDTH)).astype("float32")
+    y = rng.integers(0, 3, size=BATCH)
+    cpus = [f"/device:CPU:{i}" for i in range(4)]
+    pipe = tfpipe.Pipeline(model("adam"), stages=2, replicas=2, micro_batches=micro_batches,
+                           devices=cpus)
+    with pipe._attached():
+        step = tf.function(lambda a, b: pipe.executor.train_step((a, b)), autograph=False)
+        sent = placed_transfers(step, tf.constant(x), tf.constant(y))
+    for k, stage in enumerate(pipe.stages):
+        own, copy = cpus[k], cpus[2 + k]
+        reads = [t for t in sent if kind_of(t) == "weights"]
+        reads = [t for t in reads if (t.source, t.target) == (own, copy)]
+        assert len(reads) == len(stage.trainable_variables), reads
+        assert sum(t.nbytes for t in reads) == weight_bytes(stage.trainable_variables)
+        back = [t for t in sent if kind_of(t) == "weight_grads"]
+        back = [t for t in back if (t.source, t.target) == (copy, own)]
+        assert len(back) == len(stage.trainable_variables), back
+        assert sum(t.nbytes for t in back) == weight_bytes(stage.trainable_variables)
+        assert all(any(r.startswith(f"stage{k}_reduce/") for r in t.readers) for t in back)
+    kinds = {kind_of(t) for t in sent}
+    assert kinds <= {"inputs", "labels", "activations", "gradients", "weights", "weight_grads",
+                     "scalars"}, [t for t in sent if kind_of(t) == "other"]
+    # copy 0's stage 0 is on CPU:0, the host: its half of the inputs does not cross
+    total, least = sum(t.nbytes or 0 for t in sent), least_bytes(pipe, x, y) - x.nbytes // 2
+    assert least < total <= 1.01 * least, (total, least)
+    header = traffic_table(sent).splitlines()[0]
+    assert "weights" in header and "weight_grads" in header and "other" not in header

@@ -62,9 +62,13 @@ def test_memory_follows_schedule_and_recompute():
         for s in ("gpipe", "1f1b") for r in ("never", "always")
     }
     assert peak["gpipe", "never"] > peak["1f1b", "never"] > peak["1f1b", "always"]
-    # 1F1B holds K = 4 micro-batches on stage 0: state + 4 x (input + 2 outputs) x 8 samples
-    state, per_mb = 2 * 1e5, 3 * 4096.0 * 8
+    # 1F1B holds K = 4 micro-batches on stage 0: state + 4 x (input + 2 outputs) x 8 samples;
+    # the state of 2 calls, plus 2 more float32 gradient copies of their 1e4 parameters each
+    # while a micro-batch's gradients are added to the running sum (M > 1)
+    state, per_mb = 2 * 1e5 + 2 * 1e4 * 4 * 2, 3 * 4096.0 * 8
     assert model.estimate([2, 2, 2, 2], 8, "1f1b").peak_bytes[0] == pytest.approx(state + 4 * per_mb)
+    one = CostModel(synthetic(), batch_size=64, bandwidth=10e9).estimate([2, 2, 2, 2], 1, "1f1b")
+    assert one.peak_bytes[0] == pytest.approx(2 * 1e5 + 3 * 4096.0 * 64)  # M = 1: no sum
 
 
 def test_transfer_costs_bytes_over_bandwidth():
@@ -176,6 +180,30 @@ def test_interleaved_zb_is_predicted_with_chunks_at_interleaved_memory():
         assert mine.bubble < twin.bubble and mine.peak_memory == twin.peak_memory
         # (its step is not shorter here: the cost model charges W the re-derived backward
         # chain of "Known costs and limits" in docs/schedules.md, as for ZB-H1)
+
+
+def test_dualpipe_v_is_predicted_with_two_chunks_from_two_micro_batches_per_device():
+    from tfpipe.planner.search import SCHEDULES
+
+    assert "dualpipe-v" in SCHEDULES
+    plan = search(synthetic(), 64, GPUS, micro_batches=(4, 8), recompute=("never",),
+                  schedules=("zb-v", "dualpipe-v"), chunks=3, bandwidth=math.inf)
+    dpv = [c for c in plan.configs if c.schedule == "dualpipe-v"]
+    assert dpv and all(c.chunks == 2 and len(c.balance) == 2 * c.stages for c in dpv)
+    # M >= 2K only (zb-v also runs K=3 and 4 with M=4)
+    assert {(c.stages, c.micro_batches) for c in dpv} == {(2, 4), (2, 8), (3, 8), (4, 8)}
+    for k, m in ((2, 4), (2, 8), (4, 8)):  # equal pieces, against ZB-V on the same pieces
+        v = next(c for c in dpv if (c.stages, c.micro_batches) == (k, m)
+                 and len(set(c.balance)) == 1)
+        z = next(c for c in plan.configs if c.schedule == "zb-v" and c.balance == v.balance
+                 and c.micro_batches == m)
+        # most of its backwards whole: fewer W re-deriving the backward chain (ZB-V splits
+        # every one), so a shorter step; one more piece's activations per device (2K + 1)
+        assert v.step_time < z.step_time and v.bubble < z.bubble
+        assert v.peak_memory > z.peak_memory
+    with pytest.raises(tfpipe.PipelineError, match=r"micro_batches=\[4\] .* allow none"):
+        search(synthetic(), 64, GPUS, stages=(4,), micro_batches=(4,),
+               schedules=("dualpipe-v",), bandwidth=math.inf)
 
 
 def test_no_configuration_fits():

@@ -36,7 +36,8 @@ CASES = [
     for stages, m in ((2, 4), (4, 8))
 ] + [("interleaved", 2, 4), ("interleaved", 4, 8),
      ("looped-bfs", 2, 4), ("looped-bfs", 4, 8), ("zb-v", 2, 4), ("zb-v", 4, 8),
-     ("interleaved-zb", 2, 4), ("interleaved-zb", 4, 8)]
+     ("interleaved-zb", 2, 4), ("interleaved-zb", 4, 8),
+     ("dualpipe-v", 2, 4), ("dualpipe-v", 4, 8)]  # M = 2K: dualpipe-v's least
 
 
 @pytest.mark.parametrize("schedule,stages,micro_batches", CASES)

@@ -12,13 +12,18 @@ import textwrap
 
 import pytest
 
+from tfpipe.errors import PipelineError
 from tfpipe.schedules import (
+    FIXED_CHUNKS,
     GENERATORS,
     Action,
     Costs,
     Schedule,
     ScheduleError,
     default_chunks,
+    dependencies,
+    dualpipe_v,
+    dualpipe_v_stages,
     format_schedule,
     get,
     gpipe,
@@ -28,6 +33,7 @@ from tfpipe.schedules import (
     interleaved_zb_stages,
     looped_bfs,
     looped_bfs_stages,
+    min_micro_batches,
     one_f_one_b,
     simulate,
     validate,
@@ -167,6 +173,32 @@ LITERAL_CASES = [
         "0F0 0F1 2F0 2F1 2I0 2W0 2I1 0I0 0I1 2W1 0W0 0W1",
         "1F0 1F1 3F0 3I0 3W0 3F1 3I1 1I0 1I1 3W1 1W0 1W1",
     ]),
+    # DualPipeV at its least M = 2D: overlapped F&B pairs are adjacent (0F3 3B1, 3F2 0B0, ...);
+    # most backwards whole (B), the first and last few split (I, W later).
+    (dualpipe_v(2, 4), """
+        step   0    1    2    3    4    5    6    7    8    9    10   11   12   13   14   15   16   17   18
+        rank0  0F0  0F1  0F2  3F0  3I0  3W0  3F1  0F3  3B1  3F2  0B0  3B2  3F3  0B1  3B3  0I2  0W2  0I3  0W3
+        rank1  .    1F0  2F0  1F1  2F1  1F2  2B0  2F2  1B0  1F3  2B1  2F3  1B1  2B2  1B2  2I3  1I3  2W3  1W3
+        """, [
+        "0F0 0F1 0F2 3F0 3I0 3W0 3F1 0F3 3B1 3F2 0B0 3B2 3F3 0B1 3B3 0I2 0W2 0I3 0W3",
+        "1F0 2F0 1F1 2F1 1F2 2B0 2F2 1B0 1F3 2B1 2F3 1B1 2B2 1B2 2I3 1I3 2W3 1W3",
+    ]),
+    (dualpipe_v(4, 8), """
+        step   0    1    2    3    4    5    6    7    8    9    10   11   12   13   14   15   16   17   18   19   20   21   22   23   24   25   26   27   28   29   30   31   32   33   34   35   36   37   38
+        rank0  0F0  0F1  0F2  0F3  0F4  0F5  0F6  7F0  7I0  7W0  7F1  7I1  7W1  7F2  7I2  7W2  7F3  0F7  7B3  7F4  0B0  7B4  7F5  0B1  7B5  7F6  0B2  7B6  7F7  0B3  7B7  0I4  0W4  0I5  0W5  0I6  0W6  0I7  0W7
+        rank1  .    1F0  1F1  1F2  1F3  1F4  6F0  1F5  6F1  6I0  6W0  6F2  6I1  6W1  6F3  1F6  6B2  6F4  1B0  1F7  6B3  6F5  1B1  6B4  6F6  1B2  6B5  6F7  1B3  6B6  1B4  6I7  1I5  6W7  1I6  1W5  1I7  1W6  1W7
+        rank2  .    .    2F0  2F1  2F2  5F0  2F3  5F1  2F4  5F2  5I0  5W0  5F3  2F5  5B1  5F4  2B0  2F6  5B2  5F5  2B1  2F7  5B3  5F6  2B2  5B4  5F7  2B3  5B5  2B4  5B6  2I5  5I7  2I6  2W5  2I7  5W7  2W6  2W7
+        rank3  .    .    .    3F0  4F0  3F1  4F1  3F2  4F2  3F3  4F3  3F4  4B0  4F4  3B0  3F5  4B1  4F5  3B1  3F6  4B2  4F6  3B2  3F7  4B3  4F7  3B3  4B4  3B4  4B5  3B5  4I6  3I6  4I7  3I7  4W6  3W6  4W7  3W7
+        """, [
+        "0F0 0F1 0F2 0F3 0F4 0F5 0F6 7F0 7I0 7W0 7F1 7I1 7W1 7F2 7I2 7W2 7F3 0F7 7B3 7F4 0B0 7B4 "
+        "7F5 0B1 7B5 7F6 0B2 7B6 7F7 0B3 7B7 0I4 0W4 0I5 0W5 0I6 0W6 0I7 0W7",
+        "1F0 1F1 1F2 1F3 1F4 6F0 1F5 6F1 6I0 6W0 6F2 6I1 6W1 6F3 1F6 6B2 6F4 1B0 1F7 6B3 6F5 1B1 "
+        "6B4 6F6 1B2 6B5 6F7 1B3 6B6 1B4 6I7 1I5 6W7 1I6 1W5 1I7 1W6 1W7",
+        "2F0 2F1 2F2 5F0 2F3 5F1 2F4 5F2 5I0 5W0 5F3 2F5 5B1 5F4 2B0 2F6 5B2 5F5 2B1 2F7 5B3 5F6 "
+        "2B2 5B4 5F7 2B3 5B5 2B4 5B6 2I5 5I7 2I6 2W5 2I7 5W7 2W6 2W7",
+        "3F0 4F0 3F1 4F1 3F2 4F2 3F3 4F3 3F4 4B0 4F4 3B0 3F5 4B1 4F5 3B1 3F6 4B2 4F6 3B2 3F7 4B3 "
+        "4F7 3B3 4B4 3B4 4B5 3B5 4I6 3I6 4I7 3I7 4W6 3W6 4W7 3W7",
+    ]),
     (zb_h1(2, 4), """
         step   0   1   2   3   4   5   6   7   8   9   10  11  12
         rank0  F0  F1  .   I0  W0  F2  I1  W1  F3  I2  W2  I3  W3
@@ -278,6 +310,62 @@ def test_get_interleaved_zb_refuses_indivisible_stages():
         get("interleaved-zb", 5, 4, chunks=2)
 
 
+@pytest.mark.parametrize("ranks,m", [(1, 2), (2, 4), (3, 6), (3, 9), (4, 8), (5, 13)])
+def test_dualpipe_v_is_pytorchs_order_in_a_v(ranks: int, m: int):
+    """The phases of PyTorch's ScheduleDualPipeV._calculate_single_rank_operations, counted."""
+    s = dualpipe_v(ranks, m)
+    assert (s.num_ranks, s.num_stages) == (ranks, 2 * ranks)
+    assert [s.rank_of(k) for k in range(2 * ranks)] == [*range(ranks), *reversed(range(ranks))]
+    assert dualpipe_v_stages(2 * ranks, m, chunks=2) == s == get("dualpipe-v", 2 * ranks, m,
+                                                                  chunks=2)
+    for r, actions in enumerate(s.ranks):
+        first, second = r, 2 * ranks - 1 - r
+        before, after = ranks - r - 1, r + 1
+        kinds = [(a.stage, a.kind) for a in actions]
+        warm = 2 * before + 2 * after
+        assert kinds[:warm] == [(first, "F")] * 2 * before + [(first, "F"), (second, "F")] * after
+        zero_bubble = [(second, "I"), (second, "W"), (second, "F")] * before
+        assert kinds[warm:warm + 3 * before] == zero_bubble
+        steady = warm + 3 * before
+        pairs = [(first, "F"), (second, "B"), (second, "F"), (first, "B")] * (m - 2 * ranks + after)
+        assert kinds[steady:steady + len(pairs)] == pairs  # F&B overlapped: adjacent, F first
+        # whole backwards in the middle, split ones (I, then W) at both ends; each micro-batch
+        # of a stage in order, and every I followed later by its W
+        for stage in (first, second):
+            backs = [a for a in actions if a.stage == stage and a.kind in "BI"]
+            assert [a.micro_batch for a in backs] == list(range(m))
+            ws = [a.micro_batch for a in actions if a.stage == stage and a.kind == "W"]
+            assert ws == [a.micro_batch for a in backs if a.kind == "I"]
+        assert sum(a.kind == "I" for a in actions) == 2 * before + after
+
+
+def test_dualpipe_v_mixes_whole_and_split_backwards_on_a_stage():
+    s = dualpipe_v(2, 4)
+    assert [a.text(True) for a in s.ranks[0] if a.stage == 3 and a.kind != "F"] == [
+        "3I0", "3W0", "3B1", "3B2", "3B3"]
+    assert s.splits_backward(3) and s.splits_backward(3, 0) and not s.splits_backward(3, 1)
+    # stage 2's backward waits for stage 3's I where it split, its B where it did not
+    assert dependencies(Action(2, "B", 0), s) == [Action(2, "F", 0), Action(3, "I", 0)]
+    assert dependencies(Action(2, "B", 1), s) == [Action(2, "F", 1), Action(3, "B", 1)]
+
+
+@pytest.mark.parametrize("args,fragment", [
+    ((4, 3, 2), r"'dualpipe-v' on 2 devices needs at least 4 micro-batches \(2 per device\), "
+                r"but 3 were asked for"),
+    ((8, 7, 2), r"'dualpipe-v' on 4 devices needs at least 8 micro-batches .* use 8 or more, "
+                r"or schedule 'zb-v'"),
+    ((4, 8, 1), r"'dualpipe-v' places two stages on each rank in a V.*num_stages=4 with "
+                r"chunks=1 .* num_stages=8 \(the model cut in 8 pieces on 4 devices\)"),
+    ((5, 8, 2), r"num_stages=5 with chunks=2 .* num_stages=4 \(the model cut in 4 pieces on 2"),
+])
+def test_dualpipe_v_refuses_showing_the_grid_it_would_run(args: tuple, fragment: str):
+    with pytest.raises(PipelineError, match=fragment) as error:
+        dualpipe_v_stages(*args)
+    assert "step   0" in str(error.value) and "rank0  0F0  0F1" in str(error.value)
+    with pytest.raises(ValueError, match=fragment):  # a PipelineError is a ValueError
+        get("dualpipe-v", *args[:2], chunks=args[2])
+
+
 def test_zb_h1_has_only_split_backwards():
     s = zb_h1(3, 4)
     assert s.has_split_backward and all(s.splits_backward(k) for k in range(3))
@@ -292,6 +380,7 @@ def test_zb_h1_has_only_split_backwards():
     ("zb_h1", zb_h1(3, 4)),
     ("looped_bfs", looped_bfs(2, 4, chunks=2)),
     ("zb_v", zb_v(2, 4)),
+    ("dualpipe_v", dualpipe_v(2, 4)),
 ])
 def test_module_docstring_shows_the_real_grid(module: str, schedule: Schedule):
     doc = importlib.import_module(f"tfpipe.schedules.{module}").__doc__
@@ -389,10 +478,17 @@ def test_validate_both_full_and_split_backward():
     assert_grid_error(error, "stage 1 has both B0 and I0", ">B0<")
 
 
-def test_validate_stage_mixing_full_and_split_backwards():
-    with pytest.raises(ScheduleError) as error:
-        validate(Schedule.from_text(["F0 F1 B0 B1", "F0 B0 F1 I1 W1"]))
-    assert_grid_error(error, "stage 1 mixes B with I/W backwards", ">B0<")
+def test_validate_a_stage_may_split_some_backwards_and_not_others():
+    """As DualPipeV does: stage 0's backward of micro-batch 1 waits for stage 1's I1."""
+    mixed = validate(Schedule.from_text(["F0 F1 B0 B1", "F0 B0 F1 I1 W1"]))
+    assert format_schedule(mixed) == grid("""
+        step   0   1   2   3   4   5
+        rank0  F0  F1  .   B0  .   B1
+        rank1  .   F0  B0  F1  I1  W1
+        """)
+    with pytest.raises(ScheduleError) as error:  # but never both for one micro-batch
+        validate(Schedule.from_text(["F0 B0", "F0 I0 B0 W0"]))
+    assert_grid_error(error, "stage 1 has both B0 and I0", ">B0<")
 
 
 def test_validate_action_outside_the_sizes():
@@ -419,6 +515,10 @@ def test_generated_schedules_validate(name: str):
     chunks = default_chunks(name)
     for k in (2, 4):
         for m in (1, 3, 8):
+            if m < min_micro_batches(name, k):
+                with pytest.raises(ValueError, match="needs at least"):
+                    get(name, k * chunks, m, chunks=chunks)
+                continue
             schedule = get(name, k * chunks, m, chunks=chunks)
             assert schedule.num_ranks == k
 
@@ -427,11 +527,14 @@ def test_generated_schedules_validate(name: str):
 # Registry and `get`.
 
 def test_registry_names():
-    assert sorted(GENERATORS) == ["1f1b", "gpipe", "interleaved", "interleaved-zb",
-                                  "looped-bfs", "zb-h1", "zb-v"]
+    assert sorted(GENERATORS) == ["1f1b", "dualpipe-v", "gpipe", "interleaved",
+                                  "interleaved-zb", "looped-bfs", "zb-h1", "zb-v"]
     assert {name: default_chunks(name) for name in GENERATORS} == {
         "gpipe": 1, "1f1b": 1, "interleaved": 2, "zb-h1": 1, "looped-bfs": 2, "zb-v": 2,
-        "interleaved-zb": 2}
+        "interleaved-zb": 2, "dualpipe-v": 2}
+    assert FIXED_CHUNKS == {"zb-v", "dualpipe-v"}
+    assert {name: min_micro_batches(name, 4) for name in GENERATORS if
+            min_micro_batches(name, 4) > 1} == {"dualpipe-v": 8}
 
 
 def test_get_keeps_the_two_size_form():
@@ -487,7 +590,8 @@ def test_get_user_schedule_checks_its_size_and_rank_count():
     ((True, 4), "num_stages must be a positive integer, got True"),
 ])
 def test_generators_reject_bad_sizes(args: tuple, fragment: str):
-    for generate in (gpipe, one_f_one_b, zb_h1, interleaved, looped_bfs, zb_v, interleaved_zb):
+    for generate in (gpipe, one_f_one_b, zb_h1, interleaved, looped_bfs, zb_v, interleaved_zb,
+                     dualpipe_v):
         with pytest.raises(ValueError, match=fragment):
             generate(*args)
 

@@ -9,6 +9,7 @@ import pytest
 from tfpipe.schedules import (
     Action,
     Costs,
+    dualpipe_v,
     interleaved,
     interleaved_zb,
     looped_bfs,
@@ -35,6 +36,7 @@ def assert_png(path: pathlib.Path) -> None:
     (looped_bfs(2, 4, chunks=2), Costs(0.5, 1.0, transfer=0.1)),
     (zb_v(2, 4), Costs(0.5, 1.0, transfer=0.1)),
     (interleaved_zb(2, 4, chunks=2), Costs(0.5, 1.0, transfer=0.1)),
+    (dualpipe_v(2, 4), Costs(0.5, 1.0, transfer=0.1)),  # B, I and W on one stage
 ])
 def test_plot_simulation(tmp_path: pathlib.Path, schedule, costs):
     out = tmp_path / "nested" / f"{schedule.name}.png"

@@ -8,17 +8,20 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from tfpipe.schedules import (
+    FIXED_CHUNKS,
     Action,
     Costs,
     Schedule,
     clock,
     default_chunks,
     dependencies,
+    dualpipe_v,
     get,
     gpipe,
     interleaved,
     interleaved_zb,
     looped_bfs,
+    min_micro_batches,
     one_f_one_b,
     peak_in_flight,
     simulate,
@@ -243,15 +246,68 @@ def test_interleaved_zb_figures_for_two_and_four_ranks():
     assert close(simulate(zb_h1(4, 8), EQUAL).bubble_fraction, 3 / 27)  # ZB-H1's, 1 chunk
 
 
+@SETTINGS
+@given(d=stages, extra=st.integers(min_value=0, max_value=12),
+       backward=backward_costs, transfer=st.sampled_from([0.0, 0.25]))
+def test_dualpipe_v_closed_forms(d: int, extra: int, backward: float, transfer: float):
+    """M >= 2D (DualPipeV's least); chunk costs f = 1/2 and B/2 (a stage's forward 1), I = W.
+
+    With B = 2 (F = I = W = f, the README's B = 2W) the step is ZB-V's 6 M f + (D - 1) f: a
+    bubble of (D-1)/(6M+D-1). Its bubble is never above 1F1B's on the same D devices, also
+    with other backward costs and a transfer delay. Memory: stage s holds 2D - s micro-batches
+    at most (ZB-V's), every rank 2D + 1 chunk activations (the DualPipe README's PP + 1; ZB-V
+    2D): the forward of an overlapped pair counts before its backward frees one.
+    """
+    m = 2 * d + extra
+    assert min_micro_batches("dualpipe-v", d) == 2 * d
+    schedule = validate(get("dualpipe-v", 2 * d, m, chunks=2))
+    assert schedule == dualpipe_v(d, m) and (schedule.num_ranks, schedule.num_stages) == (d, 2 * d)
+    costs = Costs(forward=0.5, backward=backward / 2, transfer=transfer)
+    sim = simulate(schedule, costs)
+    one = simulate(one_f_one_b(d, m), Costs(1.0, backward, transfer=transfer))
+    assert sim.bubble_fraction <= one.bubble_fraction + 1e-12
+    if backward == 2.0 and transfer == 0.0:
+        f = 0.5
+        assert close(sim.step_time, 6 * m * f + (d - 1) * f)
+        assert close(sim.bubble_fraction, (d - 1) / (6 * m + d - 1))
+        assert close(sim.step_time, simulate(zb_v(d, m), costs).step_time)
+    assert sim.peak_in_flight == tuple(2 * d - s for s in range(2 * d)) == \
+        peak_in_flight(zb_v(d, m))
+    assert rank_peaks(schedule) == [2 * d + 1] * d
+    assert rank_peaks(zb_v(d, m)) == [2 * d] * d
+
+
+def test_dualpipe_v_figures_for_two_and_four_ranks():
+    """The figures of docs/schedules.md and the module docstring (F = I = W = 1/2 per chunk)."""
+    costs = Costs(forward=0.5, backward=1.0)
+    for d, m, step, bubble, zb, one_step, one_bubble in (
+            (2, 4, 12.5, 1 / 25, 12.5, 15.0, 1 / 5), (4, 8, 25.5, 3 / 51, 25.5, 33.0, 3 / 11)):
+        sim = simulate(dualpipe_v(d, m), costs)
+        one = simulate(one_f_one_b(d, m), EQUAL)
+        assert sim.step_time == step and close(sim.bubble_fraction, bubble)
+        assert simulate(zb_v(d, m), costs).step_time == zb
+        assert one.step_time == one_step and close(one.bubble_fraction, one_bubble)
+    assert sim.peak_in_flight == (8, 7, 6, 5, 4, 3, 2, 1)  # 1F1B: (4, 3, 2, 1) of twice the size
+    assert rank_peaks(sim.schedule) == [9, 9, 9, 9]  # ZB-V: 8
+    # W as long as a whole backward (the executor re-derives the chain; the planner's costs):
+    # fewer split backwards than ZB-V, so a shorter step
+    rederive = Costs(forward=0.5, backward=1.0, input_grad=0.5, weight_grad=1.0)
+    for d, m, splits, steps in ((2, 4, (5, 16), (13.5, 16.5)), (4, 8, (22, 64), (27.5, 34.5))):
+        pair = (dualpipe_v(d, m), zb_v(d, m))
+        assert tuple(sum(a.kind == "I" for r in x.ranks for a in r) for x in pair) == splits
+        assert tuple(simulate(x, rederive).step_time for x in pair) == steps
+
+
 names = st.sampled_from(["gpipe", "1f1b", "interleaved", "zb-h1", "looped-bfs", "zb-v",
-                         "interleaved-zb"])
+                         "interleaved-zb", "dualpipe-v"])
 
 
 @st.composite
 def schedules(draw) -> Schedule:
     name = draw(names)
-    v = 2 if name == "zb-v" else draw(chunk_counts) if default_chunks(name) > 1 else 1
-    return get(name, draw(stages) * v, draw(micro_batches), chunks=v)
+    v = 2 if name in FIXED_CHUNKS else draw(chunk_counts) if default_chunks(name) > 1 else 1
+    d = draw(stages)
+    return get(name, d * v, max(draw(micro_batches), min_micro_batches(name, d)), chunks=v)
 
 
 @SETTINGS

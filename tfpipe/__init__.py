@@ -2,7 +2,8 @@
 
 Public surface: `fit`, `evaluate`, `predict`, `Pipeline`, `configure_cpu_devices`, the
 `schedules` package (pure data), and remote stages on TensorFlow workers: `cluster` (connect
-to `tfpipe worker` processes), `worker_devices`, `Watchdog` and `WorkerUnavailableError`.
+to `tfpipe worker` processes), `worker_devices`, `Watchdog`, `WorkerUnavailableError` and
+`WorkerOutOfMemoryError`.
 Planning: `plan` profiles a model on its devices and ranks pipeline configurations (`Plan`).
 Options: `PipelineOptions` holds a pipeline's options, checked once (`Pipeline.from_options`,
 `Plan.best.options()`).
@@ -16,7 +17,12 @@ from tfpipe import schedules
 from tfpipe.build import build_scope
 from tfpipe.cluster import cluster
 from tfpipe.devices import configure_cpu_devices, default_devices, worker_devices
-from tfpipe.errors import DeviceConfigurationError, PipelineError, WorkerUnavailableError
+from tfpipe.errors import (
+    DeviceConfigurationError,
+    PipelineError,
+    WorkerOutOfMemoryError,
+    WorkerUnavailableError,
+)
 from tfpipe.options import PipelineOptions
 from tfpipe.pipeline import Pipeline
 from tfpipe.planner import Plan, plan
@@ -27,7 +33,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DeviceConfigurationError", "Pipeline", "PipelineError", "Watchdog",
-    "WorkerUnavailableError", "cluster", "configure_cpu_devices", "default_devices",
+    "WorkerOutOfMemoryError", "WorkerUnavailableError", "cluster", "configure_cpu_devices",
+    "default_devices",
     "evaluate", "fit", "predict", "schedules", "worker_devices", "__version__",
     "Plan", "PipelineOptions", "build_scope", "plan",
 ]

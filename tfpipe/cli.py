@@ -12,7 +12,9 @@ implemented in `tfpipe.cli_plan`, whose `PlanError`s are printed here like the o
 
 `worker` runs one task of a `tf.distribute.Server` cluster (`tfpipe.cluster.serve`) until
 SIGTERM or SIGINT, then ends the process with status 0 through `os._exit`: TensorFlow's gRPC
-server has no clean stop, and its threads must not race the interpreter's shutdown.
+server has no clean stop, and its threads must not race the interpreter's shutdown. It is
+implemented in `tfpipe.cli_worker` (its GPU, its out-of-memory sentinel, the order they
+start in).
 
 Note: `python -m tfpipe` and the `tfpipe` console script import the `tfpipe` package first,
 and its `__init__` imports TensorFlow, so even `tfpipe schedule` pays TensorFlow's import time
@@ -27,7 +29,7 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import NoReturn
 
-from tfpipe import cli_plan
+from tfpipe import cli_plan, cli_worker, sentinel
 
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
@@ -57,6 +59,19 @@ def _int_at_least(minimum: int, what: str) -> Callable[[str], int]:
 
 _positive_int = _int_at_least(1, "positive")
 _index = _int_at_least(0, "non-negative")
+
+
+def _seconds(text: str) -> float:
+    """argparse type: a number of seconds >= 0, with an error that names the value."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds >= 0, got {text!r}")
+    return value
+
+
 _Subparsers = argparse._SubParsersAction  # the type of `add_subparsers`'s result
 
 
@@ -167,7 +182,19 @@ def _add_worker_parser(sub: _Subparsers[_Parser]) -> None:
         "client's steps follow the client's settings; limit those with "
         "tfpipe.cluster(..., threads=N) in the client",
     )
-    worker.set_defaults(func=_worker)
+    worker.add_argument(
+        "--gpu", type=_index, default=None, metavar="I",
+        help="use only GPU I of this machine (as nvidia-smi -L numbers them): sets "
+        "CUDA_VISIBLE_DEVICES=I before TensorFlow starts and turns on memory growth, so that "
+        "workers sharing a machine do not each reserve every GPU",
+    )
+    worker.add_argument(
+        "--oom-report-s", type=_seconds, default=sentinel.DEFAULT_TTL_S, metavar="S",
+        help="if the kernel kills this worker for memory, a small sentinel process reports it "
+        "on the worker's port for S seconds, so the client's error says so (default "
+        f"{sentinel.DEFAULT_TTL_S:.0f}; 0 starts no sentinel)",
+    )
+    worker.set_defaults(func=cli_worker.run)
 
 
 def _add_plan_parser(sub: _Subparsers[_Parser]) -> None:
@@ -340,56 +367,3 @@ def _plan(args: argparse.Namespace) -> int:
         return cli_plan.run(args)
     except cli_plan.PlanError as err:
         return _fail("plan", str(err), EXIT_USAGE if err.usage else EXIT_FAILURE)
-
-
-def _worker(args: argparse.Namespace) -> int:
-    import os
-    import signal
-    import threading
-
-    from tfpipe.errors import PipelineError
-
-    try:
-        from tfpipe.cluster import parse_addresses, serve, tf_config
-
-        if args.cluster is not None:
-            addresses = parse_addresses(args.cluster)
-            task = args.task
-            if task is None:
-                return _fail("worker", "--cluster needs --task I, this worker's index in it "
-                             f"(0 to {len(addresses) - 1})")
-        else:
-            addresses, task = tf_config()
-            if args.task is not None:
-                task = args.task
-            if task is None:
-                return _fail("worker", "TF_CONFIG has no worker task for this process: set its "
-                             '"task": {"type": "worker", "index": I}, or pass --task I')
-        if task >= len(addresses):
-            return _fail("worker", f"--task {task} is not in the cluster {','.join(addresses)}: "
-                         f"use 0 to {len(addresses) - 1}")
-    except PipelineError as err:
-        return _fail("worker", str(err))
-
-    stop = threading.Event()
-    received: list[int] = []
-
-    def on_signal(signum: int, frame: object) -> None:
-        received.append(signum)
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    import tensorflow as tf  # lazy: TensorFlow loads only when a command needs it
-
-    try:
-        serve(addresses, task, threads=args.threads, stop=stop,
-              on_ready=lambda line: print(line, flush=True))
-    except tf.errors.OpError as err:
-        first = (err.message or str(err)).strip().splitlines()[0]
-        return _fail("worker", f"cannot start task {task} at {addresses[task]}: {first} (is "
-                     "the port in use, or the host not this machine?)", EXIT_FAILURE)
-    name = signal.Signals(received[0]).name if received else "request"
-    print(f"tfpipe worker {task} stopping on {name}", flush=True)
-    sys.stderr.flush()
-    os._exit(0)

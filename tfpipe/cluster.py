@@ -10,7 +10,12 @@ Design:
   settings (the client's config travels with its remote context); a worker's own
   `ConfigProto` does not hold them. `cluster(threads=N)` therefore sets the client's limits
   before connecting.
-- Health and interrupting a blocked step: `tfpipe.watchdog` (`Watchdog`).
+- Health and interrupting a blocked step: `tfpipe.watchdog` (`Watchdog`). The status call
+  itself (`probe`) and the record of the connected cluster live in `tfpipe.health`, below
+  the front layer, so that a failed step's error translation (`tfpipe.oom`) can use them.
+- Out of memory: `tfpipe worker` starts a sentinel beside itself (`tfpipe.sentinel`) that
+  reports on the worker's port when the kernel killed the worker for memory; connecting to
+  such a worker raises `WorkerOutOfMemoryError` at once.
 """
 
 from __future__ import annotations
@@ -21,12 +26,16 @@ import os
 import threading
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
 
 import tensorflow as tf
 
 from tfpipe.devices import worker_devices
 from tfpipe.errors import DeviceConfigurationError, PipelineError, WorkerUnavailableError
+from tfpipe.health import connected_addresses as connected_addresses  # re-exported
+from tfpipe.health import probe as probe  # re-exported: tfpipe.cluster.probe
+from tfpipe.health import set_connected
+from tfpipe.oom import worker_error
+from tfpipe.oom_report import parse as parse_report
 
 JOB = "worker"
 """The job name of `tfpipe worker` processes: devices are `/job:worker/replica:0/task:i/...`."""
@@ -35,8 +44,6 @@ EXIT_WORKER_UNAVAILABLE = 75
 """Exit status of a process the watchdog ended because a blocked step could not be interrupted
 (75 is `EX_TEMPFAIL`: a temporary failure, try again)."""
 
-_STATUS_METHOD = "/tensorflow.WorkerService/GetStatus"
-_connected: list[str] = []
 log = logging.getLogger("tfpipe.cluster")
 
 
@@ -131,11 +138,6 @@ def tf_config() -> tuple[list[str], int | None]:
     return addresses, index
 
 
-def connected_addresses() -> list[str]:
-    """The worker addresses the latest `tfpipe.cluster(...)` call connected to (task order)."""
-    return list(_connected)
-
-
 # workers ----------------------------------------------------------------------------------
 
 
@@ -199,41 +201,6 @@ def _check_threads(threads: int | None) -> None:
 # health -----------------------------------------------------------------------------------
 
 
-def probe(address: str, timeout_s: float, channel: Any = None) -> str | None:
-    """Asks a worker for its status (TensorFlow's `WorkerService/GetStatus`) within a deadline.
-
-    A stopped or hung process does not answer, even though its listening socket still
-    accepts TCP connections.
-
-    Args:
-        address: the worker's `host:port`.
-        timeout_s: the deadline in seconds.
-        channel: an open `grpc.Channel` to `address` to reuse; None opens and closes one.
-
-    Returns:
-        None when the worker answered; otherwise what went wrong, in words.
-    """
-    import grpc
-
-    own = channel is None
-    if own:
-        channel = grpc.insecure_channel(address)
-    try:
-        channel.unary_unary(_STATUS_METHOD)(b"", timeout=max(timeout_s, 0.001))
-        return None
-    except grpc.RpcError as err:
-        code = err.code()
-        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-            return (f"no answer to a status call within {timeout_s:.1f} s (the process may be "
-                    "stopped, hung or overloaded)")
-        if code == grpc.StatusCode.UNAVAILABLE:
-            return f"unreachable ({(err.details() or 'unavailable').splitlines()[0]})"
-        return f"status call failed: {code.name} {err.details()}"
-    finally:
-        if own:
-            channel.close()
-
-
 def wait_for_workers(addresses: Sequence[str], timeout_s: float) -> None:
     """Waits until every worker answers a status call (workers may still be starting).
 
@@ -243,6 +210,8 @@ def wait_for_workers(addresses: Sequence[str], timeout_s: float) -> None:
 
     Raises:
         WorkerUnavailableError: naming the first worker that did not answer in time.
+        WorkerOutOfMemoryError: at once, for a worker whose out-of-memory sentinel reports
+            that the kernel killed it for memory (`tfpipe.sentinel`).
     """
     deadline = time.monotonic() + timeout_s
     for task, address in enumerate(addresses):
@@ -251,6 +220,9 @@ def wait_for_workers(addresses: Sequence[str], timeout_s: float) -> None:
             reason = probe(address, max(min(remaining, 2.0), 0.05))
             if reason is None:
                 break
+            report = parse_report(reason)
+            if report is not None:  # its sentinel answers: the kernel killed it for memory
+                raise worker_error(report, addresses)
             if time.monotonic() >= deadline:
                 raise WorkerUnavailableError(
                     f"Worker task {task} at {address} did not answer within {timeout_s:.1f} s: "
@@ -309,7 +281,7 @@ def cluster(
         _set_client_threads(threads)
     wait_for_workers(addresses, timeout_s)
     tf.config.experimental_connect_to_cluster(tf.train.ClusterSpec({JOB: addresses}))
-    _connected[:] = addresses
+    set_connected(addresses)
     return worker_devices(JOB)
 
 

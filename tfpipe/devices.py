@@ -19,6 +19,7 @@ other modules call these rather than matching device strings themselves.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 
 import tensorflow as tf
@@ -62,6 +63,54 @@ def configure_cpu_devices(count: int) -> list[str]:
             "the top of the script, before creating any tensor, model or dataset."
         ) from err
     return [canonical(d.name) for d in tf.config.list_logical_devices("CPU")]
+
+
+def use_one_gpu(index: int) -> str:
+    """Makes physical GPU `index` this process's only GPU, with memory growth on.
+
+    Sets `CUDA_VISIBLE_DEVICES=index` before TensorFlow lists its devices (CUDA reads the
+    variable then; importing TensorFlow does not), then turns on memory growth for that GPU,
+    so that the process takes GPU memory as it needs it instead of nearly all of it at start.
+    Several processes on one machine (`tfpipe worker --gpu I`) then each hold one GPU. If CUDA
+    had started already (TensorFlow sees several GPUs), GPU `index` is chosen among them with
+    `tf.config.set_visible_devices` instead.
+
+    Args:
+        index: the GPU's index among the machine's GPUs, as `nvidia-smi -L` numbers them.
+
+    Returns:
+        A line saying which GPU this process uses.
+
+    Raises:
+        DeviceConfigurationError: when TensorFlow sees no GPU with that index, or has
+            initialised its devices already.
+    """
+    os.environ["CUDA_VISIBLE_DEVICES"] = str(index)
+    gpus = tf.config.list_physical_devices("GPU")
+    if len(gpus) > 1 and index < len(gpus):  # CUDA started before the variable was set
+        gpus = [gpus[index]]
+        try:
+            tf.config.set_visible_devices(gpus, "GPU")
+        except RuntimeError as err:
+            raise DeviceConfigurationError(
+                f"GPU {index} cannot be chosen: TensorFlow initialised its devices already. "
+                "Choose the GPU first thing in the process."
+            ) from err
+    if len(gpus) != 1:
+        raise DeviceConfigurationError(
+            f"GPU {index} was asked for (CUDA_VISIBLE_DEVICES={index}), but TensorFlow sees "
+            f"{'no GPU' if not gpus else f'only {len(gpus)} GPUs'}: check the index "
+            "(`nvidia-smi -L` lists this machine's GPUs, from 0) and that this TensorFlow has "
+            "CUDA and a working driver (`tfpipe info`), or leave the GPU choice out."
+        )
+    try:
+        tf.config.experimental.set_memory_growth(gpus[0], True)
+    except RuntimeError as err:
+        raise DeviceConfigurationError(
+            f"Memory growth cannot be turned on for GPU {index}: TensorFlow initialised its "
+            "devices already. Choose the GPU first thing in the process."
+        ) from err
+    return f"GPU {index} (CUDA_VISIBLE_DEVICES={index}) as /device:GPU:0, memory growth on"
 
 
 def default_devices() -> list[str]:

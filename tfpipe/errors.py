@@ -52,6 +52,49 @@ def _rebuild_worker_error(message: str, address: str, task: int | None,
                                   reason=reason)
 
 
+class WorkerOutOfMemoryError(WorkerUnavailableError, PipelineError):
+    """A worker, or a stage's device, ran out of memory during a step.
+
+    Raised in place of TensorFlow's error (its `__cause__`) when a `tfpipe worker` was killed
+    by the kernel for memory (its out-of-memory sentinel reported it on the worker's port:
+    `tfpipe.sentinel`), or when a step failed with TensorFlow's `ResourceExhaustedError` on a
+    stage's device (a GPU's allocator out of memory). It is a `WorkerUnavailableError` (the
+    worker is gone) and a `PipelineError` (the configuration asks too much of a device: the
+    message gives the fix, such as more stages, `schedule="1f1b"`, `recompute=` or more
+    micro-batches).
+
+    Attributes:
+        address, task, stages, reason: as for `WorkerUnavailableError`; for a device of
+            this process, `address` is the device's name and `task` is None.
+        device: the device that ran out of memory, when known (for example
+            `"/job:worker/replica:0/task:1/device:GPU:0"`).
+        limit: the memory limit in bytes that was hit (the worker's memory cgroup limit),
+            or None when unknown.
+        peak: the highest memory use recorded in bytes (the cgroup's peak), or None.
+    """
+
+    def __init__(self, message: str, *, address: str, task: int | None = None,
+                 stages: tuple[int, ...] | None = None, reason: str = "",
+                 device: str | None = None, limit: int | None = None,
+                 peak: int | None = None) -> None:
+        super().__init__(message, address=address, task=task, stages=stages, reason=reason)
+        self.device = device
+        self.limit = limit
+        self.peak = peak
+
+    def __reduce__(self) -> tuple[Callable[..., WorkerUnavailableError], tuple[Any, ...]]:
+        return (_rebuild_memory_error, (str(self), self.address, self.task, self.stages,
+                                        self.reason, self.device, self.limit, self.peak))
+
+
+def _rebuild_memory_error(message: str, address: str, task: int | None,
+                          stages: tuple[int, ...] | None, reason: str, device: str | None,
+                          limit: int | None, peak: int | None) -> WorkerOutOfMemoryError:
+    """Unpickles a `WorkerOutOfMemoryError`."""
+    return WorkerOutOfMemoryError(message, address=address, task=task, stages=stages,
+                                  reason=reason, device=device, limit=limit, peak=peak)
+
+
 RUNTIME_MARK = "tfpipe"
 """Every message of a check that fires inside a traced step starts with this word."""
 

@@ -345,7 +345,7 @@ def _check_jit_compile(jit_compile: Any) -> None:
 
 def _check_chunks(schedule: Any, chunks: Any) -> int:
     """Chunks per device: the schedule's default (`schedules.DEFAULT_CHUNKS`: 2 for
-    "interleaved", "looped-bfs", "zb-v" and "interleaved-zb"), 1 otherwise."""
+    "interleaved", "looped-bfs", "zb-v", "interleaved-zb" and "dualpipe-v"), 1 otherwise."""
     if chunks is None:
         return default_chunks(schedule) if isinstance(schedule, str) else 1
     if not isinstance(chunks, int) or isinstance(chunks, bool) or chunks < 1:

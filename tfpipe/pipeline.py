@@ -33,15 +33,10 @@ from tfpipe.errors import PipelineError, runtime_message
 from tfpipe.executor import Executor
 from tfpipe.executor.inputs import check_array_inputs
 from tfpipe.executor.stagefn import model_jit_compile, turn_off_jit_compile
+from tfpipe.oom import memory_errors
 from tfpipe.options import PipelineOptions
 from tfpipe.partition import Stage, check_gradient_paths, read_graph, split
-from tfpipe.placement import (
-    place_metrics,
-    place_optimizer,
-    place_stages,
-    storage_keys,
-    updates_on_variable_devices,
-)
+from tfpipe.placement import place_model, updates_on_variable_devices
 from tfpipe.traffic import step_table
 
 _STEPS = ("train_step", "test_step", "predict_step")
@@ -65,9 +60,9 @@ class Pipeline:
             device. Defaults to the visible GPUs, else the logical CPU devices.
         micro_batches: M, the number of slices each batch is cut into.
         schedule: `"gpipe"`, `"1f1b"`, `"interleaved"`, `"zb-h1"`, `"looped-bfs"`, `"zb-v"`,
-            `"interleaved-zb"`, or a `tfpipe.schedules.Schedule` (ranks: devices, stages: pieces).
+            `"interleaved-zb"`, `"dualpipe-v"` or a `Schedule` (ranks: devices, stages: pieces).
         chunks: for `"interleaved"`, `"looped-bfs"`, `"interleaved-zb"`, pieces per device, v
-            (default 2; `"zb-v"`: 2): the model is cut into K*v stages, device r holds r, r+K, ...
+            (default 2; `"zb-v"`, `"dualpipe-v"`: 2): K*v stages, device r holds r, r+K, ...
         profile: record when each action of a training step started and ended;
             `timeline()` returns the latest step's measured timeline. Each device then runs
             its actions one after another in the schedule's order (so that a start is when
@@ -85,9 +80,10 @@ class Pipeline:
             layer and whether it was the forward or the backward (slower: for debugging).
         replicas: R, data-parallel copies of the pipeline (default 1). `devices` then lists
             R*K devices, copy r using devices `r*K .. r*K+K-1`; each batch is split into R*M
-            micro-batches, copy r taking the r-th run of M, and each stage's gradients are
-            all-reduced over its R devices with TensorFlow collective ops before the one
-            optimizer step. The variables stay one set, on copy 0's devices.
+            micro-batches, copy r taking the r-th run of M; each copy reads its weights once a
+            step, and each stage's gradients are summed onto copy 0's device (sent and added
+            with two copies, packed collectives with more) before the one optimizer step.
+            The variables stay one set, on copy 0's devices.
         batch_norm: `"micro-batch"` (default: BatchNormalization updates its moving statistics
             per micro-batch, as Keras would on each) or `"deferred"` (once per batch, from all
             its micro-batches, as one full-batch step would; see `tfpipe.executor.batchnorm`).
@@ -256,6 +252,7 @@ class Pipeline:
                     lend_methods(model, {name: getattr(self.executor, name) for name in _STEPS})
                 )
                 stack.enter_context(atomic_saves(model))
+                stack.enter_context(memory_errors(self.stages))
                 if getattr(model, "optimizer", None) is not None:
                     stack.enter_context(updates_on_variable_devices(model.optimizer))
                 yield
@@ -377,13 +374,8 @@ def _recompute_flags(options: PipelineOptions, stages: Sequence[Stage]) -> list[
 def _place(model: keras.Model, stages: Sequence[Stage]) -> None:
     """Moves each stage's variables (and optimizer slots) to its device; drops functions
     traced before the move; turns off `jit_compile` when the stages span devices."""
-    variables = list(model.trainable_variables)
-    optimizer = model.optimizer if _compiled(model) else None
-    keys = storage_keys(optimizer, variables) if optimizer is not None else None
-    place_stages(stages)
-    place_metrics(model, stages[-1].device)
-    if optimizer is not None:
-        place_optimizer(optimizer, variables, keys)
+    with memory_errors(stages):  # weights made or moved on a worker too small for them
+        place_model(model, stages, model.optimizer if _compiled(model) else None)
     for name in _FUNCTIONS:  # functions traced before the move captured the old storage
         setattr(model, name, None)
     num_devices = len({st.device for st in stages})

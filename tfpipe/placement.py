@@ -79,6 +79,20 @@ def place_stages(stages: Sequence[Stage]) -> None:
                 move(v, stage.device)
 
 
+def place_model(
+    model: keras.Model, stages: Sequence[Stage], optimizer: keras.optimizers.Optimizer | None
+) -> None:
+    """Moves (or makes) every variable of `model` on its stage's device: the stages'
+    variables, the metrics' (on the last stage) and `optimizer`'s slots beside their
+    variables (`optimizer`: the model's compiled one, or None)."""
+    variables = list(model.trainable_variables)
+    keys = storage_keys(optimizer, variables) if optimizer is not None else None
+    place_stages(stages)
+    place_metrics(model, stages[-1].device)
+    if optimizer is not None:
+        place_optimizer(optimizer, variables, keys)
+
+
 def place_metrics(model: keras.Model, device: str) -> None:
     """Moves the model's metric variables (its loss tracker, built at `compile`, and compiled
     metrics built by an earlier plain `fit`) to `device`, the last stage's: the stage that

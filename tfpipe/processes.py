@@ -8,8 +8,10 @@ SIGTERM, then SIGKILL after a bounded wait), every started process is also ended
 interpreter exit, and `raise_on_signals` turns SIGTERM into `KeyboardInterrupt` so that the
 caller's `finally` (and atexit) run. Output is read line by line in a thread (`Lines`), so
 every wait for a line has a deadline. Ports come from the kernel (`free_port`): a port that
-was free a moment ago, bound by the worker moments later. This module imports no TensorFlow
-(`import tfpipe.processes` still runs the package's `__init__`, which does).
+was free a moment ago, bound by the worker moments later. A `WorkerPool` subclass can run each
+worker under a launcher command (`WorkerPool.launcher`; `benchmarks/cgroups.py` puts each
+worker into its own memory cgroup so). This module imports no TensorFlow (`import
+tfpipe.processes` still runs the package's `__init__`, which does).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -267,13 +269,17 @@ class WorkerPool(ProcessGroup):
         env: the workers' environment (default `worker_env()`).
         threads: passed as `tfpipe worker --threads N`; 0 leaves the option out.
         ready_timeout_s: the longest wait for a batch of workers to be ready.
+        args: more `tfpipe worker` options for every worker, such as
+            `["--oom-report-s", "0"]`.
     """
 
     def __init__(self, directory: Path, env: Mapping[str, str] | None = None,
-                 threads: int = 1, ready_timeout_s: float = READY_TIMEOUT_S) -> None:
+                 threads: int = 1, ready_timeout_s: float = READY_TIMEOUT_S,
+                 args: Sequence[str] = ()) -> None:
         super().__init__(directory, env)
         self.threads = threads
         self.ready_timeout_s = ready_timeout_s
+        self.args = list(args)
         self.workers: list[Worker] = []
 
     def start(self, n: int, tf_config_task: int | None = None) -> tuple[list[str], list[Worker]]:
@@ -318,12 +324,29 @@ class WorkerPool(ProcessGroup):
             args = ["--cluster", ",".join(addresses), "--task", str(task)]
         if self.threads:
             args += ["--threads", str(self.threads)]
+        args += self.args
         runs = sum(1 for w in self.workers if w.task == task)
         log = f"worker{task}.log" if runs == 0 else f"worker{task}-{runs}.log"
-        proc = self.spawn([sys.executable, "-m", "tfpipe", "worker", *args], log, env=env)
+        proc = self.spawn([*self.launcher(task), sys.executable, "-m", "tfpipe", "worker", *args],
+                          log, env=env)
         worker = Worker(proc, self.dir / log, task)
         self.workers.append(worker)
         return worker
+
+    def launcher(self, task: int) -> list[str]:
+        """The command that a worker's command line is run under; none by default.
+
+        A subclass may return, say, a shell that puts itself into a cgroup and then `exec`s
+        the worker (`benchmarks/cgroups.py`): the worker's pid stays the pid of the started
+        process, so ending, signalling and exit statuses work as without a launcher.
+
+        Args:
+            task: the worker's task.
+
+        Returns:
+            The command's words, put before the worker's own.
+        """
+        return []
 
     @staticmethod
     def _wait_ready(worker: Worker, addresses: list[str], deadline: float) -> None:

@@ -7,7 +7,16 @@ tensor and pair of devices. TensorFlow reports those graphs (RunMetadata) when a
 first instantiated with run metadata on, so `placed_transfers` traces a fresh function,
 runs it once so, and sizes each sent tensor by the static shape of the op that made it in
 the traced graph (ops of a lowered `tf.cond` branch are found in that branch's graph).
-Reading RunMetadata needs TensorFlow's private eager context: the one touchpoint is here.
+Each transfer also names the ops that read it on the receiving device (through the matching
+`_Recv`): a gradient sum sent to another replica is made by a backward but read by the
+replica reduction, and only its reader says so. Reading RunMetadata needs TensorFlow's
+private eager context: the one touchpoint is here.
+
+What this cannot see: the partition graphs of functions called inside the step (a stage
+function that is not inlined) are not in its RunMetadata, so a variable such a function
+reads across devices is not counted (which is why a replica reads its weights in the step
+itself, `tfpipe.executor.weights`); nor are a collective's messages, which travel outside
+the graphs.
 """
 
 from __future__ import annotations
@@ -33,12 +42,14 @@ class Transfer:
         target: the receiving device.
         tensor: the sent tensor's name in the traced graph (`op:slot`).
         nbytes: its size by its static shape, or None where that is unknown.
+        readers: the names of the ops that read it on the receiving device.
     """
 
     source: str
     target: str
     tensor: str
     nbytes: int | None
+    readers: tuple[str, ...] = ()
 
 
 def placed_transfers(fn: Any, *args: Any) -> list[Transfer]:
@@ -52,7 +63,7 @@ def placed_transfers(fn: Any, *args: Any) -> list[Transfer]:
     Returns:
         The transfers of one call, one per `_Send` of its partition graphs.
     """
-    outputs = _outputs_by_name(fn.get_concrete_function(*args).graph, "")
+    ops = _ops_by_name(fn.get_concrete_function(*args).graph, "")
     context.enable_run_metadata()
     try:
         context.export_run_metadata()  # drops what an earlier reader left behind
@@ -62,50 +73,99 @@ def placed_transfers(fn: Any, *args: Any) -> list[Transfer]:
         context.disable_run_metadata()
     found = []
     for graph in metadata.function_graphs:
+        readers = _readers(graph.partition_graphs)
         for partition in graph.partition_graphs:
             for node in partition.node:
                 if node.op == "_Send":
-                    found.append(_transfer(node, outputs))
+                    key = (node.attr["tensor_name"].s, node.attr["recv_device"].s)
+                    found.append(_transfer(node, ops, readers.get(key, ())))
     return found
 
 
-def _transfer(node: Any, outputs: dict[str, list[tf.Tensor]]) -> Transfer:
+Reads = tuple[tuple[str, int], ...]
+"""The nodes that read a received tensor: `(name, index among their data inputs)`."""
+
+
+def _readers(partitions: Any) -> dict[tuple[bytes, bytes], Reads]:
+    """For each `_Recv` of `partitions`, by its rendezvous key (the tensor's name and the
+    receiving device, as its `_Send` has them), the nodes that read it."""
+    reads: dict[str, list[tuple[str, int]]] = {}
+    for partition in partitions:
+        for node in partition.node:
+            data = [name for name in node.input if not name.startswith("^")]
+            for index, name in enumerate(data):
+                reads.setdefault(name.partition(":")[0], []).append((node.name, index))
+    return {
+        (node.attr["tensor_name"].s, node.attr["recv_device"].s): tuple(reads.get(node.name, ()))
+        for partition in partitions for node in partition.node if node.op == "_Recv"
+    }
+
+
+def _transfer(node: Any, ops: dict[str, tf.Operation], readers: Reads) -> Transfer:
     name, _, slot = node.input[0].partition(":")
-    made = outputs.get(re.sub(r"/(then|else)/_\d+/", r"/\1/", name))
+    sent = _sent_tensor(name, int(slot or 0), readers, ops)
     nbytes = 0 if re.search(r"/ctrl/_\d+$", name) else None  # a control edge's empty token
-    if made is not None and int(slot or 0) < len(made):
-        t = made[int(slot or 0)]
-        n = t.shape.num_elements() if t.shape.rank is not None else None
-        nbytes = None if n is None or t.dtype == tf.resource else n * t.dtype.size
+    if sent is not None:
+        n = sent.shape.num_elements() if sent.shape.rank is not None else None
+        nbytes = None if n is None or sent.dtype == tf.resource else n * sent.dtype.size
     return Transfer(canonical(node.attr["send_device"].s.decode()),
-                    canonical(node.attr["recv_device"].s.decode()), f"{name}:{slot or 0}", nbytes)
+                    canonical(node.attr["recv_device"].s.decode()), f"{name}:{slot or 0}", nbytes,
+                    tuple(reader for reader, _ in readers))
 
 
-def _outputs_by_name(graph: tf.Graph, prefix: str) -> dict[str, list[tf.Tensor]]:
-    """`{op name: outputs}` of `graph` and of the branches of its `tf.cond`s (named as the
-    runtime names them once lowered: `<cond>/then/<op>`)."""
-    found: dict[str, list[tf.Tensor]] = {}
+def _sent_tensor(name: str, slot: int, readers: Reads, ops: dict[str, tf.Operation]) -> Any:
+    """The traced tensor a `_Send` of output `slot` of node `name` carries: its reader's input,
+    where the reader kept its traced name and that input comes from the same op (the runtime
+    prunes a function call's unused outputs, which renumbers its slots), else that output of
+    the traced op (None when neither is found)."""
+    for reader, index in readers:
+        op = ops.get(_traced(reader))
+        if op is not None and index < len(op.inputs):
+            t = op.inputs[index]
+            if name == t.op.name or name.endswith("/" + t.op.name):
+                return t
+    made = ops.get(_traced(name))
+    return made.outputs[slot] if made is not None and slot < len(made.outputs) else None
+
+
+def _traced(name: str) -> str:
+    """A runtime node name as `_ops_by_name` keys it (a lowered branch's `/then/_<n>/` part)."""
+    return re.sub(r"/(then|else)/_\d+/", r"/\1/", name)
+
+
+def _ops_by_name(graph: tf.Graph, prefix: str) -> dict[str, tf.Operation]:
+    """`{op name: op}` of `graph` and of the branches of its `tf.cond`s (named as the runtime
+    names them once lowered: `<cond>/then/<op>`)."""
+    found: dict[str, tf.Operation] = {}
     for op in graph.get_operations():
-        found[prefix + op.name] = list(op.outputs)
+        found[prefix + op.name] = op
         for branch, attr in (("then", "_true_graph"), ("else", "_false_graph")):
             inner = getattr(op, attr, None)
             if inner is not None:
-                found.update(_outputs_by_name(inner, f"{prefix}{op.name}/{branch}/"))
+                found.update(_ops_by_name(inner, f"{prefix}{op.name}/{branch}/"))
     return found
 
 
-KINDS = ("inputs", "labels", "sample_weights", "activations", "gradients", "scalars", "other")
+KINDS = ("inputs", "labels", "sample_weights", "activations", "gradients", "weights",
+         "weight_grads", "scalars", "other")
 
 
 def kind_of(transfer: Transfer) -> str:
     """What a pipelined step's transfer carries, read from the name scopes the executor gives
     its ops: a split of the batch (`inputs/`, `labels/`, `sample_weights/`), a forward's
     output (`stage<k>_F<m>/`: activations), a backward's (`stage<k>_B<m>/` or `_I<m>/`: input
-    gradients); anything of at most 8 bytes is a scalar; the rest is "other"."""
+    gradients), a replica's one read of a stage's weights (`replica<r>_stage<k>_weights/`:
+    weights), a replica's weight-gradient sum read by the replica reduction (`stage<k>_reduce/`
+    among its readers: weight_grads); anything of at most 8 bytes is a scalar; the rest is
+    "other"."""
     name = transfer.tensor.split("/")
     if transfer.nbytes is not None and transfer.nbytes <= 8:
         return "scalars"
+    if any(re.match(r"stage\d+_reduce/", r) for r in transfer.readers):
+        return "weight_grads"
     for part in name[:-1]:
+        if re.fullmatch(r"replica\d+_stage\d+_weights", part):
+            return "weights"
         if part in ("inputs", "labels", "sample_weights"):
             return part
         found = re.fullmatch(r"(?:replica\d+_)?stage\d+_([FBIW])\d+", part)

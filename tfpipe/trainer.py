@@ -4,7 +4,9 @@ Design: each turns its pipeline arguments (or a planned configuration) into one 
 `tfpipe.options.PipelineOptions`, builds the `Pipeline` for it and calls its Keras-signature
 method; the only work of its own is building a Sequential model that has no input shape yet,
 from the first element of the data, the way `model.fit` would on its first batch
-(`tfpipe.data`).
+(`tfpipe.data`). Building, placing and running happen inside `tfpipe.oom.memory_errors`, so a
+device or worker that runs out of memory (placing the weights, or in a step) ends the call
+with `WorkerOutOfMemoryError` rather than TensorFlow's `UnavailableError`.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import keras
 from tfpipe._keras import cache_on, cached_on, compile_key
 from tfpipe.data import build_from_data, first_inputs
 from tfpipe.errors import PipelineError
+from tfpipe.oom import memory_errors
 from tfpipe.options import PipelineOptions
 from tfpipe.partition.flatten import is_graph_model
 from tfpipe.pipeline import Pipeline
@@ -66,9 +69,9 @@ def fit(
         micro_batches: M; each batch of B samples becomes M micro-batches of about B/M.
         devices: device names per stage; default the GPUs, else the logical CPU devices.
         schedule: `"gpipe"`, `"1f1b"`, `"interleaved"`, `"zb-h1"`, `"looped-bfs"`, `"zb-v"`,
-            `"interleaved-zb"` or a `tfpipe.schedules.Schedule`.
+            `"interleaved-zb"`, `"dualpipe-v"` or a `tfpipe.schedules.Schedule`.
         chunks: model pieces per device for `"interleaved"`, `"looped-bfs"`,
-            `"interleaved-zb"` (default 2) and `"zb-v"` (2).
+            `"interleaved-zb"` (default 2) and `"zb-v"`, `"dualpipe-v"` (2).
         split_points: layer names where a new stage starts, instead of `stages`/`balance`.
         recompute: `"never"`, `"except_last"`, `"always"` or one flag per stage: recompute a
             stage's forward in its backward instead of keeping its activations.
@@ -92,6 +95,9 @@ def fit(
 
     Raises:
         PipelineError: for arguments or models that cannot be pipelined as asked.
+        WorkerOutOfMemoryError: when a stage's device or worker ran out of memory (a GPU's
+            `ResourceExhaustedError`, or a worker the kernel killed for memory), naming it,
+            its stages and the fix; TensorFlow's error is its `__cause__`.
 
     Example:
         >>> tfpipe.configure_cpu_devices(4)
@@ -115,20 +121,22 @@ def fit(
     )
     build_from_data(model, x)
     sampled = options.balance_mode in ("time", "memory") or not is_graph_model(model)
-    pipe = pipeline_for(
-        model, lambda: first_inputs(x, batch_size) if sampled else None, options, "fit"
-    )
-    history = pipe.fit(
-        x,
-        y,
-        batch_size=batch_size,
-        epochs=epochs,
-        callbacks=callbacks,
-        validation_data=validation_data,
-        verbose=verbose,
-        steps_per_epoch=steps_per_epoch,
-        **fit_kwargs,
-    )
+    with memory_errors() as scope:  # placing the model can run out of memory too
+        pipe = pipeline_for(
+            model, lambda: first_inputs(x, batch_size) if sampled else None, options, "fit"
+        )
+        scope.stages = pipe.stages
+        history = pipe.fit(
+            x,
+            y,
+            batch_size=batch_size,
+            epochs=epochs,
+            callbacks=callbacks,
+            validation_data=validation_data,
+            verbose=verbose,
+            steps_per_epoch=steps_per_epoch,
+            **fit_kwargs,
+        )
     history.pipeline = pipe  # the stages, schedule and summary() of this run
     return history
 
@@ -157,8 +165,10 @@ def evaluate(
     **kwargs: Any,
 ) -> Any:
     """Evaluates pipelined; arguments as `model.evaluate` plus the pipeline's."""
-    pipe = _inference_pipeline(model, x, stages, balance, micro_batches, devices)
-    return pipe.evaluate(x, y, **kwargs)
+    with memory_errors() as scope:
+        pipe = _inference_pipeline(model, x, stages, balance, micro_batches, devices)
+        scope.stages = pipe.stages
+        return pipe.evaluate(x, y, **kwargs)
 
 
 def predict(
@@ -172,8 +182,10 @@ def predict(
     **kwargs: Any,
 ) -> Any:
     """Predicts pipelined; arguments as `model.predict` plus the pipeline's."""
-    pipe = _inference_pipeline(model, x, stages, balance, micro_batches, devices)
-    return pipe.predict(x, **kwargs)
+    with memory_errors() as scope:
+        pipe = _inference_pipeline(model, x, stages, balance, micro_batches, devices)
+        scope.stages = pipe.stages
+        return pipe.predict(x, **kwargs)
 
 
 def _inference_pipeline(

@@ -15,6 +15,11 @@ Design:
   ends, then turns the TensorFlow error into a `WorkerUnavailableError`. Where that cannot
   work (no `/proc`, Linux only), the watchdog ends the process with exit status
   `EXIT_WORKER_UNAVAILABLE` after `exit_after_s` rather than leave it hanging.
+- Out of memory: a worker the kernel killed for memory is reported by its sentinel on its
+  port (`tfpipe.sentinel`); a status call then fails with the report, and the error becomes
+  `WorkerOutOfMemoryError` (`tfpipe.oom`), as it does without a watchdog. The sentinel binds
+  a moment after the worker died, so an unreachable worker is asked again, for at most
+  `tfpipe.oom.REPORT_WAIT_S`, before the error is raised.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from typing import Any, Literal
 
 import tensorflow as tf
 
+from tfpipe import oom
 from tfpipe.cluster import (
     EXIT_WORKER_UNAVAILABLE,
     JOB,
@@ -40,7 +46,8 @@ from tfpipe.cluster import (
     parse_addresses,
     probe,
 )
-from tfpipe.errors import PipelineError, WorkerUnavailableError
+from tfpipe.errors import PipelineError, WorkerOutOfMemoryError, WorkerUnavailableError
+from tfpipe.oom_report import parse
 
 _TASK_IN_MESSAGE = re.compile(r"/job:" + JOB + r"/replica:\d+/task:(\d+)")
 log = logging.getLogger("tfpipe.cluster")
@@ -79,6 +86,8 @@ class Watchdog:
     Raises:
         WorkerUnavailableError: on entering, when a worker does not answer within
             `timeout_s`; on leaving, when a worker failed during the block.
+        WorkerOutOfMemoryError: in place of the above, when the worker's out-of-memory
+            sentinel reports that the kernel killed it for memory (see `tfpipe.sentinel`).
         PipelineError: for bad arguments, or no addresses and no connected cluster.
 
     Example:
@@ -146,12 +155,8 @@ class Watchdog:
         if not addresses:
             raise PipelineError("Watchdog.for_pipeline needs tfpipe.cluster(...) to be called "
                                 "first: the pipeline's devices must be the cluster's.")
-        stages: dict[str, list[int]] = {}
-        for stage in pipeline.stages:
-            spec = tf.DeviceSpec.from_string(stage.device)
-            if spec.job == JOB and spec.task is not None and spec.task < len(addresses):
-                stages.setdefault(addresses[spec.task], []).append(stage.index)
-        return cls(addresses, timeout_s, stages, **kwargs)
+        return cls(addresses, timeout_s, oom.stages_by_address(pipeline.stages, addresses),
+                   **kwargs)
 
     # context manager ------------------------------------------------------------------------
 
@@ -177,7 +182,9 @@ class Watchdog:
         for thread in self._threads:
             thread.join(timeout=0.1)  # one still waiting on a deadline ends by itself
         error = self.error
-        if error is None and isinstance(exc, tf.errors.OpError):
+        if error is not None:
+            error = self._upgrade(error)
+        elif isinstance(exc, tf.errors.OpError):
             error = self._diagnose(exc)
         if error is None:
             return False
@@ -248,20 +255,17 @@ class Watchdog:
         UnavailableError names; None for an error with every worker healthy."""
         first = str(exc.message if hasattr(exc, "message") else exc).strip().splitlines()
         summary = f"{type(exc).__name__}: {first[0] if first else ''}"
-        results: dict[str, str | None] = {}
-
-        def check(a: str) -> None:
-            results[a] = probe(a, min(self.timeout_s, 2.0))
-
-        checks = [threading.Thread(target=check, args=(a,), daemon=True) for a in self.addresses]
-        for t in checks:
-            t.start()
-        for t in checks:
-            t.join(timeout=min(self.timeout_s, 2.0) + 1.0)
+        report = parse(str(exc))  # the step met a sentinel itself
+        if report is not None and report.address in self.addresses:
+            return self._error(report.address, report.text())
+        results = oom.probe_all(self.addresses, min(self.timeout_s, 2.0))
         for address in self.addresses:
-            reason = results.get(address, "no answer to a status call")
-            if reason is not None:
-                return self._error(address, f"{reason}; the step failed with {summary}")
+            if results[address]:
+                return self._upgrade(
+                    self._error(address, f"{results[address]}; the step failed with {summary}"))
+        if isinstance(exc, tf.errors.ResourceExhaustedError):
+            held = oom.worker_stages(self.stages_by_address, self.addresses)
+            return oom.device_error(str(exc), held or None, self.addresses)
         if isinstance(exc, tf.errors.UnavailableError):
             match = _TASK_IN_MESSAGE.search(str(exc))
             if match and int(match.group(1)) < len(self.addresses):
@@ -271,7 +275,20 @@ class Watchdog:
                                             "have been transient")
         return None
 
+    def _upgrade(self, error: WorkerUnavailableError) -> WorkerUnavailableError:
+        """`error`, or the out-of-memory error when the unreachable worker's sentinel reports
+        within `tfpipe.oom.REPORT_WAIT_S` (it binds a moment after the worker died)."""
+        if isinstance(error, WorkerOutOfMemoryError) or not error.reason.startswith("unreach"):
+            return error
+        report = oom.await_report(error.address)
+        return error if report is None else self._error(error.address, report.text())
+
     def _error(self, address: str, reason: str) -> WorkerUnavailableError:
+        report = parse(reason)
+        if report is not None:  # its sentinel says the kernel killed it for memory
+            by_address = {a: list(s) for a, s in self.stages_by_address.items()}
+            return oom.worker_error(report, self.addresses, by_address or None,
+                                    reason.partition("; the step failed with ")[2])
         task = self.addresses.index(address)
         stages = self.stages_by_address.get(address)
         held = (f"pipeline stage{'s' if len(stages) != 1 else ''} "

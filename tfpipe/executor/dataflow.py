@@ -31,6 +31,10 @@ class Recorded:
     With recomputation `tape` is None and `replay` holds the stage inputs, their ids and the
     stage's non-trainable state before the forward, for the backward's replay.
 
+    `weights` is a replica's read of the stage's trainable variables that the forward used in
+    their place (`tfpipe.executor.weights`), or None when it read the variables: the backward
+    takes its weight gradients for whichever it used (`params`).
+
     `targets` are the stage's float outputs that other stages consume (ids in `target_ids`)
     followed by its loss terms; `seeds`, set by an `I` action for its `W`, are their output
     gradients: the gradients the consumers sent back, then ones for the loss terms.
@@ -43,6 +47,11 @@ class Recorded:
     target_ids: list[int]
     seeds: list[tf.Tensor]
     replay: tuple[list[Any], list[Any], list[tf.Tensor]] | None = None
+    weights: list[tf.Tensor] | None = None
+
+    def params(self, variables: list[Any]) -> list[Any]:
+        """What the weight gradients are taken for: `weights`, else the stage's `variables`."""
+        return variables if self.weights is None else list(self.weights)
 
 
 @dataclass

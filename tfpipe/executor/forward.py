@@ -8,6 +8,9 @@ Design:
   device. Split backward (`I` then `W`, zero-bubble schedules) asks a persistent tape twice.
 - Recomputation runs the forward without a tape (its activations are freed at once) and the
   backward replays it (`replay`) from the kept inputs and the stage's state as it was.
+- A replica past the first passes its one read of the stage's weights per step (`weights`,
+  `tfpipe.executor.weights`): its calls, regularisers and tape use those tensors, and its
+  `Recorded.weights` are what its weight gradients are taken for.
 - Losses and metrics are Keras's own: the compiled loss per micro-batch, weighted so the
   micro-batches add up to the batch loss (`data_loss`); the compiled metrics updated per
   micro-batch; each stage's `add_loss` terms and the regularisers of the variables it owns
@@ -35,6 +38,7 @@ from tfpipe.executor.inputs import check_input_dtypes
 from tfpipe.executor.microbatch import MicroBatches
 from tfpipe.executor.numerics import call_checked
 from tfpipe.executor.stagefn import StageFunctions, warn_uncompiled
+from tfpipe.executor.weights import reading
 from tfpipe.partition import Stage
 from tfpipe.partition.graph import read_graph
 from tfpipe.partition.stages import check_gradient_path
@@ -141,20 +145,33 @@ class StageRunner:
             ids += [i for i in self.early_outputs if i not in ids]
         return flow.inputs_for(m, ids), ids
 
-    def call(self, stage: Stage, inputs: list[Any], training: bool, micro_batch: int) -> list[Any]:
+    def call(
+        self,
+        stage: Stage,
+        inputs: list[Any],
+        training: bool,
+        micro_batch: int,
+        weights: list[Any] | None = None,
+    ) -> list[Any]:
         """Calls the stage's forward function (`StageFunctions`), or its layers one by one,
-        checked, with `check_numerics`; keeps its `add_loss` terms and BatchNorm moments."""
-        if self.opaque:
-            return [stage.model(inputs[0], training=training)]  # opaque: one stage
+        checked, with `check_numerics`; keeps its `add_loss` terms and BatchNorm moments.
+
+        `weights`: a replica's read of the stage's trainable variables, read in their place
+        (`tfpipe.executor.weights.reading`); None reads the variables.
+        """
+        if self.opaque:  # opaque: one stage
+            with reading(stage.model, stage.trainable_variables, weights):
+                return [stage.model(inputs[0], training=training)]
         inputs = inputs[: len(graph_inputs(stage))]
         if self.check_numerics:
-            with collecting(self.deferred) as records:
-                outs: list[Any] = keras.tree.flatten(
-                    call_checked(stage, inputs, training, micro_batch)
-                )
-            losses = list(stage.model.losses)
+            with reading(stage.model, stage.trainable_variables, weights):
+                with collecting(self.deferred) as records:
+                    outs: list[Any] = keras.tree.flatten(
+                        call_checked(stage, inputs, training, micro_batch)
+                    )
+                losses = list(stage.model.losses)
         else:
-            outs, losses, records = self.functions(stage, inputs, training)
+            outs, losses, records = self.functions(stage, inputs, training, weights)
         self.losses[stage.index] = losses
         if self.deferred:
             self.deferred.store(micro_batch, records)
@@ -177,20 +194,25 @@ class StageRunner:
         loss = compiled_loss(self.model, mb.ys[m], y_pred, mb.sample_weights[m])
         return loss * tf.cast(mb.data_scale[m], loss.dtype)
 
-    def extra_loss(self, stage: Stage, mb: MicroBatches, m: int) -> tf.Tensor | None:
+    def extra_loss(
+        self, stage: Stage, mb: MicroBatches, m: int, weights: list[Any] | None = None
+    ) -> tf.Tensor | None:
         """The stage's `add_loss` / activity terms from its latest call and the regularisers of the
         variables it owns, weighted b_m / B (a variable shared by two stages counts once).
 
         Keras lists a model's losses as the layers' own terms followed by one weight
-        regularisation term per regularised trainable variable.
+        regularisation term per regularised trainable variable. `weights`: a replica's read
+        of the stage's trainable variables, regularised in their place (None: the variables).
         """
         terms = self.losses.get(stage.index, [])
-        regularised = [v for v in stage.trainable_variables if v.regularizer is not None]
+        variables = stage.trainable_variables
+        values = variables if weights is None else weights
+        regularised = [(v, w) for v, w in zip(variables, values) if v.regularizer is not None]
         activity = terms[: len(terms) - len(regularised)]
-        weights = [v.regularizer(v) for v in regularised if self.owner[id(v)] == stage.index]
-        if not activity and not weights:
+        penalties = [v.regularizer(w) for v, w in regularised if self.owner[id(v)] == stage.index]
+        if not activity and not penalties:
             return None
-        total = tf.add_n([tf.cast(tf.reduce_sum(t), tf.float32) for t in activity + weights])
+        total = tf.add_n([tf.cast(tf.reduce_sum(t), tf.float32) for t in activity + penalties])
         return total * mb.extra_scale[m]
 
     def record(
@@ -202,6 +224,7 @@ class StageRunner:
         flow: Dataflow,
         tape: tf.GradientTape | None,
         replaying: bool = False,
+        weights: list[Any] | None = None,
     ) -> tuple[list[Any], list[tf.Tensor], Recorded]:
         """Runs a stage's forward in training mode (under `tape` if given) and keeps what its
         backward will need.
@@ -214,6 +237,8 @@ class StageRunner:
             flow: the step's dataflow (receives the outputs, unless `replaying`).
             tape: the tape to record under, or None (recomputation's first run).
             replaying: a recomputed stage's replay: publishes nothing, updates no metrics.
+            weights: a replica's read of the stage's trainable variables (watched by the
+                tape, read in their place), or None for the variables.
 
         Returns:
             The stage outputs, its weighted loss terms (data loss on the last stage, extra
@@ -227,8 +252,8 @@ class StageRunner:
         ]
         with tape if tape is not None else contextlib.nullcontext():
             if tape is not None:
-                tape.watch([v for _, v in watched])
-            outs = self.call(stage, inputs, training=True, micro_batch=m)
+                tape.watch([v for _, v in watched] + list(weights or []))
+            outs = self.call(stage, inputs, training=True, micro_batch=m, weights=weights)
             if not replaying:
                 self.publish(stage, m, outs, flow)
             terms = []
@@ -238,7 +263,7 @@ class StageRunner:
                 if not replaying:
                     mb = flow.mb
                     self.model.compute_metrics(mb.xs[m], mb.ys[m], y_pred, mb.sample_weights[m])
-            extra = self.extra_loss(stage, flow.mb, m)
+            extra = self.extra_loss(stage, flow.mb, m, weights)
             if extra is not None:
                 terms.append(extra)
             scaled = [self.model.optimizer.scale_loss(t) for t in terms]
@@ -254,6 +279,7 @@ class StageRunner:
             targets=[v for _, v in sent] + scaled,
             target_ids=[i for i, _ in sent],
             seeds=[],
+            weights=weights,
         )
         return outs, terms, rec
 
@@ -292,7 +318,8 @@ class StageRunner:
         for v, value in zip(variables, snapshot):
             v.assign(value)
         tape = tf.GradientTape(persistent=persistent)
-        _, _, replayed = self.record(stage, m, inputs, in_ids, flow, tape=tape, replaying=True)
+        _, _, replayed = self.record(stage, m, inputs, in_ids, flow, tape=tape, replaying=True,
+                                     weights=rec.weights)
         for v, value in zip(variables, current):
             v.assign(value)
         return replayed

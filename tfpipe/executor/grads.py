@@ -12,8 +12,8 @@ Design:
   because Keras's optimizers square slices before summing duplicates (Adam's v).
 - A variable used by several stages gets the sum of their gradients, as TensorFlow sums the
   gradients of two uses (`sum_uses`), on the device of the stage that owns it.
-- With replicas, each stage's sums are all-reduced over the copies (`all_reduce`, see
-  `tfpipe.executor.replicas`) before the optimizer step.
+- With replicas, each stage's sums are summed over the copies onto copy 0's device
+  (`all_reduce`, see `tfpipe.executor.replicas`) before the optimizer step.
 """
 
 from __future__ import annotations
@@ -29,13 +29,17 @@ from tfpipe.placement import ops_follow_their_data
 
 
 def vjp(
-    tape: tf.GradientTape, targets: list[Any], sources: list[Any], seeds: list[Any]
-) -> list[Any]:
-    """The vector-Jacobian product of `targets` with `seeds`, for each of `sources`.
+    tape: tf.GradientTape,
+    targets: list[Any],
+    inputs: list[Any],
+    weights: list[Any],
+    seeds: list[Any],
+) -> tuple[list[Any], list[Any]]:
+    """The vector-Jacobian product of `targets` with `seeds`, for each input and weight.
 
     A stage holds all of a layer's variables, but a call may use only some (a KerasHub
     `ReversibleEmbedding` called in reverse reads its output table, not its input table). A
-    variable the targets do not depend on gets None, as in Keras's own step (the optimizer
+    weight the targets do not depend on gets None, as in Keras's own step (the optimizer
     skips it when no stage gives it a gradient; zeros would turn another stage's sparse
     gradient dense and change Adam's second moment); an input tensor gets zeros, to send
     back. (TensorFlow's `UnconnectedGradients.ZERO` fails on Keras variables, whose dtype is
@@ -44,18 +48,18 @@ def vjp(
     Args:
         tape: the tape that recorded the stage's forward.
         targets: its outputs (and loss terms).
-        sources: watched input tensors, then variables.
+        inputs: watched input tensors.
+        weights: the stage's trainable variables, or a replica's read of them (watched
+            tensors, `tfpipe.executor.weights`).
         seeds: one gradient per target (shaped like it).
 
     Returns:
-        One gradient per source (a tensor, IndexedSlices for a gathered table, or None for
-        an unused variable).
+        One gradient per input (a tensor), and one per weight (a tensor, IndexedSlices for a
+        gathered table, or None for an unused weight).
     """
-    grads = tape.gradient(targets, sources, output_gradients=seeds)
-    return [
-        tf.zeros_like(s) if g is None and not isinstance(s, keras.Variable) else g
-        for s, g in zip(sources, grads)
-    ]
+    grads = tape.gradient(targets, [*inputs, *weights], output_gradients=seeds)
+    n = len(inputs)
+    return [tf.zeros_like(s) if g is None else g for s, g in zip(inputs, grads[:n])], grads[n:]
 
 
 class SparseParts(list[Any]):
@@ -210,14 +214,15 @@ def sum_function() -> Any:
 
 
 def all_reduce(reducer: ReplicaReducer | None, sums: GradSums) -> list[list[Any]]:
-    """Per stage, the gradients summed over replicas (`sums.rows` holds R rows of K stages)."""
+    """Per stage, the gradients summed over replicas on copy 0's device (`sums.rows` holds R
+    rows of K stages)."""
     k = sums.num_stages
     if reducer is None:
         return sums.rows
     out = []
     for s in range(k):
         rows = [sums.rows[r * k + s] for r in range(reducer.replicas)]
-        with tf.name_scope(f"stage{s}_all_reduce"):
+        with tf.name_scope(f"stage{s}_reduce"):
             summed = reducer.reduce(s, rows)
         out.append([SparseParts(g) if isinstance(g, list) else g for g in summed])
     return out

@@ -10,7 +10,9 @@ Design:
   what bounds in-flight activations (1F1B: stage s starts F(m+K-s) only after B(m)). So each
   `F` gets one control dependency (`rank_waits`): on the latest backward-type action (`B`,
   `I` or `W`) before it on its rank, if any. GPipe gets none, 1F1B gets exactly the warm-up
-  bound.
+  bound. Likewise each action that adds weight gradients (`B`, `W`) waits for the one
+  before it on its rank (`gradient_waits`), which bounds gradient memory to the running sum
+  and one micro-batch's gradients, whatever the schedule.
 - Replicas: with `replicas=R` the executor runs R copies of the schedule; copy r names the
   micro-batches `r*M .. r*M+M-1` of the batch (`shift`), so every action of every copy is a
   distinct `Action` and one dict keyed by actions serves all copies.
@@ -66,6 +68,26 @@ def rank_waits(schedule: Schedule, kinds: str = "F") -> dict[Action, Action]:
     return waits
 
 
+def gradient_waits(schedule: Schedule) -> dict[Action, Action]:
+    """For each action that adds weight gradients (`B`, `W`), the one before it on its rank.
+
+    Chained so, a rank's weight-gradient sums grow one micro-batch at a time: without it the
+    dataflow runtime may compute every micro-batch's gradients before adding any (GPipe, and
+    1F1B's last backwards, have no other order among them), holding M gradient-sized
+    tensors at once: 6x the weights at M = 4 with SGD, where the chain holds the sum and one
+    micro-batch's gradients (measured with allocator statistics, `tests/test_memory_order.py`).
+    """
+    waits: dict[Action, Action] = {}
+    for actions in schedule.ranks:
+        latest = None
+        for a in actions:
+            if a.kind in "BW":
+                if latest is not None:
+                    waits[a] = latest
+                latest = a
+    return waits
+
+
 def shift(action: Action, replica: int, micro_batches: int) -> Action:
     """`action` as replica `replica` runs it: on micro-batch `replica * M + m`."""
     return Action(action.stage, action.kind, action.micro_batch + replica * micro_batches)
@@ -107,12 +129,14 @@ class Program:
         forward_runs: the `F` runs only, in the same order (evaluation and prediction).
         waits: the one control dependency each forward gets (see `rank_waits`).
         replay_waits: the dependency each recomputed `B` / `I` replay gets.
+        gradient_waits: the dependency each `B` / `W` gets (see `gradient_waits`).
     """
 
     runs: list[Run]
     forward_runs: list[Run]
     waits: dict[Action, Action]
     replay_waits: dict[Action, Action]
+    gradient_waits: dict[Action, Action]
 
     @classmethod
     def build(cls, schedule: Schedule, replicas: int) -> Program:
@@ -129,4 +153,5 @@ class Program:
             forward_runs=[(r, a) for r, a in runs if a.kind == "F"],
             waits=replicate_waits(rank_waits(schedule), replicas, m),
             replay_waits=replicate_waits(rank_waits(schedule, kinds="BI"), replicas, m),
+            gradient_waits=replicate_waits(gradient_waits(schedule), replicas, m),
         )

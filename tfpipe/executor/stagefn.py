@@ -10,6 +10,9 @@ Design:
   K = 4, 1F1B, 2 CPU cores, `benchmarks/trace_cost.py`; figures in docs/benchmarks.md): at
   M = 8 the traced step went from 53,467 operations to 1,723 and its trace from 16.4 s to
   3.6 s; at M = 32 from 211,915 to 4,363, and the first step from 185 s to 22 s.
+- With replicas, a copy past the first passes its one read of the stage's weights per step
+  as an argument (`tfpipe.executor.weights`): one more trace of the same function, and its
+  calls read that tensor in place of the variables held on copy 0's devices.
 - The calls are not inlined (`_noinline`): inlined, TensorFlow's runtime expands them back
   into M x K copies before the first step runs, and optimising that graph took longer than
   tracing it had: the first run at M = 8 took 16.4 s with inlined calls, 4.4 s without.
@@ -51,6 +54,7 @@ import tensorflow as tf
 
 from tfpipe._keras import compile_key
 from tfpipe.executor.batchnorm import DeferredBatchNorm, collecting
+from tfpipe.executor.weights import reading
 from tfpipe.partition import Stage
 
 Records = list[tuple[int, Any]]
@@ -101,9 +105,17 @@ class StageFunctions:
         self._compiled: dict[tuple[int, bool], bool] = {}
 
     def __call__(
-        self, stage: Stage, inputs: list[Any], training: bool
+        self, stage: Stage, inputs: list[Any], training: bool, weights: list[Any] | None = None
     ) -> tuple[list[Any], list[Any], Records]:
         """Runs `stage`'s forward on one micro-batch's `inputs` (on the caller's device).
+
+        Args:
+            stage: the stage.
+            inputs: the micro-batch's stage inputs.
+            training: Keras's training flag.
+            weights: a replica's read of the stage's trainable variables
+                (`tfpipe.executor.weights`), which the call then reads in their place; None
+                reads the variables.
 
         Returns:
             The stage's outputs (flat, in `stage.outputs` order), its `add_loss` terms, and
@@ -112,7 +124,7 @@ class StageFunctions:
         key = (stage.index, training)
         if key not in self._functions:
             self._functions[key] = self._build(stage, training, key, inputs)
-        outs, losses, moments = self._functions[key](inputs)
+        outs, losses, moments = self._functions[key](inputs, weights)
         layers = self._moment_layers[key]
         records = [(layer, tuple(moments[3 * j : 3 * j + 3])) for j, layer in enumerate(layers)]
         return list(outs), list(losses), records
@@ -128,11 +140,15 @@ class StageFunctions:
     def _build(
         self, stage: Stage, training: bool, key: tuple[int, bool], inputs: list[Any]
     ) -> Any:
-        def forward(inputs: list[Any]) -> tuple[list[Any], list[Any], list[Any]]:
-            with collecting(self.deferred) as got:
-                outs = keras.tree.flatten(stage.model(inputs, training=training))
+        def forward(
+            inputs: list[Any], weights: list[Any] | None = None
+        ) -> tuple[list[Any], list[Any], list[Any]]:
+            with reading(stage.model, stage.trainable_variables, weights):
+                with collecting(self.deferred) as got:
+                    outs = keras.tree.flatten(stage.model(inputs, training=training))
+                losses = list(stage.model.losses)
             self._moment_layers[key] = [layer for layer, _ in got]
-            return outs, list(stage.model.losses), [t for _, ms in got for t in ms]
+            return outs, losses, [t for _, ms in got for t in ms]
 
         jit = self.jit_compile and stage.index not in self.refused
         if jit:
@@ -156,7 +172,7 @@ class StageFunctions:
 def xla_refusal(
     stage: Stage,
     training: bool,
-    forward: Callable[[list[Any]], tuple[list[Any], list[Any], list[Any]]],
+    forward: Callable[..., tuple[list[Any], list[Any], list[Any]]],
     inputs: Sequence[Any],
 ) -> str | None:
     """Why XLA cannot compile a stage's forward (and, in training, its gradient), or None.

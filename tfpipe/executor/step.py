@@ -14,7 +14,9 @@ Design:
 - Split backward (`I` then `W`, zero-bubble schedules) asks a persistent tape twice: first
   for the input gradient (which unblocks stage s-1), later for the weight gradient; the `I`
   hands its tape and output gradients to its `W` explicitly (`defer_weight_grad`).
-- After the last action, the sums are all-reduced over replicas and the model's own optimizer
+- With replicas, each copy past the first reads each stage's weights once, before the first
+  action (`tfpipe.executor.weights`), and its handlers run its stages on that read.
+- After the last action, the sums are reduced over replicas and the model's own optimizer
   applies one step to all variables (`tfpipe.executor.grads`); the loss tracker is updated
   once per batch with the batch loss and size.
 """
@@ -49,6 +51,7 @@ from tfpipe.executor.numerics import check_gradients
 from tfpipe.executor.profiling import stamper, timeline
 from tfpipe.executor.program import Program, scope_name
 from tfpipe.executor.replicas import ReplicaReducer
+from tfpipe.executor.weights import read_replica_weights
 from tfpipe.partition import Stage
 from tfpipe.schedules import Action, Schedule
 
@@ -57,11 +60,13 @@ __all__ = ["Executor"]
 
 
 class _At(NamedTuple):
-    """Where a handler runs: the (replica-shifted) action, its stage and its device."""
+    """Where a handler runs: the (replica-shifted) action, its stage and its device, and the
+    replica's read of the stage's weights (None for copy 0, which reads the variables)."""
 
     action: Action
     stage: Stage
     device: str
+    weights: list[tf.Tensor] | None = None
 
 
 class Executor:
@@ -155,9 +160,11 @@ class Executor:
         self.runner.feed(flow)
         self.produced = {}
         self.stamper.begin()
+        weights = read_replica_weights(self.stages, self.devices)
         with self.deferred.deferring() if self.deferred else contextlib.nullcontext():
             for r, action in self.program.runs:
-                at = _At(action, self.stages[action.stage], self.devices[r][action.stage])
+                s = action.stage
+                at = _At(action, self.stages[s], self.devices[r][s], weights.get((r, s)))
                 with tf.device(at.device), tf.name_scope(scope_name(r, action, self.replicas)):
                     produced = self._HANDLERS[action.kind](self, at, flow, sums)
                 self.produced[action] = produced
@@ -221,16 +228,17 @@ class Executor:
         runner.feed(flow)
         preds: list[Any] = [None] * (self.micro_batches * self.replicas)
         extras: list[tf.Tensor] = []
+        weights = read_replica_weights(self.stages, self.devices)
         for r, action in self.program.forward_runs:
             s, m = action.stage, action.micro_batch
-            stage = self.stages[s]
+            stage, own = self.stages[s], weights.get((r, s))
             with tf.device(self.devices[r][s]), tf.name_scope(scope_name(r, action, self.replicas)):
                 inputs, in_ids = runner.inputs(stage, m, flow)
-                outs = runner.call(stage, inputs, training=training, micro_batch=m)
+                outs = runner.call(stage, inputs, training=training, micro_batch=m, weights=own)
                 runner.publish(stage, m, outs, flow)
                 if s == runner.last:
                     preds[m] = runner.prediction(stage, outs, dict(zip(in_ids, inputs)))
-                extra = runner.extra_loss(stage, mb, m)
+                extra = runner.extra_loss(stage, mb, m, own)
                 if extra is not None:
                     extras.append(extra)
         return preds, extras
@@ -249,11 +257,13 @@ class Executor:
         inputs = self.stamper.start(at.device, inputs, flow.done(self.program.waits.get(at.action)))
         if self.recompute[s]:
             snapshot = [tf.identity(v.value) for v in stage.model.non_trainable_variables]
-            outs, terms, rec = self.runner.record(stage, m, inputs, in_ids, flow, tape=None)
+            outs, terms, rec = self.runner.record(stage, m, inputs, in_ids, flow, tape=None,
+                                                  weights=at.weights)
             rec.replay = (inputs, in_ids, snapshot)
         else:
             tape = tf.GradientTape(persistent=self.schedule.splits_backward(s))
-            outs, terms, rec = self.runner.record(stage, m, inputs, in_ids, flow, tape=tape)
+            outs, terms, rec = self.runner.record(stage, m, inputs, in_ids, flow, tape=tape,
+                                                  weights=at.weights)
         flow.losses.extend(terms)
         flow.keep_forward(at.action, rec)
         produced: list[Any] = keras.tree.flatten(outs) + terms
@@ -264,10 +274,9 @@ class Executor:
         """B: VJP of the stage's forward for its inputs and weights, in one pass."""
         rec, seeds = self._backward_inputs(at, flow)
         assert rec.tape is not None, "replay gives a recomputed stage its tape"
-        sources = rec.watched + at.stage.trainable_variables
-        result = vjp(rec.tape, rec.targets, sources, seeds)
-        n = len(rec.watched)
-        produced = self._keep(at, flow, sums, rec, result[:n], result[n:])
+        params = rec.params(at.stage.trainable_variables)
+        input_grads, weight_grads = vjp(rec.tape, rec.targets, rec.watched, params, seeds)
+        produced = self._keep(at, flow, sums, rec, input_grads, weight_grads)
         self.stamper.end(at.device, produced)
         return produced
 
@@ -276,10 +285,10 @@ class Executor:
         rec, seeds = self._backward_inputs(at, flow)
         rec = dataclasses.replace(rec, seeds=seeds)
         flow.defer_weight_grad(at.action, rec)
-        result = []
+        result: list[Any] = []
         if rec.watched:
             assert rec.tape is not None, "replay gives a recomputed stage its tape"
-            result = vjp(rec.tape, rec.targets, rec.watched, seeds)
+            result, _ = vjp(rec.tape, rec.targets, rec.watched, [], seeds)
         produced = self._keep(at, flow, sums, rec, result, [])
         if not produced:  # nothing to send back (first stage): mark the action done all the same
             produced = [tf.identity(s) for s in seeds[:1]]
@@ -290,9 +299,11 @@ class Executor:
         """W: VJP for the stage's weights, deferred by the schedule into a bubble."""
         s, m = at.action.stage, at.action.micro_batch
         rec = flow.take_deferred(at.action)
-        seeds = self.stamper.start(at.device, rec.seeds, flow.done(Action(s, "I", m)))
+        seeds = self.stamper.start(at.device, rec.seeds, flow.done(Action(s, "I", m))
+                                   + flow.done(self.program.gradient_waits.get(at.action)))
         assert rec.tape is not None, "replay gave a recomputed stage its tape at its I"
-        result = vjp(rec.tape, rec.targets, at.stage.trainable_variables, seeds)
+        params = rec.params(at.stage.trainable_variables)
+        _, result = vjp(rec.tape, rec.targets, [], params, seeds)
         rec.tape = None  # the persistent tape's activations can go
         produced = self._keep(at, flow, sums, rec, [], result)
         self.stamper.end(at.device, produced)
@@ -320,7 +331,8 @@ class Executor:
         wait = self.program.replay_waits.get(at.action)
         persistent = self.schedule.splits_backward(s)
         rec = self.runner.replay(stage, m, rec, flow, seeds + flow.done(wait), persistent)
-        seeds = self.stamper.start(at.device, seeds, [], ready=flow.done(Action(s, "F", m)))
+        seeds = self.stamper.start(at.device, seeds, flow.done(self.program.gradient_waits.get(
+            at.action)), ready=flow.done(Action(s, "F", m)))
         return rec, seeds
 
     def _seeds(self, rec: Recorded, m: int, flow: Dataflow) -> list[tf.Tensor]:

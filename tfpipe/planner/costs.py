@@ -32,12 +32,14 @@ do not run at the same time: with `parallel=False` the step is the sum of all ac
 durations and transfers (or the makespan, if longer), whatever the schedule's overlap.
 
 Memory per device is its stages' state (parameters, gradients and optimizer slots, from the
-profile) plus the most activation bytes it holds at once, found by walking its actions in
-schedule order: a forward keeps the stage's inputs and outputs of its layer calls for one
-micro-batch (only its inputs when recomputed) until its `B` (or `W`); a recomputed stage
-holds one micro-batch's layer outputs again while it replays, and from `I` to `W` when the
-backward is split. This is `tfpipe.schedules.peak_in_flight` weighted by bytes, summed over
-the stages a device holds (interleaved schedules).
+profile; with M > 1 the gradients count `ACCUMULATING_GRADIENTS` times, as the running sum, one
+micro-batch's gradients and their new sum exist at once) plus the most activation bytes it
+holds at once, found by walking its actions in schedule order: a forward keeps the stage's
+inputs and outputs of its layer calls for one micro-batch (only its inputs when recomputed)
+until its `B` (or `W`); a recomputed stage holds one micro-batch's layer outputs again while it
+replays, and from `I` to `W` when the backward is split. This is
+`tfpipe.schedules.peak_in_flight` weighted by bytes, summed over the stages a device holds
+(interleaved schedules).
 """
 
 from __future__ import annotations
@@ -67,6 +69,11 @@ LOCAL_BANDWIDTH = 10e9
 
 REMOTE_BANDWIDTH = 1e9
 """Default bytes per second when a device is on a TensorFlow worker."""
+
+ACCUMULATING_GRADIENTS = 3.0
+"""Gradient-sized tensors per parameter alive at once while a stage adds one micro-batch's
+weight gradients to its running sum (the sum, the new gradients and the new sum; the
+executor chains the additions, `executor.program.gradient_waits`); 1 when M = 1."""
 
 
 @dataclass(frozen=True)
@@ -203,7 +210,8 @@ class CostModel:
             outputs = sum(prof.activation_bytes[a:b]) * size
             kept.append(inputs if r else inputs + outputs)
             work.append(outputs if r else 0.0)  # a replay's activations beside the kept inputs
-            state.append(sum(prof.state_bytes[a:b]))
+            accumulating = 4.0 * sum(prof.params[a:b]) * (ACCUMULATING_GRADIENTS - 1.0)
+            state.append(sum(prof.state_bytes[a:b]) + (accumulating if micro_batches > 1 else 0))
         peaks = tuple(_rank_peak(sched, r, kept, work, state) for r in range(sched.num_ranks))
         step = sim.step_time
         if not self.parallel:

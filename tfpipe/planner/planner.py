@@ -65,7 +65,7 @@ def plan(
         schedules: the schedules to try (default `tfpipe.planner.SCHEDULES`).
         recompute: the recomputation modes to try.
         chunks: model pieces per device for `"interleaved"`, `"looped-bfs"` and
-            `"interleaved-zb"`.
+            `"interleaved-zb"` (`"zb-v"` and `"dualpipe-v"` always hold 2).
         bandwidth: bytes per second between devices, for the per-hop transfer time of the
             activation crossing each cut. Default: measured between the first two devices,
             with each hop's fixed latency (`tfpipe.planner.profile.measure_transfer`); the

@@ -33,7 +33,8 @@ class PlanConfig:
         balance: layer calls per model piece, `stages * chunks` entries.
         micro_batches: M, micro-batches per step.
         schedule: a name of `tfpipe.schedules.GENERATORS` (`"gpipe"`, `"1f1b"`,
-            `"interleaved"`, `"zb-h1"`, `"looped-bfs"`, `"zb-v"`, `"interleaved-zb"`).
+            `"interleaved"`, `"zb-h1"`, `"looped-bfs"`, `"zb-v"`, `"interleaved-zb"`,
+            `"dualpipe-v"`).
         recompute: `"never"`, `"except_last"` or `"always"`.
         chunks: model pieces per device (more than 1 only for the schedules of
             `tfpipe.schedules.DEFAULT_CHUNKS`).

@@ -6,8 +6,9 @@ Python): stage counts 1..len(devices), for each the optimal contiguous split
 (`tfpipe.balance.solve`) of the layer times measured at that micro-batch size and, when it
 differs, of the layer bytes; micro-batch counts from a small divisor-friendly set up to the
 batch size; the built-in schedules where they make sense (all but GPipe and 1F1B need two
-devices or more, those with several chunks per device K x chunks layer calls); and the
-three recompute modes.
+devices or more, those with several chunks per device K x chunks layer calls, `dualpipe-v`
+2K micro-batches or more: `tfpipe.schedules.min_micro_batches`); and the three recompute
+modes.
 Configurations are ranked by predicted step time among those that fit the memory budget,
 then by peak memory (per device; summed over devices that share one processor) and
 simplicity (fewer stages, fewer micro-batches); those that do not fit
@@ -33,9 +34,16 @@ from tfpipe.planner.costs import (
 from tfpipe.planner.records import Profile
 from tfpipe.planner.result import Plan as Plan
 from tfpipe.planner.result import PlanConfig as PlanConfig
-from tfpipe.schedules import DEFAULT_CHUNKS, GENERATORS, default_chunks
+from tfpipe.schedules import (
+    DEFAULT_CHUNKS,
+    FIXED_CHUNKS,
+    GENERATORS,
+    default_chunks,
+    min_micro_batches,
+)
 
-SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb-h1", "looped-bfs", "zb-v", "interleaved-zb")
+SCHEDULES = ("gpipe", "1f1b", "interleaved", "zb-h1", "looped-bfs", "zb-v", "interleaved-zb",
+             "dualpipe-v")
 """The schedules the planner tries by default, in the order ties are broken."""
 
 MICRO_BATCHES = (1, 2, 4, 8, 16, 32)
@@ -87,7 +95,7 @@ def search(
         schedules: the schedule names to try (default `SCHEDULES`).
         recompute: the recompute modes to try.
         chunks: model pieces per device for `"interleaved"`, `"looped-bfs"` and
-            `"interleaved-zb"`, at least 2 (`"zb-v"` always holds 2).
+            `"interleaved-zb"`, at least 2 (`"zb-v"` and `"dualpipe-v"` always hold 2).
         bandwidth: bytes per second between devices; default `default_bandwidth(devices)`.
         parallel: whether the devices compute at the same time; default
             `default_parallel(devices)` (False for logical CPU devices, whose predicted step
@@ -126,8 +134,9 @@ def search(
     )
     if not found:
         raise PipelineError(
-            f"No configuration to try: stages={stage_counts}, schedules={list(schedules)} and "
-            f"{n} layer calls allow none. Include 'gpipe' or '1f1b' in schedules."
+            f"No configuration to try: stages={stage_counts}, schedules={list(schedules)}, "
+            f"micro_batches={counts} and {n} layer calls allow none. Include 'gpipe' or "
+            "'1f1b' in schedules."
         )
     found.sort(key=lambda c: _rank(c, model.parallel))
     plan = Plan(found, profile, model, memory_budget, model_name, devices)
@@ -150,10 +159,13 @@ def _configs(
     found: list[PlanConfig] = []
     for k in stage_counts:
         for sched in schedules:
-            v = chunks if default_chunks(sched) > 1 and sched != "zb-v" else default_chunks(sched)
+            fixed = default_chunks(sched) == 1 or sched in FIXED_CHUNKS
+            v = default_chunks(sched) if fixed else chunks
             if k == 1 and sched not in ("gpipe", "1f1b") or k * v > n:
                 continue  # no bubble to fill on one device; too few layer calls to cut
             for m in counts:
+                if m < min_micro_batches(sched, k):
+                    continue  # dualpipe-v: at least 2 micro-batches per device
                 size = model.micro_batch_size(m)
                 for by, bal in _balances(model.profile, k * v, size):
                     for mode in recompute:
@@ -230,7 +242,7 @@ def _search_space(
     if bad or not recompute:
         raise PipelineError(f"recompute={list(recompute)}: give modes from {RECOMPUTE_MODES}.")
     if not isinstance(chunks, int) or chunks < 2:
-        several = ", ".join(repr(name) for name in DEFAULT_CHUNKS if name != "zb-v")
+        several = ", ".join(repr(name) for name in DEFAULT_CHUNKS if name not in FIXED_CHUNKS)
         raise PipelineError(f"chunks must be an integer >= 2 for {several}, got {chunks!r}.")
     return stage_counts, counts
 

@@ -10,9 +10,10 @@ pieces (virtual stages) and `chunks` is how many of them each rank holds, so the
 on `num_stages // chunks` ranks. Single-stage-per-rank schedules (`gpipe`, `1f1b`, `zb-h1`)
 accept only `chunks=1`; `interleaved`, `interleaved-zb` and `looped-bfs` accept any `chunks`
 that divides `num_stages` (with `chunks=1` they are `1f1b`, 1F1B with the backward split, and
-GPipe); `zb-v` takes only `chunks=2` (its V places two stages on each rank).
-`DEFAULT_CHUNKS` names the schedules that hold several stages per rank, with the `chunks` to
-use when none is given.
+GPipe); `zb-v` and `dualpipe-v` take only `chunks=2` (their V places two stages on each
+rank: `FIXED_CHUNKS`). `DEFAULT_CHUNKS` names the schedules that hold several stages per rank,
+with the `chunks` to use when none is given; `min_micro_batches` says how many micro-batches a
+schedule needs (`dualpipe-v`: two per rank, else one).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from collections.abc import Callable
 
 from tfpipe.schedules.actions import KINDS, Action, Schedule
 from tfpipe.schedules.clock import clock, dependencies
+from tfpipe.schedules.dualpipe_v import dualpipe_v, dualpipe_v_stages
 from tfpipe.schedules.format import format_schedule
 from tfpipe.schedules.gpipe import gpipe
 from tfpipe.schedules.interleaved import interleaved, interleaved_stages
@@ -61,12 +63,19 @@ GENERATORS: dict[str, Generator] = {
     "looped-bfs": looped_bfs_stages,
     "zb-v": zb_v_stages,
     "interleaved-zb": interleaved_zb_stages,
+    "dualpipe-v": dualpipe_v_stages,
 }
 
 DEFAULT_CHUNKS: dict[str, int] = {
-    "interleaved": 2, "looped-bfs": 2, "zb-v": 2, "interleaved-zb": 2}
+    "interleaved": 2, "looped-bfs": 2, "zb-v": 2, "interleaved-zb": 2, "dualpipe-v": 2}
 """The schedules that hold several stages (chunks) per rank, with their default `chunks`;
 every other name of `GENERATORS` runs one stage per rank (`chunks=1`)."""
+
+FIXED_CHUNKS: frozenset[str] = frozenset({"zb-v", "dualpipe-v"})
+"""The schedules of `DEFAULT_CHUNKS` that run only with their default `chunks` (a V)."""
+
+MICRO_BATCHES_PER_RANK: dict[str, int] = {"dualpipe-v": 2}
+"""The schedules that need a least number of micro-batches per rank (see `min_micro_batches`)."""
 
 
 def default_chunks(name: str) -> int:
@@ -77,6 +86,16 @@ def default_chunks(name: str) -> int:
         (2, 1)
     """
     return DEFAULT_CHUNKS.get(name, 1)
+
+
+def min_micro_batches(name: str, num_ranks: int) -> int:
+    """The fewest micro-batches schedule `name` runs on `num_ranks` ranks (devices).
+
+    Example:
+        >>> min_micro_batches("dualpipe-v", 4), min_micro_batches("zb-v", 4)
+        (8, 1)
+    """
+    return max(1, MICRO_BATCHES_PER_RANK.get(name, 0) * num_ranks)
 
 
 def get(
@@ -99,8 +118,9 @@ def get(
         A validated `Schedule` for K stages and M micro-batches.
 
     Raises:
-        ValueError: for an unknown name, a user schedule of another size or rank count, or a
-            `chunks` the schedule cannot use.
+        ValueError: for an unknown name, a user schedule of another size or rank count, a
+            `chunks` the schedule cannot use, or fewer micro-batches than it needs
+            (`min_micro_batches`; a `PipelineError` with the grid for `dualpipe-v`).
         ScheduleError: for a schedule that breaks a rule (with its grid).
 
     Example:
@@ -137,7 +157,9 @@ __all__ = [
     "Action",
     "Costs",
     "DEFAULT_CHUNKS",
+    "FIXED_CHUNKS",
     "GENERATORS",
+    "MICRO_BATCHES_PER_RANK",
     "Generator",
     "Schedule",
     "ScheduleError",
@@ -145,6 +167,8 @@ __all__ = [
     "clock",
     "default_chunks",
     "dependencies",
+    "dualpipe_v",
+    "dualpipe_v_stages",
     "format_schedule",
     "get",
     "gpipe",
@@ -154,6 +178,7 @@ __all__ = [
     "interleaved_zb_stages",
     "looped_bfs",
     "looped_bfs_stages",
+    "min_micro_batches",
     "one_f_one_b",
     "peak_in_flight",
     "plot",

@@ -104,12 +104,14 @@ class Schedule:
     ranks: tuple[tuple[Action, ...], ...]
     _rank_of: dict[int, int] = field(default_factory=dict, compare=False, repr=False)
     _split: set[int] = field(default_factory=set, compare=False, repr=False)
+    _split_pairs: set[tuple[int, int]] = field(default_factory=set, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         for r, actions in enumerate(self.ranks):
             for a in actions:
                 if a.kind in ("I", "W"):
                     self._split.add(a.stage)
+                    self._split_pairs.add((a.stage, a.micro_batch))
                 owner = self._rank_of.setdefault(a.stage, r)
                 if owner != r:
                     raise ValueError(
@@ -141,9 +143,13 @@ class Schedule:
         """True when backward is split into `I` and `W` actions (zero-bubble schedules)."""
         return bool(self._split)
 
-    def splits_backward(self, stage: int) -> bool:
-        """True when `stage` runs its backward as `I` + `W` rather than one `B`."""
-        return stage in self._split
+    def splits_backward(self, stage: int, micro_batch: int | None = None) -> bool:
+        """True when `stage` runs the backward of `micro_batch` as `I` + `W` rather than one
+        `B`; without `micro_batch`, when it splits any of its backwards (DualPipeV runs some of
+        a stage's backwards whole and others split)."""
+        if micro_batch is None:
+            return stage in self._split
+        return (stage, micro_batch) in self._split_pairs
 
     def to_text(self) -> list[str]:
         """One line per rank; the stage is written only where a rank holds several."""

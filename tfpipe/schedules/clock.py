@@ -9,7 +9,8 @@ already exists when it is traced.
 
 Dependencies of an action of stage s on micro-batch m (K stages):
 - `F`: the `F` of stage s-1 (the activation it consumes).
-- `B` / `I`: the `F` of stage s, and the `B` or `I` of stage s+1 (the gradient it consumes).
+- `B` / `I`: the `F` of stage s, and the `B` or `I` of stage s+1 on micro-batch m (the
+  gradient it consumes; a stage may split some of its backwards and not others).
 - `W`: the `I` of stage s (which recorded what the weight gradient needs).
 """
 
@@ -25,7 +26,8 @@ def dependencies(action: Action, schedule: Schedule) -> list[Action]:
 
     Args:
         action: an action of `schedule`.
-        schedule: the schedule, which says whether stage s+1 splits its backward.
+        schedule: the schedule, which says whether stage s+1 splits its backward of the
+            action's micro-batch.
 
     Returns:
         The actions `action` consumes the outputs of (see the module docstring).
@@ -37,7 +39,7 @@ def dependencies(action: Action, schedule: Schedule) -> list[Action]:
         return [Action(s, "I", m)]
     deps = [Action(s, "F", m)]
     if s < last:
-        deps.append(Action(s + 1, "I" if schedule.splits_backward(s + 1) else "B", m))
+        deps.append(Action(s + 1, "I" if schedule.splits_backward(s + 1, m) else "B", m))
     return deps
 
 

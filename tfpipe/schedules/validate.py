@@ -24,10 +24,10 @@ def validate(schedule: Schedule) -> Schedule:
 
     Rules:
     1. No action appears twice, and every action is inside K stages x M micro-batches.
-    2. Each (stage, micro-batch) has one `F` and either one `B` or one `I` and one `W`.
-    3. A stage splits all of its backwards into `I` + `W`, or none.
-    4. On its rank, a stage's `F` comes before its backward, and `I` before `W`.
-    5. The ranks' orders do not deadlock: forwards flow from stage s-1 to s, backwards from
+    2. Each (stage, micro-batch) has one `F` and either one `B` or one `I` and one `W` (a
+       stage may run some backwards whole and others split, as DualPipeV does).
+    3. On its rank, a stage's `F` comes before its backward, and `I` before `W`.
+    4. The ranks' orders do not deadlock: forwards flow from stage s-1 to s, backwards from
        s+1 to s (see `clock.dependencies`).
 
     Args:
@@ -50,9 +50,9 @@ def validate(schedule: Schedule) -> Schedule:
     """
     seen = Counter(a for r in schedule.ranks for a in r)
     _check_actions(schedule, seen)  # rule 1
-    _check_backwards(schedule, seen)  # rules 2 and 3
-    _check_rank_order(schedule)  # rule 4
-    _check_deadlock(schedule)  # rule 5
+    _check_backwards(schedule, seen)  # rule 2
+    _check_rank_order(schedule)  # rule 3
+    _check_deadlock(schedule)  # rule 4
     return schedule
 
 
@@ -67,7 +67,7 @@ def _check_actions(schedule: Schedule, seen: Counter[Action]) -> None:
 
 
 def _check_backwards(schedule: Schedule, seen: Counter[Action]) -> None:
-    """Rules 2 and 3: one F and one B (or one I and one W) per pair; all split or none."""
+    """Rule 2: one F and one B (or one I and one W) per (stage, micro-batch)."""
     K, M = schedule.num_stages, schedule.num_micro_batches
     for s in range(K):
         for m in range(M):
@@ -102,18 +102,10 @@ def _check_backwards(schedule: Schedule, seen: Counter[Action]) -> None:
                     f"and W but has no {missing}{m}; add it",
                     i if i in seen else w,
                 )
-    for s in range(K):
-        full = [a for a in seen if a.stage == s and a.kind == "B"]
-        if full and len(full) < M:
-            _fail(
-                schedule,
-                f"stage {s} mixes B with I/W backwards; split all of its backwards or none",
-                min(full),
-            )
 
 
 def _check_rank_order(schedule: Schedule) -> None:
-    """Rule 4: on its rank, a stage's F comes before its backward, and I before W."""
+    """Rule 3: on its rank, a stage's F comes before its backward, and I before W."""
     for r, actions in enumerate(schedule.ranks):
         index = {a: n for n, a in enumerate(actions)}
         for a in actions:
@@ -128,7 +120,7 @@ def _check_rank_order(schedule: Schedule) -> None:
 
 
 def _check_deadlock(schedule: Schedule) -> None:
-    """Rule 5: the ranks' orders do not wait for each other forever."""
+    """Rule 4: the ranks' orders do not wait for each other forever."""
     try:
         clock(schedule)
     except Deadlock as dead:

@@ -31,6 +31,9 @@ does.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+from tfpipe.errors import PipelineError
 from tfpipe.schedules.actions import Action, Schedule, check_sizes
 from tfpipe.schedules.format import format_schedule
 
@@ -112,22 +115,41 @@ def zb_v_stages(num_stages: int, num_micro_batches: int, chunks: int = 1) -> Sch
         `zb_v(num_stages // 2, num_micro_batches)`.
 
     Raises:
-        ValueError: for `chunks` other than 2 or an odd `num_stages`; the message shows the
-            grid ZB-V would run for the nearest valid size.
+        ValueError: for a size that is not a positive integer; a `PipelineError` (a
+            `ValueError`) for `chunks` other than 2 or an odd `num_stages`, the message
+            showing the grid ZB-V would run for the nearest valid size.
 
     Example:
         >>> zb_v_stages(4, 4, chunks=2).num_ranks
         2
     """
     check_sizes(num_stages, num_micro_batches)
+    ranks = v_num_ranks("zb-v", num_stages, chunks, lambda d: zb_v(d, num_micro_batches))
+    return zb_v(ranks, num_micro_batches)
+
+
+def v_num_ranks(
+    name: str, num_stages: int, chunks: int, example: Callable[[int], Schedule]
+) -> int:
+    """`num_stages // 2` for a schedule placed in a V (`zb-v`, `dualpipe-v`), after checking
+    that `chunks` is 2 and `num_stages` even.
+
+    Args:
+        name: the schedule's name, for the message.
+        num_stages: K, the model pieces asked for.
+        chunks: the stages per rank asked for.
+        example: the schedule on D ranks, whose grid the message shows for the nearest D.
+
+    Raises:
+        PipelineError: for `chunks` other than 2 or an odd `num_stages`.
+    """
     if chunks != 2 or num_stages % 2:
         ranks = max(1, num_stages // 2) if chunks == 2 else num_stages
-        example = zb_v(ranks, num_micro_batches)
-        raise ValueError(
-            f"Schedule 'zb-v' places two stages on each rank in a V (stage s on rank s, and "
-            f"stage 2D-1-s on rank s too), but num_stages={num_stages} with chunks={chunks!r} "
-            f"was asked for: use chunks=2 and an even num_stages, for example "
-            f"num_stages={2 * ranks} (the model cut in {2 * ranks} pieces on {ranks} "
-            f"devices), which runs:\n{format_schedule(example)}"
+        raise PipelineError(
+            f"Schedule {name!r} places two stages on each rank in a V (stage s on rank s, "
+            f"and stage 2D-1-s on rank s too), but num_stages={num_stages} with "
+            f"chunks={chunks!r} was asked for: use chunks=2 and an even num_stages, for "
+            f"example num_stages={2 * ranks} (the model cut in {2 * ranks} pieces on {ranks} "
+            f"devices), which runs:\n{format_schedule(example(ranks))}"
         )
-    return zb_v(num_stages // 2, num_micro_batches)
+    return num_stages // 2
