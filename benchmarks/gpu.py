@@ -18,7 +18,8 @@ initialises) and measures, each part in its own process with a time limit:
   GPipe / 1F1B with recompute never, and 1F1B with except_last and always; K = `--logical`.
 - `promise_plain`, `promise_pipeline`: the memory promise. An MLP sized so that its weights and
   Adam state (3 x the weights) exceed one logical GPU: plain `model.fit` on one logical GPU is
-  expected to raise `ResourceExhaustedError` (caught and recorded), and `tfpipe.fit` with one
+  expected to raise `ResourceExhaustedError` (caught and recorded), and `tfpipe.fit` of the
+  model built in `tfpipe.build_scope()` (its weights made only on their stage's GPU) with one
   stage per logical GPU (1F1B) to train (losses and per-GPU peaks recorded).
 
 Each part writes its results as it goes, so a part stopped at its time limit still reports
@@ -545,8 +546,8 @@ def memory_table(rows: list[dict[str, Any]], mem: list[str], setup: dict[str, An
 def promise_width(limit_gib: float, layers: int) -> int:
     """The MLP width whose weights are about 0.4 of a logical GPU: weights and Adam's two
     slots (3 x the weights, about 1.2 x the limit) cannot all sit on one logical GPU, while a
-    quarter of them with Adam, gradients and accumulators (5/4 x the weights, about half a
-    logical GPU) fit on each of four."""
+    quarter of them with Adam's slots, the gradient sum, one micro-batch's gradients and the
+    new sum (6/4 x the weights, about 0.63 of a logical GPU) fit on each of four."""
     weights = 0.42 * limit_gib * 2**30
     return max(256, int(math.sqrt(weights / (4 * layers)) // 256 * 256))
 
@@ -628,9 +629,9 @@ def part_promise_plain(args: argparse.Namespace, devices: list[str], mem: list[s
 
 def part_promise_pipeline(args: argparse.Namespace, devices: list[str], mem: list[str],
                           results: Results) -> None:
-    """tfpipe.fit of the same model, built on the host, one 1F1B stage per logical device."""
+    """tfpipe.fit of the same model, built in `tfpipe.build_scope()` (each weight made only on
+    its stage's logical device), one 1F1B stage per logical device."""
     import numpy as np
-    import tensorflow as tf
 
     import tfpipe
     from benchmarks.common import wide_data
@@ -642,10 +643,10 @@ def part_promise_pipeline(args: argparse.Namespace, devices: list[str], mem: lis
     k = len(devices)
     out: dict[str, Any] = {"stages": k, "schedule": "1f1b",
                            "micro_batches": args.promise_micro_batches,
-                           "built_on": "/cpu:0 (the model does not fit one device)"}
+                           "built_in": "tfpipe.build_scope() (no weight on GPU:0 first)"}
     start = time.perf_counter()
     try:
-        with tf.device("/cpu:0"):
+        with tfpipe.build_scope():
             model = promise_model(setup["width"], setup["layers"], args.promise_lr)
         pipe = tfpipe.Pipeline(model, stages=k, micro_batches=args.promise_micro_batches,
                                schedule="1f1b", devices=devices)

@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -149,3 +151,23 @@ def test_lora_causal_lm(tmp_path):
     losses = epoch_losses(out)
     assert len(losses) == 2 and losses[-1] < losses[0], losses
     assert "reloaded model gives the same logits: True" in out
+
+
+def test_bigger_than_one_device(tmp_path):
+    """One memory-capped worker is killed with the clear error; four train, each under the cap."""
+    from benchmarks import cgroups
+
+    reason = cgroups.unavailable()
+    if reason is not None:
+        pytest.skip(reason)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "2"}
+    proc = subprocess.run([sys.executable, str(ROOT / "examples" / "bigger_than_one_device.py"),
+                           "--quick"], capture_output=True, text=True, timeout=600, env=env,
+                          cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    one, four = proc.stdout.split("--- 4 worker(s) ---")
+    assert "out of memory: Worker task 0" in one and "killed by the kernel for memory" in one
+    assert "trained on 4 workers" in four, four
+    peaks = [float(v) for v in re.search(r"worker peaks \(GiB\): ([0-9., ]+) of", four)
+             .group(1).split(", ")]
+    assert len(peaks) == 4 and max(peaks) < 1.25, peaks
