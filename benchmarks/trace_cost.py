@@ -7,6 +7,11 @@ TensorFlow's own graph optimisation and function set-up) and again (`steady_s`),
 stage's forward is one function called per micro-batch (`tfpipe.executor.stagefn`), so the
 graph grows with K and by a few call operations per micro-batch.
 
+It also counts the step graph's function-call operations (`calls`) and the functions in its
+library (`functions`): the first run grows with calls x the size of the function each calls,
+because TensorFlow builds the callee's body once per call operation while optimising the
+step (docs/benchmarks.md, "First-step cost").
+
 Models: `mlp` (8 x Dense(256)) or `transformer` (`benchmarks.common.transformer`: the demo's
 character Transformer, `--blocks` blocks of width `--width`, sequence 32), batch 4 M.
 
@@ -92,15 +97,23 @@ def main() -> None:
             x, y = zeros(spec[0], batch), zeros(spec[1], batch)
             first, steady = _timed(lambda: concrete(x, y)), _timed(lambda: concrete(x, y))
         ops = len(concrete.graph.get_operations())
-        rows.append({"K": args.stages, "M": m, "trace_s": trace, "ops": ops,
+        calls = sum(op.type in _CALLS for op in concrete.graph.get_operations())
+        functions = len(concrete.graph.as_graph_def().library.function)
+        rows.append({"K": args.stages, "M": m, "trace_s": trace, "ops": ops, "calls": calls,
+                     "functions": functions,
                      "first_run_s": first, "steady_s": steady, "keras_first_s": keras_first})
         print(
             f"{args.model} K={args.stages} M={m:3d} {args.schedule}: trace {trace:6.2f} s, "
-            f"{ops:6d} ops, first run {first:6.2f} s, steady {steady:5.2f} s; first step "
+            f"{ops:6d} ops, {calls:5d} calls, {functions:4d} functions, first run {first:6.2f} s, "
+            f"steady {steady:5.2f} s; first step "
             f"{trace + first:6.2f} s vs model.fit's {keras_first:5.2f} s "
             f"({(trace + first) / keras_first:.1f}x)"
         )
     write_json(args.json, {"args": vars(args), "rows": rows})
+
+
+_CALLS = ("PartitionedCall", "StatefulPartitionedCall")
+"""The operation types of a call of a function that is not inlined."""
 
 
 def _timed(fn: Any) -> float:
