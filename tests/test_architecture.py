@@ -30,7 +30,7 @@ LAYERS: list[tuple[str, str, list[str]]] = [
     ("graph", "the model as a graph of layer calls, its stages and where variables live; "
      "measuring them",
      ["tfpipe.partition", "tfpipe.partition.*", "tfpipe.placement", "tfpipe.measure",
-      "tfpipe.balance", "tfpipe.balance.*", "tfpipe.traffic"]),
+      "tfpipe.balance", "tfpipe.balance.*", "tfpipe.traffic", "tfpipe.cut_traffic"]),
     ("executor", "interprets a schedule's action lists as Keras train / test / predict steps",
      ["tfpipe.executor", "tfpipe.executor.*"]),
     ("pipeline", "a model split, placed and lent the executor's steps for Keras's fit",

@@ -11,6 +11,11 @@ keeps it beside the variables, and only scalars cross. Each case also trains as 
 
 With `replicas=2` the least adds, per stage, one read of its weights by copy 1 and one
 gradient sum sent back to copy 0 (`test_replicas_read_each_weight_once_per_step...`).
+
+`Pipeline.summary()` gives the least per pair of devices from the cuts alone
+(`tfpipe.cut_traffic`); its activations and gradients equal the placed step's, pair by pair
+and as printed, for skips, early model outputs, two readers on one device, replicas and
+mixed precision.
 """
 
 from __future__ import annotations
@@ -231,3 +236,152 @@ def test_replicas_read_each_weight_once_per_step_and_send_one_gradient_back(micr
     assert least < total <= 1.01 * least, (total, least)
     header = traffic_table(sent).splitlines()[0]
     assert "weights" in header and "weight_grads" in header and "other" not in header
+
+
+# Pipeline.summary(): the least bytes between devices, from the cuts alone --------------------
+
+CE = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+
+
+def skip_model() -> keras.Model:
+    """Stage 0 makes `a` (read by stages 1 and 2: a skip) and the model output `aux` (read by
+    stage 1, and by the last stage for its loss); stage 1 makes `b` for stage 2."""
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((WIDTH,))
+    a = keras.layers.Dense(16, activation="relu", name="a")(inputs)
+    aux = keras.layers.Dense(3, name="aux")(a)
+    ab = keras.layers.Concatenate(name="ab")([a, aux])
+    b = keras.layers.Dense(8, activation="relu", name="b")(ab)
+    h = keras.layers.Concatenate(name="cat")([keras.layers.Dense(8, name="c")(b), a])
+    m = keras.Model(inputs, [aux, keras.layers.Dense(3, name="out")(h)])
+    m.compile(keras.optimizers.SGD(0.1), [CE, CE])
+    return m
+
+
+def two_readers_on_one_device() -> keras.Model:
+    """Interleaved on two devices: `a` (stage 0, CPU:1) is read by stages 1 and 3, both on CPU:2."""
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((WIDTH,))
+    a = keras.layers.Dense(16, name="a")(inputs)
+    h = keras.layers.Dense(8, name="c")(keras.layers.Dense(8, name="b")(a))
+    h = keras.layers.Concatenate(name="cat")([keras.layers.Dense(8, name="d")(h), a])
+    m = keras.Model(inputs, keras.layers.Dense(3, name="out")(h))
+    m.compile(keras.optimizers.SGD(0.1), CE)
+    return m
+
+
+def cells(line: str) -> list[str]:
+    import re
+
+    return re.split(r"\s{2,}", line.strip())
+
+
+def table_after(text: str, title: str) -> dict[str, dict[str, str]]:
+    """The text table that starts on the line after the one starting with `title`
+    (or at the first line when `title` is empty): `{"a -> b": {column: cell}}`."""
+    lines = text.splitlines()
+    start = 0 if not title else next(i for i, s in enumerate(lines) if s.startswith(title)) + 1
+    header, rows = cells(lines[start]), {}
+    for line in lines[start + 2:]:
+        if " -> " not in line:
+            break
+        row = cells(line)
+        rows[row[0]] = dict(zip(header[1:], row[1:]))
+    return rows
+
+
+def test_summary_shows_the_least_bytes_per_sample_of_each_cut():
+    from tfpipe.cut_traffic import least_traffic
+    from tfpipe.partition import read_graph
+
+    m = skip_model()
+    pipe = tfpipe.Pipeline(m, balance=[2, 2, 3], micro_batches=M,
+                           devices=["/cpu:1", "/cpu:2", "/cpu:3"])
+    assert [st.names for st in pipe.stages] == [["a", "aux"], ["ab", "b"], ["c", "cat", "out"]]
+    cpu = [f"/device:CPU:{i}" for i in range(4)]
+    a, aux, b = 16 * 4, 3 * 4, 8 * 4  # bytes per sample, float32
+    expected = {(cpu[1], cpu[2]): (a + aux, 0), (cpu[1], cpu[3]): (a + aux, 0),
+                (cpu[2], cpu[3]): (b, 0), (cpu[2], cpu[1]): (0, a + aux),
+                (cpu[3], cpu[1]): (0, a + aux), (cpu[3], cpu[2]): (0, b)}
+    outputs = keras.tree.flatten(read_graph(m).outputs)
+    least = least_traffic(pipe.stages, pipe.replica_devices, outputs, M)
+    assert {p: (r["activations"], r["gradients"]) for p, r in least.items()} == expected
+    text = pipe.summary(print_fn=lambda _: None)
+    rows = table_after(text, "Least bytes between devices per sample")
+    assert {tuple(k.split(" -> ")): (r["activations"], r["gradients"]) for k, r in rows.items()} == {
+        p: tuple(f"{n} B" if n else "0" for n in v) for p, v in expected.items()}, text
+    assert "Pipeline.traffic(x, y) measures a step" in text
+
+
+CASES = {  # name: (model, pipeline arguments)
+    "chain": (lambda: model("adam"), dict(stages=2, devices=["/cpu:1", "/cpu:2"])),
+    "skip_and_early_output": (skip_model, dict(balance=[2, 2, 3],
+                                               devices=["/cpu:1", "/cpu:2", "/cpu:3"])),
+    "two_readers_on_one_device": (two_readers_on_one_device, dict(
+        balance=[1, 1, 1, 3], schedule="interleaved", devices=["/cpu:1", "/cpu:2"])),
+    "replicas": (lambda: model("adam"), dict(stages=2, replicas=2,
+                                             devices=[f"/cpu:{i}" for i in range(4)])),
+    "mixed_float16": (lambda: model("mixed_float16"), dict(stages=2, devices=["/cpu:1", "/cpu:2"])),
+}
+
+
+@pytest.mark.parametrize("case, policy", [
+    (c, "mixed_float16" if c == "mixed_float16" else "float32") for c in CASES
+], indirect=["policy"])
+def test_summary_least_traffic_equals_the_measured_activations_and_gradients(case, policy):
+    """After `traffic(x, y)` the summary gives the least bytes for its batch (30 samples: uneven
+    micro-batches, and uneven shares of two replicas) beside what the step sent; the least's
+    activations and gradients are exactly the placed step's, pair by pair and as printed."""
+    from tfpipe.cut_traffic import least_traffic
+    from tfpipe.partition import read_graph
+
+    make, kwargs = CASES[case]
+    m = make()
+    pipe = tfpipe.Pipeline(m, micro_batches=M, **kwargs)
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(30, WIDTH)).astype("float32")
+    y = rng.integers(0, 3, size=30)
+    table = pipe.traffic(x, y if len(m.outputs) == 1 else [y, y], print_fn=lambda _: None)
+    outputs = keras.tree.flatten(read_graph(m).outputs)
+    least = least_traffic(pipe.stages, pipe.replica_devices, outputs, M, batch=30)
+    measured = {pair: (row["activations"], row["gradients"])
+                for pair, row in pipe._traffic.pairs.items()
+                if row["activations"] or row["gradients"]}
+    assert {p: (r["activations"], r["gradients"]) for p, r in least.items()} == measured
+    text = pipe.summary(print_fn=lambda _: None)
+    summary = table_after(text, "Least bytes between devices per step of 30 samples")
+    by_kind = table_after(table, "")
+    assert summary.keys() == by_kind.keys(), text
+    for pair, row in by_kind.items():
+        for kind in ("activations", "gradients"):
+            assert summary[pair][kind] == row.get(kind, "0"), (pair, kind, text, table)
+    if case == "replicas":
+        assert "Replicas add" in text, text
+
+
+def test_skip_gradients_go_straight_back_and_train_like_keras():
+    """Stage 2's gradients for `a` and `aux` go from CPU:3 straight to CPU:1, not through stage
+    1's CPU:2 (they used to be added to stage 1's there first), and training equals model.fit."""
+    from tfpipe.traffic import kind_of
+
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(BATCH, WIDTH)).astype("float32")
+    y = rng.integers(0, 3, size=BATCH)
+    ref = skip_model()
+    ref.fit(x, [y, y], batch_size=BATCH, epochs=2, verbose=0, shuffle=False)
+    piped = skip_model()
+    pipe = tfpipe.Pipeline(piped, balance=[2, 2, 3], micro_batches=M,
+                           devices=["/cpu:1", "/cpu:2", "/cpu:3"])
+    with pipe._attached():
+        step = tf.function(lambda a, b: pipe.executor.train_step((a, b)), autograph=False)
+        sent = placed_transfers(step, tf.constant(x), [tf.constant(y), tf.constant(y)])
+    grads = {}
+    for t in sent:
+        if kind_of(t) == "gradients":
+            key = (t.source[-1], t.target[-1])
+            grads[key] = grads.get(key, 0) + t.nbytes
+    a, aux, b = 16 * 4 * BATCH, 3 * 4 * BATCH, 8 * 4 * BATCH
+    assert grads == {("3", "1"): a + aux, ("3", "2"): b, ("2", "1"): a + aux}, grads
+    pipe.fit(x, [y, y], batch_size=BATCH, epochs=1, verbose=0, shuffle=False)  # 1 + this one
+    for w, v in zip(ref.weights, piped.weights):
+        np.testing.assert_allclose(v.numpy(), w.numpy(), rtol=1e-5, atol=1e-6, err_msg=w.path)

@@ -1,4 +1,4 @@
-"""The user's data as tfpipe reads it before any pipeline exists: shapes and a first batch.
+"""The user's data as tfpipe reads it: shapes, a first batch, and batches made ahead on the host.
 
 Design: `tfpipe.fit` and `tfpipe.plan` both build an unbuilt Sequential model from the data,
 the way `model.fit` would on its first batch, and both may need the inputs of one batch (to
@@ -6,6 +6,15 @@ profile layers); these helpers sit at the bottom of the package's layering (they
 Keras, NumPy and TensorFlow), so the trainer and the planner share them without importing
 each other. The dtype checks of array inputs are the executor's
 (`tfpipe.executor.inputs.check_array_inputs`), next to the same checks on traced tensors.
+
+Host prefetch: Keras's data adapters end the `tf.data` pipelines they build in
+`prefetch(AUTOTUNE)` (arrays, generators, a `PyDataset` without workers; with workers its
+enqueuer makes batches ahead in its own threads or processes), and a dataset the user gives
+is passed as it is, where TensorFlow's `inject_prefetch` rewrite adds the same
+`prefetch(AUTOTUNE)` when its iterator is made, unless the dataset's options turn autotune or
+that rewrite off. `host_prefetched` adds it to such a dataset (Keras iterates it on the host
+device), so that on every path the next batch is being made while a step runs and is ready
+when the next starts. It changes no element, order or count.
 """
 
 from __future__ import annotations
@@ -16,6 +25,8 @@ from typing import Any
 import keras
 import numpy as np
 import tensorflow as tf
+
+from tfpipe._keras import last_transformation
 
 
 def build_from_data(model: keras.Model, x: Any) -> None:
@@ -78,3 +89,23 @@ def flatten_by_name(x: Any, names: Sequence[str], by_name: bool) -> tuple[list[A
     if by_name and isinstance(x, dict):
         return [x[n] for n in names if n in x], [n for n in names if n not in x]
     return keras.tree.flatten(x), []
+
+
+def host_prefetched(x: Any) -> Any:
+    """`x`, prefetched on the host when it is a `tf.data.Dataset` that does not end in a prefetch.
+
+    Args:
+        x: what the user passes as `x` or `validation_data` to `fit`, `evaluate` or `predict`.
+
+    Returns:
+        `x.prefetch(tf.data.AUTOTUNE)` for a dataset whose last transformation (options
+        aside) is not a prefetch, the prefetch TensorFlow itself adds when autotune is on;
+        anything else as it is.
+
+    Example:
+        >>> host_prefetched(tf.data.Dataset.range(8).batch(4))  # ends in a prefetch now
+        <_PrefetchDataset element_spec=TensorSpec(shape=(None,), dtype=tf.int64, name=None)>
+    """
+    if isinstance(x, tf.data.Dataset) and last_transformation(x) != "_PrefetchDataset":
+        return x.prefetch(tf.data.AUTOTUNE)
+    return x

@@ -28,6 +28,8 @@ from tfpipe.balance import (
     profile_layers,
     solve,
 )
+from tfpipe.cut_traffic import summary_lines
+from tfpipe.data import host_prefetched
 from tfpipe.devices import default_devices, resolve_devices
 from tfpipe.errors import PipelineError, runtime_message
 from tfpipe.executor import Executor
@@ -37,7 +39,7 @@ from tfpipe.oom import memory_errors
 from tfpipe.options import PipelineOptions
 from tfpipe.partition import Stage, check_gradient_paths, read_graph, split
 from tfpipe.placement import place_model, updates_on_variable_devices
-from tfpipe.traffic import step_table
+from tfpipe.traffic import StepTraffic, step_traffic
 
 _STEPS = ("train_step", "test_step", "predict_step")
 _FUNCTIONS = ("train_function", "test_function", "predict_function")
@@ -193,6 +195,7 @@ class Pipeline:
         )
         _place(model, self.stages)
         self._functions: dict[str, Any] = dict.fromkeys(_FUNCTIONS)
+        self._traffic: StepTraffic | None = None  # the latest traffic() step
 
     def timeline(self) -> list[tuple[int, schedules.Action, float, float]]:
         """Measured `(rank, action, start_ms, end_ms)` of the latest step (needs `profile=True`)."""
@@ -211,30 +214,29 @@ class Pipeline:
         Raises:
             PipelineError: when the model is not compiled.
         """
-        self._require_compiled("fit")
-        check_array_inputs(self.model, x)
-        with self._attached():
-            return self.model.fit(x, y, **kwargs)
+        history: keras.callbacks.History = self._keras_call("fit", x, y, **kwargs)
+        return history
 
     def evaluate(self, x: Any = None, y: Any = None, **kwargs: Any) -> Any:
         """Evaluates pipelined (forward only); same arguments as `keras.Model.evaluate`."""
-        self._require_compiled("evaluate")
-        check_array_inputs(self.model, x)
-        with self._attached():
-            return self.model.evaluate(x, y, **kwargs)
+        return self._keras_call("evaluate", x, y, **kwargs)
 
     def predict(self, x: Any, **kwargs: Any) -> Any:
         """Predicts pipelined; same arguments as `keras.Model.predict`."""
-        check_array_inputs(self.model, x)
-        with self._attached():
-            return self.model.predict(x, **kwargs)
+        return self._keras_call("predict", x, **kwargs)
 
-    def _require_compiled(self, what: str) -> None:
-        if not _compiled(self.model):
+    def _keras_call(self, method: str, x: Any, *args: Any, **kwargs: Any) -> Any:
+        """The model's own `method`, with the executor's steps lent, on `x` (and
+        `validation_data`) prefetched on the host when a dataset (`tfpipe.data.host_prefetched`)."""
+        if method != "predict" and not _compiled(self.model):
             raise PipelineError(
                 f"Model {self.model.name!r} is not compiled: call model.compile(optimizer=..., "
-                f"loss=..., metrics=...) before {what} (predict needs no compile)."
+                f"loss=..., metrics=...) before {method} (predict needs no compile)."
             )
+        check_array_inputs(self.model, x)
+        kwargs = {k: host_prefetched(v) if k == "validation_data" else v for k, v in kwargs.items()}
+        with self._attached():
+            return getattr(self.model, method)(host_prefetched(x), *args, **kwargs)
 
     @contextlib.contextmanager
     def _attached(self) -> Iterator[None]:
@@ -270,11 +272,13 @@ class Pipeline:
     # reporting ------------------------------------------------------------------------------
 
     def summary(self, print_fn: Callable[[str], None] = print) -> str:
-        """Prints (and returns) the stage table.
+        """Prints (and returns) the stage table and the least traffic between devices.
 
         Per stage: its layers, parameters, estimated activation bytes per sample (outputs of
         its layer calls), profiled forward+backward time when balanced by time or memory,
-        and its device; then the imbalance (largest stage / mean) of the balanced cost.
+        and its device; then the imbalance (largest stage / mean) of the balanced cost. Then
+        the least bytes between each pair of devices (`tfpipe.cut_traffic`): per sample, or
+        once `traffic(x, y)` ran, for its batch beside all that step sent.
         """
         costs = self.layer_costs
         text = "\n".join([
@@ -288,16 +292,19 @@ class Pipeline:
                 None if costs is None else [c.seconds for c in costs],
                 imbalance,
             ),
+            *summary_lines(self.model, self.stages, self.replica_devices, self.micro_batches,
+                           self._traffic),
         ])
         print_fn(text)
         return text
 
     def traffic(self, x: Any, y: Any, print_fn: Callable[[str], None] = print) -> str:
         """Prints (and returns) the bytes one training step on `(x, y)` sends between each pair
-        of devices, by kind, as TensorFlow placed it (`tfpipe.traffic.step_table`: the step
-        runs once, then every variable it changed is set back)."""
+        of devices, by kind, as TensorFlow placed it (`tfpipe.traffic.step_traffic`: the step
+        runs once, then every variable it changed is set back); `summary()` then shows it."""
         with self._attached():
-            text = step_table(self.executor.train_step, self.model, x, y)
+            self._traffic = step_traffic(self.executor.train_step, self.model, x, y)
+        text = self._traffic.table()
         print_fn(text)
         return text
 

@@ -17,6 +17,9 @@ function that is not inlined) are not in its RunMetadata, so a variable such a f
 reads across devices is not counted (which is why a replica reads its weights in the step
 itself, `tfpipe.executor.weights`); nor are a collective's messages, which travel outside
 the graphs.
+
+The least a step must move, known from the cuts without running one, is
+`tfpipe.cut_traffic`'s.
 """
 
 from __future__ import annotations
@@ -154,7 +157,9 @@ def kind_of(transfer: Transfer) -> str:
     """What a pipelined step's transfer carries, read from the name scopes the executor gives
     its ops: a split of the batch (`inputs/`, `labels/`, `sample_weights/`), a forward's
     output (`stage<k>_F<m>/`: activations), a backward's (`stage<k>_B<m>/` or `_I<m>/`: input
-    gradients), a replica's one read of a stage's weights (`replica<r>_stage<k>_weights/`:
+    gradients; also an op the tape names `gradient_tape/<forward op>`, such as the gradient
+    of a loss made before the last stage, which softmax cross-entropy computes in its
+    forward), a replica's one read of a stage's weights (`replica<r>_stage<k>_weights/`:
     weights), a replica's weight-gradient sum read by the replica reduction (`stage<k>_reduce/`
     among its readers: weight_grads); anything of at most 8 bytes is a scalar; the rest is
     "other"."""
@@ -168,10 +173,26 @@ def kind_of(transfer: Transfer) -> str:
             return "weights"
         if part in ("inputs", "labels", "sample_weights"):
             return part
+        if part == "gradient_tape":
+            return "gradients"
         found = re.fullmatch(r"(?:replica\d+_)?stage\d+_([FBIW])\d+", part)
         if found:
             return "activations" if found.group(1) == "F" else "gradients"
     return "other"
+
+
+Pair = tuple[str, str]
+"""A (sending device, receiving device) pair."""
+
+
+def by_pair(transfers: list[Transfer]) -> dict[Pair, dict[str, int]]:
+    """Bytes per pair of devices and kind (`KINDS`); pairs that sent only control tokens left
+    out."""
+    pairs: dict[Pair, dict[str, int]] = {}
+    for t in transfers:
+        row = pairs.setdefault((t.source, t.target), dict.fromkeys(KINDS, 0))
+        row[kind_of(t)] += t.nbytes or 0
+    return {pair: row for pair, row in pairs.items() if any(row.values())}
 
 
 def traffic_table(transfers: list[Transfer]) -> str:
@@ -184,11 +205,11 @@ def traffic_table(transfers: list[Transfer]) -> str:
         /device:CPU:0 -> /device:CPU:1  8.0 KiB      8.0 KiB     12 B
         ```
     """
-    pairs: dict[tuple[str, str], dict[str, int]] = {}
-    for t in transfers:
-        row = pairs.setdefault((t.source, t.target), dict.fromkeys(KINDS, 0))
-        row[kind_of(t)] += t.nbytes or 0
-    pairs = {pair: row for pair, row in pairs.items() if any(row.values())}  # not control only
+    return kinds_table(by_pair(transfers))
+
+
+def kinds_table(pairs: dict[Pair, dict[str, int]]) -> str:
+    """`by_pair`'s figures as `traffic_table`'s text: a column per kind that any pair sent."""
     kinds = [k for k in KINDS if any(row[k] for row in pairs.values())]
     rows = [[f"{a} -> {b}", *(format_bytes(row[k]) if row[k] else "0" for k in kinds)]
             for (a, b), row in sorted(pairs.items())]
@@ -196,8 +217,25 @@ def traffic_table(transfers: list[Transfer]) -> str:
     return "\n".join(text_table([header, *rows], numeric=set(range(1, len(header)))))
 
 
-def step_table(train_step: Callable[[Any], Any], model: Any, x: Any, y: Any) -> str:
-    """`traffic_table` of one training step on `(x, y)`, as TensorFlow placed it.
+@dataclass(frozen=True)
+class StepTraffic:
+    """What one measured training step sent between devices.
+
+    Attributes:
+        batch: the step's batch size B.
+        pairs: bytes per (source, target) pair of devices and kind (`by_pair`).
+    """
+
+    batch: int
+    pairs: dict[Pair, dict[str, int]]
+
+    def table(self) -> str:
+        """The step's `traffic_table`."""
+        return kinds_table(self.pairs)
+
+
+def step_traffic(train_step: Callable[[Any], Any], model: Any, x: Any, y: Any) -> StepTraffic:
+    """The bytes one training step on `(x, y)` sends between devices, as TensorFlow placed it.
 
     The step runs once (placement is only known once a function runs), in a fresh function;
     then every variable it changed (the model's, its optimizer's, its metrics') is set back,
@@ -215,7 +253,7 @@ def step_table(train_step: Callable[[Any], Any], model: Any, x: Any, y: Any) -> 
     try:
         tensors = tf.nest.map_structure(tf.convert_to_tensor, (x, y))  # dicts, lists too
         sent = placed_transfers(step, *tensors)
-        return traffic_table(sent)
+        return StepTraffic(int(tf.nest.flatten(tensors[0])[0].shape[0]), by_pair(sent))
     finally:
         for v, value in zip(variables, saved):
             v.assign(value)

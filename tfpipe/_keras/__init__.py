@@ -12,8 +12,9 @@ shadow the class's (`obj.__dict__[name]`), and are always removed afterwards, so
 model and optimizer are left as they were (the one class patch, `optimizers_made_at_once`,
 lasts only while a `tfpipe.build_scope` is open). The package's modules hold the reaches by
 what they touch: `graph` (the symbolic graph), `compiled` (loss and metrics), `variables`
-(variables and optimizers), `model` (what is lent to the user's model, and collectives);
-everything is imported from `tfpipe._keras` itself.
+(variables and optimizers), `model` (what is lent to the user's model, and collectives),
+`data` (a `tf.data` pipeline's last transformation); everything is imported from
+`tfpipe._keras` itself.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from tfpipe._keras.compiled import (
     loss_tracker,
     unscale_loss,
 )
+from tfpipe._keras.data import last_transformation
 from tfpipe._keras.graph import (
     call_index,
     inner_functional,
@@ -92,4 +94,5 @@ __all__ = [
     "cached_on",
     "cache_on",
     "collective_sum",
+    "last_transformation",
 ]

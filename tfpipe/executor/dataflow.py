@@ -9,6 +9,12 @@ the actions that must wait for it (`mark_done` / `done`). Values and gradients a
 (micro-batch, id of a KerasTensor of the user's graph); tapes by (stage, micro-batch). The
 schedule's trace order (`tfpipe.executor.program`) guarantees every key is written before it
 is read.
+
+A tensor read by stages on several devices (a skip connection) gets one gradient from each:
+those from one device are summed there, and the per-device sums are added on the device of
+the stage that made it, where `take_grad` runs. So each consumer device sends one gradient
+straight back, as its activation came straight to it. (Summing as they arrived, under the
+next consumer's device, sent one consumer's gradient through another's device first.)
 """
 
 from __future__ import annotations
@@ -68,7 +74,7 @@ class Dataflow:
     mb: MicroBatches
     losses: list[tf.Tensor] = field(default_factory=list)
     _values: dict[Key, Any] = field(default_factory=dict)
-    _grads: dict[Key, Any] = field(default_factory=dict)
+    _grads: dict[Key, dict[str, Any]] = field(default_factory=dict)
     _forwards: dict[Key, Recorded] = field(default_factory=dict)
     _deferred: dict[Key, Recorded] = field(default_factory=dict)
     _done: dict[Action, list[tf.Tensor]] = field(default_factory=dict)
@@ -83,14 +89,18 @@ class Dataflow:
         return [self._values[(m, i)] for i in ids]
 
     def send_grad(self, m: int, i: int, grad: Any) -> None:
-        """Sends a consumer's gradient for tensor `i` of micro-batch m back to its maker."""
+        """Sends a consumer's gradient for tensor `i` of micro-batch m back to its maker; one
+        from the same device as an earlier one is added to it there (the caller's device)."""
         grad = tf.convert_to_tensor(grad)
-        prev = self._grads.get((m, i))
-        self._grads[(m, i)] = grad if prev is None else prev + grad
+        sums = self._grads.setdefault((m, i), {})
+        prev = sums.get(grad.device)
+        sums[grad.device] = grad if prev is None else prev + grad
 
     def take_grad(self, m: int, i: int) -> Any:
-        """The summed gradient sent for tensor `i` of micro-batch m (None if none was sent)."""
-        return self._grads.pop((m, i), None)
+        """The summed gradient sent for tensor `i` of micro-batch m (None if none was sent),
+        the per-device sums added on the caller's device (the maker's)."""
+        sums = list(self._grads.pop((m, i), {}).values())
+        return None if not sums else sums[0] if len(sums) == 1 else tf.add_n(sums)
 
     def keep_forward(self, action: Action, rec: Recorded) -> None:
         """Keeps what the forward `action` recorded, for its stage's backward."""
