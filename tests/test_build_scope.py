@@ -87,7 +87,7 @@ def test_model_built_in_the_scope_is_made_on_its_stages_and_trains_like_fit(kind
 def test_scope_allocates_nothing_until_the_pipeline_places_each_stage():
     reason = allocator.unavailable("CPU:0")
     if reason is not None:
-        pytest.skip(reason)
+        pytest.skip(reason=reason)
     width, layers = 1024, 4  # 16 MiB of float32 kernels
 
     def make() -> keras.Model:
@@ -115,7 +115,7 @@ def test_moving_after_a_plain_fit_frees_the_old_storage():
     allocated: 48.0 MiB in use for 32 MiB of weights on two logical devices."""
     reason = allocator.unavailable("CPU:0")
     if reason is not None:
-        pytest.skip(reason)
+        pytest.skip(reason=reason)
     keras.utils.set_random_seed(0)
     width, layers = 1024, 4
     model = keras.Sequential([keras.Input((width,))]

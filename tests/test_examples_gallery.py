@@ -159,7 +159,7 @@ def test_bigger_than_one_device(tmp_path):
 
     reason = cgroups.unavailable()
     if reason is not None:
-        pytest.skip(reason)
+        pytest.skip(reason=reason)
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "2"}
     proc = subprocess.run([sys.executable, str(ROOT / "examples" / "bigger_than_one_device.py"),
                            "--quick"], capture_output=True, text=True, timeout=600, env=env,

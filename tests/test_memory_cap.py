@@ -60,7 +60,7 @@ def capped(tmp_path: Path) -> Iterator[Callable[[], cgroups.CappedWorkerPool]]:
     """Makes capped worker pools; ends their workers and removes their groups afterwards."""
     reason = cgroups.unavailable()
     if reason:
-        pytest.skip(reason)
+        pytest.skip(reason=reason)
     pools: list[cgroups.CappedWorkerPool] = []
 
     def make() -> cgroups.CappedWorkerPool:

@@ -40,7 +40,7 @@ def step_peak(micro_batches: int, schedule: str) -> tuple[float, float]:
 def test_step_peak_does_not_grow_with_micro_batches(schedule):
     reason = allocator.unavailable("CPU:0")
     if reason is not None:
-        pytest.skip(reason)
+        pytest.skip(reason=reason)
     two, _ = step_peak(2, schedule)
     eight, _ = step_peak(8, schedule)
     # above what the step holds: the sum, a micro-batch's gradients and the new sum (3x),

@@ -46,7 +46,7 @@ def capped_group() -> Iterator[Path]:
     """A memory cgroup capped at CAP, removed afterwards (skips, saying why, where impossible)."""
     reason = cgroups.unavailable()
     if reason:
-        pytest.skip(reason)
+        pytest.skip(reason=reason)
     group = cgroups.make_group(cgroups.parent_group(),
                                f"tfpipe-{os.getpid()}-sentinel{next(_groups)}", CAP)
     try:
