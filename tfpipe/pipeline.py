@@ -179,21 +179,23 @@ class Pipeline:
         self.schedule, self.replica_devices = _lay_out(options)
         stage_devices = self.replica_devices[0]
         self.layer_costs: list[LayerCost] | None = None
-        if mode in ("time", "memory"):
-            self.layer_costs = profile_layers(model, sample, device=stage_devices[0])
-        self.balanced_by = options.balanced_by
-        self.stages: list[Stage] = _split(
-            model, options, stage_devices, self.layer_costs, sample
-        )
-        self.recompute = _recompute_flags(options, self.stages)
-        self.jit_compile = options.xla(model_jit_compile(model))
-        self.executor = Executor(
-            model, self.stages, self.schedule, profile=options.profile,
-            recompute=self.recompute, check_numerics=options.check_numerics,
-            replica_devices=self.replica_devices, batch_norm=options.batch_norm,
-            jit_compile=self.jit_compile,
-        )
-        _place(model, self.stages)
+        with memory_errors() as scope:  # profiling, or weights made on a device too small
+            if mode in ("time", "memory"):
+                self.layer_costs = profile_layers(model, sample, device=stage_devices[0])
+            self.balanced_by = options.balanced_by
+            self.stages: list[Stage] = _split(
+                model, options, stage_devices, self.layer_costs, sample
+            )
+            scope.stages = self.stages
+            self.recompute = _recompute_flags(options, self.stages)
+            self.jit_compile = options.xla(model_jit_compile(model))
+            self.executor = Executor(
+                model, self.stages, self.schedule, profile=options.profile,
+                recompute=self.recompute, check_numerics=options.check_numerics,
+                replica_devices=self.replica_devices, batch_norm=options.batch_norm,
+                jit_compile=self.jit_compile,
+            )
+            _place(model, self.stages)
         self._functions: dict[str, Any] = dict.fromkeys(_FUNCTIONS)
         self._traffic: StepTraffic | None = None  # the latest traffic() step
 
@@ -381,8 +383,7 @@ def _recompute_flags(options: PipelineOptions, stages: Sequence[Stage]) -> list[
 def _place(model: keras.Model, stages: Sequence[Stage]) -> None:
     """Moves each stage's variables (and optimizer slots) to its device; drops functions
     traced before the move; turns off `jit_compile` when the stages span devices."""
-    with memory_errors(stages):  # weights made or moved on a worker too small for them
-        place_model(model, stages, model.optimizer if _compiled(model) else None)
+    place_model(model, stages, model.optimizer if _compiled(model) else None)
     for name in _FUNCTIONS:  # functions traced before the move captured the old storage
         setattr(model, name, None)
     num_devices = len({st.device for st in stages})

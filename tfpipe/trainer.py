@@ -4,9 +4,9 @@ Design: each turns its pipeline arguments (or a planned configuration) into one 
 `tfpipe.options.PipelineOptions`, builds the `Pipeline` for it and calls its Keras-signature
 method; the only work of its own is building a Sequential model that has no input shape yet,
 from the first element of the data, the way `model.fit` would on its first batch
-(`tfpipe.data`). Building, placing and running happen inside `tfpipe.oom.memory_errors`, so a
-device or worker that runs out of memory (placing the weights, or in a step) ends the call
-with `WorkerOutOfMemoryError` rather than TensorFlow's `UnavailableError`.
+(`tfpipe.data`). A device or worker that runs out of memory (placing the weights, or in a
+step) ends the call with `WorkerOutOfMemoryError`: `Pipeline` builds and runs inside
+`tfpipe.oom.memory_errors`.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import keras
 from tfpipe._keras import cache_on, cached_on, compile_key
 from tfpipe.data import build_from_data, first_inputs
 from tfpipe.errors import PipelineError
-from tfpipe.oom import memory_errors
 from tfpipe.options import PipelineOptions
 from tfpipe.partition.flatten import is_graph_model
 from tfpipe.pipeline import Pipeline
@@ -121,22 +120,20 @@ def fit(
     )
     build_from_data(model, x)
     sampled = options.balance_mode in ("time", "memory") or not is_graph_model(model)
-    with memory_errors() as scope:  # placing the model can run out of memory too
-        pipe = pipeline_for(
-            model, lambda: first_inputs(x, batch_size) if sampled else None, options, "fit"
-        )
-        scope.stages = pipe.stages
-        history = pipe.fit(
-            x,
-            y,
-            batch_size=batch_size,
-            epochs=epochs,
-            callbacks=callbacks,
-            validation_data=validation_data,
-            verbose=verbose,
-            steps_per_epoch=steps_per_epoch,
-            **fit_kwargs,
-        )
+    pipe = pipeline_for(
+        model, lambda: first_inputs(x, batch_size) if sampled else None, options, "fit"
+    )
+    history = pipe.fit(
+        x,
+        y,
+        batch_size=batch_size,
+        epochs=epochs,
+        callbacks=callbacks,
+        validation_data=validation_data,
+        verbose=verbose,
+        steps_per_epoch=steps_per_epoch,
+        **fit_kwargs,
+    )
     history.pipeline = pipe  # the stages, schedule and summary() of this run
     return history
 
@@ -165,10 +162,8 @@ def evaluate(
     **kwargs: Any,
 ) -> Any:
     """Evaluates pipelined; arguments as `model.evaluate` plus the pipeline's."""
-    with memory_errors() as scope:
-        pipe = _inference_pipeline(model, x, stages, balance, micro_batches, devices)
-        scope.stages = pipe.stages
-        return pipe.evaluate(x, y, **kwargs)
+    pipe = _inference_pipeline(model, x, stages, balance, micro_batches, devices)
+    return pipe.evaluate(x, y, **kwargs)
 
 
 def predict(
@@ -182,10 +177,8 @@ def predict(
     **kwargs: Any,
 ) -> Any:
     """Predicts pipelined; arguments as `model.predict` plus the pipeline's."""
-    with memory_errors() as scope:
-        pipe = _inference_pipeline(model, x, stages, balance, micro_batches, devices)
-        scope.stages = pipe.stages
-        return pipe.predict(x, **kwargs)
+    pipe = _inference_pipeline(model, x, stages, balance, micro_batches, devices)
+    return pipe.predict(x, **kwargs)
 
 
 def _inference_pipeline(

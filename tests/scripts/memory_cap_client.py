@@ -32,32 +32,18 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 import tfpipe  # noqa: E402
+from benchmarks.memory_promise import compile_model, data  # noqa: E402
+from benchmarks.memory_promise import make_model as promise_model  # noqa: E402
 
 cluster_module = importlib.import_module("tfpipe.cluster")  # `tfpipe.cluster` is the function
 
 
 def make_model(width: int, layers: int, seed: int = 3) -> Any:
-    """`layers` x Dense(width, relu) + Dense(10) on 256 inputs, Adam."""
-    import keras
-
-    keras.utils.set_random_seed(seed)
-    model = keras.Sequential(
-        [keras.Input((256,))]
-        + [keras.layers.Dense(width, activation="relu", name=f"d{i}") for i in range(layers)]
-        + [keras.layers.Dense(10, name="out")],
-        name="wide_mlp",
-    )
-    model.compile(optimizer=keras.optimizers.Adam(1e-4),
-                  loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    """The memory benchmark's model (`layers` x Dense(width, relu) + Dense(10) on 256
+    inputs), compiled with Adam."""
+    model = promise_model(width, layers, seed)
+    compile_model(model)
     return model
-
-
-def data(n: int) -> tuple[Any, Any]:
-    import numpy as np
-
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((n, 256)).astype("float32")
-    return x, (np.abs(x[:, :10]).argmax(axis=1)).astype("int32")
 
 
 def run_oom(args: argparse.Namespace) -> dict[str, Any]:
