@@ -30,7 +30,9 @@ A queue made inside the step function failed with "Resource ... does not exist";
 made once, eagerly, on their devices.
 
 Model: the demo's character Transformer (`benchmarks.common.transformer`), `--blocks` blocks of
-width `--width`, sequence 32, batch 4 M, SGD, 1F1B. Prints the first step (trace + first run)
+width `--width`, sequence 32, batch 4 M, SGD, 1F1B; `--layers plain` writes each block out in
+plain Keras layers (about 100 layer calls at 12 blocks, #21's second model; token embedding
+only). Prints the first step (trace + first run)
 against `model.fit`'s on the same model and batch, the steady step, and the largest weight
 difference from `model.fit` after one step, relative to the largest weight (exit status 1
 above 1e-5).
@@ -61,6 +63,10 @@ def main() -> None:
     parser.add_argument("--micro-batches", type=int, default=8)
     parser.add_argument("--blocks", type=int, default=2)
     parser.add_argument("--width", type=int, default=64)
+    parser.add_argument("--layers", default="blocks", choices=["blocks", "plain"],
+                        help="blocks: each block one custom layer (the demo's); plain: each "
+                        "block's LayerNormalization, MultiHeadAttention, Add, "
+                        "LayerNormalization, Dense, Dense, Add as layers of the model")
     args = parser.parse_args()
     k, m = args.stages, args.micro_batches
 
@@ -75,9 +81,26 @@ def main() -> None:
 
     from benchmarks.common import transformer
 
+    def plain(dim: int) -> keras.Model:
+        """The demo's Transformer with every block written out in plain Keras layers."""
+        ids = keras.Input((SEQ,), dtype="int32", name="ids")
+        h = keras.layers.Embedding(96, dim, name="tokens")(ids)
+        for i in range(args.blocks):
+            n = keras.layers.LayerNormalization(name=f"norm1_{i}")(h)
+            a = keras.layers.MultiHeadAttention(4, dim // 4, name=f"attention_{i}")(
+                n, n, use_causal_mask=True)
+            h = keras.layers.Add(name=f"add1_{i}")([h, a])
+            n = keras.layers.LayerNormalization(name=f"norm2_{i}")(h)
+            u = keras.layers.Dense(2 * dim, activation="gelu", name=f"up_{i}")(n)
+            d = keras.layers.Dense(dim, name=f"down_{i}")(u)
+            h = keras.layers.Add(name=f"add2_{i}")([h, d])
+        h = keras.layers.LayerNormalization(name="final_norm")(h)
+        return keras.Model(ids, keras.layers.Dense(96, name="logits")(h), name="plain_transformer")
+
     def build() -> keras.Model:
         keras.utils.set_random_seed(0)
-        model = transformer(vocab=96, seq_len=SEQ, dim=args.width, blocks=args.blocks)
+        model = (transformer(vocab=96, seq_len=SEQ, dim=args.width, blocks=args.blocks)
+                 if args.layers == "blocks" else plain(args.width))
         model.compile(keras.optimizers.SGD(0.1),
                       keras.losses.SparseCategoricalCrossentropy(from_logits=True))
         return model
@@ -90,9 +113,12 @@ def main() -> None:
     reference = build()
     reference.fit(x, y, batch_size=batch, epochs=1, verbose=0, shuffle=False)
     keras_first = time.perf_counter() - started
+    print(f"model.fit's first step: {keras_first:.2f} s", flush=True)
 
     model = build()
+    started = time.perf_counter()
     pipe = tfpipe.Pipeline(model, stages=k, micro_batches=m, schedule="1f1b")
+    print(f"split and placed: {time.perf_counter() - started:.2f} s", flush=True)
     stages, schedule = pipe.executor.stages, pipe.executor.schedule
     model_inputs = {id(t) for t in keras.tree.flatten(model.inputs)}
     producer = {id(t): st.index for st in stages for t in st.outputs or []}
@@ -259,7 +285,8 @@ def main() -> None:
         started = time.perf_counter()
         concrete(tf.constant(x), tf.constant(y))
         steady.append(time.perf_counter() - started)
-    print(f"rank loops K={k} M={m:3d} blocks={args.blocks}: trace {trace:5.2f} s, {ops} ops, "
+    print(f"rank loops {args.layers} K={k} M={m:3d} blocks={args.blocks}: "
+          f"trace {trace:5.2f} s, {ops} ops, "
           f"first run {first:6.2f} s, steady {sorted(steady)[1]:5.2f} s; first step "
           f"{trace + first:6.2f} s vs model.fit's {keras_first:5.2f} s "
           f"({(trace + first) / keras_first:.1f}x); weights vs model.fit {diff:.1e} (relative)")

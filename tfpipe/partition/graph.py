@@ -140,7 +140,7 @@ def _topological(nodes: dict[int, Any], parents: dict[int, list[int]], key: Any)
     waiting = {k: set(p) for k, p in parents.items()}
     children: dict[int, list[int]] = {k: [] for k in nodes}
     for k, ps in parents.items():
-        for p in ps:
+        for p in dict.fromkeys(ps):  # once per parent: MultiHeadAttention(x, x) reads x twice
             children[p].append(k)
     ready = [k for k, ps in waiting.items() if not ps]
     out = []
