@@ -19,9 +19,11 @@ what they touch: `graph` (the symbolic graph), `compiled` (loss and metrics), `v
 
 from __future__ import annotations
 
+from tfpipe._keras import functions
 from tfpipe._keras.compiled import (
     compile_key,
     compiled_loss,
+    has_compiled_metrics,
     loss_tracker,
     unscale_loss,
 )
@@ -75,6 +77,8 @@ __all__ = [
     "run_op_by_op",
     "run_graph",
     "compiled_loss",
+    "has_compiled_metrics",
+    "functions",
     "compile_key",
     "loss_tracker",
     "unscale_loss",

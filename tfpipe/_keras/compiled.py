@@ -44,3 +44,11 @@ def unscale_loss(loss: tf.Tensor) -> tf.Tensor:
     """
     unscaled: tf.Tensor = unscale_loss_for_distribution(loss)
     return unscaled
+
+
+def has_compiled_metrics(model: keras.Model) -> bool:
+    """Whether the model was compiled with metrics (besides the loss).
+
+    Keras 3.14-3.15: `Trainer._compile_metrics` (None without `metrics=`/`weighted_metrics=`).
+    """
+    return getattr(model, "_compile_metrics", None) is not None

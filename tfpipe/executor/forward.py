@@ -204,7 +204,13 @@ class StageRunner:
         regularisation term per regularised trainable variable. `weights`: a replica's read
         of the stage's trainable variables, regularised in their place (None: the variables).
         """
-        terms = self.losses.get(stage.index, [])
+        return self.extra_terms(stage, self.losses.get(stage.index, []), mb.extra_scale[m],
+                                weights)
+
+    def extra_terms(
+        self, stage: Stage, terms: list[Any], scale: Any, weights: list[Any] | None = None
+    ) -> tf.Tensor | None:
+        """`extra_loss` from a call's `add_loss` terms `terms`, weighted by `scale` (b_m / B)."""
         variables = stage.trainable_variables
         values = variables if weights is None else weights
         regularised = [(v, w) for v, w in zip(variables, values) if v.regularizer is not None]
@@ -213,7 +219,7 @@ class StageRunner:
         if not activity and not penalties:
             return None
         total = tf.add_n([tf.cast(tf.reduce_sum(t), tf.float32) for t in activity + penalties])
-        return total * mb.extra_scale[m]
+        return total * scale
 
     def record(
         self,

@@ -155,3 +155,72 @@ class Program:
             replay_waits=replicate_waits(rank_waits(schedule, kinds="BI"), replicas, m),
             gradient_waits=replicate_waits(gradient_waits(schedule), replicas, m),
         )
+
+
+@dataclass(frozen=True)
+class RankRows:
+    """A schedule as the rank loops run it (`tfpipe.executor.rankloop`): per rank, the
+    `(stage, kind)` of each branch of its loop body, and per action the branch and micro-batch.
+
+    Attributes:
+        branches: `branches[r]`, the distinct `(stage, kind)` of rank r's actions, in order
+            of first appearance.
+        codes: `codes[r][n]`, the branch index of rank r's n-th action.
+        micro_batches: `micro_batches[r][n]`, its micro-batch.
+
+    Example:
+        >>> from tfpipe.schedules import one_f_one_b
+        >>> rows = RankRows.build(one_f_one_b(2, 2))
+        >>> rows.branches[1], rows.codes[1]
+        ([(1, 'F'), (1, 'B')], [0, 1, 0, 1])
+    """
+
+    branches: list[list[tuple[int, str]]]
+    codes: list[list[int]]
+    micro_batches: list[list[int]]
+
+    @classmethod
+    def build(cls, schedule: Schedule) -> RankRows:
+        """The rows of `schedule` (validated)."""
+        branches, codes, mbs = [], [], []
+        for actions in schedule.ranks:
+            seen: dict[tuple[int, str], int] = {}
+            for a in actions:
+                seen.setdefault((a.stage, a.kind), len(seen))
+            branches.append(list(seen))
+            codes.append([seen[(a.stage, a.kind)] for a in actions])
+            mbs.append([a.micro_batch for a in actions])
+        return cls(branches, codes, mbs)
+
+
+def loop_refusal(schedule: Schedule, edges: list[tuple[int, int]]) -> str | None:
+    """Why the rank loops cannot run `schedule`, or None when they can.
+
+    The loops pass activations and gradients through one first-in-first-out queue per
+    `(producer stage, consumer stage)` edge, so each edge's receiver must read in the order
+    its sender writes: the consumer's forwards in the producer's forward order, the
+    producer's backwards in the consumer's backward order. Split backward (`I`/`W`) is not
+    run by the loops yet.
+
+    Args:
+        schedule: a validated schedule.
+        edges: `(producer stage, consumer stage)` of every tensor passed between stages.
+
+    Example:
+        >>> from tfpipe.schedules import gpipe
+        >>> loop_refusal(gpipe(2, 3), [(0, 1)]) is None
+        True
+    """
+    kinds = {a.kind for row in schedule.ranks for a in row}
+    if kinds - set("FB"):
+        return (f"the schedule splits backward into I and W ({schedule.name}); the rank loops "
+                "run F and B only")
+    order: dict[tuple[int, str], list[int]] = {}
+    for row in schedule.ranks:
+        for a in row:
+            order.setdefault((a.stage, a.kind), []).append(a.micro_batch)
+    for p, c in edges:
+        if order[(p, "F")] != order[(c, "F")] or order[(c, "B")] != order[(p, "B")]:
+            return (f"stages {p} and {c} of {schedule.name} do not run their micro-batches in "
+                    "the same order, so one queue between them would deliver them out of order")
+    return None

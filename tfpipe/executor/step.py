@@ -49,11 +49,12 @@ from tfpipe.executor.grads import (
 from tfpipe.executor.microbatch import MicroBatches, loss_reduction
 from tfpipe.executor.numerics import check_gradients
 from tfpipe.executor.profiling import stamper, timeline
-from tfpipe.executor.program import Program, scope_name
+from tfpipe.executor.program import Program, loop_refusal, scope_name
+from tfpipe.executor.rankloop import RankLoops, edges
 from tfpipe.executor.replicas import ReplicaReducer
 from tfpipe.executor.weights import read_replica_weights
 from tfpipe.partition import Stage
-from tfpipe.schedules import Action, Schedule
+from tfpipe.schedules import Action, Schedule, format_schedule
 
 __all__ = ["Executor"]
 
@@ -87,6 +88,8 @@ class Executor:
             updated once per batch from all micro-batches (`tfpipe.executor.batchnorm`).
         jit_compile: compile each stage's forward (and so its backward) with XLA on its
             device (`tfpipe.executor.stagefn`).
+        rank_loops: run the training step as one in-graph loop per rank
+            (`tfpipe.executor.rankloop`): a graph that grows with K, not M x K.
 
     Attributes:
         traces: how many times each step kind was traced (`"train"`, `"test"`, `"predict"`);
@@ -110,6 +113,7 @@ class Executor:
         replica_devices: Sequence[Sequence[str]] | None = None,
         batch_norm: str = "micro-batch",
         jit_compile: bool = False,
+        rank_loops: bool = False,
     ) -> None:
         self.model = model
         self.stages = stages
@@ -133,6 +137,14 @@ class Executor:
         self.produced: dict[Action, list[Any]] = {}
         devices = {d for row in self.devices for d in row}
         self.stamper = stamper(profile, devices, len(self.program.runs))
+        self.loops = None
+        if rank_loops:
+            refusal = loops_refusal(self, profile, jit_compile)
+            if refusal:
+                raise PipelineError(
+                    f"rank_loops=True: {refusal}. Use rank_loops=False (the unrolled step "
+                    "runs every feature).\n" + format_schedule(schedule))
+            self.loops = RankLoops(self.runner, stages, schedule)
 
     @property
     def stamps(self) -> tf.Variable | None:
@@ -155,6 +167,13 @@ class Executor:
                 f"with loss {self.model.loss!r}, so each batch must be (x, y) or "
                 "(x, y, sample_weight). Pass y=... with array inputs, or a dataset of (x, y) pairs."
             )
+        if self.loops is not None:
+            mb = self._split(x, y, sw)
+            with tf.device(HOST):
+                inputs = self.runner.flatten_inputs(x)
+            losses, grads = self.loops(mb, inputs, y, sw, x)
+            apply_gradients(self.model, self.stages, self.runner.owner, grads)
+            return self._results(losses, mb)
         flow = Dataflow(self._split(x, y, sw))
         sums = GradSums(self.stages, self.replicas, self.micro_batches, self.add_all)
         self.runner.feed(flow)
@@ -363,3 +382,20 @@ class Executor:
         if weight_grads:
             return list(input_grads) + sums.add(s, m, weight_grads)
         return list(input_grads)
+
+
+def loops_refusal(executor: Executor, profile: bool, jit_compile: bool) -> str | None:
+    """Why the rank loops cannot run this executor's training step yet, or None."""
+    features = {
+        "a subclassed model trained whole": executor.runner.opaque,
+        "replicas": executor.replicas > 1,
+        "recompute": any(executor.recompute),
+        "check_numerics": executor.check_numerics,
+        "batch_norm='deferred'": executor.deferred is not None,
+        "profile": profile,
+        "jit_compile": jit_compile,
+    }
+    used = [name for name, on in features.items() if on]
+    if used:
+        return f"the rank loops do not run {', '.join(used)} yet"
+    return loop_refusal(executor.schedule, edges(executor.runner, executor.stages))

@@ -1,0 +1,87 @@
+"""Private TensorFlow function calls of the rank loops: a forward/backward pair, a graph without
+automatic control dependencies, and calls of concrete functions with explicit captures.
+
+Design: the rank loops (`tfpipe.executor.rankloop`) need three things TensorFlow has but does not
+export: the forward/backward pair it builds to differentiate a call of a `tf.function` (the
+forward returns the outputs and the residuals its backward reads; the backward takes output
+gradients and residuals), a function graph built without automatic control dependencies
+(with them, every op touching one queue is ordered, so two rank loops sharing a queue would
+run one after the other: a deadlock), and calls of those functions with their captured inputs
+given explicitly (a residual from a loop's TensorList stands in for a captured tensor).
+Written for TensorFlow 2.16-2.21 (`polymorphic_function.concrete_function`,
+`framework.func_graph`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import tensorflow as tf
+from tensorflow.python.eager.polymorphic_function import concrete_function
+from tensorflow.python.framework import func_graph
+
+
+def forward_backward(function: Any, num_seeded: int) -> tuple[Any, Any]:
+    """TensorFlow's forward and backward functions for a concrete function's call.
+
+    After this, `function.graph.outputs` lists the outputs then the residuals.
+
+    TensorFlow 2.16-2.21: `ConcreteFunction._delayed_rewrite_functions.forward_backward`.
+
+    Args:
+        function: a `ConcreteFunction`.
+        num_seeded: how many leading outputs the backward takes gradients for (the
+            differentiable ones; outputs after them get none).
+
+    Returns:
+        `(forward, backward)`: the forward an `AtomicFunction` called as
+        `call_forward(forward, args + function.captured_inputs)`, the backward a
+        `ConcreteFunction` called with `call_backward`.
+    """
+    fw, bw = function._delayed_rewrite_functions.forward_backward(num_seeded)
+    return fw, bw
+
+
+def call_forward(forward: Any, flat: Sequence[Any]) -> list[Any]:
+    """Calls a forward function on its flat arguments (captured inputs included)."""
+    return list(forward.call_flat(*flat))
+
+
+def call_backward(backward: Any, seeds: Sequence[Any], captures: Sequence[Any]) -> list[Any]:
+    """Calls a backward function on output gradients, with `captures` for its captured inputs
+    (residuals from the forward, or the tensors it captured); returns its structured outputs
+    (one per input of the differentiated function: a tensor, IndexedSlices or None)."""
+    return list(backward._call_flat(list(seeds), list(captures)))
+
+
+def seed_count(backward: Any) -> int:
+    """How many output gradients a backward function takes."""
+    return len(backward.graph.inputs) - len(backward.captured_inputs)
+
+
+def graph_function(name: str, fn: Callable[..., Any], signature: Sequence[Any]) -> Any:
+    """A concrete function of `fn` traced without automatic control dependencies.
+
+    TensorFlow 2.16-2.21: `func_graph_from_py_func(add_control_dependencies=False)` and
+    `ConcreteFunction.from_func_graph`.
+    """
+    graph = func_graph.func_graph_from_py_func(
+        name, fn, [], {}, add_control_dependencies=False, signature=list(signature))
+    return concrete_function.ConcreteFunction.from_func_graph(graph, None, {})
+
+
+def call_graph_function(function: Any, args: Sequence[Any]) -> list[Any]:
+    """Calls a `graph_function` on flat arguments; returns its flat outputs."""
+    out = function._call_flat(list(args), function.captured_inputs)
+    return list(out) if isinstance(out, (list, tuple)) else [out]
+
+
+def operation_count(function: Any) -> int:
+    """Operations in a concrete function's own graph (not those of the functions it calls)."""
+    return len(function.graph.get_operations())
+
+
+def no_inline(fn: Callable[..., Any]) -> Any:
+    """`fn` as a `tf.function` that the runtime does not inline into its caller."""
+    return tf.function(fn, autograph=False, experimental_attributes={"_noinline": True})

@@ -1,0 +1,327 @@
+"""Rank loops: a training step as one in-graph loop per rank over its schedule row.
+
+Design:
+- Why: the unrolled step (`Executor.train_step` walking `program.runs`) has 3 x M x K call
+  sites, and TensorFlow optimises every call site of the step before its first run (Grappler
+  specialises each backward per call site): the first step grew with M, 9.8x `model.fit`'s at
+  K = 4, M = 64 on the 12-block Transformer (`benchmarks/trace_cost.py`). Here the step's graph
+  grows with K only.
+- Each stage's forward is one `tf.function` of (stage inputs, and on the last stage the
+  micro-batch's labels, sample weights and loss weight), returning its outputs and loss
+  terms. TensorFlow's own forward/backward pair for a call of it (`_keras.functions.
+  forward_backward`) splits it: the forward also returns the residuals its backward reads, and
+  the backward takes output gradients and residuals and returns input and weight gradients.
+- Each rank runs its schedule row (`program.RankRows`) as one `tf.while_loop` on its device,
+  one action per iteration (`parallel_iterations=1`: the schedule's order, and the queue reads
+  in order), a `tf.switch_case` on the action's `(stage, kind)`. Residuals wait in
+  TensorLists indexed by micro-batch; dense weight gradients are summed in loop variables;
+  IndexedSlices (embedding gradients) are kept per micro-batch in TensorLists and combined
+  after the loop as the unrolled step combines them (`grads.combine_sparse`), because Keras's
+  optimizers square slices before summing duplicates.
+- Activations and gradients cross stages through one FIFO queue per (tensor, consumer stage),
+  made once on the sender's device; reads go through a non-inlined function on that device,
+  so no loop frame spans two devices. `program.loop_refusal` checks that each queue's reader
+  reads in its writer's order.
+- TensorFlow behaviours this is built around (each one hung, or silently skipped work, in
+  `benchmarks/rank_loop_probe.py`): automatic control dependencies order every op touching
+  one queue, so the loops are traced without them (`_keras.functions.graph_function`);
+  Grappler drops a function call's unread outputs with their side effects, so every rank's
+  action count is returned and checked; a control dependency onto a constant is dropped, so
+  each action waits on an Identity of the loop counter; each action's end waits on its
+  stage function's call operation, so state updates inside it (BatchNormalization's moving
+  statistics, seed generators) finish before the next action starts.
+- Metrics are updated once after the loops, on the last stage's device, from the
+  micro-batches' predictions concatenated in batch order (the compiled metrics are sums over
+  samples, so this equals updating them per micro-batch).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import keras
+import tensorflow as tf
+
+from tfpipe._keras import functions, has_compiled_metrics
+from tfpipe.errors import PipelineError
+from tfpipe.executor.forward import StageRunner, graph_inputs, graph_outputs
+from tfpipe.executor.grads import SparseParts
+from tfpipe.executor.program import RankRows
+from tfpipe.executor.stagepair import Queue, StagePair, get, relaxed, reserve, set_item, shape_of
+from tfpipe.partition import Stage
+from tfpipe.schedules import Schedule
+
+__all__ = ["RankLoops", "edges"]
+
+
+def stage_input_ids(runner: StageRunner, stage: Stage) -> list[int]:
+    """Ids of the graph tensors a stage's forward takes (the last also the early outputs)."""
+    ids = [id(t) for t in graph_inputs(stage)]
+    if stage.index == runner.last:
+        ids += [i for i in runner.early_outputs if i not in ids]
+    return ids
+
+
+def edges(runner: StageRunner, stages: list[Stage]) -> list[tuple[int, int]]:
+    """`(producer, consumer)` stage pairs of every tensor passed between stages."""
+    producer = {id(t): st.index for st in stages for t in graph_outputs(st)}
+    model_inputs = set(runner.input_ids)
+    return sorted({(producer[i], st.index) for st in stages
+                   for i in stage_input_ids(runner, st) if i not in model_inputs})
+
+
+def _split(t: tf.Tensor, sizes: tf.Tensor) -> tf.Tensor:
+    """A TensorList of `t`'s micro-batches (`sizes` rows each)."""
+    return tf.raw_ops.TensorListSplit(tensor=t, element_shape=shape_of(relaxed(t)),
+                                      lengths=tf.cast(sizes, tf.int64))
+
+
+class RankLoops:
+    """The training step of a schedule as one in-graph loop per rank.
+
+    Args:
+        runner: the executor's `StageRunner`.
+        stages: the model's stages (a graph model's), one copy, stage k on `stages[k].device`.
+        schedule: a schedule the loops can run (`program.loop_refusal` is None).
+
+    Attributes:
+        region: the concrete function holding every rank's loop (built at the first trace).
+        pairs: each stage's `StagePair`.
+    """
+
+    def __init__(self, runner: StageRunner, stages: list[Stage], schedule: Schedule) -> None:
+        self.runner, self.stages, self.schedule = runner, stages, schedule
+        self.rows = RankRows.build(schedule)
+        self.m = schedule.num_micro_batches
+        self.pairs: list[StagePair] = []
+        self.region: Any = None
+        self.layout: Any = None
+        self.acts: dict[tuple[int, int], Queue] = {}
+        self.grads: dict[tuple[int, int], Queue] = {}
+        self.consumers: dict[int, list[int]] = {}
+
+    def __call__(self, mb: Any, inputs: list[Any], y: Any, sw: Any, x: Any
+                 ) -> tuple[list[tf.Tensor], list[list[Any]]]:
+        """Runs every rank's row on the batch.
+
+        Args:
+            mb: the batch's `MicroBatches` (sizes and loss weights).
+            inputs: the model's flat inputs, whole batch, on the host.
+            y, sw: the batch's labels and sample weights (structures).
+            x: the batch's inputs as given (for `compute_metrics`).
+
+        Returns:
+            The weighted loss terms (one per rank), and per stage the gradients of its
+            trainable variables (a tensor, `SparseParts` or None), for `apply_gradients`.
+        """
+        ys = keras.tree.flatten(y)
+        sws = [] if sw is None else keras.tree.flatten(sw)
+        if self.region is None:
+            with tf.init_scope():
+                self._build(inputs, y, sw, ys, sws)
+        with tf.device("/cpu:0"):
+            args = [_split(t, mb.sizes) for t in [*inputs, *ys, *sws]]
+            args += [tf.stack(mb.data_scale), tf.stack(mb.extra_scale)]
+        got = tf.nest.pack_sequence_as(self.layout, functions.call_graph_function(self.region,
+                                                                                 args))
+        ran = tf.debugging.assert_equal(
+            tf.stack(got["ticks"]), tf.constant([len(r) for r in self.rows.codes]),
+            message="tfpipe rank loops: a rank did not run its whole schedule row")
+        with tf.control_dependencies([ran]):
+            losses = [tf.identity(t) for t in got["loss"]]
+        grads: list[list[Any]] = [[None] * len(st.trainable_variables) for st in self.stages]
+        for key, g in got["grads"].items():
+            s, k = (int(p) for p in key.split("/"))
+            if isinstance(g, list):
+                var = self.stages[s].trainable_variables[k]
+                shape = tf.constant(list(var.shape), tf.int64)
+                g = SparseParts([tf.IndexedSlices(v, i, shape)
+                                 for v, i in zip(g[: self.m], g[self.m:])])
+            grads[s][k] = g
+        if got["preds"]:
+            with tf.device(self.stages[-1].device):
+                y_pred = keras.tree.pack_sequence_as(self.runner.output_struct, got["preds"])
+                self.runner.model.compute_metrics(x, y, y_pred, sw)
+        return losses, grads
+
+    def operation_count(self) -> int:
+        """Operations in the loops' own graph (loop and branch bodies not counted)."""
+        return functions.operation_count(self.region) if self.region is not None else 0
+
+    def _build(self, inputs: list[Any], y: Any, sw: Any, ys: list[Any], sws: list[Any]) -> None:
+        runner = self.runner
+        spec_of = {i: relaxed(t) for i, t in zip(runner.input_ids, inputs)}
+        metrics = has_compiled_metrics(runner.model)
+        for st in self.stages:
+            labels = None
+            if st.index == runner.last:
+                labels = (y, sw, [relaxed(t) for t in ys], [relaxed(t) for t in sws])
+            ids = stage_input_ids(runner, st)
+            pair = StagePair(runner, st, [spec_of[i] for i in ids], labels, metrics)
+            self.pairs.append(pair)
+            for i, n in pair.out_at.items():
+                spec_of[i] = pair.specs[n]
+        producer = {id(t): st.index for st in self.stages for t in graph_outputs(st)}
+        for pair in self.pairs:
+            c = pair.stage.index
+            for j, i in enumerate(pair.in_ids):
+                if i in producer:
+                    self.consumers.setdefault(i, []).append(c)
+                    self.acts[(i, c)] = Queue(self.stages[producer[i]].device, spec_of[i], self.m)
+                    if spec_of[i].dtype.is_floating:
+                        if pair.input_grads[j] is None:
+                            raise PipelineError(
+                                f"tfpipe rank loops: stage {c} ({', '.join(pair.stage.names)}) "
+                                f"gives no gradient for an input it reads from stage "
+                                f"{producer[i]}; run this model without rank loops.")
+                        self.grads[(i, c)] = Queue(pair.stage.device, spec_of[i], self.m)
+        n = len(inputs) + len(ys) + len(sws)
+        signature = [tf.TensorSpec([], tf.variant)] * n + [tf.TensorSpec([self.m], tf.float32)] * 2
+        self._counts = (len(inputs), len(ys), len(sws))
+        self.region = functions.graph_function("tfpipe_rank_loops", self._region, signature)
+
+    def _region(self, *args: Any) -> list[Any]:
+        """Every rank's loop; returns their flat results (`self.layout` gives the structure)."""
+        nx, ny, nsw = self._counts
+        lists = {"x": dict(zip(self.runner.input_ids, args[:nx])),
+                 "labels": list(args[nx: nx + ny + nsw]),
+                 "data_scale": args[-2], "extra_scale": args[-1]}
+        out: dict[str, Any] = {"loss": [], "ticks": [], "grads": {}, "preds": []}
+        for r, branches in enumerate(self.rows.branches):
+            final = self._rank_loop(r, branches, lists)
+            out["loss"].append(final["loss"])
+            out["ticks"].append(final["tick"])
+            for slot, (s, pair) in enumerate(self._rank_pairs(branches)):
+                for (k, g), total in zip(self._dense(pair), final["sums"][slot]):
+                    out["grads"][f"{s}/{k}"] = total
+                for (k, g), (values, indices) in zip(self._sparse(pair), final["slices"][slot]):
+                    out["grads"][f"{s}/{k}"] = (
+                        [get(values, m, relaxed(g.values)) for m in range(self.m)]
+                        + [get(indices, m, relaxed(g.indices)) for m in range(self.m)])
+            for lst, spec in zip(final["preds"], self._pred_specs(branches)):
+                out["preds"].append(tf.raw_ops.TensorListConcatV2(
+                    input_handle=lst, element_shape=shape_of(spec),
+                    leading_dims=tf.zeros([0], tf.int64), element_dtype=spec.dtype)[0])
+        self.layout = out
+        return tf.nest.flatten(out)
+
+    def _rank_pairs(self, branches: list[tuple[int, str]]) -> list[tuple[int, StagePair]]:
+        """The stages a rank runs, in order of first appearance, with their pairs."""
+        seen = list(dict.fromkeys(s for s, _ in branches))
+        return [(s, self.pairs[s]) for s in seen]
+
+    @staticmethod
+    def _dense(pair: StagePair) -> list[tuple[int, Any]]:
+        return [(k, g) for k, g in sorted(pair.var_grads.items())
+                if not isinstance(g, tf.IndexedSlices)]
+
+    @staticmethod
+    def _sparse(pair: StagePair) -> list[tuple[int, Any]]:
+        return [(k, g) for k, g in sorted(pair.var_grads.items())
+                if isinstance(g, tf.IndexedSlices)]
+
+    def _pred_specs(self, branches: list[tuple[int, str]]) -> list[Any]:
+        last = self.pairs[-1]
+        if last.stage.index not in {s for s, _ in branches}:
+            return []
+        return last.specs[last.preds_at: last.preds_at + last.layout["preds"]]
+
+    def _rank_loop(self, r: int, branches: list[tuple[int, str]], lists: dict[str, Any]
+                   ) -> dict[str, Any]:
+        """Rank r's row as a `tf.while_loop` on its device; returns the final loop state."""
+        pairs = self._rank_pairs(branches)
+        slot_of = {s: n for n, (s, _) in enumerate(pairs)}
+        device = self.stages[pairs[0][0]].device
+        codes, mbs = self.rows.codes[r], self.rows.micro_batches[r]
+        with tf.device(device):
+            init = {
+                "tick": tf.constant(0), "loss": tf.zeros([]),
+                "res": [[reserve(p.specs[n], self.m) for n in p.residuals] for _, p in pairs],
+                "sums": [[tf.zeros(p.stage.trainable_variables[k].shape, g.dtype)
+                          for k, g in self._dense(p)] for _, p in pairs],
+                "slices": [[(reserve(relaxed(g.values), self.m),
+                             reserve(relaxed(g.indices), self.m))
+                            for _, g in self._sparse(p)] for _, p in pairs],
+                "preds": [reserve(spec, self.m) for spec in self._pred_specs(branches)],
+            }
+            code_table, mb_table = tf.constant(codes), tf.constant(mbs)
+
+            def body(n: Any, state: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+                mb = mb_table[n]
+                fns = [self._branch(pairs[slot_of[s]][1], kind, slot_of[s], state, mb, lists)
+                       for s, kind in branches]
+                return n + 1, tf.switch_case(code_table[n], fns)
+
+            _, final = tf.while_loop(lambda n, _: n < len(codes), body, (tf.constant(0), init),
+                                     parallel_iterations=1)
+        return dict(final)
+
+    def _branch(self, pair: StagePair, kind: str, slot: int, state: dict[str, Any],
+                mb: tf.Tensor, lists: dict[str, Any]) -> Any:
+        """The loop body's branch for one `(stage, kind)`: a function of no arguments."""
+        if kind == "F":
+            return lambda: self._forward(pair, slot, state, mb, lists)
+        return lambda: self._backward(pair, slot, state, mb)
+
+    @staticmethod
+    def _done(state: dict[str, Any], after: list[Any]) -> dict[str, Any]:
+        """`state` with the counter advanced once everything in `after` has run."""
+        with tf.control_dependencies(after):
+            tick = tf.identity(state["tick"])  # an Identity: Grappler keeps its dependencies
+        return {**state, "tick": tick + 1}
+
+    def _forward(self, pair: StagePair, slot: int, state: dict[str, Any], mb: tf.Tensor,
+                 lists: dict[str, Any]) -> dict[str, Any]:
+        s = pair.stage.index
+        with tf.control_dependencies([state["tick"]]):
+            ins = [get(lists["x"][i], mb, pair.function.structured_input_signature[0][j])
+                   if i in lists["x"] else self.acts[(i, s)].take()
+                   for j, i in enumerate(pair.in_ids)]
+            if pair.last:
+                specs = pair.function.structured_input_signature[0][len(pair.in_ids):]
+                ins += [get(lst, mb, spec) for lst, spec in zip(lists["labels"], specs)]
+                ins.append(tf.gather(lists["data_scale"], mb))
+            ins.append(tf.gather(lists["extra_scale"], mb))
+        outs = functions.call_forward(pair.fw, ins + list(pair.function.captured_inputs))
+        sent = [self.acts[(i, c)].put(outs[n]) for i, n in pair.out_at.items()
+                for c in self.consumers.get(i, [])]
+        res = [set_item(lst, mb, outs[n]) for lst, n in zip(state["res"][slot], pair.residuals)]
+        new = {**state, "res": [*state["res"][:slot], res, *state["res"][slot + 1:]]}
+        if pair.loss_at is not None:
+            new["loss"] = state["loss"] + outs[pair.loss_at]
+        if state["preds"] and pair.last:
+            new["preds"] = [set_item(lst, mb, outs[pair.preds_at + j])
+                            for j, lst in enumerate(state["preds"])]
+        return self._done(new, [*sent, *res, new["loss"], *new["preds"], outs[0].op])
+
+    def _backward(self, pair: StagePair, slot: int, state: dict[str, Any], mb: tf.Tensor
+                  ) -> dict[str, Any]:
+        s = pair.stage.index
+        floats = [i for i, n in sorted(pair.out_at.items(), key=lambda t: t[1])
+                  if n < pair.seeded]
+        with tf.control_dependencies([state["tick"]]):
+            seeds = [tf.add_n([self.grads[(i, c)].take() for c in self.consumers[i]])
+                     for i in floats]
+            if pair.loss_at is not None:
+                seeds.append(tf.ones([], pair.specs[pair.seeded - 1].dtype))
+        res = {n: get(lst, mb, pair.specs[n]) for lst, n in zip(state["res"][slot],
+                                                                pair.residuals)}
+        caps = [c if n is None else res[n] for n, c in pair.bw_caps]
+        got = functions.call_backward(pair.bw, seeds, caps)
+        sent = [self.grads[(i, s)].put(got[j]) for j, i in enumerate(pair.in_ids)
+                if (i, s) in self.grads]
+        at = {k: pair.num_args + j for j, k in enumerate(pair.var_of) if k is not None}
+        sums = [total + got[at[k]] for (k, _), total in zip(self._dense(pair),
+                                                             state["sums"][slot])]
+        slices = [(set_item(v, mb, got[at[k]].values), set_item(i, mb, got[at[k]].indices))
+                  for (k, _), (v, i) in zip(self._sparse(pair), state["slices"][slot])]
+        new = {**state, "sums": [*state["sums"][:slot], sums, *state["sums"][slot + 1:]],
+               "slices": [*state["slices"][:slot], slices, *state["slices"][slot + 1:]]}
+        after = [*sent, *sums, *[t for pair_ in slices for t in pair_], got_op(got)]
+        return self._done(new, after)
+
+
+def got_op(got: list[Any]) -> Any:
+    """The call operation behind a backward's outputs (its first tensor's producer)."""
+    first = next(g for g in got if g is not None)
+    return (first.values if isinstance(first, tf.IndexedSlices) else first).op

@@ -1,0 +1,183 @@
+"""A stage's forward and backward functions for the rank loops, and the queues between stages.
+
+Design: see `tfpipe.executor.rankloop`. A stage's forward is traced once as a `tf.function`
+of its inputs (on the last stage also the micro-batch's labels, sample weights and loss
+weight, and on every stage its share of the regularisation losses) and returns, in this
+order, the values its backward seeds (float outputs sent to later stages, then the scaled
+loss), then the rest (non-float outputs, the unscaled loss, the predictions for the
+metrics). TensorFlow's forward/backward pair for a call of it (`_keras.functions`) then
+gives the forward with its residuals appended and the backward from output gradients and
+residuals to input and weight gradients (None for a weight the stage does not use, IndexedSlices
+for a gathered table).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import keras
+import tensorflow as tf
+
+from tfpipe._keras import compiled_loss, functions
+from tfpipe.errors import PipelineError
+from tfpipe.executor.forward import StageRunner, graph_inputs, graph_outputs
+from tfpipe.partition import Stage
+from tfpipe.partition.stages import check_gradient_path
+
+__all__ = ["StagePair", "Queue"]
+
+
+def relaxed(t: Any) -> tf.TensorSpec:
+    """A spec of `t` with its batch dimension unknown (micro-batches may differ by one)."""
+    shape = t.shape
+    if shape.rank:
+        shape = tf.TensorShape([None, *shape[1:]])
+    return tf.TensorSpec(shape, t.dtype)
+
+
+def shape_of(spec: Any) -> tf.Tensor:
+    """An element shape for TensorList ops (-1 for an unknown dimension or rank)."""
+    if spec.shape.rank is None:
+        return tf.constant(-1)
+    return tf.constant([-1 if d is None else d for d in spec.shape], tf.int32)
+
+
+def reserve(spec: Any, n: int) -> tf.Tensor:
+    return tf.raw_ops.TensorListReserve(element_shape=shape_of(spec), num_elements=n,
+                                        element_dtype=spec.dtype)
+
+
+def get(lst: tf.Tensor, index: tf.Tensor, spec: Any) -> tf.Tensor:
+    got = tf.raw_ops.TensorListGetItem(input_handle=lst, index=index, element_shape=shape_of(spec),
+                                       element_dtype=spec.dtype)
+    got.set_shape(spec.shape)
+    return got
+
+
+def set_item(lst: tf.Tensor, index: tf.Tensor, value: tf.Tensor) -> tf.Tensor:
+    return tf.raw_ops.TensorListSetItem(input_handle=lst, index=index, item=value)
+
+
+class StagePair:
+    """One stage's forward and backward functions and how their values are laid out.
+
+    Args:
+        runner: the executor's `StageRunner` (model inputs, predictions, extra losses).
+        stage: the stage.
+        specs: one spec per stage input (`in_ids` order), batch dimension unknown.
+        labels: on the last stage, the specs of the flat labels and sample weights.
+        metrics: on the last stage, whether to return the predictions for the metrics.
+    """
+
+    def __init__(self, runner: StageRunner, stage: Stage, specs: list[Any],
+                 labels: tuple[Any, Any, list[Any], list[Any]] | None, metrics: bool) -> None:
+        self.stage = stage
+        self.last = labels is not None
+        model = runner.model
+        self.in_ids = [id(t) for t in graph_inputs(stage)]
+        if self.last:
+            self.in_ids += [i for i in runner.early_outputs if i not in self.in_ids]
+        out_ids = [id(t) for t in graph_outputs(stage)]
+        y_struct, sw_struct, y_specs, sw_specs = labels or (None, None, [], [])
+        ny, nsw = len(y_specs), len(sw_specs)
+        layout: dict[str, Any] = {}
+
+        def forward(*args: Any) -> list[Any]:
+            inputs = list(args[: len(self.in_ids)])
+            rest = args[len(self.in_ids):]
+            outs = keras.tree.flatten(stage.model(inputs[: len(stage.inputs or [])],
+                                                  training=True))
+            terms = []
+            if self.last:
+                y = keras.tree.pack_sequence_as(y_struct, list(rest[:ny]))
+                sw = None if sw_struct is None else keras.tree.pack_sequence_as(
+                    sw_struct, list(rest[ny: ny + nsw]))
+                y_pred = runner.prediction(stage, outs, dict(zip(self.in_ids, inputs)))
+                loss = compiled_loss(model, y, y_pred, sw)
+                terms.append(tf.cast(loss * tf.cast(rest[-2], loss.dtype), tf.float32))
+            extra = runner.extra_terms(stage, list(stage.model.losses), rest[-1])
+            if extra is not None:
+                terms.append(extra)
+            sent = [] if self.last else outs
+            floats = [j for j, o in enumerate(sent) if o.dtype.is_floating]
+            others = [j for j, o in enumerate(sent) if not o.dtype.is_floating]
+            total = tf.add_n(terms) if terms else None
+            seeded = [sent[j] for j in floats] + (
+                [model.optimizer.scale_loss(total)] if terms else [])
+            preds = keras.tree.flatten(y_pred) if self.last and metrics else []
+            layout.update(floats=floats, others=others, seeded=len(seeded), loss=bool(terms),
+                          preds=len(preds))
+            return seeded + [sent[j] for j in others] + ([total] if terms else []) + preds
+
+        extra_specs = [*y_specs, *sw_specs, tf.TensorSpec([], tf.float32)] if self.last else []
+        with tf.device(stage.device):
+            self.function = tf.function(forward, autograph=False).get_concrete_function(
+                *specs, *extra_specs, tf.TensorSpec([], tf.float32))
+        self.num_args = len(specs) + len(extra_specs) + 1
+        self.layout = layout
+        graph_out = self.function.graph.outputs
+        if not self.last:
+            check_gradient_path(stage, runner.stages, [o.dtype for o in graph_out[: len(out_ids)]])
+        self.out_specs = [relaxed(o) for o in graph_out]
+        self.seeded = layout["seeded"]
+        # where each stage output is among the forward's outputs: floats, (loss), others
+        self.out_at = {out_ids[j]: n for n, j in enumerate(layout["floats"])}
+        self.out_at.update({out_ids[j]: self.seeded + n for n, j in enumerate(layout["others"])})
+        self.fw, self.bw = functions.forward_backward(self.function, self.seeded)
+        outputs = self.function.graph.outputs  # now with the residuals appended
+        self.specs = [relaxed(o) for o in outputs]
+        pos = {id(t): n for n, t in enumerate(outputs)}
+        self.bw_caps = [(pos.get(id(c)), c) for c in self.bw.captured_inputs]
+        self.residuals = sorted({n for n, _ in self.bw_caps if n is not None})
+        handles = {id(v.value.handle): k for k, v in enumerate(stage.trainable_variables)}
+        self.var_of = [handles.get(id(c)) for c in self.function.captured_inputs]
+        grads = self.bw.graph.structured_outputs
+        self.var_grads: dict[int, Any] = {}  # variable index -> its gradient's structure
+        for j, k in enumerate(self.var_of):
+            if k is not None and grads[self.num_args + j] is not None:
+                self.var_grads[k] = grads[self.num_args + j]
+        self.input_grads = grads[: len(self.in_ids)]
+        if functions.seed_count(self.bw) != self.seeded:
+            raise PipelineError(
+                f"tfpipe rank loops: stage {stage.index}'s backward takes "
+                f"{functions.seed_count(self.bw)} output gradients, expected {self.seeded}; "
+                "run this model without rank loops.")
+
+    @property
+    def loss_at(self) -> int | None:
+        """Where the unscaled loss terms are among the forward's outputs, or None."""
+        if not self.layout["loss"]:
+            return None
+        return self.seeded + len(self.layout["others"])
+
+    @property
+    def preds_at(self) -> int:
+        """Where the predictions start among the forward's outputs."""
+        return self.seeded + len(self.layout["others"]) + int(self.layout["loss"])
+
+
+class Queue:
+    """A FIFO queue of one tensor, made once on the sender's device; read through a
+    non-inlined function on that device."""
+
+    def __init__(self, device: str, spec: Any, capacity: int) -> None:
+        self.device, self.spec = device, spec
+        with tf.init_scope(), tf.device(device):
+            self.queue = tf.queue.FIFOQueue(capacity, [spec.dtype])
+
+        def dequeue() -> Any:
+            with tf.device(device):
+                return self.queue.dequeue()
+
+        self.read = functions.no_inline(dequeue)
+
+    def put(self, value: Any) -> Any:
+        """Enqueues `value` (an operation, on the sender's device)."""
+        with tf.device(self.device):
+            return self.queue.enqueue([value])
+
+    def take(self) -> tf.Tensor:
+        """The next value, on the caller's device."""
+        got = self.read()
+        got.set_shape(self.spec.shape)
+        return got
