@@ -65,6 +65,9 @@ class PipelineOptions:
         jit_compile: `"auto"` (XLA on each stage's forward exactly when the model's own
             `jit_compile`, as Keras resolved it at `compile`, is True, and `replicas` is 1),
             `True` or `False` (see `xla`).
+        rank_loops: `"auto"` (each device's share of a training step runs as one in-graph
+            loop when the loops run every feature asked for, else the unrolled step), `True`
+            (the loops, or an error naming what they do not run yet) or `False` (unrolled).
 
     Raises:
         PipelineError: for an option that is not valid whatever the model, or options that
@@ -88,6 +91,7 @@ class PipelineOptions:
     replicas: int = 1
     batch_norm: str = "micro-batch"
     jit_compile: bool | str = "auto"
+    rank_loops: bool | str = "auto"
     _pieces: int | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -122,6 +126,12 @@ class PipelineOptions:
                 "batch_norm='micro-batch'."
             )
         _check_jit_compile(self.jit_compile)
+        if not (isinstance(self.rank_loops, bool) or self.rank_loops == "auto"):
+            raise PipelineError(
+                f"rank_loops={self.rank_loops!r}: use 'auto' (the default: one in-graph loop "
+                "per device when it runs every feature asked for), True (always, or an error "
+                "naming what it does not run) or False (the unrolled step)."
+            )
         if self.jit_compile is True and self.replicas > 1:
             raise PipelineError(
                 f"jit_compile=True with replicas={self.replicas}: every copy of the pipeline "

@@ -93,6 +93,9 @@ class Pipeline:
             device: `"auto"` (default: when the model's own `jit_compile` is True, as Keras's
             `"auto"` makes it on a GPU machine), `True` or `False`. A stage XLA cannot compile
             runs without, with a warning (see `tfpipe.executor.stagefn`).
+        rank_loops: `"auto"` (default: each device runs its share of a training step as one
+            in-graph loop, a graph that grows with K, not M x K, when the loops run every
+            feature asked for; else the unrolled step), `True` (or an error) or `False`.
 
     Attributes:
         stages: the `Stage`s: `.model` (Keras sub-model), `.device`, `.num_params`, `.layers`;
@@ -129,13 +132,14 @@ class Pipeline:
         replicas: int = 1,
         batch_norm: str = "micro-batch",
         jit_compile: bool | str = "auto",
+        rank_loops: bool | str = "auto",
     ) -> None:
         _check_model(model)
         options = PipelineOptions(
             stages=stages, balance=balance, devices=devices, micro_batches=micro_batches,
             schedule=schedule, chunks=chunks, profile=profile, split_points=split_points,
             recompute=recompute, check_numerics=check_numerics, replicas=replicas,
-            batch_norm=batch_norm, jit_compile=jit_compile,
+            batch_norm=batch_norm, jit_compile=jit_compile, rank_loops=rank_loops,
         )
         self._build(model, options, sample)
 
@@ -193,7 +197,7 @@ class Pipeline:
                 model, self.stages, self.schedule, profile=options.profile,
                 recompute=self.recompute, check_numerics=options.check_numerics,
                 replica_devices=self.replica_devices, batch_norm=options.batch_norm,
-                jit_compile=self.jit_compile,
+                jit_compile=self.jit_compile, rank_loops=options.rank_loops,
             )
             _place(model, self.stages)
         self._functions: dict[str, Any] = dict.fromkeys(_FUNCTIONS)
@@ -211,11 +215,8 @@ class Pipeline:
     # Keras entry points ---------------------------------------------------------------------
 
     def fit(self, x: Any = None, y: Any = None, **kwargs: Any) -> keras.callbacks.History:
-        """Trains the model pipelined; same arguments and return value as `keras.Model.fit`.
-
-        Raises:
-            PipelineError: when the model is not compiled.
-        """
+        """Trains the model pipelined; arguments and result as `keras.Model.fit` (a
+        `PipelineError` when the model is not compiled)."""
         history: keras.callbacks.History = self._keras_call("fit", x, y, **kwargs)
         return history
 

@@ -84,10 +84,47 @@ class MicroBatches:
             tf.errors.InvalidArgumentError (at run time): when B < num, naming both; the
                 pipeline re-raises it as a `PipelineError`.
         """
-        batch = batch_size(x)
         if num == 1:  # the batch is its own micro-batch: no split, no weighting
             one = [tf.constant(1.0)]
-            return cls([x], [y], [sample_weight], tf.reshape(batch, [1]), one, one, batch)
+            return cls([x], [y], [sample_weight], tf.reshape(batch_size(x), [1]), one, one,
+                       batch_size(x))
+        shares = Shares.of(x, sample_weight, num, reduction)
+        xs, ys, sws = (_split(t, shares.sizes, num, kind) for t, kind in
+                       ((x, "inputs"), (y, "labels"), (sample_weight, "sample_weights")))
+        data_scale = [shares.data_scale[m] for m in range(num)]
+        fraction = [shares.extra_scale[m] for m in range(num)]
+        return cls(xs, ys, sws, shares.sizes, data_scale, fraction, shares.batch)
+
+
+@dataclass
+class Shares:
+    """Each micro-batch's size and loss weights, as vectors (the rank loops read them by
+    index; `MicroBatches` lists them per micro-batch).
+
+    Attributes:
+        sizes: int32 [M], b_m = B // M + (m < B % M).
+        data_scale: float32 [M], the weight of each micro-batch's compiled loss.
+        extra_scale: float32 [M], b_m / B, the weight of its regularisation losses.
+        batch: int32 scalar B.
+    """
+
+    sizes: tf.Tensor
+    data_scale: tf.Tensor
+    extra_scale: tf.Tensor
+    batch: tf.Tensor
+
+    @classmethod
+    def of(cls, x: Any, sample_weight: Any, num: int, reduction: str) -> Shares:
+        """The shares of `num` micro-batches of the batch `(x, sample_weight)`.
+
+        Raises:
+            PipelineError: when the batch size is known while tracing and B < num.
+            tf.errors.InvalidArgumentError (at run time): when B < num, naming both; the
+                pipeline re-raises it as a `PipelineError`.
+        """
+        batch = batch_size(x)
+        if num == 1:  # the batch is its own micro-batch: no weighting
+            return cls(tf.reshape(batch, [1]), tf.ones([1]), tf.ones([1]), batch)
         static = next(t for t in keras.tree.flatten(x) if t is not None).shape[0]
         if static is not None and static < num:
             raise PipelineError(
@@ -110,19 +147,18 @@ class MicroBatches:
             base = tf.identity(batch // num)
         rem = batch % num
         sizes = base + tf.cast(tf.range(num) < rem, tf.int32)
-        xs, ys, sws = (_split(t, sizes, num, kind) for t, kind in
-                       ((x, "inputs"), (y, "labels"), (sample_weight, "sample_weights")))
-        fraction = [tf.cast(sizes[m], tf.float32) / tf.cast(batch, tf.float32) for m in range(num)]
+        fraction = tf.cast(sizes, tf.float32) / tf.cast(batch, tf.float32)
         if reduction == "sum":
-            data_scale = [tf.constant(1.0) for _ in range(num)]
+            data_scale = tf.ones([num])
         elif reduction == "mean_with_sample_weight" and sample_weight is not None:
-            total = tf.reduce_sum(tf.cast(sample_weight, tf.float32))
-            data_scale = [
-                tf.math.divide_no_nan(tf.reduce_sum(tf.cast(w, tf.float32)), total) for w in sws
-            ]
+            w = tf.cast(keras.tree.flatten(sample_weight)[0], tf.float32)
+            per_sample = tf.reshape(w, [tf.shape(w)[0], -1])
+            parts = tf.math.segment_sum(tf.reduce_sum(per_sample, 1),
+                                        tf.repeat(tf.range(num), sizes))
+            data_scale = tf.math.divide_no_nan(parts, tf.reduce_sum(w))
         else:
             data_scale = fraction
-        return cls(xs, ys, sws, sizes, data_scale, fraction, batch)
+        return cls(sizes, data_scale, fraction, batch)
 
 
 def _split(structure: Any, sizes: tf.Tensor, num: int, kind: str) -> list[Any]:

@@ -43,9 +43,11 @@ import keras
 import tensorflow as tf
 
 from tfpipe._keras import functions, has_compiled_metrics
+from tfpipe.devices import HOST
 from tfpipe.errors import PipelineError
 from tfpipe.executor.forward import StageRunner, graph_inputs, graph_outputs
 from tfpipe.executor.grads import SparseParts
+from tfpipe.executor.microbatch import Shares
 from tfpipe.executor.program import RankRows
 from tfpipe.executor.stagepair import Queue, StagePair, get, relaxed, reserve, set_item, shape_of
 from tfpipe.partition import Stage
@@ -100,12 +102,12 @@ class RankLoops:
         self.grads: dict[tuple[int, int], Queue] = {}
         self.consumers: dict[int, list[int]] = {}
 
-    def __call__(self, mb: Any, inputs: list[Any], y: Any, sw: Any, x: Any
+    def __call__(self, shares: Shares, inputs: list[Any], y: Any, sw: Any, x: Any
                  ) -> tuple[list[tf.Tensor], list[list[Any]]]:
         """Runs every rank's row on the batch.
 
         Args:
-            mb: the batch's `MicroBatches` (sizes and loss weights).
+            shares: the micro-batches' sizes and loss weights (`microbatch.Shares`).
             inputs: the model's flat inputs, whole batch, on the host.
             y, sw: the batch's labels and sample weights (structures).
             x: the batch's inputs as given (for `compute_metrics`).
@@ -119,15 +121,21 @@ class RankLoops:
         if self.region is None:
             with tf.init_scope():
                 self._build(inputs, y, sw, ys, sws)
-        with tf.device("/cpu:0"):
-            args = [_split(t, mb.sizes) for t in [*inputs, *ys, *sws]]
-            args += [tf.stack(mb.data_scale), tf.stack(mb.extra_scale)]
+        with tf.device(HOST):  # where the batch arrives (`devices.HOST`)
+            args = [_split(t, shares.sizes) for t in [*inputs, *ys, *sws]]
+            args += [shares.data_scale, shares.extra_scale]
         got = tf.nest.pack_sequence_as(self.layout, functions.call_graph_function(self.region,
                                                                                  args))
         ran = tf.debugging.assert_equal(
             tf.stack(got["ticks"]), tf.constant([len(r) for r in self.rows.codes]),
             message="tfpipe rank loops: a rank did not run its whole schedule row")
-        with tf.control_dependencies([ran]):
+        with tf.control_dependencies([ran]):  # every value sent was read
+            left = [(key, q.queue.size()) for key, q in [*self.acts.items(), *self.grads.items()]]
+            emptied = tf.debugging.assert_equal(
+                tf.stack([n for _, n in left]), tf.zeros([len(left)], tf.int32),
+                message="tfpipe rank loops: values left in the queues (tensor id, consumer "
+                f"stage) {[key for key, _ in left]} after a step") if left else tf.no_op()
+        with tf.control_dependencies([ran, emptied]):
             losses = [tf.identity(t) for t in got["loss"]]
         grads: list[list[Any]] = [[None] * len(st.trainable_variables) for st in self.stages]
         for key, g in got["grads"].items():
@@ -292,7 +300,8 @@ class RankLoops:
         if state["preds"] and pair.last:
             new["preds"] = [set_item(lst, mb, outs[pair.preds_at + j])
                             for j, lst in enumerate(state["preds"])]
-        return self._done(new, [*sent, *res, new["loss"], *new["preds"], outs[0].op])
+        # every input read counts: a dequeue nothing reads would not run, and its queue fill
+        return self._done(new, [*ins, *sent, *res, new["loss"], *new["preds"], outs[0].op])
 
     def _backward(self, pair: StagePair, slot: int, state: dict[str, Any], mb: tf.Tensor
                   ) -> dict[str, Any]:
@@ -317,7 +326,7 @@ class RankLoops:
                   for (k, _), (v, i) in zip(self._sparse(pair), state["slices"][slot])]
         new = {**state, "sums": [*state["sums"][:slot], sums, *state["sums"][slot + 1:]],
                "slices": [*state["slices"][:slot], slices, *state["slices"][slot + 1:]]}
-        after = [*sent, *sums, *[t for pair_ in slices for t in pair_], got_op(got)]
+        after = [*seeds, *sent, *sums, *[t for pair_ in slices for t in pair_], got_op(got)]
         return self._done(new, after)
 
 

@@ -46,7 +46,7 @@ from tfpipe.executor.grads import (
     sum_function,
     vjp,
 )
-from tfpipe.executor.microbatch import MicroBatches, loss_reduction
+from tfpipe.executor.microbatch import MicroBatches, Shares, loss_reduction
 from tfpipe.executor.numerics import check_gradients
 from tfpipe.executor.profiling import stamper, timeline
 from tfpipe.executor.program import Program, loop_refusal, scope_name
@@ -89,7 +89,8 @@ class Executor:
         jit_compile: compile each stage's forward (and so its backward) with XLA on its
             device (`tfpipe.executor.stagefn`).
         rank_loops: run the training step as one in-graph loop per rank
-            (`tfpipe.executor.rankloop`): a graph that grows with K, not M x K.
+            (`tfpipe.executor.rankloop`): a graph that grows with K, not M x K. `"auto"`:
+            when the loops run every feature asked for, else the unrolled step.
 
     Attributes:
         traces: how many times each step kind was traced (`"train"`, `"test"`, `"predict"`);
@@ -113,7 +114,7 @@ class Executor:
         replica_devices: Sequence[Sequence[str]] | None = None,
         batch_norm: str = "micro-batch",
         jit_compile: bool = False,
-        rank_loops: bool = False,
+        rank_loops: bool | str = False,
     ) -> None:
         self.model = model
         self.stages = stages
@@ -138,12 +139,12 @@ class Executor:
         devices = {d for row in self.devices for d in row}
         self.stamper = stamper(profile, devices, len(self.program.runs))
         self.loops = None
-        if rank_loops:
-            refusal = loops_refusal(self, profile, jit_compile)
-            if refusal:
-                raise PipelineError(
-                    f"rank_loops=True: {refusal}. Use rank_loops=False (the unrolled step "
-                    "runs every feature).\n" + format_schedule(schedule))
+        refusal = loops_refusal(self, profile, jit_compile) if rank_loops else None
+        if rank_loops is True and refusal:
+            raise PipelineError(
+                f"rank_loops=True: {refusal}. Use rank_loops='auto' or False (the unrolled "
+                "step runs every feature).\n" + format_schedule(schedule))
+        if rank_loops and refusal is None:
             self.loops = RankLoops(self.runner, stages, schedule)
 
     @property
@@ -168,12 +169,12 @@ class Executor:
                 "(x, y, sample_weight). Pass y=... with array inputs, or a dataset of (x, y) pairs."
             )
         if self.loops is not None:
-            mb = self._split(x, y, sw)
             with tf.device(HOST):
+                shares = Shares.of(x, sw, self.micro_batches, self.reduction)
                 inputs = self.runner.flatten_inputs(x)
-            losses, grads = self.loops(mb, inputs, y, sw, x)
+            losses, grads = self.loops(shares, inputs, y, sw, x)
             apply_gradients(self.model, self.stages, self.runner.owner, grads)
-            return self._results(losses, mb)
+            return self._results(losses, shares.batch)
         flow = Dataflow(self._split(x, y, sw))
         sums = GradSums(self.stages, self.replicas, self.micro_batches, self.add_all)
         self.runner.feed(flow)
@@ -192,7 +193,7 @@ class Executor:
             self.deferred.update()
         self.stamper.finish(flow.all_done())
         apply_gradients(self.model, self.stages, self.runner.owner, all_reduce(self.reducer, sums))
-        return self._results(flow.losses, flow.mb)
+        return self._results(flow.losses, flow.mb.batch)
 
     def test_step(self, data: Any) -> dict[str, Any]:
         """One pipelined forward-only evaluation step, as Keras's `test_step`."""
@@ -204,7 +205,7 @@ class Executor:
             with tf.device(self.devices[m // self.micro_batches][-1]):
                 losses.append(self.runner.data_loss(mb, m, out))
                 self.model.compute_metrics(mb.xs[m], mb.ys[m], out, mb.sample_weights[m])
-        return self._results(losses, mb)
+        return self._results(losses, mb.batch)
 
     def predict_step(self, data: Any) -> Any:
         """One pipelined prediction step: the model outputs, concatenated over micro-batches."""
@@ -230,10 +231,11 @@ class Executor:
         with tf.device(HOST):
             return MicroBatches.split(x, y, sw, self.micro_batches * self.replicas, self.reduction)
 
-    def _results(self, losses: list[tf.Tensor], mb: MicroBatches) -> dict[str, Any]:
-        """Updates the loss tracker once with the batch loss; returns the metric results."""
+    def _results(self, losses: list[tf.Tensor], batch: tf.Tensor) -> dict[str, Any]:
+        """Updates the loss tracker once with the batch loss (B samples); returns the metric
+        results."""
         total = tf.add_n(losses)
-        loss_tracker(self.model).update_state(unscale_loss(total), sample_weight=mb.batch)
+        loss_tracker(self.model).update_state(unscale_loss(total), sample_weight=batch)
         metrics: dict[str, Any] = self.model.get_metrics_result()
         return metrics
 

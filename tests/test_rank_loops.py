@@ -1,0 +1,126 @@
+"""Rank loops (`tfpipe.executor.rankloop`): one in-graph loop per rank equals `model.fit`, its
+graph grows with K and not with M, each loop runs on its rank's device, and what the loops do
+not run yet is refused by name (with `rank_loops=True`) or runs unrolled (`"auto"`)."""
+
+from __future__ import annotations
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import tfpipe
+from tests.models import StepLog, assert_same_training, build, data
+from tfpipe.errors import PipelineError
+
+
+def fit_both(make, x, y, batch_size=16, sample_weight=None, **pipeline):
+    """`model.fit` and `tfpipe.fit(rank_loops=True)` on fresh copies of one model."""
+    ref, ref_log = make(), StepLog()
+    ref.fit(x, y, sample_weight=sample_weight, batch_size=batch_size, epochs=2, shuffle=False,
+            verbose=0, callbacks=[ref_log])
+    model, log = make(), StepLog()
+    history = tfpipe.fit(model, x, y, sample_weight=sample_weight, batch_size=batch_size,
+                         epochs=2, shuffle=False, verbose=0, callbacks=[log], rank_loops=True,
+                         **pipeline)
+    assert history.pipeline.executor.loops is not None, "the rank loops did not run"
+    return ref, ref_log, model, log
+
+
+@pytest.mark.parametrize("kind,opt,stages,micro_batches,schedule", [
+    ("mlp", "adam", 2, 4, "1f1b"),
+    ("functional", "sgd", 4, 8, "gpipe"),
+    ("cnn", "adam", 2, 2, "1f1b"),
+    ("deep", "sgd", 4, 4, "interleaved"),  # two stages per rank; Adam: see test_schedule_execution
+])
+def test_rank_loops_equal_keras(kind, opt, stages, micro_batches, schedule):
+    x, y = data(kind)
+    ref, ref_log, model, log = fit_both(lambda: build(kind, opt), x, y, stages=stages,
+                                        micro_batches=micro_batches, schedule=schedule)
+    assert_same_training(ref, ref_log, model, log)
+
+
+def skip_model() -> keras.Model:
+    """A skip connection from stage 0 to the last stage, an int tensor between stages, an
+    activity regulariser, a kernel regulariser and an embedding (sparse gradients)."""
+    keras.utils.set_random_seed(0)
+    ids = keras.Input((6,), dtype="int32", name="ids")
+    e = keras.layers.Embedding(20, 8, name="embed")(ids)
+    h = keras.layers.Flatten(name="flat")(e)
+    first = keras.layers.Dense(16, activation="relu", name="first",
+                               activity_regularizer=keras.regularizers.L2(1e-3))(h)
+    count = keras.layers.Lambda(lambda t: tf.reduce_sum(tf.cast(t > 0, "int32"), -1,
+                                                        keepdims=True), name="count")(first)
+    mid = keras.layers.Dense(16, activation="tanh", name="mid",
+                             kernel_regularizer=keras.regularizers.L2(1e-2))(first)
+    mid = keras.layers.Dense(16, activation="tanh", name="mid2")(mid)
+    joined = keras.layers.Concatenate(name="join")([
+        mid, first, keras.layers.Lambda(lambda t: tf.cast(t, "float32"), name="back")(count)])
+    out = keras.layers.Dense(3, activation="softmax", name="head")(joined)
+    model = keras.Model(ids, out, name="skips")
+    model.compile(keras.optimizers.Adam(0.01), "sparse_categorical_crossentropy",
+                  metrics=["accuracy"])
+    return model
+
+
+def test_skips_sparse_gradients_losses_sample_weights_and_a_short_last_batch():
+    rng = np.random.default_rng(3)
+    x, y = rng.integers(0, 20, (38, 6)).astype("int32"), rng.integers(0, 3, 38)
+    weights = rng.uniform(0.5, 2.0, 38).astype("float32")
+    # 38 = 2 x 16 + 6: the last batch's 4 micro-batches hold 2, 2, 1, 1 samples
+    ref, ref_log, model, log = fit_both(skip_model, x, y, sample_weight=weights,
+                                        split_points=["mid", "mid2", "join"], micro_batches=4,
+                                        schedule="1f1b")
+    assert len(model.losses) == 2  # the activity and the kernel regularisers both trained
+    assert_same_training(ref, ref_log, model, log)
+
+
+def traced_step(model, stages, micro_batches):
+    """The pipelined training step traced for batch 8 * M, and the pipeline."""
+    pipe = tfpipe.Pipeline(model, stages=stages, micro_batches=micro_batches, schedule="1f1b",
+                           rank_loops=True)
+    spec = (tf.TensorSpec((8 * micro_batches, 8), tf.float32), tf.TensorSpec((None,), tf.int64))
+    with pipe._attached():
+        step = tf.function(lambda x, y: pipe.executor.train_step((x, y)), autograph=False)
+        concrete = step.get_concrete_function(*spec)
+    return pipe, concrete
+
+
+def test_graph_grows_with_stages_not_micro_batches():
+    sizes = {}
+    for k, m in [(2, 4), (2, 32), (4, 4), (4, 32)]:
+        pipe, concrete = traced_step(build("deep"), k, m)
+        sizes[(k, m)] = (len(concrete.graph.get_operations()), pipe.executor.loops.operation_count())
+    for k in (2, 4):  # M x 8 more micro-batches: a handful of operations more, not 8x
+        assert sizes[(k, 32)][0] - sizes[(k, 4)][0] <= 8, sizes
+        assert sizes[(k, 32)][1] == sizes[(k, 4)][1], sizes
+    assert sizes[(4, 4)][1] > sizes[(2, 4)][1], sizes  # more ranks: more loops
+
+
+def test_each_rank_loop_and_its_stage_calls_run_on_the_rank_device():
+    pipe, _ = traced_step(build("deep"), 4, 4)
+    region = pipe.executor.loops.region.graph
+    loops = [op for op in region.get_operations() if op.type in ("While", "StatelessWhile")]
+    assert sorted(tf.DeviceSpec.from_string(op.device).device_index for op in loops) == [0, 1, 2, 3]
+    for op in loops:
+        body = region._get_function(op.get_attr("body").name).graph
+        calls = [c for c in body.get_operations() if c.type in ("Case", "StatelessCase")]
+        assert calls and all(c.device == op.device or not c.device for c in calls), op.device
+        names = {f.name for c in calls for f in c.get_attr("branches")}
+        assert len(names) == 2, names  # F and B of the rank's one stage
+
+
+def test_rank_loops_true_refuses_what_they_do_not_run_with_the_grid():
+    with pytest.raises(PipelineError, match=r"do not run recompute(.|\n)*rank0  F0"):
+        tfpipe.Pipeline(build("deep"), stages=2, micro_batches=2, schedule="1f1b",
+                        recompute="always", rank_loops=True)
+    with pytest.raises(PipelineError, match=r"splits backward into I and W"):
+        tfpipe.Pipeline(build("deep"), stages=2, micro_batches=2, schedule="zb-h1",
+                        rank_loops=True)
+
+
+def test_auto_runs_unrolled_where_the_loops_cannot():
+    pipe = tfpipe.Pipeline(build("deep"), stages=2, micro_batches=2, schedule="zb-h1")
+    assert pipe.executor.loops is None
+    pipe = tfpipe.Pipeline(build("deep"), stages=2, micro_batches=2, schedule="1f1b")
+    assert pipe.executor.loops is not None
