@@ -35,6 +35,26 @@ def transformer(vocab: int = 96, seq_len: int = 64, dim: int = 128, blocks: int 
     return build_model(vocab, seq_len, dim=dim, blocks=blocks)
 
 
+def plain_transformer(vocab: int = 96, seq_len: int = 32, dim: int = 64,
+                      blocks: int = 12) -> keras.Model:
+    """The demo's Transformer with each block written out in plain Keras layers
+    (LayerNormalization, MultiHeadAttention, Add, LayerNormalization, Dense, Dense, Add):
+    about 100 layer calls at 12 blocks; token embedding only."""
+    ids = keras.Input((seq_len,), dtype="int32", name="ids")
+    h = keras.layers.Embedding(vocab, dim, name="tokens")(ids)
+    for i in range(blocks):
+        n = keras.layers.LayerNormalization(name=f"norm1_{i}")(h)
+        a = keras.layers.MultiHeadAttention(4, dim // 4, name=f"attention_{i}")(
+            n, n, use_causal_mask=True)
+        h = keras.layers.Add(name=f"add1_{i}")([h, a])
+        n = keras.layers.LayerNormalization(name=f"norm2_{i}")(h)
+        u = keras.layers.Dense(2 * dim, activation="gelu", name=f"up_{i}")(n)
+        d = keras.layers.Dense(dim, name=f"down_{i}")(u)
+        h = keras.layers.Add(name=f"add2_{i}")([h, d])
+    h = keras.layers.LayerNormalization(name="final_norm")(h)
+    return keras.Model(ids, keras.layers.Dense(vocab, name="logits")(h), name="plain_transformer")
+
+
 def data_for(name: str, batch: int, steps: int) -> tf.data.Dataset:
     """A repeated dataset of `steps` distinct batches for model `name`."""
     rng = np.random.default_rng(0)

@@ -3,21 +3,24 @@
 Builds the pipelined training step for K stages and M micro-batches, traces it for the batch's
 spec (`trace_s`, and the number of operations in its graph), runs it once (`first_run_s`:
 TensorFlow's own graph optimisation and function set-up) and again (`steady_s`), and times
-`model.fit`'s first step on the same model and batch (`keras_first_s`, one per model). Each
-stage's forward is one function called per micro-batch (`tfpipe.executor.stagefn`), so the
-graph grows with K and by a few call operations per micro-batch.
+`model.fit`'s first step on the same model and batch (`keras_first_s`, one per model). With
+the rank loops (`tfpipe.executor.rankloop`, the default where they run) the graph grows with
+K only; the unrolled step (`--rank-loops false`) calls each stage's function once per
+micro-batch (`tfpipe.executor.stagefn`), so its graph grows by call operations per micro-batch.
 
 It also counts the step graph's function-call operations (`calls`) and the functions in its
 library (`functions`): the first run grows with calls x the size of the function each calls,
 because TensorFlow builds the callee's body once per call operation while optimising the
 step (docs/benchmarks.md, "First-step cost").
 
-Models: `mlp` (8 x Dense(256)) or `transformer` (`benchmarks.common.transformer`: the demo's
-character Transformer, `--blocks` blocks of width `--width`, sequence 32), batch 4 M.
+Models: `mlp` (8 x Dense(256)), `transformer` (`benchmarks.common.transformer`: the demo's
+character Transformer, `--blocks` blocks of width `--width`, sequence 32) or `plain` (the same
+with each block written out in plain Keras layers, `benchmarks.common.plain_transformer`),
+batch 4 M. `--rank-loops false` measures the unrolled step (`true`: the rank loops).
 
 Usage:
     python -m benchmarks.trace_cost [--model transformer --blocks 12] [--stages 4]
-        [--micro-batches 8,32,64] [--json out/trace.json]
+        [--micro-batches 8,32,64] [--rank-loops auto|true|false] [--json out/trace.json]
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ def build(args: argparse.Namespace) -> Any:
     import keras
     import tensorflow as tf
 
-    from benchmarks.common import transformer
+    from benchmarks.common import plain_transformer, transformer
 
     keras.utils.set_random_seed(0)
     if args.model == "mlp":
@@ -52,7 +55,8 @@ def build(args: argparse.Namespace) -> Any:
         )
         x_spec, y_spec = tf.TensorSpec((None, 256), tf.float32), tf.TensorSpec((None,), tf.int64)
     else:
-        model = transformer(vocab=96, seq_len=32, dim=args.width, blocks=args.blocks)
+        make = transformer if args.model == "transformer" else plain_transformer
+        model = make(vocab=96, seq_len=32, dim=args.width, blocks=args.blocks)
         x_spec = y_spec = tf.TensorSpec((None, 32), tf.int32)
     model.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     return model, (x_spec, y_spec)
@@ -66,14 +70,18 @@ def zeros(spec: Any, batch: int) -> Any:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="mlp", choices=["mlp", "transformer"])
+    parser.add_argument("--model", default="mlp", choices=["mlp", "transformer", "plain"])
     parser.add_argument("--blocks", type=int, default=12)
     parser.add_argument("--width", type=int, default=64)
     parser.add_argument("--stages", type=int, default=4)
     parser.add_argument("--micro-batches", default="4,16,64")
     parser.add_argument("--schedule", default="1f1b")
+    parser.add_argument("--rank-loops", default="auto", choices=["auto", "true", "false"],
+                        help="the step as one in-graph loop per rank (auto: where supported) "
+                        "or unrolled (false)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
+    loops = {"auto": "auto", "true": True, "false": False}[args.rank_loops]
 
     import tfpipe
 
@@ -88,7 +96,8 @@ def main() -> None:
         model.fit(zeros(spec[0], batch), zeros(spec[1], batch), batch_size=batch, verbose=0)
         keras_first = time.perf_counter() - started
         model, spec = build(args)
-        pipe = tfpipe.Pipeline(model, stages=args.stages, micro_batches=m, schedule=args.schedule)
+        pipe = tfpipe.Pipeline(model, stages=args.stages, micro_batches=m, schedule=args.schedule,
+                               rank_loops=loops)
         with pipe._attached():
             started = time.perf_counter()
             step = tf.function(lambda x, y: pipe.executor.train_step((x, y)), autograph=False)
@@ -96,14 +105,20 @@ def main() -> None:
             trace = time.perf_counter() - started
             x, y = zeros(spec[0], batch), zeros(spec[1], batch)
             first, steady = _timed(lambda: concrete(x, y)), _timed(lambda: concrete(x, y))
-        ops = len(concrete.graph.get_operations())
+        looped = pipe.executor.loops is not None
+        # the rank loops' own graph too (their loop and branch bodies are not counted, as the
+        # stage functions' bodies are not)
+        ops = len(concrete.graph.get_operations()) + (
+            pipe.executor.loops.operation_count() if looped else 0)
         calls = sum(op.type in _CALLS for op in concrete.graph.get_operations())
         functions = len(concrete.graph.as_graph_def().library.function)
-        rows.append({"K": args.stages, "M": m, "trace_s": trace, "ops": ops, "calls": calls,
+        rows.append({"K": args.stages, "M": m, "step": "rank loops" if looped else "unrolled",
+                     "trace_s": trace, "ops": ops, "calls": calls,
                      "functions": functions,
                      "first_run_s": first, "steady_s": steady, "keras_first_s": keras_first})
         print(
-            f"{args.model} K={args.stages} M={m:3d} {args.schedule}: trace {trace:6.2f} s, "
+            f"{args.model} K={args.stages} M={m:3d} {args.schedule} "
+            f"{'rank loops' if looped else 'unrolled'}: trace {trace:6.2f} s, "
             f"{ops:6d} ops, {calls:5d} calls, {functions:4d} functions, first run {first:6.2f} s, "
             f"steady {steady:5.2f} s; first step "
             f"{trace + first:6.2f} s vs model.fit's {keras_first:5.2f} s "

@@ -79,6 +79,16 @@ def device_task(device: str) -> str:
     return "client" if spec.job in (None, "localhost") else f"task:{spec.task}"
 
 
+def called_functions(op: tf.Operation) -> list[str]:
+    """The functions an op runs: a call's function, a loop's condition and body, a branch."""
+    names = []
+    for value in op.node_def.attr.values():
+        if value.HasField("func"):
+            names.append(value.func.name)
+        names += [f.name for f in value.list.func]
+    return names
+
+
 def graph_ops(pipe: tfpipe.Pipeline, batch: tuple) -> list[tuple[tf.Operation, str]]:
     """Every op of the pipeline's training step traced on `batch`, with the device it asks for,
     the bodies of the functions it calls included: an op in a body without a device of its own
@@ -88,19 +98,18 @@ def graph_ops(pipe: tfpipe.Pipeline, batch: tuple) -> list[tuple[tf.Operation, s
     ops: list[tuple[tf.Operation, str]] = []
     seen: set[tuple[str, str]] = set()
 
-    def walk(graph: tf.Graph, device: str) -> None:
-        functions = getattr(graph, "_functions", {})
+    def walk(graph: tf.Graph, device: str, known: dict) -> None:
+        known = {**known, **getattr(graph, "_functions", {})}
         for op in graph.get_operations():
             placed = op.device or device
             ops.append((op, placed))
-            called = op.get_attr("f").name if op.type.endswith("PartitionedCall") else None
-            for name in [called] if called else []:
-                fn = functions.get(name)
+            for name in called_functions(op):  # calls, and loop and branch bodies (rank loops)
+                fn = known.get(name)
                 if fn is not None and hasattr(fn, "graph") and (name, placed) not in seen:
                     seen.add((name, placed))
-                    walk(fn.graph, placed)
+                    walk(fn.graph, placed, known)
 
-    walk(concrete.graph, "")
+    walk(concrete.graph, "", {})
     return ops
 
 

@@ -119,8 +119,21 @@ def test_rank_loops_true_refuses_what_they_do_not_run_with_the_grid():
                         rank_loops=True)
 
 
-def test_auto_runs_unrolled_where_the_loops_cannot():
-    pipe = tfpipe.Pipeline(build("deep"), stages=2, micro_batches=2, schedule="zb-h1")
+def test_auto_runs_unrolled_where_the_loops_cannot_and_the_default_is_unrolled():
+    pipe = tfpipe.Pipeline(build("deep"), stages=2, micro_batches=2, schedule="zb-h1",
+                           rank_loops="auto")
     assert pipe.executor.loops is None
-    pipe = tfpipe.Pipeline(build("deep"), stages=2, micro_batches=2, schedule="1f1b")
+    pipe = tfpipe.Pipeline(build("deep"), stages=2, micro_batches=2, schedule="1f1b",
+                           rank_loops="auto")
     assert pipe.executor.loops is not None
+    pipe = tfpipe.Pipeline(build("deep"), stages=2, micro_batches=2, schedule="1f1b")
+    assert pipe.executor.loops is None
+
+
+def test_a_frozen_first_stage_that_sends_only_integers():
+    """Stage 0 has no weights and sends an int tensor: nothing to differentiate there."""
+    from tests.test_functional_graphs import X8, Y3, frozen_argmax_router, make
+
+    ref, ref_log, model, log = fit_both(lambda: make(frozen_argmax_router, "sgd"), X8, Y3,
+                                        split_points=["embed"], micro_batches=4)
+    assert_same_training(ref, ref_log, model, log)

@@ -65,9 +65,9 @@ class PipelineOptions:
         jit_compile: `"auto"` (XLA on each stage's forward exactly when the model's own
             `jit_compile`, as Keras resolved it at `compile`, is True, and `replicas` is 1),
             `True` or `False` (see `xla`).
-        rank_loops: `"auto"` (each device's share of a training step runs as one in-graph
-            loop when the loops run every feature asked for, else the unrolled step), `True`
-            (the loops, or an error naming what they do not run yet) or `False` (unrolled).
+        rank_loops: `False` (the unrolled step), `True` (each device's share of a training
+            step as one in-graph loop, or an error naming what the loops do not run yet) or
+            `"auto"` (the loops when they run every feature asked for, else unrolled).
 
     Raises:
         PipelineError: for an option that is not valid whatever the model, or options that
@@ -91,7 +91,7 @@ class PipelineOptions:
     replicas: int = 1
     batch_norm: str = "micro-batch"
     jit_compile: bool | str = "auto"
-    rank_loops: bool | str = "auto"
+    rank_loops: bool | str = False
     _pieces: int | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -128,9 +128,9 @@ class PipelineOptions:
         _check_jit_compile(self.jit_compile)
         if not (isinstance(self.rank_loops, bool) or self.rank_loops == "auto"):
             raise PipelineError(
-                f"rank_loops={self.rank_loops!r}: use 'auto' (the default: one in-graph loop "
-                "per device when it runs every feature asked for), True (always, or an error "
-                "naming what it does not run) or False (the unrolled step)."
+                f"rank_loops={self.rank_loops!r}: use False (the default: the unrolled step), "
+                "True (one in-graph loop per device, or an error naming what it does not run "
+                "yet) or 'auto' (the loops where they run every feature asked for)."
             )
         if self.jit_compile is True and self.replicas > 1:
             raise PipelineError(

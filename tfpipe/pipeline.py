@@ -93,9 +93,9 @@ class Pipeline:
             device: `"auto"` (default: when the model's own `jit_compile` is True, as Keras's
             `"auto"` makes it on a GPU machine), `True` or `False`. A stage XLA cannot compile
             runs without, with a warning (see `tfpipe.executor.stagefn`).
-        rank_loops: `"auto"` (default: each device runs its share of a training step as one
-            in-graph loop, a graph that grows with K, not M x K, when the loops run every
-            feature asked for; else the unrolled step), `True` (or an error) or `False`.
+        rank_loops: `True`: each device runs its share of a training step as one in-graph
+            loop, a graph that grows with K, not M x K (an error names what they do not run
+            yet); `"auto"`: where they run every feature asked for; `False` (default): unrolled.
 
     Attributes:
         stages: the `Stage`s: `.model` (Keras sub-model), `.device`, `.num_params`, `.layers`;
@@ -132,7 +132,7 @@ class Pipeline:
         replicas: int = 1,
         batch_norm: str = "micro-batch",
         jit_compile: bool | str = "auto",
-        rank_loops: bool | str = "auto",
+        rank_loops: bool | str = False,
     ) -> None:
         _check_model(model)
         options = PipelineOptions(

@@ -23,11 +23,14 @@ Design:
   so no loop frame spans two devices. `program.loop_refusal` checks that each queue's reader
   reads in its writer's order.
 - TensorFlow behaviours this is built around (each one hung, or silently skipped work, in
-  `benchmarks/rank_loop_probe.py`): automatic control dependencies order every op touching
+  the probe this module grew from): automatic control dependencies order every op touching
   one queue, so the loops are traced without them (`_keras.functions.graph_function`);
   Grappler drops a function call's unread outputs with their side effects, so every rank's
   action count is returned and checked; a control dependency onto a constant is dropped, so
-  each action waits on an Identity of the loop counter; each action's end waits on its
+  each action waits on an Identity of the loop counter; an operation no loop output depends
+  on is never run, so each action's end waits on every value it dequeued (a stage whose
+  gradient for an output is structurally zero left that gradient queued, and the next step
+  hung) and the queues are checked empty after each step; each action's end waits on its
   stage function's call operation, so state updates inside it (BatchNormalization's moving
   statistics, seed generators) finish before the next action starts.
 - Metrics are updated once after the loops, on the last stage's device, from the
@@ -48,12 +51,12 @@ from tfpipe.errors import PipelineError
 from tfpipe.executor.forward import StageRunner, graph_inputs, graph_outputs
 from tfpipe.executor.grads import SparseParts
 from tfpipe.executor.microbatch import Shares
-from tfpipe.executor.program import RankRows
+from tfpipe.executor.program import RankRows, loop_refusal
 from tfpipe.executor.stagepair import Queue, StagePair, get, relaxed, reserve, set_item, shape_of
 from tfpipe.partition import Stage
 from tfpipe.schedules import Schedule
 
-__all__ = ["RankLoops", "edges"]
+__all__ = ["RankLoops", "edges", "loops_refusal"]
 
 
 def stage_input_ids(runner: StageRunner, stage: Stage) -> list[int]:
@@ -70,6 +73,26 @@ def edges(runner: StageRunner, stages: list[Stage]) -> list[tuple[int, int]]:
     model_inputs = set(runner.input_ids)
     return sorted({(producer[i], st.index) for st in stages
                    for i in stage_input_ids(runner, st) if i not in model_inputs})
+
+
+def loops_refusal(runner: StageRunner, stages: list[Stage], schedule: Schedule,
+                  features: dict[str, bool]) -> str | None:
+    """Why the rank loops cannot run a training step yet, or None.
+
+    Args:
+        runner: the executor's `StageRunner`.
+        stages: the model's stages.
+        schedule: the schedule.
+        features: each feature asked for (by the name the reason gives), and whether it is on.
+    """
+    used = [name for name, on in features.items() if on]
+    if runner.opaque:
+        used.insert(0, "a subclassed model trained whole")
+    elif len(runner.output_ids) > 1:  # Keras's per-output loss metrics read static batch sizes
+        used.insert(0, "a model with several outputs")
+    if used:
+        return f"the rank loops do not run {', '.join(used)} yet"
+    return loop_refusal(schedule, edges(runner, stages))
 
 
 def _split(t: tf.Tensor, sizes: tf.Tensor) -> tf.Tensor:
@@ -200,7 +223,7 @@ class RankLoops:
             out["loss"].append(final["loss"])
             out["ticks"].append(final["tick"])
             for slot, (s, pair) in enumerate(self._rank_pairs(branches)):
-                for (k, g), total in zip(self._dense(pair), final["sums"][slot]):
+                for (k, _), total in zip(self._dense(pair), final["sums"][slot]):
                     out["grads"][f"{s}/{k}"] = total
                 for (k, g), (values, indices) in zip(self._sparse(pair), final["slices"][slot]):
                     out["grads"][f"{s}/{k}"] = (
@@ -211,7 +234,8 @@ class RankLoops:
                     input_handle=lst, element_shape=shape_of(spec),
                     leading_dims=tf.zeros([0], tf.int64), element_dtype=spec.dtype)[0])
         self.layout = out
-        return tf.nest.flatten(out)
+        flat: list[Any] = tf.nest.flatten(out)
+        return flat
 
     def _rank_pairs(self, branches: list[tuple[int, str]]) -> list[tuple[int, StagePair]]:
         """The stages a rank runs, in order of first appearance, with their pairs."""
@@ -306,6 +330,8 @@ class RankLoops:
     def _backward(self, pair: StagePair, slot: int, state: dict[str, Any], mb: tf.Tensor
                   ) -> dict[str, Any]:
         s = pair.stage.index
+        if not pair.seeded:  # nothing it made can carry a gradient: no backward to run
+            return self._done(state, [])
         floats = [i for i, n in sorted(pair.out_at.items(), key=lambda t: t[1])
                   if n < pair.seeded]
         with tf.control_dependencies([state["tick"]]):

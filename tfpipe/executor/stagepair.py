@@ -73,14 +73,54 @@ class StagePair:
                  labels: tuple[Any, Any, list[Any], list[Any]] | None, metrics: bool) -> None:
         self.stage = stage
         self.last = labels is not None
-        model = runner.model
         self.in_ids = [id(t) for t in graph_inputs(stage)]
         if self.last:
             self.in_ids += [i for i in runner.early_outputs if i not in self.in_ids]
         out_ids = [id(t) for t in graph_outputs(stage)]
+        y_specs, sw_specs = labels[2:] if labels else ([], [])
+        self.layout: dict[str, Any] = {}
+        extra_specs = [*y_specs, *sw_specs, tf.TensorSpec([], tf.float32)] if self.last else []
+        with tf.device(stage.device):
+            self.function = tf.function(
+                self._forward(runner, labels, metrics), autograph=False
+            ).get_concrete_function(*specs, *extra_specs, tf.TensorSpec([], tf.float32))
+        self.num_args = len(specs) + len(extra_specs) + 1
+        self.seeded: int = self.layout["seeded"]
+        # where each stage output is among the forward's outputs: floats, (loss), others
+        self.out_at = {out_ids[j]: n for n, j in enumerate(self.layout["floats"])}
+        self.out_at.update({out_ids[j]: self.seeded + n
+                            for n, j in enumerate(self.layout["others"])})
+        if not self.last:
+            graph_out = self.function.graph.outputs
+            check_gradient_path(stage, runner.stages, [graph_out[self.out_at[i]].dtype
+                                                       for i in out_ids])
+        self.fw, self.bw = functions.forward_backward(self.function, self.seeded)
+        outputs = self.function.graph.outputs  # now with the residuals appended
+        self.specs = [relaxed(o) for o in outputs]
+        pos = {id(t): n for n, t in enumerate(outputs)}
+        self.bw_caps = [(pos.get(id(c)), c) for c in self.bw.captured_inputs]
+        self.residuals = sorted({n for n, _ in self.bw_caps if n is not None})
+        handles = {id(v.value.handle): k for k, v in enumerate(stage.trainable_variables)}
+        self.var_of = [handles.get(id(c)) for c in self.function.captured_inputs]
+        grads = self.bw.graph.structured_outputs
+        self.var_grads: dict[int, Any] = {}  # variable index -> its gradient's structure
+        for j, k in enumerate(self.var_of):
+            if k is not None and grads[self.num_args + j] is not None:
+                self.var_grads[k] = grads[self.num_args + j]
+        self.input_grads = grads[: len(self.in_ids)]
+        if functions.seed_count(self.bw) != self.seeded:
+            raise PipelineError(
+                f"tfpipe rank loops: stage {stage.index}'s backward takes "
+                f"{functions.seed_count(self.bw)} output gradients, expected {self.seeded}; "
+                "run this model without rank loops.")
+
+    def _forward(self, runner: StageRunner, labels: tuple[Any, Any, list[Any], list[Any]] | None,
+                 metrics: bool) -> Any:
+        """The stage's forward as a Python function of its flat arguments (see the module's
+        docstring for the order of its outputs); tracing it fills `self.layout`."""
+        stage, model, layout = self.stage, runner.model, self.layout
         y_struct, sw_struct, y_specs, sw_specs = labels or (None, None, [], [])
         ny, nsw = len(y_specs), len(sw_specs)
-        layout: dict[str, Any] = {}
 
         def forward(*args: Any) -> list[Any]:
             inputs = list(args[: len(self.in_ids)])
@@ -109,39 +149,7 @@ class StagePair:
                           preds=len(preds))
             return seeded + [sent[j] for j in others] + ([total] if terms else []) + preds
 
-        extra_specs = [*y_specs, *sw_specs, tf.TensorSpec([], tf.float32)] if self.last else []
-        with tf.device(stage.device):
-            self.function = tf.function(forward, autograph=False).get_concrete_function(
-                *specs, *extra_specs, tf.TensorSpec([], tf.float32))
-        self.num_args = len(specs) + len(extra_specs) + 1
-        self.layout = layout
-        graph_out = self.function.graph.outputs
-        if not self.last:
-            check_gradient_path(stage, runner.stages, [o.dtype for o in graph_out[: len(out_ids)]])
-        self.out_specs = [relaxed(o) for o in graph_out]
-        self.seeded = layout["seeded"]
-        # where each stage output is among the forward's outputs: floats, (loss), others
-        self.out_at = {out_ids[j]: n for n, j in enumerate(layout["floats"])}
-        self.out_at.update({out_ids[j]: self.seeded + n for n, j in enumerate(layout["others"])})
-        self.fw, self.bw = functions.forward_backward(self.function, self.seeded)
-        outputs = self.function.graph.outputs  # now with the residuals appended
-        self.specs = [relaxed(o) for o in outputs]
-        pos = {id(t): n for n, t in enumerate(outputs)}
-        self.bw_caps = [(pos.get(id(c)), c) for c in self.bw.captured_inputs]
-        self.residuals = sorted({n for n, _ in self.bw_caps if n is not None})
-        handles = {id(v.value.handle): k for k, v in enumerate(stage.trainable_variables)}
-        self.var_of = [handles.get(id(c)) for c in self.function.captured_inputs]
-        grads = self.bw.graph.structured_outputs
-        self.var_grads: dict[int, Any] = {}  # variable index -> its gradient's structure
-        for j, k in enumerate(self.var_of):
-            if k is not None and grads[self.num_args + j] is not None:
-                self.var_grads[k] = grads[self.num_args + j]
-        self.input_grads = grads[: len(self.in_ids)]
-        if functions.seed_count(self.bw) != self.seeded:
-            raise PipelineError(
-                f"tfpipe rank loops: stage {stage.index}'s backward takes "
-                f"{functions.seed_count(self.bw)} output gradients, expected {self.seeded}; "
-                "run this model without rank loops.")
+        return forward
 
     @property
     def loss_at(self) -> int | None:
@@ -153,7 +161,7 @@ class StagePair:
     @property
     def preds_at(self) -> int:
         """Where the predictions start among the forward's outputs."""
-        return self.seeded + len(self.layout["others"]) + int(self.layout["loss"])
+        return self.seeded + len(self.layout["others"]) + (1 if self.layout["loss"] else 0)
 
 
 class Queue:

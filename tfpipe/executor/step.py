@@ -49,8 +49,8 @@ from tfpipe.executor.grads import (
 from tfpipe.executor.microbatch import MicroBatches, Shares, loss_reduction
 from tfpipe.executor.numerics import check_gradients
 from tfpipe.executor.profiling import stamper, timeline
-from tfpipe.executor.program import Program, loop_refusal, scope_name
-from tfpipe.executor.rankloop import RankLoops, edges
+from tfpipe.executor.program import Program, scope_name
+from tfpipe.executor.rankloop import RankLoops, loops_refusal
 from tfpipe.executor.replicas import ReplicaReducer
 from tfpipe.executor.weights import read_replica_weights
 from tfpipe.partition import Stage
@@ -139,7 +139,10 @@ class Executor:
         devices = {d for row in self.devices for d in row}
         self.stamper = stamper(profile, devices, len(self.program.runs))
         self.loops = None
-        refusal = loops_refusal(self, profile, jit_compile) if rank_loops else None
+        refusal = loops_refusal(self.runner, stages, schedule, {
+            "replicas": self.replicas > 1, "recompute": any(self.recompute), "profile": profile,
+            "check_numerics": check_numerics, "batch_norm='deferred'": self.deferred is not None,
+            "jit_compile": jit_compile}) if rank_loops else None
         if rank_loops is True and refusal:
             raise PipelineError(
                 f"rank_loops=True: {refusal}. Use rank_loops='auto' or False (the unrolled "
@@ -385,19 +388,3 @@ class Executor:
             return list(input_grads) + sums.add(s, m, weight_grads)
         return list(input_grads)
 
-
-def loops_refusal(executor: Executor, profile: bool, jit_compile: bool) -> str | None:
-    """Why the rank loops cannot run this executor's training step yet, or None."""
-    features = {
-        "a subclassed model trained whole": executor.runner.opaque,
-        "replicas": executor.replicas > 1,
-        "recompute": any(executor.recompute),
-        "check_numerics": executor.check_numerics,
-        "batch_norm='deferred'": executor.deferred is not None,
-        "profile": profile,
-        "jit_compile": jit_compile,
-    }
-    used = [name for name, on in features.items() if on]
-    if used:
-        return f"the rank loops do not run {', '.join(used)} yet"
-    return loop_refusal(executor.schedule, edges(executor.runner, executor.stages))
