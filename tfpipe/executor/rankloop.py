@@ -49,7 +49,7 @@ from tfpipe._keras import functions, has_compiled_metrics
 from tfpipe.devices import HOST
 from tfpipe.errors import PipelineError
 from tfpipe.executor.forward import StageRunner, graph_inputs, graph_outputs
-from tfpipe.executor.grads import SparseParts
+from tfpipe.executor.grads import combine_listed
 from tfpipe.executor.microbatch import Shares
 from tfpipe.executor.program import RankRows, loop_refusal
 from tfpipe.executor.stagepair import Queue, StagePair, get, relaxed, reserve, set_item, shape_of
@@ -163,11 +163,10 @@ class RankLoops:
         grads: list[list[Any]] = [[None] * len(st.trainable_variables) for st in self.stages]
         for key, g in got["grads"].items():
             s, k = (int(p) for p in key.split("/"))
-            if isinstance(g, list):
+            if isinstance(g, list):  # IndexedSlices, concatenated over micro-batches
                 var = self.stages[s].trainable_variables[k]
-                shape = tf.constant(list(var.shape), tf.int64)
-                g = SparseParts([tf.IndexedSlices(v, i, shape)
-                                 for v, i in zip(g[: self.m], g[self.m:])])
+                with tf.device(self.stages[s].device):
+                    g = combine_listed(*g, tf.constant(list(var.shape), tf.int64))
             grads[s][k] = g
         if got["preds"]:
             with tf.device(self.stages[-1].device):
@@ -225,10 +224,13 @@ class RankLoops:
             for slot, (s, pair) in enumerate(self._rank_pairs(branches)):
                 for (k, _), total in zip(self._dense(pair), final["sums"][slot]):
                     out["grads"][f"{s}/{k}"] = total
-                for (k, g), (values, indices) in zip(self._sparse(pair), final["slices"][slot]):
-                    out["grads"][f"{s}/{k}"] = (
-                        [get(values, m, relaxed(g.values)) for m in range(self.m)]
-                        + [get(indices, m, relaxed(g.indices)) for m in range(self.m)])
+                for (k, g), kept in zip(self._sparse(pair), final["slices"][slot]):
+                    (values, lengths), (indices, _) = (
+                        tf.raw_ops.TensorListConcatV2(
+                            input_handle=lst, element_shape=shape_of(relaxed(part)),
+                            leading_dims=tf.zeros([0], tf.int64), element_dtype=part.dtype)
+                        for lst, part in zip(kept, (g.values, g.indices)))
+                    out["grads"][f"{s}/{k}"] = [values, indices, lengths]
             for lst, spec in zip(final["preds"], self._pred_specs(branches)):
                 out["preds"].append(tf.raw_ops.TensorListConcatV2(
                     input_handle=lst, element_shape=shape_of(spec),
@@ -268,7 +270,10 @@ class RankLoops:
         with tf.device(device):
             init = {
                 "tick": tf.constant(0), "loss": tf.zeros([]),
-                "res": [[reserve(p.specs[n], self.m) for n in p.residuals] for _, p in pairs],
+                "res": [[tf.raw_ops.TensorListReserve(
+                    element_shape=tf.constant(-1), num_elements=self.m * len(group),
+                    element_dtype=p.specs[group[0]].dtype) for group in p.res_groups]
+                        for _, p in pairs],
                 "sums": [[tf.zeros(p.stage.trainable_variables[k].shape, g.dtype)
                           for k, g in self._dense(p)] for _, p in pairs],
                 "slices": [[(reserve(relaxed(g.values), self.m),
@@ -317,7 +322,11 @@ class RankLoops:
         outs = functions.call_forward(pair.fw, ins + list(pair.function.captured_inputs))
         sent = [self.acts[(i, c)].put(outs[n]) for i, n in pair.out_at.items()
                 for c in self.consumers.get(i, [])]
-        res = [set_item(lst, mb, outs[n]) for lst, n in zip(state["res"][slot], pair.residuals)]
+        res = []
+        for lst, group in zip(state["res"][slot], pair.res_groups):
+            for j, n in enumerate(group):
+                lst = set_item(lst, mb * len(group) + j, outs[n])
+            res.append(lst)
         new = {**state, "res": [*state["res"][:slot], res, *state["res"][slot + 1:]]}
         if pair.loss_at is not None:
             new["loss"] = state["loss"] + outs[pair.loss_at]
@@ -339,8 +348,9 @@ class RankLoops:
                      for i in floats]
             if pair.loss_at is not None:
                 seeds.append(tf.ones([], pair.specs[pair.seeded - 1].dtype))
-        res = {n: get(lst, mb, pair.specs[n]) for lst, n in zip(state["res"][slot],
-                                                                pair.residuals)}
+        res = {n: get(lst, mb * len(group) + j, pair.specs[n])
+               for lst, group in zip(state["res"][slot], pair.res_groups)
+               for j, n in enumerate(group)}
         caps = [c if n is None else res[n] for n, c in pair.bw_caps]
         got = functions.call_backward(pair.bw, seeds, caps)
         sent = [self.grads[(i, s)].put(got[j]) for j, i in enumerate(pair.in_ids)

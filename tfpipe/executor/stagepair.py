@@ -48,7 +48,7 @@ def reserve(spec: Any, n: int) -> tf.Tensor:
 
 
 def get(lst: tf.Tensor, index: tf.Tensor, spec: Any) -> tf.Tensor:
-    got = tf.raw_ops.TensorListGetItem(input_handle=lst, index=index, element_shape=shape_of(spec),
+    got = tf.raw_ops.TensorListGetItem(input_handle=lst, index=index, element_shape=tf.constant(-1),
                                        element_dtype=spec.dtype)
     got.set_shape(spec.shape)
     return got
@@ -82,7 +82,8 @@ class StagePair:
         extra_specs = [*y_specs, *sw_specs, tf.TensorSpec([], tf.float32)] if self.last else []
         with tf.device(stage.device):
             self.function = tf.function(
-                self._forward(runner, labels, metrics), autograph=False
+                self._forward(runner, labels, metrics), autograph=False,
+                experimental_attributes={"_noinline": True},
             ).get_concrete_function(*specs, *extra_specs, tf.TensorSpec([], tf.float32))
         self.num_args = len(specs) + len(extra_specs) + 1
         self.seeded: int = self.layout["seeded"]
@@ -100,6 +101,13 @@ class StagePair:
         pos = {id(t): n for n, t in enumerate(outputs)}
         self.bw_caps = [(pos.get(id(c)), c) for c in self.bw.captured_inputs]
         self.residuals = sorted({n for n, _ in self.bw_caps if n is not None})
+        groups: dict[Any, list[int]] = {}
+        for n in self.residuals:
+            groups.setdefault(self.specs[n].dtype, []).append(n)
+        self.res_groups = list(groups.values())
+        """The residuals by dtype: each group is kept in one TensorList per loop (`rankloop`),
+        micro-batch m's residual j of a group of g at index m * g + j (a loop variable per
+        residual made hundreds per rank, and lowering them dominated the first run)."""
         handles = {id(v.value.handle): k for k, v in enumerate(stage.trainable_variables)}
         self.var_of = [handles.get(id(c)) for c in self.function.captured_inputs]
         grads = self.bw.graph.structured_outputs
