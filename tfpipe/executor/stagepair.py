@@ -47,9 +47,12 @@ def reserve(spec: Any, n: int) -> tf.Tensor:
                                         element_dtype=spec.dtype)
 
 
-def get(lst: tf.Tensor, index: tf.Tensor, spec: Any) -> tf.Tensor:
-    got = tf.raw_ops.TensorListGetItem(input_handle=lst, index=index, element_shape=tf.constant(-1),
-                                       element_dtype=spec.dtype)
+def get(lst: tf.Tensor, index: tf.Tensor, spec: Any, shape: Any = None) -> tf.Tensor:
+    """Element `index` of `lst`, with `spec`'s static shape (`shape`: the element shape the
+    op is told, by default any)."""
+    got = tf.raw_ops.TensorListGetItem(
+        input_handle=lst, index=index, element_shape=tf.constant(-1) if shape is None else shape,
+        element_dtype=spec.dtype)
     got.set_shape(spec.shape)
     return got
 
