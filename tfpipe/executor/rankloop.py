@@ -222,8 +222,11 @@ class RankLoops:
             out["loss"].append(final["loss"])
             out["ticks"].append(final["tick"])
             for slot, (s, pair) in enumerate(self._rank_pairs(branches)):
-                for (k, _), total in zip(self._dense(pair), final["sums"][slot]):
-                    out["grads"][f"{s}/{k}"] = total
+                for group, flat in zip(self._dense_groups(pair), final["sums"][slot]):
+                    variables = [pair.stage.trainable_variables[k] for k in group]
+                    parts = tf.split(flat, [v.shape.num_elements() for v in variables])
+                    for k, v, part in zip(group, variables, parts):
+                        out["grads"][f"{s}/{k}"] = tf.reshape(part, v.shape)
                 for (k, g), kept in zip(self._sparse(pair), final["slices"][slot]):
                     (values, lengths), (indices, _) = (
                         tf.raw_ops.TensorListConcatV2(
@@ -248,6 +251,15 @@ class RankLoops:
     def _dense(pair: StagePair) -> list[tuple[int, Any]]:
         return [(k, g) for k, g in sorted(pair.var_grads.items())
                 if not isinstance(g, tf.IndexedSlices)]
+
+    @classmethod
+    def _dense_groups(cls, pair: StagePair) -> list[list[int]]:
+        """The stage's densely differentiated variables by gradient dtype: each group's sums
+        are one flat loop variable (one per variable lowered to thousands of operations)."""
+        groups: dict[Any, list[int]] = {}
+        for k, g in cls._dense(pair):
+            groups.setdefault(g.dtype, []).append(k)
+        return list(groups.values())
 
     @staticmethod
     def _sparse(pair: StagePair) -> list[tuple[int, Any]]:
@@ -274,8 +286,9 @@ class RankLoops:
                     element_shape=tf.constant(-1), num_elements=self.m * len(group),
                     element_dtype=p.specs[group[0]].dtype) for group in p.res_groups]
                         for _, p in pairs],
-                "sums": [[tf.zeros(p.stage.trainable_variables[k].shape, g.dtype)
-                          for k, g in self._dense(p)] for _, p in pairs],
+                "sums": [[tf.zeros([sum(p.stage.trainable_variables[k].shape.num_elements()
+                                        for k in group)], p.var_grads[group[0]].dtype)
+                          for group in self._dense_groups(p)] for _, p in pairs],
                 "slices": [[(reserve(relaxed(g.values), self.m),
                              reserve(relaxed(g.indices), self.m))
                             for _, g in self._sparse(p)] for _, p in pairs],
@@ -357,8 +370,8 @@ class RankLoops:
         sent = [self.grads[(i, s)].put(got[j]) for j, i in enumerate(pair.in_ids)
                 if (i, s) in self.grads]
         at = {k: pair.num_args + j for j, k in enumerate(pair.var_of) if k is not None}
-        sums = [total + got[at[k]] for (k, _), total in zip(self._dense(pair),
-                                                             state["sums"][slot])]
+        sums = [total + tf.concat([tf.reshape(got[at[k]], [-1]) for k in group], 0)
+                for group, total in zip(self._dense_groups(pair), state["sums"][slot])]
         slices = [(set_item(v, mb, got[at[k]].values), set_item(i, mb, got[at[k]].indices))
                   for (k, _), (v, i) in zip(self._sparse(pair), state["slices"][slot])]
         new = {**state, "sums": [*state["sums"][:slot], sums, *state["sums"][slot + 1:]],
