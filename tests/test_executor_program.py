@@ -126,3 +126,29 @@ def test_scope_names_and_timeline_rows():
     schedule = interleaved(2, 4, chunks=2)
     assert [global_rank(schedule, 0, Action(s, "F", 0)) for s in range(4)] == [0, 1, 0, 1]
     assert global_rank(schedule, 1, Action(3, "F", 4)) == 3
+
+
+def test_rank_rows_of_interleaved_name_each_stage_and_kind_once_per_rank():
+    from tfpipe.executor.program import RankRows
+    from tfpipe.schedules import interleaved
+
+    rows = RankRows.build(interleaved(2, 2, 2))
+    assert rows.branches == [[(0, "F"), (2, "F"), (2, "B"), (0, "B")],
+                             [(1, "F"), (3, "F"), (3, "B"), (1, "B")]]
+    for r, row in enumerate(interleaved(2, 2, 2).ranks):
+        assert [rows.branches[r][c] for c in rows.codes[r]] == [(a.stage, a.kind) for a in row]
+        assert rows.micro_batches[r] == [a.micro_batch for a in row]
+
+
+def test_loop_refusal_names_split_backward_and_out_of_order_queues():
+    from tfpipe.executor.program import loop_refusal
+    from tfpipe.schedules import Action, Schedule, one_f_one_b, zb_h1
+
+    assert loop_refusal(one_f_one_b(3, 4), [(0, 1), (1, 2), (0, 2)]) is None
+    assert "splits backward into I and W" in loop_refusal(zb_h1(2, 4), [(0, 1)])
+    # stage 1 runs its forwards in the order 1, 0: one queue from stage 0 would swap them
+    swapped = Schedule("swapped", 2, 2, (
+        (Action(0, "F", 0), Action(0, "F", 1), Action(0, "B", 0), Action(0, "B", 1)),
+        (Action(1, "F", 1), Action(1, "F", 0), Action(1, "B", 0), Action(1, "B", 1)),
+    ))
+    assert "do not run their micro-batches in the same order" in loop_refusal(swapped, [(0, 1)])
