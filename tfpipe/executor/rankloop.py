@@ -166,7 +166,9 @@ class RankLoops:
             if isinstance(g, list):  # IndexedSlices, concatenated over micro-batches
                 var = self.stages[s].trainable_variables[k]
                 with tf.device(self.stages[s].device):
-                    g = combine_listed(*g, tf.constant(list(var.shape), tf.int64))
+                    values, indices, lengths = g
+                    g = combine_listed(values, indices, lengths,
+                                       tf.constant(list(var.shape), tf.int64))
             grads[s][k] = g
         if got["preds"]:
             with tf.device(self.stages[-1].device):
@@ -222,9 +224,9 @@ class RankLoops:
             out["loss"].append(final["loss"])
             out["ticks"].append(final["tick"])
             for slot, (s, pair) in enumerate(self._rank_pairs(branches)):
-                for group, flat in zip(self._dense_groups(pair), final["sums"][slot]):
+                for group, summed in zip(self._dense_groups(pair), final["sums"][slot]):
                     variables = [pair.stage.trainable_variables[k] for k in group]
-                    parts = tf.split(flat, [v.shape.num_elements() for v in variables])
+                    parts = tf.split(summed, [v.shape.num_elements() for v in variables])
                     for k, v, part in zip(group, variables, parts):
                         out["grads"][f"{s}/{k}"] = tf.reshape(part, v.shape)
                 for (k, g), kept in zip(self._sparse(pair), final["slices"][slot]):
