@@ -38,6 +38,8 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--schedules", default="gpipe,1f1b,zb-h1")
+    parser.add_argument("--rank-loops", action="store_true",
+                        help="run the step as one in-graph loop per rank (rank_loops=True)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
 
@@ -54,6 +56,7 @@ def main() -> None:
             stages=args.stages,
             micro_batches=args.micro_batches,
             schedule=name,
+            rank_loops=args.rank_loops,
         )
         peak, step = step_peak(pipe, x, y, args.repeats)
         results.append(

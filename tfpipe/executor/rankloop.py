@@ -2,10 +2,9 @@
 
 Design:
 - Why: the unrolled step (`Executor.train_step` walking `program.runs`) has 3 x M x K call
-  sites, and TensorFlow optimises every call site of the step before its first run (Grappler
-  specialises each backward per call site): the first step grew with M, 9.8x `model.fit`'s at
-  K = 4, M = 64 on the 12-block Transformer (`benchmarks/trace_cost.py`). Here the step's graph
-  grows with K only.
+  sites, each optimised before the first run: its first step grew with M (9.8x `model.fit`'s
+  at K = 4, M = 64, 12-block Transformer, `benchmarks/trace_cost.py`). Here the graph grows
+  with K only (2.6x at K = 8, M = 64, docs/benchmarks.md).
 - Each stage's forward is one `tf.function` of (stage inputs, and on the last stage the
   micro-batch's labels, sample weights and loss weight), returning its outputs and loss
   terms. TensorFlow's own forward/backward pair for a call of it (`_keras.functions.
@@ -16,8 +15,10 @@ Design:
   in order), a `tf.switch_case` on the action's `(stage, kind)`. Residuals wait in
   TensorLists indexed by micro-batch; dense weight gradients are summed in loop variables;
   IndexedSlices (embedding gradients) are kept per micro-batch in TensorLists and combined
-  after the loop as the unrolled step combines them (`grads.combine_sparse`), because Keras's
-  optimizers square slices before summing duplicates.
+  after the loop as the unrolled step combines them (`grads.combine_listed`), because Keras's
+  optimizers square slices before summing duplicates. A backward clears the residual slots it
+  read, so a rank holds only its in-flight micro-batches' residuals (1F1B: at most K; kept to
+  the end of the step, 1F1B peaked with GPipe, `tests/test_schedule_memory.py`).
 - Activations and gradients cross stages through one FIFO queue per (tensor, consumer stage),
   made once on the sender's device; reads go through a non-inlined function on that device,
   so no loop frame spans two devices. `program.loop_refusal` checks that each queue's reader
@@ -48,31 +49,25 @@ import tensorflow as tf
 from tfpipe._keras import functions, has_compiled_metrics
 from tfpipe.devices import HOST
 from tfpipe.errors import PipelineError
-from tfpipe.executor.forward import StageRunner, graph_inputs, graph_outputs
+from tfpipe.executor.forward import StageRunner, graph_outputs
 from tfpipe.executor.grads import combine_listed
 from tfpipe.executor.microbatch import Shares
 from tfpipe.executor.program import RankRows, loop_refusal
-from tfpipe.executor.stagepair import Queue, StagePair, get, relaxed, reserve, set_item, shape_of
+from tfpipe.executor.stagepair import (
+    Queue,
+    StagePair,
+    edges,
+    get,
+    relaxed,
+    reserve,
+    set_item,
+    shape_of,
+    stage_input_ids,
+)
 from tfpipe.partition import Stage
 from tfpipe.schedules import Schedule
 
 __all__ = ["RankLoops", "edges", "loops_refusal"]
-
-
-def stage_input_ids(runner: StageRunner, stage: Stage) -> list[int]:
-    """Ids of the graph tensors a stage's forward takes (the last also the early outputs)."""
-    ids = [id(t) for t in graph_inputs(stage)]
-    if stage.index == runner.last:
-        ids += [i for i in runner.early_outputs if i not in ids]
-    return ids
-
-
-def edges(runner: StageRunner, stages: list[Stage]) -> list[tuple[int, int]]:
-    """`(producer, consumer)` stage pairs of every tensor passed between stages."""
-    producer = {id(t): st.index for st in stages for t in graph_outputs(st)}
-    model_inputs = set(runner.input_ids)
-    return sorted({(producer[i], st.index) for st in stages
-                   for i in stage_input_ids(runner, st) if i not in model_inputs})
 
 
 def loops_refusal(runner: StageRunner, stages: list[Stage], schedule: Schedule,
@@ -137,7 +132,7 @@ class RankLoops:
 
         Returns:
             The weighted loss terms (one per rank), and per stage the gradients of its
-            trainable variables (a tensor, `SparseParts` or None), for `apply_gradients`.
+            trainable variables (a tensor, IndexedSlices or None), for `apply_gradients`.
         """
         ys = keras.tree.flatten(y)
         sws = [] if sw is None else keras.tree.flatten(sw)
@@ -205,7 +200,8 @@ class RankLoops:
                             raise PipelineError(
                                 f"tfpipe rank loops: stage {c} ({', '.join(pair.stage.names)}) "
                                 f"gives no gradient for an input it reads from stage "
-                                f"{producer[i]}; run this model without rank loops.")
+                                f"{producer[i]}, so the loops cannot pass one back: use "
+                                "rank_loops=False for this model.")
                         self.grads[(i, c)] = Queue(pair.stage.device, spec_of[i], self.m)
         n = len(inputs) + len(ys) + len(sws)
         signature = [tf.TensorSpec([], tf.variant)] * n + [tf.TensorSpec([self.m], tf.float32)] * 2
@@ -364,9 +360,10 @@ class RankLoops:
             if pair.loss_at is not None:
                 seeds.append(tf.ones([], pair.specs[pair.seeded - 1].dtype))
         any_shape = tf.constant(-1)
+        places = [_places(mb, len(group)) for group in pair.res_groups]
         res = {n: get(lst, at, pair.specs[n], any_shape)
-               for lst, group in zip(state["res"][slot], pair.res_groups)
-               for at, n in zip(_places(mb, len(group)), group)}
+               for lst, group, ats in zip(state["res"][slot], pair.res_groups, places)
+               for at, n in zip(ats, group)}
         caps = [c if n is None else res[n] for n, c in pair.bw_caps]
         got = functions.call_backward(pair.bw, seeds, caps)
         sent = [self.grads[(i, s)].put(got[j]) for j, i in enumerate(pair.in_ids)
@@ -376,9 +373,18 @@ class RankLoops:
                 for group, total in zip(self._dense_groups(pair), state["sums"][slot])]
         slices = [(set_item(v, mb, got[at[k]].values), set_item(i, mb, got[at[k]].indices))
                   for (k, _), (v, i) in zip(self._sparse(pair), state["slices"][slot])]
+        cleared = []  # the micro-batch's residuals dropped once read: 1F1B's memory bound
+        with tf.control_dependencies([got_op(got)]):
+            for lst, group, ats in zip(state["res"][slot], pair.res_groups, places):
+                empty = tf.zeros([0], pair.specs[group[0]].dtype)
+                for at in ats:
+                    lst = set_item(lst, at, empty)
+                cleared.append(lst)
         new = {**state, "sums": [*state["sums"][:slot], sums, *state["sums"][slot + 1:]],
-               "slices": [*state["slices"][:slot], slices, *state["slices"][slot + 1:]]}
-        after = [*seeds, *sent, *sums, *[t for pair_ in slices for t in pair_], got_op(got)]
+               "slices": [*state["slices"][:slot], slices, *state["slices"][slot + 1:]],
+               "res": [*state["res"][:slot], cleared, *state["res"][slot + 1:]]}
+        after = [*seeds, *sent, *sums, *[t for pair_ in slices for t in pair_], *cleared,
+                 got_op(got)]
         return self._done(new, after)
 
 

@@ -24,7 +24,7 @@ from tfpipe.executor.forward import StageRunner, graph_inputs, graph_outputs
 from tfpipe.partition import Stage
 from tfpipe.partition.stages import check_gradient_path
 
-__all__ = ["StagePair", "Queue"]
+__all__ = ["StagePair", "Queue", "edges", "stage_input_ids"]
 
 
 def relaxed(t: Any) -> tf.TensorSpec:
@@ -61,6 +61,22 @@ def set_item(lst: tf.Tensor, index: tf.Tensor, value: tf.Tensor) -> tf.Tensor:
     return tf.raw_ops.TensorListSetItem(input_handle=lst, index=index, item=value)
 
 
+def stage_input_ids(runner: StageRunner, stage: Stage) -> list[int]:
+    """Ids of the graph tensors a stage's forward takes (the last also the early outputs)."""
+    ids = [id(t) for t in graph_inputs(stage)]
+    if stage.index == runner.last:
+        ids += [i for i in runner.early_outputs if i not in ids]
+    return ids
+
+
+def edges(runner: StageRunner, stages: list[Stage]) -> list[tuple[int, int]]:
+    """`(producer, consumer)` stage pairs of every tensor passed between stages."""
+    producer = {id(t): st.index for st in stages for t in graph_outputs(st)}
+    model_inputs = set(runner.input_ids)
+    return sorted({(producer[i], st.index) for st in stages
+                   for i in stage_input_ids(runner, st) if i not in model_inputs})
+
+
 class StagePair:
     """One stage's forward and backward functions and how their values are laid out.
 
@@ -76,9 +92,7 @@ class StagePair:
                  labels: tuple[Any, Any, list[Any], list[Any]] | None, metrics: bool) -> None:
         self.stage = stage
         self.last = labels is not None
-        self.in_ids = [id(t) for t in graph_inputs(stage)]
-        if self.last:
-            self.in_ids += [i for i in runner.early_outputs if i not in self.in_ids]
+        self.in_ids = stage_input_ids(runner, stage)
         out_ids = [id(t) for t in graph_outputs(stage)]
         y_specs, sw_specs = labels[2:] if labels else ([], [])
         self.layout: dict[str, Any] = {}
@@ -123,7 +137,7 @@ class StagePair:
             raise PipelineError(
                 f"tfpipe rank loops: stage {stage.index}'s backward takes "
                 f"{functions.seed_count(self.bw)} output gradients, expected {self.seeded}; "
-                "run this model without rank loops.")
+                "use rank_loops=False for this model.")
 
     def _forward(self, runner: StageRunner, labels: tuple[Any, Any, list[Any], list[Any]] | None,
                  metrics: bool) -> Any:
