@@ -44,3 +44,14 @@ def test_jit_compile_auto_follows_the_model_and_is_checked_once():
             PipelineOptions(jit_compile=bad)
     with pytest.raises(tfpipe.PipelineError, match=r"jit_compile=True with replicas=2"):
         PipelineOptions(stages=2, replicas=2, jit_compile=True)
+
+
+def test_the_whole_step_is_compiled_only_on_one_device_one_copy_one_micro_batch():
+    from tfpipe.options import PipelineOptions as Options
+
+    assert Options(stages=1).whole_step_xla(True, 1)
+    assert not Options(stages=1).whole_step_xla(False, 1)
+    assert not Options(stages=2).whole_step_xla(True, 2)  # one XLA program, one device
+    assert not Options(stages=1, micro_batches=4).whole_step_xla(True, 1)  # the split's check
+    assert not Options(stages=1, profile=True).whole_step_xla(True, 1)
+    assert not Options(stages=1, check_numerics=True).whole_step_xla(True, 1)

@@ -182,6 +182,15 @@ class PipelineOptions:
             return self.jit_compile
         return bool(model_jit_compile) and self.replicas == 1
 
+    def whole_step_xla(self, xla: bool, num_devices: int) -> bool:
+        """Whether Keras compiles the whole training step with XLA, as `model.fit` does: with
+        `xla` (see `xla`) on one device, one copy and one micro-batch (no split to check at
+        run time), without profiling or `check_numerics` (their checks and stamps are not XLA
+        operations). Otherwise each stage's functions are compiled on their own.
+        """
+        return (xla and num_devices == 1 and self.replicas == 1 and self.micro_batches == 1
+                and not self.profile and not self.check_numerics)
+
     def count_stages(self, visible_devices: Callable[[], Sequence[str]]) -> int:
         """Model pieces to cut: K devices (of each replica) times `chunks`, or as `balance`,
         `split_points` or the `Schedule` say.

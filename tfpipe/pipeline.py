@@ -187,12 +187,12 @@ class Pipeline:
             if mode in ("time", "memory"):
                 self.layer_costs = profile_layers(model, sample, device=stage_devices[0])
             self.balanced_by = options.balanced_by
-            self.stages: list[Stage] = _split(
-                model, options, stage_devices, self.layer_costs, sample
-            )
+            self.stages: list[Stage] = _split(model, options, stage_devices,
+                                              self.layer_costs, sample)
             scope.stages = self.stages
             self.recompute = _recompute_flags(options, self.stages)
             self.jit_compile = options.xla(model_jit_compile(model))
+            self.whole_step_xla = options.whole_step_xla(self.jit_compile, len(set(stage_devices)))
             self.executor = Executor(
                 model, self.stages, self.schedule, profile=options.profile,
                 recompute=self.recompute, check_numerics=options.check_numerics,
@@ -250,7 +250,7 @@ class Pipeline:
         jit = model.jit_compile
         for name in _FUNCTIONS:
             setattr(model, name, self._functions[name])
-        model.jit_compile = False  # one XLA cluster cannot span several devices
+        model.jit_compile = self.whole_step_xla  # one XLA program cannot span devices
         try:
             with contextlib.ExitStack() as stack:
                 stack.enter_context(
