@@ -110,7 +110,7 @@ class RankLoops:
     """
 
     def __init__(self, runner: StageRunner, stages: list[Stage], schedule: Schedule) -> None:
-        self.runner, self.stages, self.schedule = runner, stages, schedule
+        self.runner, self.stages = runner, stages
         self.rows = RankRows.build(schedule)
         self.m = schedule.num_micro_batches
         self.pairs: list[StagePair] = []
