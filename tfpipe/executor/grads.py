@@ -108,27 +108,16 @@ def combine_sparse(parts: Any) -> Any:
         return parts
     if len(parts) == 1:
         return parts[0]
-    first = parts[0].indices
-
-    def equal(indices: tf.Tensor) -> tf.Tensor:
-        same_shape = tf.reduce_all(tf.equal(tf.shape(indices), tf.shape(first)))
-        return tf.cond(
-            same_shape, lambda: tf.reduce_all(tf.equal(indices, first)), lambda: tf.constant(False)
-        )
-
-    all_equal = tf.reduce_all(tf.stack([equal(p.indices) for p in parts[1:]]))
-    values, indices = tf.cond(
-        all_equal,
-        lambda: (tf.add_n([p.values for p in parts]), first),
-        lambda: concat_slices(parts),
-    )
-    return tf.IndexedSlices(values, indices, parts[0].dense_shape)
+    values, indices = concat_slices(parts)
+    lengths = tf.stack([tf.shape(p.indices)[0] for p in parts])
+    return combine_listed(values, indices, lengths, parts[0].dense_shape)
 
 
 def combine_listed(values: tf.Tensor, indices: tf.Tensor, lengths: tf.Tensor,
                    dense_shape: tf.Tensor) -> tf.IndexedSlices:
-    """`combine_sparse` of M micro-batches' IndexedSlices given concatenated (the rank loops
-    keep them in TensorLists): `lengths[m]` slices each, in micro-batch order.
+    """`combine_sparse` of M micro-batches' IndexedSlices given concatenated (as the rank loops
+    keep them in TensorLists, and `combine_sparse` concatenates them): `lengths[m]` slices
+    each, in micro-batch order.
 
     With a constant number of operations whatever M: the values are added when every
     micro-batch's indices are equal, else kept one after another.

@@ -84,13 +84,12 @@ class MicroBatches:
             tf.errors.InvalidArgumentError (at run time): when B < num, naming both; the
                 pipeline re-raises it as a `PipelineError`.
         """
-        if num == 1:  # the batch is its own micro-batch: no split, no weighting
-            one = [tf.constant(1.0)]
-            return cls([x], [y], [sample_weight], tf.reshape(batch_size(x), [1]), one, one,
-                       batch_size(x))
         shares = Shares.of(x, sample_weight, num, reduction)
-        xs, ys, sws = (_split(t, shares.sizes, num, kind) for t, kind in
-                       ((x, "inputs"), (y, "labels"), (sample_weight, "sample_weights")))
+        if num == 1:  # the batch is its own micro-batch: no split
+            xs, ys, sws = [x], [y], [sample_weight]
+        else:
+            xs, ys, sws = (_split(t, shares.sizes, num, kind) for t, kind in
+                           ((x, "inputs"), (y, "labels"), (sample_weight, "sample_weights")))
         data_scale = [shares.data_scale[m] for m in range(num)]
         fraction = [shares.extra_scale[m] for m in range(num)]
         return cls(xs, ys, sws, shares.sizes, data_scale, fraction, shares.batch)

@@ -118,13 +118,13 @@ class StagePair:
         pos = {id(t): n for n, t in enumerate(outputs)}
         self.bw_caps = [(pos.get(id(c)), c) for c in self.bw.captured_inputs]
         self.residuals = sorted({n for n, _ in self.bw_caps if n is not None})
+        # the residuals by dtype: each group is kept in one TensorList per loop (`rankloop`),
+        # micro-batch m's residual j of a group of g at index m * g + j (a loop variable per
+        # residual made hundreds per rank, and lowering them dominated the first run)
         groups: dict[Any, list[int]] = {}
         for n in self.residuals:
             groups.setdefault(self.specs[n].dtype, []).append(n)
         self.res_groups = list(groups.values())
-        """The residuals by dtype: each group is kept in one TensorList per loop (`rankloop`),
-        micro-batch m's residual j of a group of g at index m * g + j (a loop variable per
-        residual made hundreds per rank, and lowering them dominated the first run)."""
         handles = {id(v.value.handle): k for k, v in enumerate(stage.trainable_variables)}
         self.var_of = [handles.get(id(c)) for c in self.function.captured_inputs]
         grads = self.bw.graph.structured_outputs
