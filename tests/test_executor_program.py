@@ -140,6 +140,30 @@ def test_rank_rows_of_interleaved_name_each_stage_and_kind_once_per_rank():
         assert rows.micro_batches[r] == [a.micro_batch for a in row]
 
 
+def test_rank_rows_give_each_micro_batch_a_residual_slot_until_its_backward():
+    from tfpipe.executor.program import RankRows
+    from tfpipe.schedules import gpipe, interleaved, one_f_one_b
+
+    # 1F1B, K = 3, M = 5: stage s holds at most K - s micro-batches; rank 0's row is
+    # F0 F1 F2 B0 F3 B1 F4 B2 B3 B4, and F3 takes the slot B0 freed
+    rows = RankRows.build(one_f_one_b(3, 5))
+    assert rows.width == {0: 3, 1: 2, 2: 1}
+    assert rows.slots[0] == [0, 1, 2, 0, 0, 1, 1, 2, 0, 1]
+    assert rows.slots[2] == [0] * 10
+    assert RankRows.build(gpipe(2, 4)).width == {0: 4, 1: 4}  # all forwards before backwards
+    for schedule in (one_f_one_b(4, 8), interleaved(2, 4, 2), gpipe(3, 3)):
+        rows = RankRows.build(schedule)
+        for r, row in enumerate(schedule.ranks):
+            filled: dict[tuple[int, int], int] = {}
+            for a, slot in zip(row, rows.slots[r]):
+                assert 0 <= slot < rows.width[a.stage]
+                if a.kind == "F":  # no two micro-batches in flight share a slot
+                    assert (a.stage, slot) not in filled
+                    filled[(a.stage, slot)] = a.micro_batch
+                else:
+                    assert filled.pop((a.stage, slot)) == a.micro_batch
+
+
 def test_loop_refusal_names_split_backward_and_out_of_order_queues():
     from tfpipe.executor.program import loop_refusal
     from tfpipe.schedules import Action, Schedule, one_f_one_b, zb_h1

@@ -19,7 +19,7 @@ import keras
 import tensorflow as tf
 
 from tfpipe import report, schedules
-from tfpipe._keras import lend_methods
+from tfpipe._keras import lend_methods, wrap_train_function
 from tfpipe.atomic import atomic_saves
 from tfpipe.balance import (
     LayerCost,
@@ -243,8 +243,9 @@ class Pipeline:
 
     @contextlib.contextmanager
     def _attached(self) -> Iterator[None]:
-        """Lends the executor's steps (and this pipeline's traced functions) to the model, with
-        optimizer updates on each variable's device and atomic saves, for one Keras call."""
+        """Lends the executor's steps and this pipeline's traced functions to the model, with
+        optimizer updates on each variable's device and atomic saves, for one Keras call; the
+        train function runs under `executor.glue_options`."""
         model = self.model
         saved = {name: getattr(model, name) for name in _FUNCTIONS}
         jit = model.jit_compile
@@ -256,6 +257,7 @@ class Pipeline:
                 stack.enter_context(
                     lend_methods(model, {name: getattr(self.executor, name) for name in _STEPS})
                 )
+                wrap_train_function(model, self.executor.glue_options)
                 stack.enter_context(atomic_saves(model))
                 stack.enter_context(memory_errors(self.stages))
                 if getattr(model, "optimizer", None) is not None:
@@ -312,11 +314,9 @@ class Pipeline:
         return text
 
     def __repr__(self) -> str:
-        return (
-            f"Pipeline({self.model.name!r}, stages={len(self.stages)}, "
-            f"micro_batches={self.micro_batches}, schedule={self.schedule.name!r}, "
-            f"devices={[s.device for s in self.stages]})"
-        )
+        return (f"Pipeline({self.model.name!r}, stages={len(self.stages)}, "
+                f"micro_batches={self.micro_batches}, schedule={self.schedule.name!r}, "
+                f"devices={[s.device for s in self.stages]})")
 
 
 def _compiled(model: keras.Model) -> bool:

@@ -48,6 +48,7 @@ from tfpipe._keras.model import (
     collective_sum,
     lend_methods,
     lend_moments,
+    wrap_train_function,
 )
 from tfpipe._keras.variables import (
     deferred_count,
@@ -95,6 +96,7 @@ __all__ = [
     "lend_update_steps",
     "lend_methods",
     "lend_moments",
+    "wrap_train_function",
     "cached_on",
     "cache_on",
     "collective_sum",

@@ -97,3 +97,25 @@ def collective_sum(
         ordering_token=ordering_token,
     )
     return reduced
+
+
+def wrap_train_function(model: keras.Model,
+                        around: Callable[[], contextlib.AbstractContextManager[None]]) -> None:
+    """Makes the model's Keras train function (when it has none) and runs each call of it
+    under `around()` (it stays wrapped: `fit` keeps a train function made once).
+
+    Keras 3.14-3.15: `make_train_function` stores `model.train_function`, the Python function
+    `fit` calls once per step on the data iterator, and returns early when one is set.
+    """
+    if model.train_function is None:
+        model.make_train_function()
+    function = model.train_function
+    if getattr(function, "_tfpipe_around", None) is not None:
+        return
+
+    def call(iterator: Any) -> Any:
+        with around():
+            return function(iterator)
+
+    call._tfpipe_around = around  # type: ignore[attr-defined]
+    model.train_function = call

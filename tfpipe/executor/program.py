@@ -160,37 +160,61 @@ class Program:
 @dataclass(frozen=True)
 class RankRows:
     """A schedule as the rank loops run it (`tfpipe.executor.rankloop`): per rank, the
-    `(stage, kind)` of each branch of its loop body, and per action the branch and micro-batch.
+    `(stage, kind)` of each branch of its loop body, and per action the branch, micro-batch
+    and residual slot.
+
+    A forward keeps its micro-batch's residuals in a slot of its stage (the lowest free one)
+    until that micro-batch's backward frees it; the next forward into the slot overwrites
+    them. So a stage holds at most `width[s]` micro-batches' residuals, its most in flight
+    at once (1F1B: K - s; GPipe: M), with no operation to clear a slot.
 
     Attributes:
         branches: `branches[r]`, the distinct `(stage, kind)` of rank r's actions, in order
             of first appearance.
         codes: `codes[r][n]`, the branch index of rank r's n-th action.
         micro_batches: `micro_batches[r][n]`, its micro-batch.
+        slots: `slots[r][n]`, the residual slot its forward fills or its backward reads.
+        width: `width[s]`, the slots stage s needs.
 
     Example:
         >>> from tfpipe.schedules import one_f_one_b
-        >>> rows = RankRows.build(one_f_one_b(2, 2))
+        >>> rows = RankRows.build(one_f_one_b(2, 3))
         >>> rows.branches[1], rows.codes[1]
-        ([(1, 'F'), (1, 'B')], [0, 1, 0, 1])
+        ([(1, 'F'), (1, 'B')], [0, 1, 0, 1, 0, 1])
+        >>> rows.slots[0], rows.width
+        ([0, 1, 0, 0, 1, 0], {0: 2, 1: 1})
     """
 
     branches: list[list[tuple[int, str]]]
     codes: list[list[int]]
     micro_batches: list[list[int]]
+    slots: list[list[int]]
+    width: dict[int, int]
 
     @classmethod
     def build(cls, schedule: Schedule) -> RankRows:
-        """The rows of `schedule` (validated)."""
-        branches, codes, mbs = [], [], []
+        """The rows of `schedule` (validated: each backward after its forward)."""
+        branches, codes, mbs, slots = [], [], [], []
+        width: dict[int, int] = {}
         for actions in schedule.ranks:
             seen: dict[tuple[int, str], int] = {}
+            held: dict[tuple[int, int], int] = {}  # (stage, micro-batch) -> its slot
+            row = []
             for a in actions:
                 seen.setdefault((a.stage, a.kind), len(seen))
+                if a.kind == "F":
+                    taken = {v for (s, _), v in held.items() if s == a.stage}
+                    slot = min(set(range(len(taken) + 1)) - taken)
+                    held[(a.stage, a.micro_batch)] = slot
+                    width[a.stage] = max(width.get(a.stage, 0), slot + 1)
+                else:
+                    slot = held.pop((a.stage, a.micro_batch))
+                row.append(slot)
             branches.append(list(seen))
             codes.append([seen[(a.stage, a.kind)] for a in actions])
             mbs.append([a.micro_batch for a in actions])
-        return cls(branches, codes, mbs)
+            slots.append(row)
+        return cls(branches, codes, mbs, slots, dict(sorted(width.items())))
 
 
 def loop_refusal(schedule: Schedule, edges: list[tuple[int, int]]) -> str | None:

@@ -16,9 +16,11 @@ Design:
   TensorLists indexed by micro-batch; dense weight gradients are summed in loop variables;
   IndexedSlices (embedding gradients) are kept per micro-batch in TensorLists and combined
   after the loop as the unrolled step combines them (`grads.combine_listed`), because Keras's
-  optimizers square slices before summing duplicates. A backward clears the residual slots it
-  read, so a rank holds only its in-flight micro-batches' residuals (1F1B: at most K; kept to
-  the end of the step, 1F1B peaked with GPipe, `tests/test_schedule_memory.py`).
+  optimizers square slices before summing duplicates. A micro-batch's residuals take one of
+  its stage's slots from its forward to its backward (`program.RankRows.slots`), and the
+  next forward into a slot overwrites them, so a rank holds only its in-flight micro-batches'
+  residuals (1F1B: at most K, `tests/test_schedule_memory.py`) with no operation to clear
+  them (clearing each residual was a third of the loop body's operations).
 - Activations and gradients cross stages through one FIFO queue per (tensor, consumer stage),
   made once on the sender's device; reads go through a non-inlined function on that device,
   so no loop frame spans two devices. `program.loop_refusal` checks that each queue's reader
@@ -41,7 +43,7 @@ Design:
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import keras
 import tensorflow as tf
@@ -276,12 +278,13 @@ class RankLoops:
         pairs = self._rank_pairs(branches)
         slot_of = {s: n for n, (s, _) in enumerate(pairs)}
         device = self.stages[pairs[0][0]].device
-        codes, mbs = self.rows.codes[r], self.rows.micro_batches[r]
+        codes, mbs, slots = self.rows.codes[r], self.rows.micro_batches[r], self.rows.slots[r]
         with tf.device(device):
             init = {
                 "tick": tf.constant(0), "loss": tf.zeros([]),
                 "res": [[tf.raw_ops.TensorListReserve(
-                    element_shape=tf.constant(-1), num_elements=self.m * len(group),
+                    element_shape=tf.constant(-1),
+                    num_elements=self.rows.width[p.stage.index] * len(group),
                     element_dtype=p.specs[group[0]].dtype) for group in p.res_groups]
                         for _, p in pairs],
                 "sums": [[tf.zeros([sum(p.stage.trainable_variables[k].shape.num_elements()
@@ -292,11 +295,11 @@ class RankLoops:
                             for _, g in self._sparse(p)] for _, p in pairs],
                 "preds": [reserve(spec, self.m) for spec in self._pred_specs(branches)],
             }
-            code_table, mb_table = tf.constant(codes), tf.constant(mbs)
+            code_table, mb_table, slot_table = (tf.constant(t) for t in (codes, mbs, slots))
 
             def body(n: Any, state: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
-                mb = mb_table[n]
-                fns = [self._branch(pairs[slot_of[s]][1], kind, slot_of[s], state, mb, lists)
+                at = _At(mb_table[n], slot_table[n])
+                fns = [self._branch(pairs[slot_of[s]][1], kind, slot_of[s], state, at, lists)
                        for s, kind in branches]
                 return n + 1, tf.switch_case(code_table[n], fns)
 
@@ -305,11 +308,11 @@ class RankLoops:
         return dict(final)
 
     def _branch(self, pair: StagePair, kind: str, slot: int, state: dict[str, Any],
-                mb: tf.Tensor, lists: dict[str, Any]) -> Any:
+                at: _At, lists: dict[str, Any]) -> Any:
         """The loop body's branch for one `(stage, kind)`: a function of no arguments."""
         if kind == "F":
-            return lambda: self._forward(pair, slot, state, mb, lists)
-        return lambda: self._backward(pair, slot, state, mb)
+            return lambda: self._forward(pair, slot, state, at, lists)
+        return lambda: self._backward(pair, slot, state, at)
 
     @staticmethod
     def _done(state: dict[str, Any], after: list[Any]) -> dict[str, Any]:
@@ -318,9 +321,9 @@ class RankLoops:
             tick = tf.identity(state["tick"])  # an Identity: Grappler keeps its dependencies
         return {**state, "tick": tick + 1}
 
-    def _forward(self, pair: StagePair, slot: int, state: dict[str, Any], mb: tf.Tensor,
+    def _forward(self, pair: StagePair, slot: int, state: dict[str, Any], at: _At,
                  lists: dict[str, Any]) -> dict[str, Any]:
-        s = pair.stage.index
+        s, mb = pair.stage.index, at.micro_batch
         with tf.control_dependencies([state["tick"]]):
             ins = [get(lists["x"][i], mb, pair.function.structured_input_signature[0][j])
                    if i in lists["x"] else self.acts[(i, s)].take()
@@ -335,8 +338,8 @@ class RankLoops:
                 for c in self.consumers.get(i, [])]
         res = []
         for lst, group in zip(state["res"][slot], pair.res_groups):
-            for at, n in zip(_places(mb, len(group)), group):
-                lst = set_item(lst, at, outs[n])
+            for place, n in zip(_places(at.slot, len(group)), group):
+                lst = set_item(lst, place, outs[n])
             res.append(lst)
         new = {**state, "res": [*state["res"][:slot], res, *state["res"][slot + 1:]]}
         if pair.loss_at is not None:
@@ -347,9 +350,9 @@ class RankLoops:
         # every input read counts: a dequeue nothing reads would not run, and its queue fill
         return self._done(new, [*ins, *sent, *res, new["loss"], *new["preds"], outs[0].op])
 
-    def _backward(self, pair: StagePair, slot: int, state: dict[str, Any], mb: tf.Tensor
+    def _backward(self, pair: StagePair, slot: int, state: dict[str, Any], at: _At
                   ) -> dict[str, Any]:
-        s = pair.stage.index
+        s, mb = pair.stage.index, at.micro_batch
         if not pair.seeded:  # nothing it made can carry a gradient: no backward to run
             return self._done(state, [])
         floats = [i for i, n in sorted(pair.out_at.items(), key=lambda t: t[1])
@@ -360,38 +363,35 @@ class RankLoops:
             if pair.loss_at is not None:
                 seeds.append(tf.ones([], pair.specs[pair.seeded - 1].dtype))
         any_shape = tf.constant(-1)
-        places = [_places(mb, len(group)) for group in pair.res_groups]
-        res = {n: get(lst, at, pair.specs[n], any_shape)
+        places = [_places(at.slot, len(group)) for group in pair.res_groups]
+        res = {n: get(lst, place, pair.specs[n], any_shape)
                for lst, group, ats in zip(state["res"][slot], pair.res_groups, places)
-               for at, n in zip(ats, group)}
+               for place, n in zip(ats, group)}
         caps = [c if n is None else res[n] for n, c in pair.bw_caps]
         got = functions.call_backward(pair.bw, seeds, caps)
         sent = [self.grads[(i, s)].put(got[j]) for j, i in enumerate(pair.in_ids)
                 if (i, s) in self.grads]
-        at = {k: pair.num_args + j for j, k in enumerate(pair.var_of) if k is not None}
-        sums = [total + tf.concat([tf.reshape(got[at[k]], [-1]) for k in group], 0)
+        of = {k: got[pair.num_args + j] for j, k in enumerate(pair.var_of) if k is not None}
+        sums = [total + tf.concat([tf.reshape(of[k], [-1]) for k in group], 0)
                 for group, total in zip(self._dense_groups(pair), state["sums"][slot])]
-        slices = [(set_item(v, mb, got[at[k]].values), set_item(i, mb, got[at[k]].indices))
+        slices = [(set_item(v, mb, of[k].values), set_item(i, mb, of[k].indices))
                   for (k, _), (v, i) in zip(self._sparse(pair), state["slices"][slot])]
-        cleared = []  # the micro-batch's residuals dropped once read: 1F1B's memory bound
-        with tf.control_dependencies([got_op(got)]):
-            for lst, group, ats in zip(state["res"][slot], pair.res_groups, places):
-                empty = tf.zeros([0], pair.specs[group[0]].dtype)
-                for at in ats:
-                    lst = set_item(lst, at, empty)
-                cleared.append(lst)
         new = {**state, "sums": [*state["sums"][:slot], sums, *state["sums"][slot + 1:]],
-               "slices": [*state["slices"][:slot], slices, *state["slices"][slot + 1:]],
-               "res": [*state["res"][:slot], cleared, *state["res"][slot + 1:]]}
-        after = [*seeds, *sent, *sums, *[t for pair_ in slices for t in pair_], *cleared,
-                 got_op(got)]
+               "slices": [*state["slices"][:slot], slices, *state["slices"][slot + 1:]]}
+        after = [*seeds, *sent, *sums, *[t for pair_ in slices for t in pair_], got_op(got)]
         return self._done(new, after)
 
 
-def _places(mb: tf.Tensor, n: int) -> list[tf.Tensor]:
-    """The TensorList indices of micro-batch `mb`'s n residuals of one group (`mb * n + j`),
-    made by three operations, not three per residual (tracing them took seconds)."""
-    return list(tf.unstack(mb * n + tf.range(n), num=n))
+class _At(NamedTuple):
+    """An action's micro-batch, and the residual slot it fills (F) or reads (B)."""
+    micro_batch: tf.Tensor
+    slot: tf.Tensor
+
+
+def _places(slot: tf.Tensor, n: int) -> list[tf.Tensor]:
+    """The TensorList indices of a slot's n residuals of one group (`slot * n + j`), made by
+    three operations, not three per residual (tracing them took seconds)."""
+    return list(tf.unstack(slot * n + tf.range(n), num=n))
 
 
 def got_op(got: list[Any]) -> Any:

@@ -32,7 +32,7 @@ from typing import Any, ClassVar, NamedTuple
 import keras
 import tensorflow as tf
 
-from tfpipe._keras import layer_name_of, loss_tracker, unscale_loss
+from tfpipe._keras import functions, layer_name_of, loss_tracker, unscale_loss
 from tfpipe.devices import HOST
 from tfpipe.errors import PipelineError
 from tfpipe.executor.batchnorm import DeferredBatchNorm
@@ -164,6 +164,17 @@ class Executor:
             The model's metric results (`model.get_metrics_result()`), as Keras's own step.
         """
         self.traces["train"] += 1
+        with functions.caller_options():  # the stage functions: all of Grappler
+            return self._train_step(data)
+
+    def glue_options(self) -> contextlib.AbstractContextManager[None]:
+        """The options the training step's own graph is optimised with at its first call:
+        with the rank loops, which leave only glue in it (control flow, queues, lists, calls),
+        Grappler's dependency optimiser alone (`_keras.functions.glue_only`: the full set took
+        2.4 s of the first run at K = 8, 12 blocks, and gained nothing measured); else all."""
+        return functions.glue_only() if self.loops is not None else contextlib.nullcontext()
+
+    def _train_step(self, data: Any) -> dict[str, Any]:
         x, y, sw = keras.utils.unpack_x_y_sample_weight(data)
         if y is None:
             raise PipelineError(
