@@ -102,10 +102,11 @@ def main() -> None:
         with pipe._attached():
             started = time.perf_counter()
             step = tf.function(lambda x, y: pipe.executor.train_step((x, y)), autograph=False)
-            concrete = step.get_concrete_function(*spec)
+            with pipe.executor.glue_options():  # as `fit` traces and calls the step
+                concrete = step.get_concrete_function(*spec)
             trace = time.perf_counter() - started
             x, y = zeros(spec[0], batch), zeros(spec[1], batch)
-            with pipe.executor.glue_options():  # as `fit` calls the step
+            with pipe.executor.glue_options():
                 first, steady = _timed(lambda: concrete(x, y)), _timed(lambda: concrete(x, y))
         looped = pipe.executor.loops is not None
         # the rank loops' own graph too (their loop and branch bodies are not counted, as the

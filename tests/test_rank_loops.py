@@ -137,3 +137,70 @@ def test_a_frozen_first_stage_that_sends_only_integers():
     ref, ref_log, model, log = fit_both(lambda: make(frozen_argmax_router, "sgd"), X8, Y3,
                                         split_points=["embed"], micro_batches=4)
     assert_same_training(ref, ref_log, model, log)
+
+
+def _rewrite(serialized: bytes):
+    """The Grappler options in a serialized `ConfigProto`."""
+    from tensorflow.core.protobuf import config_pb2
+
+    return config_pb2.ConfigProto.FromString(serialized).graph_options.rewrite_options
+
+
+def test_glue_only_optimises_the_step_lightly_and_its_stage_functions_fully():
+    from tensorflow.core.protobuf import rewriter_config_pb2
+    from tensorflow.python.eager import context
+
+    from tfpipe._keras import functions
+
+    off, one = rewriter_config_pb2.RewriterConfig.OFF, rewriter_config_pb2.RewriterConfig.ONE
+    ctx = context.context()
+    before = ctx.function_call_options
+    with functions.stage_options():  # outside a glue_only call: nothing changes
+        assert ctx.function_call_options is before
+    with functions.glue_only():
+        glue = _rewrite(ctx.function_call_options.config_proto_serialized)
+        assert glue.remapping == off and glue.constant_folding == off
+        assert glue.dependency_optimization != off and glue.meta_optimizer_iterations == one
+        with functions.stage_options():
+            stage = _rewrite(ctx.function_call_options.config_proto_serialized)
+            assert stage.remapping != off and stage.constant_folding != off
+            assert stage.meta_optimizer_iterations == one
+        assert _rewrite(ctx.function_call_options.config_proto_serialized).remapping == off
+    assert ctx.function_call_options is before
+
+
+def test_fit_calls_the_step_as_glue_and_each_stage_call_with_every_pass(monkeypatch):
+    """The step `fit` runs is traced and called under `glue_only`; the call operations of the
+    stage functions inside the rank loops carry the options with every Grappler pass."""
+    from tensorflow.core.protobuf import rewriter_config_pb2
+
+    from tests.cluster_client import called_functions
+    from tfpipe._keras import functions
+
+    entered = []
+    glue_only = functions.glue_only
+
+    def counted():
+        entered.append(len(entered))
+        return glue_only()
+
+    monkeypatch.setattr(functions, "glue_only", counted)
+    x, y = data("deep")
+    history = tfpipe.fit(build("deep"), x[:32], y[:32], batch_size=16, epochs=1, verbose=0,
+                         stages=2, micro_batches=2, schedule="1f1b", rank_loops=True)
+    assert len(entered) == 2, entered  # once per step (2 batches)
+    region = history.pipeline.executor.loops.region.graph
+    known = dict(region._functions)
+    stage_calls, stack = [], list(region.get_operations())
+    while stack:
+        op = stack.pop()
+        if op.type in ("PartitionedCall", "StatefulPartitionedCall"):
+            stage_calls.append(op)
+        for name in called_functions(op):
+            if name in known and op.type not in ("PartitionedCall", "StatefulPartitionedCall"):
+                known.update(getattr(known[name].graph, "_functions", {}))
+                stack += known[name].graph.get_operations()
+    off = rewriter_config_pb2.RewriterConfig.OFF
+    assert len(stage_calls) >= 4, stage_calls  # F and B of each stage, and the queue reads
+    for op in stage_calls:
+        assert _rewrite(op.get_attr("config_proto")).remapping != off, op.name

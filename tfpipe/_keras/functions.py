@@ -10,7 +10,7 @@ gradients and residuals), a function graph built without automatic control depen
 run one after the other: a deadlock), and calls of those functions with their captured inputs
 given explicitly (a residual from a loop's TensorList stands in for a captured tensor), and
 Grappler options per call: the step's own graph (glue) optimised lightly, the stage functions
-it calls fully (`glue_only`, `caller_options`). Written for TensorFlow 2.16-2.21
+it calls fully (`glue_only`, `stage_options`). Written for TensorFlow 2.16-2.21
 (`polymorphic_function.concrete_function`, `framework.func_graph`, `eager.context`).
 """
 
@@ -100,47 +100,55 @@ _GLUE_OFF = ("layout_optimizer", "constant_folding", "shape_optimization", "rema
 """Grappler's passes turned off for a step graph of glue (`glue_only`): all but the dependency
 optimiser (which removes the Identity and NoOp nodes the control flow lowers to)."""
 
-_CALLER = threading.local()
+_CALLED = threading.local()
+
+
+def _options(caller: Any, passes_off: Sequence[str]) -> Any:
+    """`caller`'s function call options, with Grappler run once and `passes_off` turned off."""
+    config = config_pb2.ConfigProto.FromString(caller.config_proto_serialized)
+    rewrite = config.graph_options.rewrite_options
+    for name in passes_off:
+        setattr(rewrite, name, rewriter_config_pb2.RewriterConfig.OFF)
+    rewrite.meta_optimizer_iterations = rewriter_config_pb2.RewriterConfig.ONE
+    return context.FunctionCallOptions(caller.executor_type, config)
 
 
 @contextlib.contextmanager
 def glue_only() -> Iterator[None]:
     """Eager calls of functions under this optimise their own graph with Grappler's dependency
-    optimiser only, once; `caller_options` gives the functions they call the caller's options.
+    optimiser only; functions they call, made under `stage_options`, with every pass.
 
     For a step graph that holds only control flow, queues, TensorLists and calls of functions
     that are not inlined (the rank loops): the full set of passes took 2.4 s of its first
-    run at K = 8 (12-block Transformer) and changed no steady step measured. TensorFlow
-    2.16-2.21: `context.function_call_options` (thread-local), read when a call is made.
+    run at K = 8 (12-block Transformer) and changed no steady step measured. Both run
+    Grappler once, not twice: the second pass changed nothing measured and took a third of
+    each stage function's set-up, which the first step waits for stage by stage.
+    TensorFlow 2.16-2.21: `context.function_call_options` (thread-local), read when a call
+    is made.
     """
     ctx = context.context()
     caller = ctx.function_call_options
-    config = config_pb2.ConfigProto.FromString(caller.config_proto_serialized)
-    rewrite = config.graph_options.rewrite_options
-    for name in _GLUE_OFF:
-        setattr(rewrite, name, rewriter_config_pb2.RewriterConfig.OFF)
-    rewrite.meta_optimizer_iterations = rewriter_config_pb2.RewriterConfig.ONE
-    outer = getattr(_CALLER, "options", None)
-    ctx.function_call_options = context.FunctionCallOptions(caller.executor_type, config)
-    _CALLER.options = caller
+    outer = getattr(_CALLED, "options", None)
+    ctx.function_call_options = _options(caller, _GLUE_OFF)
+    _CALLED.options = _options(caller, ())
     try:
         yield
     finally:
         ctx.function_call_options = caller
-        _CALLER.options = outer
+        _CALLED.options = outer
 
 
 @contextlib.contextmanager
-def caller_options() -> Iterator[None]:
-    """Calls of functions made (traced) under this get the options of the caller of the
-    enclosing `glue_only` (all of Grappler for the stage functions); outside one, a no-op."""
-    caller = getattr(_CALLER, "options", None)
-    if caller is None:
+def stage_options() -> Iterator[None]:
+    """Calls of functions made (traced) under this, inside a `glue_only` call, are optimised
+    with every Grappler pass (the stage functions); outside one, a no-op."""
+    called = getattr(_CALLED, "options", None)
+    if called is None:
         yield
         return
     ctx = context.context()
     glue = ctx.function_call_options
-    ctx.function_call_options = caller
+    ctx.function_call_options = called
     try:
         yield
     finally:

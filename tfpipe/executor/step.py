@@ -164,7 +164,7 @@ class Executor:
             The model's metric results (`model.get_metrics_result()`), as Keras's own step.
         """
         self.traces["train"] += 1
-        with functions.caller_options():  # the stage functions: all of Grappler
+        with functions.stage_options():  # the stage functions: all of Grappler
             return self._train_step(data)
 
     def glue_options(self) -> contextlib.AbstractContextManager[None]:
