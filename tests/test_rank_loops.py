@@ -204,3 +204,16 @@ def test_fit_calls_the_step_as_glue_and_each_stage_call_with_every_pass(monkeypa
     assert len(stage_calls) >= 4, stage_calls  # F and B of each stage, and the queue reads
     for op in stage_calls:
         assert _rewrite(op.get_attr("config_proto")).remapping != off, op.name
+
+
+def test_each_rank_splits_its_own_gradient_sums_on_its_device():
+    """After the loops, a rank's flat gradient sums are split into per-variable gradients on
+    the rank's device: not on device 0 (each sum would cross to it and back)."""
+    pipe, _ = traced_step(build("deep"), 4, 4)
+    region = pipe.executor.loops.region.graph
+    splits = [op for op in region.get_operations() if op.type in ("Split", "SplitV")]
+    devices = sorted(tf.DeviceSpec.from_string(op.device).device_index for op in splits)
+    assert devices == [0, 1, 2, 3], [(op.name, op.device) for op in splits]
+    for op in region.get_operations():
+        if op.type == "Reshape" and op.inputs[0].op.type in ("Split", "SplitV"):
+            assert op.device == op.inputs[0].op.device, op.name

@@ -60,10 +60,13 @@ from tfpipe.executor.stagepair import (
     StagePair,
     edges,
     get,
+    got_op,
+    places,
     relaxed,
     reserve,
     set_item,
     shape_of,
+    split_list,
     stage_input_ids,
 )
 from tfpipe.partition import Stage
@@ -90,12 +93,6 @@ def loops_refusal(runner: StageRunner, stages: list[Stage], schedule: Schedule,
     if used:
         return f"the rank loops do not run {', '.join(used)} yet"
     return loop_refusal(schedule, edges(runner, stages))
-
-
-def _split(t: tf.Tensor, sizes: tf.Tensor) -> tf.Tensor:
-    """A TensorList of `t`'s micro-batches (`sizes` rows each)."""
-    return tf.raw_ops.TensorListSplit(tensor=t, element_shape=shape_of(relaxed(t)),
-                                      lengths=tf.cast(sizes, tf.int64))
 
 
 class RankLoops:
@@ -142,7 +139,7 @@ class RankLoops:
             with tf.init_scope():
                 self._build(inputs, y, sw, ys, sws)
         with tf.device(HOST):  # where the batch arrives (`devices.HOST`)
-            args = [_split(t, shares.sizes) for t in [*inputs, *ys, *sws]]
+            args = [split_list(t, shares.sizes) for t in [*inputs, *ys, *sws]]
             args += [shares.data_scale, shares.extra_scale]
         got = tf.nest.pack_sequence_as(self.layout, functions.call_graph_function(self.region,
                                                                                  args))
@@ -221,26 +218,32 @@ class RankLoops:
             final = self._rank_loop(r, branches, lists)
             out["loss"].append(final["loss"])
             out["ticks"].append(final["tick"])
-            for slot, (s, pair) in enumerate(self._rank_pairs(branches)):
-                for group, summed in zip(self._dense_groups(pair), final["sums"][slot]):
-                    variables = [pair.stage.trainable_variables[k] for k in group]
-                    parts = tf.split(summed, [v.shape.num_elements() for v in variables])
-                    for k, v, part in zip(group, variables, parts):
-                        out["grads"][f"{s}/{k}"] = tf.reshape(part, v.shape)
-                for (k, g), kept in zip(self._sparse(pair), final["slices"][slot]):
-                    (values, lengths), (indices, _) = (
-                        tf.raw_ops.TensorListConcatV2(
-                            input_handle=lst, element_shape=shape_of(relaxed(part)),
-                            leading_dims=tf.zeros([0], tf.int64), element_dtype=part.dtype)
-                        for lst, part in zip(kept, (g.values, g.indices)))
-                    out["grads"][f"{s}/{k}"] = [values, indices, lengths]
-            for lst, spec in zip(final["preds"], self._pred_specs(branches)):
-                out["preds"].append(tf.raw_ops.TensorListConcatV2(
-                    input_handle=lst, element_shape=shape_of(spec),
-                    leading_dims=tf.zeros([0], tf.int64), element_dtype=spec.dtype)[0])
+            with tf.device(self.stages[branches[0][0]].device):  # the rank's sums stay there
+                self._collect(branches, final, out)
         self.layout = out
         flat: list[Any] = tf.nest.flatten(out)
         return flat
+
+    def _collect(self, branches: list[tuple[int, str]], final: dict[str, Any],
+                 out: dict[str, Any]) -> None:
+        """Adds a rank's weight gradients (by variable) and predictions to `out`."""
+        for slot, (s, pair) in enumerate(self._rank_pairs(branches)):
+            for group, summed in zip(self._dense_groups(pair), final["sums"][slot]):
+                variables = [pair.stage.trainable_variables[k] for k in group]
+                parts = tf.split(summed, [v.shape.num_elements() for v in variables])
+                for k, v, part in zip(group, variables, parts):
+                    out["grads"][f"{s}/{k}"] = tf.reshape(part, v.shape)
+            for (k, g), kept in zip(self._sparse(pair), final["slices"][slot]):
+                (values, lengths), (indices, _) = (
+                    tf.raw_ops.TensorListConcatV2(
+                        input_handle=lst, element_shape=shape_of(relaxed(part)),
+                        leading_dims=tf.zeros([0], tf.int64), element_dtype=part.dtype)
+                    for lst, part in zip(kept, (g.values, g.indices)))
+                out["grads"][f"{s}/{k}"] = [values, indices, lengths]
+        for lst, spec in zip(final["preds"], self._pred_specs(branches)):
+            out["preds"].append(tf.raw_ops.TensorListConcatV2(
+                input_handle=lst, element_shape=shape_of(spec),
+                leading_dims=tf.zeros([0], tf.int64), element_dtype=spec.dtype)[0])
 
     def _rank_pairs(self, branches: list[tuple[int, str]]) -> list[tuple[int, StagePair]]:
         """The stages a rank runs, in order of first appearance, with their pairs."""
@@ -338,7 +341,7 @@ class RankLoops:
                 for c in self.consumers.get(i, [])]
         res = []
         for lst, group in zip(state["res"][slot], pair.res_groups):
-            for place, n in zip(_places(at.slot, len(group)), group):
+            for place, n in zip(places(at.slot, len(group)), group):
                 lst = set_item(lst, place, outs[n])
             res.append(lst)
         new = {**state, "res": [*state["res"][:slot], res, *state["res"][slot + 1:]]}
@@ -363,9 +366,9 @@ class RankLoops:
             if pair.loss_at is not None:
                 seeds.append(tf.ones([], pair.specs[pair.seeded - 1].dtype))
         any_shape = tf.constant(-1)
-        places = [_places(at.slot, len(group)) for group in pair.res_groups]
+        indices = [places(at.slot, len(group)) for group in pair.res_groups]
         res = {n: get(lst, place, pair.specs[n], any_shape)
-               for lst, group, ats in zip(state["res"][slot], pair.res_groups, places)
+               for lst, group, ats in zip(state["res"][slot], pair.res_groups, indices)
                for place, n in zip(ats, group)}
         caps = [c if n is None else res[n] for n, c in pair.bw_caps]
         got = functions.call_backward(pair.bw, seeds, caps)
@@ -386,15 +389,3 @@ class _At(NamedTuple):
     """An action's micro-batch, and the residual slot it fills (F) or reads (B)."""
     micro_batch: tf.Tensor
     slot: tf.Tensor
-
-
-def _places(slot: tf.Tensor, n: int) -> list[tf.Tensor]:
-    """The TensorList indices of a slot's n residuals of one group (`slot * n + j`), made by
-    three operations, not three per residual (tracing them took seconds)."""
-    return list(tf.unstack(slot * n + tf.range(n), num=n))
-
-
-def got_op(got: list[Any]) -> Any:
-    """The call operation behind a backward's outputs (its first tensor's producer)."""
-    first = next(g for g in got if g is not None)
-    return (first.values if isinstance(first, tf.IndexedSlices) else first).op

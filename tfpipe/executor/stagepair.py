@@ -1,4 +1,5 @@
-"""A stage's forward and backward functions for the rank loops, and the queues between stages.
+"""A stage's forward and backward functions for the rank loops, the queues between stages, and
+the TensorList helpers the loops keep micro-batches in.
 
 Design: see `tfpipe.executor.rankloop`. A stage's forward is traced once as a `tf.function`
 of its inputs (on the last stage also the micro-batch's labels, sample weights and loss
@@ -59,6 +60,24 @@ def get(lst: tf.Tensor, index: tf.Tensor, spec: Any, shape: Any = None) -> tf.Te
 
 def set_item(lst: tf.Tensor, index: tf.Tensor, value: tf.Tensor) -> tf.Tensor:
     return tf.raw_ops.TensorListSetItem(input_handle=lst, index=index, item=value)
+
+
+def split_list(t: tf.Tensor, sizes: tf.Tensor) -> tf.Tensor:
+    """A TensorList of `t`'s micro-batches (`sizes` rows each)."""
+    return tf.raw_ops.TensorListSplit(tensor=t, element_shape=shape_of(relaxed(t)),
+                                      lengths=tf.cast(sizes, tf.int64))
+
+
+def places(slot: tf.Tensor, n: int) -> list[tf.Tensor]:
+    """The TensorList indices of a slot's n residuals of one group (`slot * n + j`), made by
+    three operations, not three per residual (tracing them took seconds)."""
+    return list(tf.unstack(slot * n + tf.range(n), num=n))
+
+
+def got_op(got: list[Any]) -> Any:
+    """The call operation behind a backward's outputs (its first tensor's producer)."""
+    first = next(g for g in got if g is not None)
+    return (first.values if isinstance(first, tf.IndexedSlices) else first).op
 
 
 def stage_input_ids(runner: StageRunner, stage: Stage) -> list[int]:
