@@ -43,6 +43,7 @@ Design:
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import keras
@@ -227,12 +228,13 @@ class RankLoops:
     def _collect(self, branches: list[tuple[int, str]], final: dict[str, Any],
                  out: dict[str, Any]) -> None:
         """Adds a rank's weight gradients (by variable) and predictions to `out`."""
+        shape = functools.cache(lambda dims: tf.constant(dims, tf.int32))  # one per shape
         for slot, (s, pair) in enumerate(self._rank_pairs(branches)):
             for group, summed in zip(self._dense_groups(pair), final["sums"][slot]):
                 variables = [pair.stage.trainable_variables[k] for k in group]
                 parts = tf.split(summed, [v.shape.num_elements() for v in variables])
                 for k, v, part in zip(group, variables, parts):
-                    out["grads"][f"{s}/{k}"] = tf.reshape(part, v.shape)
+                    out["grads"][f"{s}/{k}"] = tf.reshape(part, shape(tuple(v.shape)))
             for (k, g), kept in zip(self._sparse(pair), final["slices"][slot]):
                 (values, lengths), (indices, _) = (
                     tf.raw_ops.TensorListConcatV2(
@@ -370,12 +372,14 @@ class RankLoops:
         res = {n: get(lst, place, pair.specs[n], any_shape)
                for lst, group, ats in zip(state["res"][slot], pair.res_groups, indices)
                for place, n in zip(ats, group)}
+        res.update({n: tf.constant(v, pair.specs[n].dtype) for n, v in pair.constants.items()})
         caps = [c if n is None else res[n] for n, c in pair.bw_caps]
         got = functions.call_backward(pair.bw, seeds, caps)
         sent = [self.grads[(i, s)].put(got[j]) for j, i in enumerate(pair.in_ids)
                 if (i, s) in self.grads]
         of = {k: got[pair.num_args + j] for j, k in enumerate(pair.var_of) if k is not None}
-        sums = [total + tf.concat([tf.reshape(of[k], [-1]) for k in group], 0)
+        flat = tf.constant([-1])
+        sums = [total + tf.concat([tf.reshape(of[k], flat) for k in group], 0)
                 for group, total in zip(self._dense_groups(pair), state["sums"][slot])]
         slices = [(set_item(v, mb, of[k].values), set_item(i, mb, of[k].indices))
                   for (k, _), (v, i) in zip(self._sparse(pair), state["slices"][slot])]

@@ -136,10 +136,15 @@ class StagePair:
         self.specs = [relaxed(o) for o in outputs]
         pos = {id(t): n for n, t in enumerate(outputs)}
         self.bw_caps = [(pos.get(id(c)), c) for c in self.bw.captured_inputs]
-        self.residuals = sorted({n for n, _ in self.bw_caps if n is not None})
+        # constants the backward reads (a tenth of the 12-block Transformer's residuals) are
+        # made again in the backward's branch, not kept per micro-batch
+        self.constants = {n: tf.get_static_value(outputs[n]) for n, _ in self.bw_caps
+                          if n is not None and outputs[n].op.type == "Const"}
+        self.residuals = sorted({n for n, _ in self.bw_caps
+                                 if n is not None and n not in self.constants})
         # the residuals by dtype: each group is kept in one TensorList per loop (`rankloop`),
-        # micro-batch m's residual j of a group of g at index m * g + j (a loop variable per
-        # residual made hundreds per rank, and lowering them dominated the first run)
+        # slot w's residual j of a group of g at index w * g + j (a loop variable per residual
+        # made hundreds per rank, and lowering them dominated the first run)
         groups: dict[Any, list[int]] = {}
         for n in self.residuals:
             groups.setdefault(self.specs[n].dtype, []).append(n)
