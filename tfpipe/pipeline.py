@@ -243,9 +243,8 @@ class Pipeline:
 
     @contextlib.contextmanager
     def _attached(self) -> Iterator[None]:
-        """Lends the executor's steps and this pipeline's traced functions to the model, with
-        optimizer updates on each variable's device and atomic saves, for one Keras call; the
-        train function runs under `executor.glue_options`."""
+        """Lends the executor's steps and traced functions to the model, with updates on each
+        variable's device, atomic saves and the step's glue options, for one Keras call."""
         model = self.model
         saved = {name: getattr(model, name) for name in _FUNCTIONS}
         jit = model.jit_compile
@@ -257,7 +256,8 @@ class Pipeline:
                 stack.enter_context(
                     lend_methods(model, {name: getattr(self.executor, name) for name in _STEPS})
                 )
-                wrap_train_function(model, self.executor.glue_options)
+                if self.executor.loops is not None:  # the step's own graph is glue only
+                    wrap_train_function(model, self.executor.glue_options)
                 stack.enter_context(atomic_saves(model))
                 stack.enter_context(memory_errors(self.stages))
                 if getattr(model, "optimizer", None) is not None:
