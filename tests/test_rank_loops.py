@@ -217,3 +217,50 @@ def test_each_rank_splits_its_own_gradient_sums_on_its_device():
     for op in region.get_operations():
         if op.type == "Reshape" and op.inputs[0].op.type in ("Split", "SplitV"):
             assert op.device == op.inputs[0].op.device, op.name
+
+
+def loop_body_ops(pipe) -> list:
+    """Every operation in the rank loops' bodies and branches (not in the stage functions)."""
+    from tests.cluster_client import called_functions
+
+    region = pipe.executor.loops.region.graph
+    known, found = dict(region._functions), []
+    stack = [op for op in region.get_operations() if op.type in ("While", "StatelessWhile")]
+    while stack:
+        op = stack.pop()
+        for name in called_functions(op):
+            if name in known and op.type not in ("PartitionedCall", "StatefulPartitionedCall"):
+                graph = known[name].graph
+                known.update(getattr(graph, "_functions", {}))
+                found += graph.get_operations()
+                stack += graph.get_operations()
+    return found
+
+
+@pytest.mark.parametrize("schedule,micro_batches,store", [
+    ("1f1b", 4, "SlotStore"), ("gpipe", 12, "ListStore")])
+def test_residuals_wait_in_slots_or_lists_and_train_like_keras(schedule, micro_batches, store):
+    """Up to `MAX_SLOTS` micro-batches in flight: one packed value per slot, so a forward and
+    a backward run a handful of operations whatever the stage's residual count; more (GPipe,
+    M = 12): a TensorList write and read per residual. Both train as `model.fit`."""
+    from tfpipe.executor.residuals import MAX_SLOTS
+
+    assert micro_batches <= MAX_SLOTS or store == "ListStore"
+    x, y = data("deep")
+    ref, ref_log, model, log = fit_both(lambda: build("deep", "sgd"), x, y, batch_size=24,
+                                        stages=2, micro_batches=micro_batches, schedule=schedule)
+    assert_same_training(ref, ref_log, model, log)
+    pipe = tfpipe.Pipeline(build("deep", "sgd"), stages=2, micro_batches=micro_batches,
+                           schedule=schedule, rank_loops=True)
+    spec = (tf.TensorSpec((24, 8), tf.float32), tf.TensorSpec((None,), tf.int64))
+    with pipe._attached():
+        tf.function(lambda a, b: pipe.executor.train_step((a, b)),
+                    autograph=False).get_concrete_function(*spec)
+    loops = pipe.executor.loops
+    assert {type(s).__name__ for s in loops.stores.values()} == {store}
+    residuals = sum(len(p.residuals) for p in loops.pairs)
+    writes = sum(op.type == "TensorListSetItem" for op in loop_body_ops(pipe))
+    if store == "SlotStore":  # the predictions' list only (the last stage's forward)
+        assert writes <= 2 < residuals, (writes, residuals)
+    else:
+        assert writes >= residuals, (writes, residuals)

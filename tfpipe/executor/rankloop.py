@@ -17,10 +17,10 @@ Design:
   IndexedSlices (embedding gradients) are kept per micro-batch in TensorLists and combined
   after the loop as the unrolled step combines them (`grads.combine_listed`), because Keras's
   optimizers square slices before summing duplicates. A micro-batch's residuals take one of
-  its stage's slots from its forward to its backward (`program.RankRows.slots`), and the
-  next forward into a slot overwrites them, so a rank holds only its in-flight micro-batches'
-  residuals (1F1B: at most K, `tests/test_schedule_memory.py`) with no operation to clear
-  them (clearing each residual was a third of the loop body's operations).
+  its stage's slots from its forward to its backward (`program.RankRows.slots`,
+  `tfpipe.executor.residuals`), and the next forward into a slot overwrites them, so a rank
+  holds only its in-flight micro-batches' residuals (1F1B: at most K,
+  `tests/test_schedule_memory.py`) with no operation to clear them.
 - Activations and gradients cross stages through one FIFO queue per (tensor, consumer stage),
   made once on the sender's device; reads go through a non-inlined function on that device,
   so no loop frame spans two devices. `program.loop_refusal` checks that each queue's reader
@@ -56,13 +56,13 @@ from tfpipe.executor.forward import StageRunner, graph_outputs
 from tfpipe.executor.grads import combine_listed
 from tfpipe.executor.microbatch import Shares
 from tfpipe.executor.program import RankRows, loop_refusal
+from tfpipe.executor.residuals import ListStore, SlotStore, store_for
 from tfpipe.executor.stagepair import (
     Queue,
     StagePair,
     edges,
     get,
     got_op,
-    places,
     relaxed,
     reserve,
     set_item,
@@ -114,6 +114,7 @@ class RankLoops:
         self.rows = RankRows.build(schedule)
         self.m = schedule.num_micro_batches
         self.pairs: list[StagePair] = []
+        self.stores: dict[int, SlotStore | ListStore] = {}
         self.region: Any = None
         self.layout: Any = None
         self.acts: dict[tuple[int, int], Queue] = {}
@@ -186,6 +187,7 @@ class RankLoops:
             ids = stage_input_ids(runner, st)
             pair = StagePair(runner, st, [spec_of[i] for i in ids], labels, metrics)
             self.pairs.append(pair)
+            self.stores[st.index] = store_for(pair, self.rows.width.get(st.index, 1))
             for i, n in pair.out_at.items():
                 spec_of[i] = pair.specs[n]
         producer = {id(t): st.index for st in self.stages for t in graph_outputs(st)}
@@ -287,11 +289,7 @@ class RankLoops:
         with tf.device(device):
             init = {
                 "tick": tf.constant(0), "loss": tf.zeros([]),
-                "res": [[tf.raw_ops.TensorListReserve(
-                    element_shape=tf.constant(-1),
-                    num_elements=self.rows.width[p.stage.index] * len(group),
-                    element_dtype=p.specs[group[0]].dtype) for group in p.res_groups]
-                        for _, p in pairs],
+                "res": [self.stores[s].initial() for s, _ in pairs],
                 "sums": [[tf.zeros([sum(p.stage.trainable_variables[k].shape.num_elements()
                                         for k in group)], p.var_grads[group[0]].dtype)
                           for group in self._dense_groups(p)] for _, p in pairs],
@@ -341,11 +339,7 @@ class RankLoops:
         outs = functions.call_forward(pair.fw, ins + list(pair.function.captured_inputs))
         sent = [self.acts[(i, c)].put(outs[n]) for i, n in pair.out_at.items()
                 for c in self.consumers.get(i, [])]
-        res = []
-        for lst, group in zip(state["res"][slot], pair.res_groups):
-            for place, n in zip(places(at.slot, len(group)), group):
-                lst = set_item(lst, place, outs[n])
-            res.append(lst)
+        res = self.stores[s].write(state["res"][slot], at.slot, outs)
         new = {**state, "res": [*state["res"][:slot], res, *state["res"][slot + 1:]]}
         if pair.loss_at is not None:
             new["loss"] = state["loss"] + outs[pair.loss_at]
@@ -367,11 +361,7 @@ class RankLoops:
                      for i in floats]
             if pair.loss_at is not None:
                 seeds.append(tf.ones([], pair.specs[pair.seeded - 1].dtype))
-        any_shape = tf.constant(-1)
-        indices = [places(at.slot, len(group)) for group in pair.res_groups]
-        res = {n: get(lst, place, pair.specs[n], any_shape)
-               for lst, group, ats in zip(state["res"][slot], pair.res_groups, indices)
-               for place, n in zip(ats, group)}
+        res = self.stores[s].read(state["res"][slot], at.slot)
         res.update({n: tf.constant(v, pair.specs[n].dtype) for n, v in pair.constants.items()})
         caps = [c if n is None else res[n] for n, c in pair.bw_caps]
         got = functions.call_backward(pair.bw, seeds, caps)

@@ -68,12 +68,6 @@ def split_list(t: tf.Tensor, sizes: tf.Tensor) -> tf.Tensor:
                                       lengths=tf.cast(sizes, tf.int64))
 
 
-def places(slot: tf.Tensor, n: int) -> list[tf.Tensor]:
-    """The TensorList indices of a slot's n residuals of one group (`slot * n + j`), made by
-    three operations, not three per residual (tracing them took seconds)."""
-    return list(tf.unstack(slot * n + tf.range(n), num=n))
-
-
 def got_op(got: list[Any]) -> Any:
     """The call operation behind a backward's outputs (its first tensor's producer)."""
     first = next(g for g in got if g is not None)

@@ -168,10 +168,9 @@ class Executor:
             return self._train_step(data)
 
     def glue_options(self) -> contextlib.AbstractContextManager[None]:
-        """The options the training step's own graph is optimised with at its first call:
-        with the rank loops, which leave only glue in it (control flow, queues, lists, calls),
-        Grappler's dependency optimiser alone (`_keras.functions.glue_only`: the full set took
-        2.4 s of the first run at K = 8, 12 blocks, and gained nothing measured); else all."""
+        """The options the training step's own graph is optimised with: with the rank loops,
+        which leave only glue in it, Grappler's dependency optimiser alone (see
+        `_keras.functions.glue_only`); else all of Grappler."""
         return functions.glue_only() if self.loops is not None else contextlib.nullcontext()
 
     def _train_step(self, data: Any) -> dict[str, Any]:
