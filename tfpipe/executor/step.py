@@ -168,9 +168,8 @@ class Executor:
             return self._train_step(data)
 
     def glue_options(self) -> contextlib.AbstractContextManager[None]:
-        """The options the training step's own graph is optimised with: with the rank loops,
-        which leave only glue in it, Grappler's dependency optimiser alone (see
-        `_keras.functions.glue_only`); else all of Grappler."""
+        """How the step's own graph is optimised: with the rank loops (glue only), Grappler's
+        dependency optimiser alone (`_keras.functions.glue_only`); else all of Grappler."""
         return functions.glue_only() if self.loops is not None else contextlib.nullcontext()
 
     def _train_step(self, data: Any) -> dict[str, Any]:
@@ -186,7 +185,8 @@ class Executor:
                 shares = Shares.of(x, sw, self.micro_batches, self.reduction)
                 inputs = self.runner.flatten_inputs(x)
             losses, grads = self.loops(shares, inputs, y, sw, x)
-            apply_gradients(self.model, self.stages, self.runner.owner, grads)
+            with tf.control_dependencies(losses):  # no update (weight decay) before any read
+                apply_gradients(self.model, self.stages, self.runner.owner, grads)
             return self._results(losses, shares.batch)
         flow = Dataflow(self._split(x, y, sw))
         sums = GradSums(self.stages, self.replicas, self.micro_batches, self.add_all)
