@@ -1,5 +1,4 @@
-"""A stage's forward and backward functions for the rank loops, the queues between stages, and
-the TensorList helpers the loops keep micro-batches in.
+"""The rank loops' stage functions (forward and backward), queues, and TensorList helpers.
 
 Design: see `tfpipe.executor.rankloop`. A stage's forward is traced once as a `tf.function`
 of its inputs (on the last stage also the micro-batch's labels, sample weights and loss
