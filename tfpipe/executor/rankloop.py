@@ -12,8 +12,9 @@ Design:
   the backward takes output gradients and residuals and returns input and weight gradients.
 - Each rank runs its schedule row (`program.RankRows`) as one `tf.while_loop` on its device,
   one action per iteration (`parallel_iterations=1`: the schedule's order, and the queue reads
-  in order), a `tf.switch_case` on the action's `(stage, kind)`. Residuals wait in
-  TensorLists indexed by micro-batch; dense weight gradients are summed in loop variables;
+  in order), a `tf.switch_case` on the action's `(stage, kind)`; state is kept per stage of
+  the rank (at its position `pos` among them). Dense weight gradients are summed in loop
+  variables;
   IndexedSlices (embedding gradients) are kept per micro-batch in TensorLists and combined
   after the loop as the unrolled step combines them (`grads.combine_listed`), because Keras's
   optimizers square slices before summing duplicates. A micro-batch's residuals take one of
@@ -231,13 +232,13 @@ class RankLoops:
                  out: dict[str, Any]) -> None:
         """Adds a rank's weight gradients (by variable) and predictions to `out`."""
         shape = functools.cache(lambda dims: tf.constant(dims, tf.int32))  # one per shape
-        for slot, (s, pair) in enumerate(self._rank_pairs(branches)):
-            for group, summed in zip(self._dense_groups(pair), final["sums"][slot]):
+        for pos, (s, pair) in enumerate(self._rank_pairs(branches)):
+            for group, summed in zip(self._dense_groups(pair), final["sums"][pos]):
                 variables = [pair.stage.trainable_variables[k] for k in group]
                 parts = tf.split(summed, [v.shape.num_elements() for v in variables])
                 for k, v, part in zip(group, variables, parts):
                     out["grads"][f"{s}/{k}"] = tf.reshape(part, shape(tuple(v.shape)))
-            for (k, g), kept in zip(self._sparse(pair), final["slices"][slot]):
+            for (k, g), kept in zip(self._sparse(pair), final["slices"][pos]):
                 (values, lengths), (indices, _) = (
                     tf.raw_ops.TensorListConcatV2(
                         input_handle=lst, element_shape=shape_of(relaxed(part)),
@@ -283,7 +284,7 @@ class RankLoops:
                    ) -> dict[str, Any]:
         """Rank r's row as a `tf.while_loop` on its device; returns the final loop state."""
         pairs = self._rank_pairs(branches)
-        slot_of = {s: n for n, (s, _) in enumerate(pairs)}
+        pos_of = {s: n for n, (s, _) in enumerate(pairs)}
         device = self.stages[pairs[0][0]].device
         codes, mbs, slots = self.rows.codes[r], self.rows.micro_batches[r], self.rows.slots[r]
         with tf.device(device):
@@ -302,7 +303,7 @@ class RankLoops:
 
             def body(n: Any, state: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
                 at = _At(mb_table[n], slot_table[n])
-                fns = [self._branch(pairs[slot_of[s]][1], kind, slot_of[s], state, at, lists)
+                fns = [self._branch(pairs[pos_of[s]][1], kind, pos_of[s], state, at, lists)
                        for s, kind in branches]
                 return n + 1, tf.switch_case(code_table[n], fns)
 
@@ -310,12 +311,12 @@ class RankLoops:
                                      parallel_iterations=1)
         return dict(final)
 
-    def _branch(self, pair: StagePair, kind: str, slot: int, state: dict[str, Any],
+    def _branch(self, pair: StagePair, kind: str, pos: int, state: dict[str, Any],
                 at: _At, lists: dict[str, Any]) -> Any:
         """The loop body's branch for one `(stage, kind)`: a function of no arguments."""
         if kind == "F":
-            return lambda: self._forward(pair, slot, state, at, lists)
-        return lambda: self._backward(pair, slot, state, at)
+            return lambda: self._forward(pair, pos, state, at, lists)
+        return lambda: self._backward(pair, pos, state, at)
 
     @staticmethod
     def _done(state: dict[str, Any], after: list[Any]) -> dict[str, Any]:
@@ -324,7 +325,7 @@ class RankLoops:
             tick = tf.identity(state["tick"])  # an Identity: Grappler keeps its dependencies
         return {**state, "tick": tick + 1}
 
-    def _forward(self, pair: StagePair, slot: int, state: dict[str, Any], at: _At,
+    def _forward(self, pair: StagePair, pos: int, state: dict[str, Any], at: _At,
                  lists: dict[str, Any]) -> dict[str, Any]:
         s, mb = pair.stage.index, at.micro_batch
         with tf.control_dependencies([state["tick"]]):
@@ -339,8 +340,8 @@ class RankLoops:
         outs = functions.call_forward(pair.fw, ins + list(pair.function.captured_inputs))
         sent = [self.acts[(i, c)].put(outs[n]) for i, n in pair.out_at.items()
                 for c in self.consumers.get(i, [])]
-        res = self.stores[s].write(state["res"][slot], at.slot, outs)
-        new = {**state, "res": [*state["res"][:slot], res, *state["res"][slot + 1:]]}
+        res = self.stores[s].write(state["res"][pos], at.slot, outs)
+        new = {**state, "res": [*state["res"][:pos], res, *state["res"][pos + 1:]]}
         if pair.loss_at is not None:
             new["loss"] = state["loss"] + outs[pair.loss_at]
         if state["preds"] and pair.last:
@@ -349,7 +350,7 @@ class RankLoops:
         # every input read counts: a dequeue nothing reads would not run, and its queue fill
         return self._done(new, [*ins, *sent, *res, new["loss"], *new["preds"], outs[0].op])
 
-    def _backward(self, pair: StagePair, slot: int, state: dict[str, Any], at: _At
+    def _backward(self, pair: StagePair, pos: int, state: dict[str, Any], at: _At
                   ) -> dict[str, Any]:
         s, mb = pair.stage.index, at.micro_batch
         if not pair.seeded:  # nothing it made can carry a gradient: no backward to run
@@ -361,7 +362,7 @@ class RankLoops:
                      for i in floats]
             if pair.loss_at is not None:
                 seeds.append(tf.ones([], pair.specs[pair.seeded - 1].dtype))
-        res = self.stores[s].read(state["res"][slot], at.slot)
+        res = self.stores[s].read(state["res"][pos], at.slot)
         res.update({n: tf.constant(v, pair.specs[n].dtype) for n, v in pair.constants.items()})
         caps = [c if n is None else res[n] for n, c in pair.bw_caps]
         got = functions.call_backward(pair.bw, seeds, caps)
@@ -370,11 +371,11 @@ class RankLoops:
         of = {k: got[pair.num_args + j] for j, k in enumerate(pair.var_of) if k is not None}
         flat = tf.constant([-1])
         sums = [total + tf.concat([tf.reshape(of[k], flat) for k in group], 0)
-                for group, total in zip(self._dense_groups(pair), state["sums"][slot])]
+                for group, total in zip(self._dense_groups(pair), state["sums"][pos])]
         slices = [(set_item(v, mb, of[k].values), set_item(i, mb, of[k].indices))
-                  for (k, _), (v, i) in zip(self._sparse(pair), state["slices"][slot])]
-        new = {**state, "sums": [*state["sums"][:slot], sums, *state["sums"][slot + 1:]],
-               "slices": [*state["slices"][:slot], slices, *state["slices"][slot + 1:]]}
+                  for (k, _), (v, i) in zip(self._sparse(pair), state["slices"][pos])]
+        new = {**state, "sums": [*state["sums"][:pos], sums, *state["sums"][pos + 1:]],
+               "slices": [*state["slices"][:pos], slices, *state["slices"][pos + 1:]]}
         after = [*seeds, *sent, *sums, *[t for pair_ in slices for t in pair_], got_op(got)]
         return self._done(new, after)
 
