@@ -1,6 +1,8 @@
-"""Private TensorFlow function calls of the rank loops: a forward/backward pair, a graph without
-automatic control dependencies, calls of concrete functions with explicit captures, and the
-Grappler options a call is optimised with.
+"""The private TensorFlow function machinery the rank loops use, behind one small API.
+
+What it gives: a forward/backward pair, a graph without automatic control dependencies,
+calls of concrete functions with explicit captures, and the Grappler options a call is
+optimised with.
 
 Design: the rank loops (`tfpipe.executor.rankloop`) need four things TensorFlow has but does not
 export: the forward/backward pair it builds to differentiate a call of a `tf.function` (the
