@@ -150,6 +150,8 @@ def test_rank_rows_give_each_micro_batch_a_residual_slot_until_its_backward():
     assert rows.width == {0: 3, 1: 2, 2: 1}
     assert rows.slots[0] == [0, 1, 2, 0, 0, 1, 1, 2, 0, 1]
     assert rows.slots[2] == [0] * 10
+    assert rows.ages[0] == [0, 0, 0, 2, 0, 2, 0, 2, 1, 0]  # forwards run since their own
+    assert rows.depth == rows.width
     assert RankRows.build(gpipe(2, 4)).width == {0: 4, 1: 4}  # all forwards before backwards
     for schedule in (one_f_one_b(4, 8), interleaved(2, 4, 2), gpipe(3, 3)):
         rows = RankRows.build(schedule)
@@ -162,6 +164,13 @@ def test_rank_rows_give_each_micro_batch_a_residual_slot_until_its_backward():
                     filled[(a.stage, slot)] = a.micro_batch
                 else:
                     assert filled.pop((a.stage, slot)) == a.micro_batch
+            rings: dict[int, list[int]] = {}  # per stage, its forwards, latest first
+            for a, age in zip(row, rows.ages[r]):
+                ring = rings.setdefault(a.stage, [])
+                if a.kind == "F":
+                    ring.insert(0, a.micro_batch)
+                else:  # a backward finds its micro-batch at its age, within the depth
+                    assert age < rows.depth[a.stage] and ring[age] == a.micro_batch
 
 
 def test_loop_refusal_names_split_backward_and_out_of_order_queues():

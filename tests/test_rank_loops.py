@@ -238,7 +238,7 @@ def loop_body_ops(pipe) -> list:
 
 
 @pytest.mark.parametrize("schedule,micro_batches,store", [
-    ("1f1b", 4, "SlotStore"), ("gpipe", 12, "ListStore")])
+    ("1f1b", 4, "RingStore"), ("gpipe", 12, "ListStore")])
 def test_residuals_wait_in_slots_or_lists_and_train_like_keras(schedule, micro_batches, store):
     """Up to `MAX_SLOTS` micro-batches in flight: one packed value per slot, so a forward and
     a backward run a handful of operations whatever the stage's residual count; more (GPipe,
@@ -260,7 +260,7 @@ def test_residuals_wait_in_slots_or_lists_and_train_like_keras(schedule, micro_b
     assert {type(s).__name__ for s in loops.stores.values()} == {store}
     residuals = sum(len(p.residuals) for p in loops.pairs)
     writes = sum(op.type == "TensorListSetItem" for op in loop_body_ops(pipe))
-    if store == "SlotStore":  # the predictions' list only (the last stage's forward)
+    if store == "RingStore":  # the predictions' list only (the last stage's forward)
         assert writes <= 2 < residuals, (writes, residuals)
     else:
         assert writes >= residuals, (writes, residuals)

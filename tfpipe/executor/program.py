@@ -23,6 +23,7 @@ Design:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from tfpipe.schedules import Action, Schedule, clock
@@ -161,12 +162,15 @@ class Program:
 class RankRows:
     """A schedule as the rank loops run it (`tfpipe.executor.rankloop`): per rank, the
     `(stage, kind)` of each branch of its loop body, and per action the branch, micro-batch
-    and residual slot.
+    and where its residuals wait.
 
-    A forward keeps its micro-batch's residuals in a slot of its stage (the lowest free one)
-    until that micro-batch's backward frees it; the next forward into the slot overwrites
-    them. So a stage holds at most `width[s]` micro-batches' residuals, its most in flight
-    at once (1F1B: K - s; GPipe: M), with no operation to clear a slot.
+    Two ways to say where (`tfpipe.executor.residuals` uses one per stage): a slot of the
+    stage, the lowest free one from a micro-batch's forward until its backward frees it
+    (the next forward into it overwrites it), so a stage holds at most `width[s]`
+    micro-batches' residuals, its most in flight at once (1F1B: K - s; GPipe: M); or an age,
+    the number of the stage's forwards run since the micro-batch's own, for a ring of the
+    stage's `depth[s]` latest forwards (a forward's age is 0). When backwards run in their
+    forwards' order, as in every schedule the loops run, depth equals width.
 
     Attributes:
         branches: `branches[r]`, the distinct `(stage, kind)` of rank r's actions, in order
@@ -175,6 +179,8 @@ class RankRows:
         micro_batches: `micro_batches[r][n]`, its micro-batch.
         slots: `slots[r][n]`, the residual slot its forward fills or its backward reads.
         width: `width[s]`, the slots stage s needs.
+        ages: `ages[r][n]`, 0 for a forward, the age of its micro-batch for a backward.
+        depth: `depth[s]`, the ring stage s needs (its largest age, plus one).
 
     Example:
         >>> from tfpipe.schedules import one_f_one_b
@@ -183,6 +189,8 @@ class RankRows:
         ([(1, 'F'), (1, 'B')], [0, 1, 0, 1, 0, 1])
         >>> rows.slots[0], rows.width
         ([0, 1, 0, 0, 1, 0], {0: 2, 1: 1})
+        >>> rows.ages[0], rows.depth
+        ([0, 0, 1, 0, 1, 0], {0: 2, 1: 1})
     """
 
     branches: list[list[tuple[int, str]]]
@@ -190,31 +198,59 @@ class RankRows:
     micro_batches: list[list[int]]
     slots: list[list[int]]
     width: dict[int, int]
+    ages: list[list[int]]
+    depth: dict[int, int]
 
     @classmethod
     def build(cls, schedule: Schedule) -> RankRows:
         """The rows of `schedule` (validated: each backward after its forward)."""
-        branches, codes, mbs, slots = [], [], [], []
+        branches, codes, mbs, slots, ages = [], [], [], [], []
         width: dict[int, int] = {}
+        depth: dict[int, int] = {}
         for actions in schedule.ranks:
             seen: dict[tuple[int, str], int] = {}
-            held: dict[tuple[int, int], int] = {}  # (stage, micro-batch) -> its slot
-            row = []
             for a in actions:
                 seen.setdefault((a.stage, a.kind), len(seen))
-                if a.kind == "F":
-                    taken = {v for (s, _), v in held.items() if s == a.stage}
-                    slot = min(set(range(len(taken) + 1)) - taken)
-                    held[(a.stage, a.micro_batch)] = slot
-                    width[a.stage] = max(width.get(a.stage, 0), slot + 1)
-                else:
-                    slot = held.pop((a.stage, a.micro_batch))
-                row.append(slot)
             branches.append(list(seen))
             codes.append([seen[(a.stage, a.kind)] for a in actions])
             mbs.append([a.micro_batch for a in actions])
-            slots.append(row)
-        return cls(branches, codes, mbs, slots, dict(sorted(width.items())))
+            slots.append(_slots(actions, width))
+            ages.append(_ages(actions, depth))
+        return cls(branches, codes, mbs, slots, dict(sorted(width.items())), ages,
+                   dict(sorted(depth.items())))
+
+
+def _slots(actions: Sequence[Action], width: dict[int, int]) -> list[int]:
+    """Each action's residual slot (`RankRows.slots`); widens `width` as slots are taken."""
+    held: dict[tuple[int, int], int] = {}  # (stage, micro-batch) -> its slot
+    row = []
+    for a in actions:
+        if a.kind == "F":
+            taken = {v for (s, _), v in held.items() if s == a.stage}
+            slot = min(set(range(len(taken) + 1)) - taken)
+            held[(a.stage, a.micro_batch)] = slot
+            width[a.stage] = max(width.get(a.stage, 0), slot + 1)
+        else:
+            slot = held.pop((a.stage, a.micro_batch))
+        row.append(slot)
+    return row
+
+
+def _ages(actions: Sequence[Action], depth: dict[int, int]) -> list[int]:
+    """Each action's age (`RankRows.ages`); deepens `depth` to the largest age plus one."""
+    runs: dict[int, int] = {}  # stage -> forwards run so far
+    born: dict[tuple[int, int], int] = {}
+    row = []
+    for a in actions:
+        age = 0
+        if a.kind == "F":
+            born[(a.stage, a.micro_batch)] = runs.get(a.stage, 0)
+            runs[a.stage] = runs.get(a.stage, 0) + 1
+        else:
+            age = runs[a.stage] - 1 - born[(a.stage, a.micro_batch)]
+        depth[a.stage] = max(depth.get(a.stage, 0), age + 1)
+        row.append(age)
+    return row
 
 
 def loop_refusal(schedule: Schedule, edges: list[tuple[int, int]]) -> str | None:

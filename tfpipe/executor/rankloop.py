@@ -57,7 +57,7 @@ from tfpipe.executor.forward import StageRunner, graph_outputs
 from tfpipe.executor.grads import combine_listed
 from tfpipe.executor.microbatch import Shares
 from tfpipe.executor.program import RankRows, loop_refusal
-from tfpipe.executor.residuals import ListStore, SlotStore, store_for
+from tfpipe.executor.residuals import ListStore, RingStore, store_for
 from tfpipe.executor.stagepair import (
     Queue,
     StagePair,
@@ -115,7 +115,7 @@ class RankLoops:
         self.rows = RankRows.build(schedule)
         self.m = schedule.num_micro_batches
         self.pairs: list[StagePair] = []
-        self.stores: dict[int, SlotStore | ListStore] = {}
+        self.stores: dict[int, RingStore | ListStore] = {}
         self.region: Any = None
         self.layout: Any = None
         self.acts: dict[tuple[int, int], Queue] = {}
@@ -188,7 +188,8 @@ class RankLoops:
             ids = stage_input_ids(runner, st)
             pair = StagePair(runner, st, [spec_of[i] for i in ids], labels, metrics)
             self.pairs.append(pair)
-            self.stores[st.index] = store_for(pair, self.rows.width.get(st.index, 1))
+            self.stores[st.index] = store_for(pair, self.rows.depth.get(st.index, 1),
+                                              self.rows.width.get(st.index, 1))
             for i, n in pair.out_at.items():
                 spec_of[i] = pair.specs[n]
         producer = {id(t): st.index for st in self.stages for t in graph_outputs(st)}
@@ -286,7 +287,8 @@ class RankLoops:
         pairs = self._rank_pairs(branches)
         pos_of = {s: n for n, (s, _) in enumerate(pairs)}
         device = self.stages[pairs[0][0]].device
-        codes, mbs, slots = self.rows.codes[r], self.rows.micro_batches[r], self.rows.slots[r]
+        rows = self.rows
+        tables = (rows.codes[r], rows.micro_batches[r], rows.slots[r], rows.ages[r])
         with tf.device(device):
             init = {
                 "tick": tf.constant(0), "loss": tf.zeros([]),
@@ -299,15 +301,15 @@ class RankLoops:
                             for _, g in self._sparse(p)] for _, p in pairs],
                 "preds": [reserve(spec, self.m) for spec in self._pred_specs(branches)],
             }
-            code_table, mb_table, slot_table = (tf.constant(t) for t in (codes, mbs, slots))
+            code_table, mb_table, slot_table, age_table = (tf.constant(t) for t in tables)
 
             def body(n: Any, state: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
-                at = _At(mb_table[n], slot_table[n])
+                at = _At(mb_table[n], slot_table[n], age_table[n])
                 fns = [self._branch(pairs[pos_of[s]][1], kind, pos_of[s], state, at, lists)
                        for s, kind in branches]
                 return n + 1, tf.switch_case(code_table[n], fns)
 
-            _, final = tf.while_loop(lambda n, _: n < len(codes), body, (tf.constant(0), init),
+            _, final = tf.while_loop(lambda n, _: n < len(tables[0]), body, (tf.constant(0), init),
                                      parallel_iterations=1)
         return dict(final)
 
@@ -340,7 +342,7 @@ class RankLoops:
         outs = functions.call_forward(pair.fw, ins + list(pair.function.captured_inputs))
         sent = [self.acts[(i, c)].put(outs[n]) for i, n in pair.out_at.items()
                 for c in self.consumers.get(i, [])]
-        res = self.stores[s].write(state["res"][pos], at.slot, outs)
+        res = self.stores[s].write(state["res"][pos], at, outs)
         new = {**state, "res": [*state["res"][:pos], res, *state["res"][pos + 1:]]}
         if pair.loss_at is not None:
             new["loss"] = state["loss"] + outs[pair.loss_at]
@@ -362,7 +364,7 @@ class RankLoops:
                      for i in floats]
             if pair.loss_at is not None:
                 seeds.append(tf.ones([], pair.specs[pair.seeded - 1].dtype))
-        res = self.stores[s].read(state["res"][pos], at.slot)
+        res = self.stores[s].read(state["res"][pos], at)
         res.update({n: tf.constant(v, pair.specs[n].dtype) for n, v in pair.constants.items()})
         caps = [c if n is None else res[n] for n, c in pair.bw_caps]
         got = functions.call_backward(pair.bw, seeds, caps)
@@ -388,6 +390,7 @@ def _zeros(n: int, dtype: tf.DType) -> tf.Tensor:
 
 
 class _At(NamedTuple):
-    """An action's micro-batch, and the residual slot it fills (F) or reads (B)."""
+    """An action's micro-batch, and where its residuals wait (`RankRows.slots`, `.ages`)."""
     micro_batch: tf.Tensor
     slot: tf.Tensor
+    age: tf.Tensor

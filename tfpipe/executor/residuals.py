@@ -1,22 +1,25 @@
 """Where a rank loop keeps each in-flight micro-batch's residuals until its backward reads them.
 
 Design: a stage's forward returns the residuals its backward reads (`stagepair.StagePair`);
-between the two, a micro-batch's residuals wait in one of the stage's slots
-(`program.RankRows.slots`: at most `width` micro-batches are in flight on it; 1F1B: K - s).
-Two stores, one interface (`initial`, `write`, `read`):
-- `SlotStore` (width <= `MAX_SLOTS`): a micro-batch's residuals packed into one value (an
-  `Optional`, as TensorFlow's own `cond` gradient packs intermediates), one loop variable per
-  slot, the slot picked by a `switch_case`. A forward and a backward run a handful of
-  operations however many residuals the stage has (the 12-block Transformer keeps about 180
-  per stage at K = 4; a TensorList write and read of each were half of the loops' extra cost
-  per step, docs/benchmarks.md). Not a TensorList of `Optional`s: TensorFlow has no GPU kernel
-  for one (`TensorListSetItem`/`GetItem` take number types), while variant values pass
-  through GPU control flow as TensorLists do.
-- `ListStore` (more slots, as GPipe with many micro-batches): one TensorList per residual
-  dtype, slot w's residual j of a group of g at index w * g + j; a write and a read per
-  residual, but no loop variable per slot (a switch over M slots of M loop variables grows
-  with M squared).
-The next forward into a slot overwrites it, so nothing is cleared.
+between the two they wait in one of two stores, one interface (`initial`, `write`, `read`,
+given the action's `RankRows` places):
+- `RingStore` (a ring of at most `MAX_SLOTS`): a micro-batch's residuals packed into one
+  value (an `Optional`, as TensorFlow's own `cond` gradient packs intermediates), the
+  stage's latest `depth` forwards' values in as many loop variables. A forward puts its
+  value first and shifts the others along (no operation: the loop variables are renamed);
+  a backward picks its micro-batch's by age (`RankRows.ages`) with a `switch_case`. A
+  forward and a backward run a handful of operations however many residuals the stage has
+  (the 12-block Transformer keeps about 180 per stage at K = 4; a TensorList write and
+  read of each were half of the loops' extra cost per step, docs/benchmarks.md). Not a
+  TensorList of `Optional`s: TensorFlow has no GPU kernel for one (`TensorListSetItem`/
+  `GetItem` take number types), while variant values pass through GPU control flow as
+  TensorLists do.
+- `ListStore` (more in flight, as GPipe with many micro-batches): one TensorList per
+  residual dtype, a micro-batch's residuals in its slot (`RankRows.slots`): slot w's
+  residual j of a group of g at index w * g + j; a write and a read per residual, but no
+  loop variable per slot.
+Nothing is cleared: the next forward overwrites (the ring drops its oldest value, a slot
+is reused), so a stage holds its most in-flight micro-batches' residuals (1F1B: K - s).
 """
 
 from __future__ import annotations
@@ -27,47 +30,45 @@ import tensorflow as tf
 
 from tfpipe.executor.stagepair import StagePair, get, set_item
 
-__all__ = ["MAX_SLOTS", "ListStore", "SlotStore", "store_for"]
+__all__ = ["MAX_SLOTS", "ListStore", "RingStore", "store_for"]
 
 MAX_SLOTS = 8
-"""The most slots a stage keeps as loop variables (`SlotStore`); past it, `ListStore`."""
+"""The longest ring a stage keeps as loop variables (`RingStore`); past it, `ListStore`."""
 
 
-class SlotStore:
-    """A stage's residuals, one `Optional` per slot, each slot a loop variable.
+class RingStore:
+    """A stage's residuals, one `Optional` per micro-batch, its latest `depth` in a ring of
+    loop variables.
 
     Args:
         pair: the stage's `StagePair` (`residuals`: the forward outputs to keep).
-        width: the slots the stage needs (`RankRows.width`).
+        depth: the ring's length (`RankRows.depth`).
     """
 
-    def __init__(self, pair: StagePair, width: int) -> None:
-        self.pair, self.width = pair, width
+    def __init__(self, pair: StagePair, depth: int) -> None:
+        self.pair, self.depth = pair, depth
 
     def initial(self) -> list[tf.Tensor]:
-        """The loop state's entries for this stage (empty slots), on the caller's device."""
+        """The loop state's entries for this stage (an empty ring), on the caller's device."""
         if not self.pair.residuals:
             return []
-        return [tf.raw_ops.OptionalNone() for _ in range(self.width)]
+        return [tf.raw_ops.OptionalNone() for _ in range(self.depth)]
 
-    def write(self, state: list[Any], slot: tf.Tensor, outs: list[Any]) -> list[Any]:
-        """The state with the micro-batch's residuals (`outs`: the forward's outputs) in
-        `slot`."""
+    def write(self, state: list[Any], at: Any, outs: list[Any]) -> list[Any]:
+        """The ring with the micro-batch's residuals (`outs`: the forward's outputs) first and
+        the oldest dropped."""
         if not state:
             return state
         packed = tf.raw_ops.OptionalFromValue(components=[outs[n] for n in self.pair.residuals])
-        if self.width == 1:
-            return [packed]
-        branches = [lambda j=j: [packed if i == j else state[i] for i in range(self.width)]
-                    for j in range(self.width)]
-        return list(tf.switch_case(slot, branches))
+        return [packed, *state[:-1]]
 
-    def read(self, state: list[Any], slot: tf.Tensor) -> dict[int, tf.Tensor]:
-        """The residuals in `slot`, by their index among the forward's outputs."""
+    def read(self, state: list[Any], at: Any) -> dict[int, tf.Tensor]:
+        """The residuals of the micro-batch of age `at.age`, by their index among the
+        forward's outputs."""
         if not state:
             return {}
-        packed = state[0] if self.width == 1 else tf.switch_case(
-            slot, [lambda j=j: state[j] for j in range(self.width)])
+        packed = state[0] if self.depth == 1 else tf.switch_case(
+            at.age, [lambda j=j: state[j] for j in range(self.depth)])
         specs = [self.pair.specs[n] for n in self.pair.residuals]
         values = tf.raw_ops.OptionalGetValue(
             optional=packed, output_types=[s.dtype for s in specs],
@@ -95,27 +96,28 @@ class ListStore:
             element_shape=tf.constant(-1), num_elements=self.width * len(group),
             element_dtype=self.pair.specs[group[0]].dtype) for group in self.pair.res_groups]
 
-    def write(self, state: list[Any], slot: tf.Tensor, outs: list[Any]) -> list[Any]:
+    def write(self, state: list[Any], at: Any, outs: list[Any]) -> list[Any]:
         """The state with the micro-batch's residuals (`outs`: the forward's outputs) in
-        `slot`."""
+        its slot (`at.slot`)."""
         written = []
         for lst, group in zip(state, self.pair.res_groups):
-            for place, n in zip(places(slot, len(group)), group):
+            for place, n in zip(places(at.slot, len(group)), group):
                 lst = set_item(lst, place, outs[n])
             written.append(lst)
         return written
 
-    def read(self, state: list[Any], slot: tf.Tensor) -> dict[int, tf.Tensor]:
-        """The residuals in `slot`, by their index among the forward's outputs."""
+    def read(self, state: list[Any], at: Any) -> dict[int, tf.Tensor]:
+        """The residuals in the micro-batch's slot (`at.slot`), by their index among the
+        forward's outputs."""
         any_shape = tf.constant(-1)
         return {n: get(lst, place, self.pair.specs[n], any_shape)
                 for lst, group in zip(state, self.pair.res_groups)
-                for place, n in zip(places(slot, len(group)), group)}
+                for place, n in zip(places(at.slot, len(group)), group)}
 
 
-def store_for(pair: StagePair, width: int) -> SlotStore | ListStore:
-    """The store for a stage that keeps up to `width` micro-batches' residuals."""
-    return SlotStore(pair, width) if width <= MAX_SLOTS else ListStore(pair, width)
+def store_for(pair: StagePair, depth: int, width: int) -> RingStore | ListStore:
+    """The store for a stage whose residuals need a ring of `depth` or `width` slots."""
+    return RingStore(pair, depth) if depth <= MAX_SLOTS else ListStore(pair, width)
 
 
 def places(slot: tf.Tensor, n: int) -> list[tf.Tensor]:
