@@ -135,7 +135,7 @@ class StagePair:
                           if n is not None and outputs[n].op.type == "Const"}
         self.residuals = sorted({n for n, _ in self.bw_caps
                                  if n is not None and n not in self.constants})
-        # the residuals by dtype: each group is kept in one TensorList per loop (`rankloop`),
+        # the residuals by dtype, for `residuals.ListStore`: one TensorList per group and loop,
         # slot w's residual j of a group of g at index w * g + j (a loop variable per residual
         # made hundreds per rank, and lowering them dominated the first run)
         groups: dict[Any, list[int]] = {}
