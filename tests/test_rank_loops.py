@@ -174,7 +174,6 @@ def test_fit_calls_the_step_as_glue_and_each_stage_call_with_every_pass(monkeypa
     stage functions inside the rank loops carry the options with every Grappler pass."""
     from tensorflow.core.protobuf import rewriter_config_pb2
 
-    from tests.cluster_client import called_functions
     from tfpipe._keras import functions
 
     entered = []
@@ -189,17 +188,8 @@ def test_fit_calls_the_step_as_glue_and_each_stage_call_with_every_pass(monkeypa
     history = tfpipe.fit(build("deep"), x[:32], y[:32], batch_size=16, epochs=1, verbose=0,
                          stages=2, micro_batches=2, schedule="1f1b", rank_loops=True)
     assert len(entered) == 2, entered  # once per step (2 batches)
-    region = history.pipeline.executor.loops.region.graph
-    known = dict(region._functions)
-    stage_calls, stack = [], list(region.get_operations())
-    while stack:
-        op = stack.pop()
-        if op.type in ("PartitionedCall", "StatefulPartitionedCall"):
-            stage_calls.append(op)
-        for name in called_functions(op):
-            if name in known and op.type not in ("PartitionedCall", "StatefulPartitionedCall"):
-                known.update(getattr(known[name].graph, "_functions", {}))
-                stack += known[name].graph.get_operations()
+    stage_calls = [op for op in loop_body_ops(history.pipeline)
+                   if op.type in ("PartitionedCall", "StatefulPartitionedCall")]
     off = rewriter_config_pb2.RewriterConfig.OFF
     assert len(stage_calls) >= 4, stage_calls  # F and B of each stage, and the queue reads
     for op in stage_calls:
