@@ -19,6 +19,7 @@ it calls fully (`glue_only`, `stage_options`). Written for TensorFlow 2.16-2.21
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -105,14 +106,21 @@ optimiser (which removes the Identity and NoOp nodes the control flow lowers to)
 _CALLED = threading.local()
 
 
-def _options(caller: Any, passes_off: Sequence[str]) -> Any:
-    """`caller`'s function call options, with Grappler run once and `passes_off` turned off."""
-    config = config_pb2.ConfigProto.FromString(caller.config_proto_serialized)
+def _options(caller: Any, passes_off: tuple[str, ...]) -> Any:
+    """`caller`'s function call options, with Grappler run once and `passes_off` turned off
+    (made once per caller configuration: `glue_only` is entered at every step)."""
+    return _options_of(caller.executor_type, caller.config_proto_serialized, passes_off)
+
+
+@functools.cache
+def _options_of(executor_type: str | None, serialized: bytes, passes_off: tuple[str, ...]
+                ) -> Any:
+    config = config_pb2.ConfigProto.FromString(serialized)
     rewrite = config.graph_options.rewrite_options
     for name in passes_off:
         setattr(rewrite, name, rewriter_config_pb2.RewriterConfig.OFF)
     rewrite.meta_optimizer_iterations = rewriter_config_pb2.RewriterConfig.ONE
-    return context.FunctionCallOptions(caller.executor_type, config)
+    return context.FunctionCallOptions(executor_type, config)
 
 
 @contextlib.contextmanager
