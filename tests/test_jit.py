@@ -146,6 +146,26 @@ def test_each_stage_compiles_its_forward_and_backward_on_its_own_device():
     pipe.fit(x, y, batch_size=16, epochs=1, verbose=0)  # and the compiled step runs
 
 
+def stage_calls(graph: tf.Graph) -> list[str]:
+    """The calls of stage functions (`StageFunctions._build`'s `forward`) in a traced step."""
+    return [op.get_attr("f").name for op in graph.get_operations()
+            if op.type.endswith("PartitionedCall") and "forward" in op.get_attr("f").name]
+
+
+def test_a_step_keras_compiles_whole_traces_its_stage_inline():
+    """One stage, one micro-batch: Keras compiles the whole step with XLA (as `model.fit`),
+    and the stage's forward is traced into it, not called as a function (as a function, its
+    gradient gave XLA another graph to fuse: 0.97 of `model.fit`'s throughput against 1.03
+    inline, docs/benchmarks.md). With two micro-batches the stage is a function again."""
+    x, y = data("mlp", n=32)
+    whole = tfpipe.Pipeline(build("mlp"), stages=1, micro_batches=1, jit_compile=True)
+    assert whole.whole_step_xla
+    assert stage_calls(traced_step(whole, x, y)) == []
+    split = tfpipe.Pipeline(build("mlp"), stages=1, micro_batches=2, jit_compile=True)
+    assert not split.whole_step_xla
+    assert len(stage_calls(traced_step(split, x, y))) == 4  # 2 forwards, 2 gradients
+
+
 @keras.saving.register_keras_serializable(package="tfpipe_tests")
 class NumpyDouble(keras.layers.Layer):
     """y = 2x through `tf.numpy_function`, which has no XLA kernel (with its own gradient)."""

@@ -198,7 +198,7 @@ class Pipeline:
                 recompute=self.recompute, check_numerics=options.check_numerics,
                 replica_devices=self.replica_devices, batch_norm=options.batch_norm,
                 jit_compile=self.jit_compile, rank_loops=options.rank_loops,
-            )
+                whole_step_xla=self.whole_step_xla)
             _place(model, self.stages)
         self._functions: dict[str, Any] = dict.fromkeys(_FUNCTIONS)
         self._traffic: StepTraffic | None = None  # the latest traffic() step

@@ -69,6 +69,8 @@ class StageRunner:
         jit_compile: compile the stage functions with XLA (`StageFunctions`); the stages
             `check_numerics` runs layer by layer and an opaque model stay uncompiled, with a
             warning.
+        inline: trace the stages' forwards inline, not as functions (a step Keras compiles
+            whole with XLA; see `tfpipe.executor.stagefn`).
     """
 
     def __init__(
@@ -78,10 +80,11 @@ class StageRunner:
         check_numerics: bool,
         deferred: DeferredBatchNorm | None = None,
         jit_compile: bool = False,
+        inline: bool = False,
     ) -> None:
         self.model = model
         self.deferred = deferred
-        self.functions = StageFunctions(deferred, jit_compile)
+        self.functions = StageFunctions(deferred, jit_compile, inline)
         self.losses: dict[int, list[Any]] = {}  # each stage's add_loss terms, latest call
         self.stages = stages
         self.last = len(stages) - 1

@@ -88,6 +88,8 @@ class Executor:
             updated once per batch from all micro-batches (`tfpipe.executor.batchnorm`).
         jit_compile: compile each stage's forward (and so its backward) with XLA on its
             device (`tfpipe.executor.stagefn`).
+        whole_step_xla: Keras compiles the whole step with XLA (`PipelineOptions.
+            whole_step_xla`): the stages' forwards are traced inline into it.
         rank_loops: run the training step as one in-graph loop per rank
             (`tfpipe.executor.rankloop`): a graph that grows with K, not M x K. `"auto"`:
             when the loops run every feature asked for, else the unrolled step.
@@ -115,6 +117,7 @@ class Executor:
         batch_norm: str = "micro-batch",
         jit_compile: bool = False,
         rank_loops: bool | str = False,
+        whole_step_xla: bool = False,
     ) -> None:
         self.model = model
         self.stages = stages
@@ -132,7 +135,8 @@ class Executor:
         # a model compiled only for prediction has no loss to split
         self.reduction = loss_reduction(model) if getattr(model, "compiled", False) else "sum"
         self.deferred = DeferredBatchNorm(stages) if batch_norm == "deferred" else None
-        self.runner = StageRunner(model, stages, check_numerics, self.deferred, jit_compile)
+        self.runner = StageRunner(model, stages, check_numerics, self.deferred, jit_compile,
+                                  inline=whole_step_xla)
         self.add_all = sum_function()  # the step's dense gradient sums
         self.traces: Counter[str] = Counter()
         self.produced: dict[Action, list[Any]] = {}
@@ -344,11 +348,7 @@ class Executor:
         return produced
 
     _HANDLERS: ClassVar[dict[str, Callable[[Executor, _At, Dataflow, GradSums], list[Any]]]] = {
-        "F": _forward,
-        "B": _backward,
-        "I": _input_grad,
-        "W": _weight_grad,
-    }
+        "F": _forward, "B": _backward, "I": _input_grad, "W": _weight_grad}
 
     # helpers of the backward handlers -------------------------------------------------------
 
