@@ -4,9 +4,10 @@ Builds the pipelined training step for K stages and M micro-batches, traces it f
 spec (`trace_s`, and the number of operations in its graph), runs it once (`first_run_s`:
 TensorFlow's own graph optimisation and function set-up) and again (`steady_s`), and times
 `model.fit`'s first step on the same model and batch (`keras_first_s`, one per model). With
-the rank loops (`tfpipe.executor.rankloop`, the default where they run) the graph grows with
-K only; the unrolled step (`--rank-loops false`) calls each stage's function once per
-micro-batch (`tfpipe.executor.stagefn`), so its graph grows by call operations per micro-batch.
+the rank loops (`tfpipe.executor.rankloop`, this script's default where they run; tfpipe's
+default is the unrolled step) the graph grows with K only; the unrolled step (`--rank-loops
+false`) calls each stage's function once per micro-batch (`tfpipe.executor.stagefn`), so its
+graph grows by call operations per micro-batch.
 
 It also counts the step graph's function-call operations (`calls`) and the functions in its
 library (`functions`): the first run grows with calls x the size of the function each calls,
@@ -18,9 +19,14 @@ character Transformer, `--blocks` blocks of width `--width`, sequence 32) or `pl
 with each block written out in plain Keras layers, `benchmarks.common.plain_transformer`),
 batch 4 M. `--rank-loops false` measures the unrolled step (`true`: the rank loops).
 
+`--steady-rounds N` then also times the two steps' steady state side by side: a pipeline of
+each, fitted in turn N times (A B A B ...) for 4 steps of one batch (the first not timed,
+`common.StepTimer`), medians (`steady_side_by_side`).
+
 Usage:
     python -m benchmarks.trace_cost [--model transformer --blocks 12] [--stages 4]
-        [--micro-batches 8,32,64] [--rank-loops auto|true|false] [--json out/trace.json]
+        [--micro-batches 8,32,64] [--rank-loops auto|true|false] [--steady-rounds 5]
+        [--json out/trace.json]
 """
 
 from __future__ import annotations
@@ -79,6 +85,9 @@ def main() -> None:
     parser.add_argument("--rank-loops", default="auto", choices=["auto", "true", "false"],
                         help="the step as one in-graph loop per rank (auto: where supported) "
                         "or unrolled (false)")
+    parser.add_argument("--steady-rounds", type=int, default=0,
+                        help="also time the rank loops' and the unrolled step's steady steps "
+                        "side by side, this many fits of each")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     loops = {"auto": "auto", "true": True, "false": False}[args.rank_loops]
@@ -127,6 +136,13 @@ def main() -> None:
             f"{trace + first:6.2f} s vs model.fit's {keras_first:5.2f} s "
             f"({(trace + first) / keras_first:.1f}x)"
         )
+        if args.steady_rounds:
+            steady_s = steady_side_by_side(args, m, args.steady_rounds)
+            rows[-1]["steady_side_by_side_s"] = steady_s
+            loops_s, unrolled_s = steady_s["rank loops"], steady_s["unrolled"]
+            print(f"{args.model} K={args.stages} M={m:3d} {args.schedule} steady side by side "
+                  f"({args.steady_rounds} fits each): rank loops {loops_s:.3f} s, unrolled "
+                  f"{unrolled_s:.3f} s ({loops_s / unrolled_s:.2f}x)")
     write_json(args.json, {"args": vars(args), "rows": rows})
 
 
@@ -143,6 +159,28 @@ def _warm_up() -> None:
     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
     model.compile("sgd", "mse")
     model.fit(np.zeros((8, 4)), np.zeros((8, 1)), batch_size=8, verbose=0)
+
+
+def steady_side_by_side(args: argparse.Namespace, m: int, rounds: int) -> dict[str, float]:
+    """Median seconds per steady step of the rank loops and the unrolled step, K = `args.stages`,
+    M = `m`, each pipeline fitted once untimed, then `rounds` fits of 4 steps in turn."""
+    from statistics import median
+
+    import tfpipe
+    from benchmarks.common import side_by_side
+
+    batch = 4 * m
+    pipes = {label: tfpipe.Pipeline(build(args)[0], stages=args.stages, micro_batches=m,
+                                    schedule=args.schedule, rank_loops=loops)
+             for label, loops in (("rank loops", True), ("unrolled", False))}
+    _, (x_spec, y_spec) = build(args)
+    x, y = zeros(x_spec, 4 * batch), zeros(y_spec, 4 * batch)
+    for pipe in pipes.values():
+        pipe.fit(x[:batch], y[:batch], batch_size=batch, verbose=0)
+    runs = {label: (lambda p: lambda timer: p.fit(x, y, batch_size=batch, verbose=0,
+                                                  callbacks=[timer]))(pipe)
+            for label, pipe in pipes.items()}
+    return {label: median(t) for label, t in side_by_side(runs, rounds).items()}
 
 
 def _timed(fn: Any) -> float:
