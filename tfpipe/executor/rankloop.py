@@ -22,6 +22,13 @@ Design:
   `tfpipe.executor.residuals`), and the next forward into a slot overwrites them, so a rank
   holds only its in-flight micro-batches' residuals (1F1B: at most K,
   `tests/test_schedule_memory.py`) with no operation to clear them.
+- The stage functions are traced for the micro-batch size when the batch's size is known
+  and M divides it (`stagepair.micro_size`), and every value between them keeps its static
+  shape: with an unknown batch dimension TensorFlow's gradients keep a broadcast reduction
+  (`BroadcastGradientArgs` and `Sum`) per broadcasting operation that Grappler removes
+  when shapes are known, and the steady step ran 1.24x the unrolled step's (12-block
+  Transformer, K = 4, M = 8: 1.04x static, docs/benchmarks.md). Another size (a short last
+  batch) builds the loops once more, for any size (`variants`).
 - Activations and gradients cross stages through one FIFO queue per (tensor, consumer stage),
   made once on the sender's device; reads go through a non-inlined function on that device,
   so no loop frame spans two devices. `program.loop_refusal` checks that each queue's reader
@@ -64,6 +71,8 @@ from tfpipe.executor.stagepair import (
     edges,
     get,
     got_op,
+    micro_size,
+    micro_spec,
     relaxed,
     reserve,
     set_item,
@@ -108,11 +117,15 @@ class RankLoops:
     Attributes:
         region: the concrete function holding every rank's loop (built at the first trace).
         pairs: each stage's `StagePair`.
+        micro: the micro-batch size the stage functions were traced for, None for any.
+        variants: the loops built for other micro-batch sizes (`micro_size`).
     """
 
     def __init__(self, runner: StageRunner, stages: list[Stage], schedule: Schedule) -> None:
-        self.runner, self.stages = runner, stages
+        self.runner, self.stages, self.schedule = runner, stages, schedule
         self.rows = RankRows.build(schedule)
+        self.micro: int | None = None
+        self.variants: dict[int | None, RankLoops] = {}
         self.m = schedule.num_micro_batches
         self.pairs: list[StagePair] = []
         self.stores: dict[int, RingStore | ListStore] = {}
@@ -138,7 +151,13 @@ class RankLoops:
         """
         ys = keras.tree.flatten(y)
         sws = [] if sw is None else keras.tree.flatten(sw)
+        micro = micro_size([*inputs, *ys, *sws], self.m)
+        if self.region is not None and micro != self.micro:  # a short last batch, say
+            loops = self.variants.setdefault(micro, RankLoops(self.runner, self.stages,
+                                                              self.schedule))
+            return loops(shares, inputs, y, sw, x)
         if self.region is None:
+            self.micro = micro
             with tf.init_scope():
                 self._build(inputs, y, sw, ys, sws)
         with tf.device(HOST):  # where the batch arrives (`devices.HOST`)
@@ -179,12 +198,12 @@ class RankLoops:
 
     def _build(self, inputs: list[Any], y: Any, sw: Any, ys: list[Any], sws: list[Any]) -> None:
         runner = self.runner
-        spec_of = {i: relaxed(t) for i, t in zip(runner.input_ids, inputs)}
+        spec_of = {i: micro_spec(t, self.micro) for i, t in zip(runner.input_ids, inputs)}
         metrics = has_compiled_metrics(runner.model)
         for st in self.stages:
             labels = None
             if st.index == runner.last:
-                labels = (y, sw, [relaxed(t) for t in ys], [relaxed(t) for t in sws])
+                labels = (y, sw, *([micro_spec(t, self.micro) for t in ts] for ts in (ys, sws)))
             ids = stage_input_ids(runner, st)
             pair = StagePair(runner, st, [spec_of[i] for i in ids], labels, metrics)
             self.pairs.append(pair)
@@ -234,12 +253,12 @@ class RankLoops:
         """Adds a rank's weight gradients (by variable) and predictions to `out`."""
         shape = functools.cache(lambda dims: tf.constant(dims, tf.int32))  # one per shape
         for pos, (s, pair) in enumerate(self._rank_pairs(branches)):
-            for group, summed in zip(self._dense_groups(pair), final["sums"][pos]):
+            for group, summed in zip(pair.dense_groups(), final["sums"][pos]):
                 variables = [pair.stage.trainable_variables[k] for k in group]
                 parts = tf.split(summed, [v.shape.num_elements() for v in variables])
                 for k, v, part in zip(group, variables, parts):
                     out["grads"][f"{s}/{k}"] = tf.reshape(part, shape(tuple(v.shape)))
-            for (k, g), kept in zip(self._sparse(pair), final["slices"][pos]):
+            for (k, g), kept in zip(pair.sparse(), final["slices"][pos]):
                 (values, lengths), (indices, _) = (
                     tf.raw_ops.TensorListConcatV2(
                         input_handle=lst, element_shape=shape_of(relaxed(part)),
@@ -255,25 +274,6 @@ class RankLoops:
         """The stages a rank runs, in order of first appearance, with their pairs."""
         seen = list(dict.fromkeys(s for s, _ in branches))
         return [(s, self.pairs[s]) for s in seen]
-
-    @staticmethod
-    def _dense(pair: StagePair) -> list[tuple[int, Any]]:
-        return [(k, g) for k, g in sorted(pair.var_grads.items())
-                if not isinstance(g, tf.IndexedSlices)]
-
-    @classmethod
-    def _dense_groups(cls, pair: StagePair) -> list[list[int]]:
-        """The stage's densely differentiated variables by gradient dtype: each group's sums
-        are one flat loop variable (one per variable lowered to thousands of operations)."""
-        groups: dict[Any, list[int]] = {}
-        for k, g in cls._dense(pair):
-            groups.setdefault(g.dtype, []).append(k)
-        return list(groups.values())
-
-    @staticmethod
-    def _sparse(pair: StagePair) -> list[tuple[int, Any]]:
-        return [(k, g) for k, g in sorted(pair.var_grads.items())
-                if isinstance(g, tf.IndexedSlices)]
 
     def _pred_specs(self, branches: list[tuple[int, str]]) -> list[Any]:
         last = self.pairs[-1]
@@ -295,10 +295,10 @@ class RankLoops:
                 "res": [self.stores[s].initial() for s, _ in pairs],
                 "sums": [[_zeros(sum(p.stage.trainable_variables[k].shape.num_elements()
                                      for k in group), p.var_grads[group[0]].dtype)
-                          for group in self._dense_groups(p)] for _, p in pairs],
+                          for group in p.dense_groups()] for _, p in pairs],
                 "slices": [[(reserve(relaxed(g.values), self.m),
                              reserve(relaxed(g.indices), self.m))
-                            for _, g in self._sparse(p)] for _, p in pairs],
+                            for _, g in p.sparse()] for _, p in pairs],
                 "preds": [reserve(spec, self.m) for spec in self._pred_specs(branches)],
             }
             code_table, mb_table, slot_table, age_table = (tf.constant(t) for t in tables)
@@ -373,9 +373,9 @@ class RankLoops:
         of = {k: got[pair.num_args + j] for j, k in enumerate(pair.var_of) if k is not None}
         flat = tf.constant([-1])
         sums = [total + tf.concat([tf.reshape(of[k], flat) for k in group], 0)
-                for group, total in zip(self._dense_groups(pair), state["sums"][pos])]
+                for group, total in zip(pair.dense_groups(), state["sums"][pos])]
         slices = [(set_item(v, mb, of[k].values), set_item(i, mb, of[k].indices))
-                  for (k, _), (v, i) in zip(self._sparse(pair), state["slices"][pos])]
+                  for (k, _), (v, i) in zip(pair.sparse(), state["slices"][pos])]
         new = {**state, "sums": [*state["sums"][:pos], sums, *state["sums"][pos + 1:]],
                "slices": [*state["slices"][:pos], slices, *state["slices"][pos + 1:]]}
         after = [*seeds, *sent, *sums, *[t for pair_ in slices for t in pair_], got_op(got)]

@@ -35,6 +35,22 @@ def relaxed(t: Any) -> tf.TensorSpec:
     return tf.TensorSpec(shape, t.dtype)
 
 
+def micro_size(tensors: list[Any], m: int) -> int | None:
+    """The micro-batch size to trace the stage functions for: the batch's static size B / M
+    when every tensor has that B and M divides it (equal micro-batches), else None (any
+    size: a short last batch, or a batch whose size is not known when tracing)."""
+    sizes = {t.shape[0] for t in tensors if t.shape.rank}
+    batch = sizes.pop() if len(sizes) == 1 else None
+    return batch // m if batch is not None and batch % m == 0 else None
+
+
+def micro_spec(t: Any, micro: int | None) -> tf.TensorSpec:
+    """A spec of one micro-batch of `t`: `micro` rows, or any (`relaxed`) for None."""
+    if micro is None or not t.shape.rank:
+        return relaxed(t)
+    return tf.TensorSpec([micro, *t.shape[1:]], t.dtype)
+
+
 def shape_of(spec: Any) -> tf.Tensor:
     """An element shape for TensorList ops (-1 for an unknown dimension or rank)."""
     if spec.shape.rank is None:
@@ -126,7 +142,7 @@ class StagePair:
                                                        for i in out_ids])
         self.fw, self.bw = functions.forward_backward(self.function, self.seeded)
         outputs = self.function.graph.outputs  # now with the residuals appended
-        self.specs = [relaxed(o) for o in outputs]
+        self.specs = [tf.TensorSpec(o.shape, o.dtype) for o in outputs]  # as traced
         pos = {id(t): n for n, t in enumerate(outputs)}
         self.bw_caps = [(pos.get(id(c)), c) for c in self.bw.captured_inputs]
         # constants the backward reads (a tenth of the 12-block Transformer's residuals) are
@@ -192,6 +208,24 @@ class StagePair:
             return seeded + [sent[j] for j in others] + ([total] if terms else []) + preds
 
         return forward
+
+    def dense(self) -> list[tuple[int, Any]]:
+        """`(variable index, gradient)` of the variables differentiated densely."""
+        return [(k, g) for k, g in sorted(self.var_grads.items())
+                if not isinstance(g, tf.IndexedSlices)]
+
+    def dense_groups(self) -> list[list[int]]:
+        """The densely differentiated variables by gradient dtype: the rank loops sum each
+        group in one flat loop variable (one per variable lowered to thousands of operations)."""
+        groups: dict[Any, list[int]] = {}
+        for k, g in self.dense():
+            groups.setdefault(g.dtype, []).append(k)
+        return list(groups.values())
+
+    def sparse(self) -> list[tuple[int, Any]]:
+        """`(variable index, gradient)` of the variables with IndexedSlices gradients."""
+        return [(k, g) for k, g in sorted(self.var_grads.items())
+                if isinstance(g, tf.IndexedSlices)]
 
     @property
     def loss_at(self) -> int | None:
