@@ -19,13 +19,18 @@ character Transformer, `--blocks` blocks of width `--width`, sequence 32) or `pl
 with each block written out in plain Keras layers, `benchmarks.common.plain_transformer`),
 batch 4 M. `--rank-loops false` measures the unrolled step (`true`: the rank loops).
 
+`--whole-fit` also times the whole first `tfpipe.fit` of a fresh copy on one batch (the
+pipeline built, Keras's train function made, the step traced for the batch's static size,
+its first run: what a user waits for) against `model.fit`'s (`fit_first_s`), measured
+right after `model.fit`'s and before the traced step above.
+
 `--steady-rounds N` then also times the two steps' steady state side by side: a pipeline of
 each, fitted in turn N times (A B A B ...) for 4 steps of one batch (the first not timed,
 `common.StepTimer`), medians (`steady_side_by_side`).
 
 Usage:
     python -m benchmarks.trace_cost [--model transformer --blocks 12] [--stages 4]
-        [--micro-batches 8,32,64] [--rank-loops auto|true|false] [--steady-rounds 5]
+        [--micro-batches 8,32,64] [--rank-loops auto|true|false] [--whole-fit] [--steady-rounds 5]
         [--json out/trace.json]
 """
 
@@ -85,6 +90,8 @@ def main() -> None:
     parser.add_argument("--rank-loops", default="auto", choices=["auto", "true", "false"],
                         help="the step as one in-graph loop per rank (auto: where supported) "
                         "or unrolled (false)")
+    parser.add_argument("--whole-fit", action="store_true",
+                        help="also time the whole first tfpipe.fit against model.fit's")
     parser.add_argument("--steady-rounds", type=int, default=0,
                         help="also time the rank loops' and the unrolled step's steady steps "
                         "side by side, this many fits of each")
@@ -105,6 +112,16 @@ def main() -> None:
         started = time.perf_counter()
         model.fit(zeros(spec[0], batch), zeros(spec[1], batch), batch_size=batch, verbose=0)
         keras_first = time.perf_counter() - started
+        if args.whole_fit:
+            model, spec = build(args)
+            started = time.perf_counter()
+            tfpipe.fit(model, zeros(spec[0], batch), zeros(spec[1], batch), batch_size=batch,
+                       verbose=0, stages=args.stages, micro_batches=m, schedule=args.schedule,
+                       rank_loops=loops)
+            whole = time.perf_counter() - started
+            print(f"{args.model} K={args.stages} M={m:3d} {args.schedule} whole first fit: "
+                  f"tfpipe.fit {whole:6.2f} s vs model.fit's {keras_first:5.2f} s "
+                  f"({whole / keras_first:.2f}x)")
         model, spec = build(args)
         pipe = tfpipe.Pipeline(model, stages=args.stages, micro_batches=m, schedule=args.schedule,
                                rank_loops=loops)
@@ -127,7 +144,8 @@ def main() -> None:
         rows.append({"K": args.stages, "M": m, "step": "rank loops" if looped else "unrolled",
                      "trace_s": trace, "ops": ops, "calls": calls,
                      "functions": functions,
-                     "first_run_s": first, "steady_s": steady, "keras_first_s": keras_first})
+                     "first_run_s": first, "steady_s": steady, "keras_first_s": keras_first,
+                     "fit_first_s": whole if args.whole_fit else None})
         print(
             f"{args.model} K={args.stages} M={m:3d} {args.schedule} "
             f"{'rank loops' if looped else 'unrolled'}: trace {trace:6.2f} s, "
