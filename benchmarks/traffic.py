@@ -10,6 +10,11 @@ meanwhile (run it on an otherwise quiet machine). Beside it, the bytes
 `tfpipe.traffic.placed_transfers` finds in the step's placed partition graphs (traced in this
 process with the same placement; a collective's own messages are not among them).
 
+`--rank-loops true` runs the step as one loop per worker (`tfpipe.executor.rankloop`;
+the replicas row is then skipped: the loops do not run replicas). The placed graphs do not
+show what the loops send (it crosses inside the calls that read their queues, whose
+partition graphs the step's run metadata does not carry); loopback does.
+
 Then, with `--replicas R` (default 2; 1 skips it), one more row: Adam, R copies of the
 2-stage pipeline on 2R workers, M micro-batches per copy (the batch is R*M micro-batches).
 
@@ -26,7 +31,7 @@ its weights (one copy per step). With R = 1 the last term is 0.
 Usage:
     python benchmarks/traffic.py [--width 1024] [--layers 8] [--batch 256] [--micro-batches 4]
         [--steps 3] [--optimizers sgd,adam,adamw,clipnorm,global_clipnorm,mixed_float16]
-        [--replicas 2] [--json out/traffic.json]
+        [--replicas 2] [--rank-loops false] [--json out/traffic.json]
 """
 
 from __future__ import annotations
@@ -124,7 +129,7 @@ def measure(name: str, devices: list[str], args: argparse.Namespace,
 
     model, x, y = build(name, args.width, args.layers, args.batch)
     pipe = tfpipe.Pipeline(model, stages=2, devices=devices, micro_batches=args.micro_batches,
-                           replicas=replicas)
+                           replicas=replicas, rank_loops=args.rank_loops == "true")
     fit = dict(batch_size=args.batch, epochs=1, verbose=0, shuffle=False)
     pipe.fit(np.concatenate([x, x]), np.concatenate([y, y]), **fit)  # traces; two steps
     before = loopback_bytes()
@@ -149,6 +154,7 @@ def main() -> None:
     parser.add_argument("--optimizers", default=",".join(OPTIMIZERS))
     parser.add_argument("--replicas", type=int, default=2,
                         help="copies of the pipeline in the extra Adam row (1: no such row)")
+    parser.add_argument("--rank-loops", default="false", choices=["true", "false"])
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
 
@@ -158,7 +164,7 @@ def main() -> None:
 
         devices = tfpipe.cluster(addresses, threads=1, timeout_s=60)
         results = [measure(name, devices[:2], args) for name in args.optimizers.split(",")]
-        if args.replicas > 1:
+        if args.replicas > 1 and args.rank_loops == "false":
             results.append(measure("adam", devices, args, replicas=args.replicas))
     print(f"2 stages per copy, one worker each, {args.layers} x Dense({args.width}) + Dense(10), "
           f"batch {args.batch}, M={args.micro_batches} per copy; loopback bytes received per "

@@ -295,3 +295,29 @@ def test_optimizers_that_write_before_the_update_equal_keras(name):
     x, y = data("mlp")
     ref, ref_log, model, log = fit_both(make, x, y, stages=4, micro_batches=4, schedule="1f1b")
     assert_same_training(ref, ref_log, model, log)
+
+
+def test_each_micro_batch_is_read_on_the_host_and_only_it_crosses():
+    """The batch waits in TensorLists on the host, and each loop reads its micro-batch there:
+    one micro-batch crosses to the stage per forward. Read on the stage's device, the whole
+    list crossed at every forward (the rank loops moved 2.04x the least bytes a step needs
+    over loopback between two workers, 1.05x after: `benchmarks/traffic.py --rank-loops
+    true`, docs/benchmarks.md)."""
+    from tfpipe.devices import HOST, canonical
+    from tfpipe.traffic import placed_transfers
+
+    x, y = data("mlp", n=32)
+    pipe = tfpipe.Pipeline(build("mlp"), stages=2, micro_batches=2, schedule="1f1b",
+                           devices=["/cpu:1", "/cpu:2"], rank_loops=True)
+    with pipe._attached():
+        step = tf.function(lambda a, b: pipe.executor.train_step((a, b)), autograph=False)
+        with pipe.executor.glue_options():
+            sent = placed_transfers(step, tf.constant(x), tf.constant(y))
+    reads = [op for op in loop_body_ops(pipe) if op.type == "TensorListGetItem"]
+    assert len(reads) == 2, reads  # stage 0's inputs, stage 1's labels
+    assert {canonical(op.device) for op in reads} == {canonical(HOST)}
+    # no list is sent to a stage to be read there (the micro-batch indices go to the host)
+    whole = [t for t in sent if t.target != canonical(HOST)
+             and any(r.endswith("TensorListGetItem") for r in t.readers)]
+    assert whole == [], whole
+    assert [t for t in sent if t.source == canonical(HOST)]  # what crosses: micro-batches

@@ -330,14 +330,15 @@ class RankLoops:
     def _forward(self, pair: StagePair, pos: int, state: dict[str, Any], at: _At,
                  lists: dict[str, Any]) -> dict[str, Any]:
         s, mb = pair.stage.index, at.micro_batch
+        specs = pair.function.structured_input_signature[0]
         with tf.control_dependencies([state["tick"]]):
-            ins = [get(lists["x"][i], mb, pair.function.structured_input_signature[0][j])
-                   if i in lists["x"] else self.acts[(i, s)].take()
-                   for j, i in enumerate(pair.in_ids)]
-            if pair.last:
-                specs = pair.function.structured_input_signature[0][len(pair.in_ids):]
-                ins += [get(lst, mb, spec) for lst, spec in zip(lists["labels"], specs)]
-                ins.append(tf.gather(lists["data_scale"], mb))
+            with tf.device(HOST):  # read where the batch is: a micro-batch crosses, not the list
+                data = {i: get(lists["x"][i], mb, specs[j]) for j, i in enumerate(pair.in_ids)
+                        if i in lists["x"]}
+                labels = [get(lst, mb, spec) for lst, spec in zip(
+                    lists["labels"], specs[len(pair.in_ids):])] if pair.last else []
+            ins = [data[i] if i in data else self.acts[(i, s)].take() for i in pair.in_ids]
+            ins += [*labels, tf.gather(lists["data_scale"], mb)] if pair.last else []
             ins.append(tf.gather(lists["extra_scale"], mb))
         outs = functions.call_forward(pair.fw, ins + list(pair.function.captured_inputs))
         sent = [self.acts[(i, c)].put(outs[n]) for i, n in pair.out_at.items()
