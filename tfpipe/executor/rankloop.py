@@ -23,11 +23,9 @@ Design:
   holds only its in-flight micro-batches' residuals (1F1B: at most K,
   `tests/test_schedule_memory.py`) with no operation to clear them.
 - The stage functions are traced for the micro-batch size when the batch's size is known
-  and M divides it (`stagepair.micro_size`), and every value between them keeps its static
-  shape: with an unknown batch dimension TensorFlow's gradients keep a broadcast reduction
-  (`BroadcastGradientArgs` and `Sum`) per broadcasting operation that Grappler removes
-  when shapes are known, and the steady step ran 1.24x the unrolled step's (12-block
-  Transformer, K = 4, M = 8: 1.04x static, docs/benchmarks.md). Another size (a short last
+  and M divides it (`stagepair.micro_size`): for an unknown size the gradients keep a
+  broadcast reduction per broadcasting operation that Grappler removes for known shapes
+  (steady step 1.24x the unrolled step's, docs/benchmarks.md). Another size (a short last
   batch) builds the loops once more, for any size (`variants`).
 - Activations and gradients cross stages through one FIFO queue per (tensor, consumer stage),
   made once on the sender's device; reads go through a non-inlined function on that device,
@@ -69,6 +67,7 @@ from tfpipe.executor.stagepair import (
     Queue,
     StagePair,
     edges,
+    fresh_zeros,
     get,
     got_op,
     micro_size,
@@ -293,7 +292,7 @@ class RankLoops:
             init = {
                 "tick": tf.constant(0), "loss": tf.zeros([]),
                 "res": [self.stores[s].initial() for s, _ in pairs],
-                "sums": [[_zeros(sum(p.stage.trainable_variables[k].shape.num_elements()
+                "sums": [[fresh_zeros(sum(p.stage.trainable_variables[k].shape.num_elements()
                                      for k in group), p.var_grads[group[0]].dtype)
                           for group in p.dense_groups()] for _, p in pairs],
                 "slices": [[(reserve(relaxed(g.values), self.m),
@@ -302,6 +301,7 @@ class RankLoops:
                 "preds": [reserve(spec, self.m) for spec in self._pred_specs(branches)],
             }
             code_table, mb_table, slot_table, age_table = (tf.constant(t) for t in tables)
+            lists = self._moved(pairs, lists)
 
             def body(n: Any, state: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
                 at = _At(mb_table[n], slot_table[n], age_table[n])
@@ -312,6 +312,17 @@ class RankLoops:
             _, final = tf.while_loop(lambda n, _: n < len(tables[0]), body, (tf.constant(0), init),
                                      parallel_iterations=1)
         return dict(final)
+
+    @staticmethod
+    def _moved(pairs: list[tuple[int, StagePair]], lists: dict[str, Any]) -> dict[str, Any]:
+        """The batch's lists and loss weights a rank reads, moved to its device before its loop
+        (in its device scope): read on the host, each iteration on a worker waited on the host;
+        passed into the loop, a list crossed at every forward (docs/benchmarks.md)."""
+        ids, last = {i for _, p in pairs for i in p.in_ids}, any(p.last for _, p in pairs)
+        return {"x": {i: tf.identity(t) for i, t in lists["x"].items() if i in ids},
+                "labels": [tf.identity(t) for t in lists["labels"]] if last else [],
+                "data_scale": tf.identity(lists["data_scale"]),
+                "extra_scale": tf.identity(lists["extra_scale"])}
 
     def _branch(self, pair: StagePair, kind: str, pos: int, state: dict[str, Any],
                 at: _At, lists: dict[str, Any]) -> Any:
@@ -332,13 +343,12 @@ class RankLoops:
         s, mb = pair.stage.index, at.micro_batch
         specs = pair.function.structured_input_signature[0]
         with tf.control_dependencies([state["tick"]]):
-            with tf.device(HOST):  # read where the batch is: a micro-batch crosses, not the list
-                data = {i: get(lists["x"][i], mb, specs[j]) for j, i in enumerate(pair.in_ids)
-                        if i in lists["x"]}
-                labels = [get(lst, mb, spec) for lst, spec in zip(
-                    lists["labels"], specs[len(pair.in_ids):])] if pair.last else []
-            ins = [data[i] if i in data else self.acts[(i, s)].take() for i in pair.in_ids]
-            ins += [*labels, tf.gather(lists["data_scale"], mb)] if pair.last else []
+            ins = [get(lists["x"][i], mb, specs[j]) if i in lists["x"] else self.acts[(i, s)].take()
+                   for j, i in enumerate(pair.in_ids)]
+            if pair.last:
+                ins += [get(lst, mb, spec)
+                        for lst, spec in zip(lists["labels"], specs[len(pair.in_ids):])]
+                ins.append(tf.gather(lists["data_scale"], mb))
             ins.append(tf.gather(lists["extra_scale"], mb))
         outs = functions.call_forward(pair.fw, ins + list(pair.function.captured_inputs))
         sent = [self.acts[(i, c)].put(outs[n]) for i, n in pair.out_at.items()
@@ -381,13 +391,6 @@ class RankLoops:
                "slices": [*state["slices"][:pos], slices, *state["slices"][pos + 1:]]}
         after = [*seeds, *sent, *sums, *[t for pair_ in slices for t in pair_], got_op(got)]
         return self._done(new, after)
-
-
-def _zeros(n: int, dtype: tf.DType) -> tf.Tensor:
-    """n zeros made at each step. `tf.zeros` is folded into a constant that the runtime holds
-    for good: the gradient sums' initial values held the weights' size again (16 MiB after a
-    fit of 16 MiB of weights, `tests/test_build_scope.py`); `Empty` is never folded."""
-    return tf.raw_ops.Empty(shape=[n], dtype=dtype, init=True)
 
 
 class _At(NamedTuple):

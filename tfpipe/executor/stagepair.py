@@ -51,6 +51,13 @@ def micro_spec(t: Any, micro: int | None) -> tf.TensorSpec:
     return tf.TensorSpec([micro, *t.shape[1:]], t.dtype)
 
 
+def fresh_zeros(n: int, dtype: tf.DType) -> tf.Tensor:
+    """n zeros made at each step. `tf.zeros` is folded into a constant that the runtime holds
+    for good: the gradient sums' initial values held the weights' size again (16 MiB after a
+    fit of 16 MiB of weights, `tests/test_build_scope.py`); `Empty` is never folded."""
+    return tf.raw_ops.Empty(shape=[n], dtype=dtype, init=True)
+
+
 def shape_of(spec: Any) -> tf.Tensor:
     """An element shape for TensorList ops (-1 for an unknown dimension or rank)."""
     if spec.shape.rank is None:
