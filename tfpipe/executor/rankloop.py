@@ -28,9 +28,9 @@ Design:
   (steady step 1.24x the unrolled step's, docs/benchmarks.md). Another size (a short last
   batch) builds the loops once more, for any size (`variants`).
 - Activations and gradients cross stages through one FIFO queue per (tensor, consumer stage),
-  made once on the sender's device; reads go through a non-inlined function on that device,
-  so no loop frame spans two devices. `program.loop_refusal` checks that each queue's reader
-  reads in its writer's order.
+  made once on the sender's device; reads go through a non-inlined function on that device
+  (so a reading loop sends its condition there at each iteration, docs/benchmarks.md).
+  `program.loop_refusal` checks that each queue's reader reads in its writer's order.
 - TensorFlow behaviours this is built around (each one hung, or silently skipped work, in
   the probe this module grew from): automatic control dependencies order every op touching
   one queue, so the loops are traced without them (`_keras.functions.graph_function`);

@@ -46,7 +46,8 @@ Design:
   separate functions, the gradient TensorFlow made for each call gave XLA a different graph
   to fuse (one loop fusion of 211 operations over twelve LayerNormalizations' gradients in
   the demo Transformer, where `model.fit`'s largest had 81), and the step ran at 0.97 of
-  `model.fit(jit_compile=True)`'s throughput; inline at 1.03 (side by side, 5 x 30 steps).
+  `model.fit(jit_compile=True)`'s throughput; inline at 1.03 (a probe, side by side, 5 x 30
+  steps) and 1.000 (`benchmarks/overhead.py --jit`).
 """
 
 from __future__ import annotations
