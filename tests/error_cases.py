@@ -326,6 +326,8 @@ CASES = [
          tfpipe.PipelineError, r"replicas=2 copies of a 2-device pipeline need 4 devices.*Give 4 devices"),
     Case("timeline without profiling", lambda: tfpipe.Pipeline(mlp(), stages=2).timeline(),
          ValueError, r"No timeline: build the Pipeline with profile=True", after_placement=True),
+    Case("traffic of the rank loops", lambda: tfpipe.Pipeline(mlp(), stages=2, rank_loops=True).traffic(*xy(16)),
+         tfpipe.PipelineError, r"do not show what the rank loops send.*rank_loops=False", after_placement=True),
 ]
 
 

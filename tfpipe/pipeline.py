@@ -39,7 +39,7 @@ from tfpipe.oom import memory_errors
 from tfpipe.options import PipelineOptions
 from tfpipe.partition import Stage, check_gradient_paths, read_graph, split
 from tfpipe.placement import place_model, updates_on_variable_devices
-from tfpipe.traffic import StepTraffic, step_traffic
+from tfpipe.traffic import LOOPS_UNSEEN, StepTraffic, step_traffic
 
 _STEPS = ("train_step", "test_step", "predict_step")
 _FUNCTIONS = ("train_function", "test_function", "predict_function")
@@ -177,9 +177,7 @@ class Pipeline:
                 f"balance={mode!r} profiles each layer on a sample batch: pass sample=<a batch "
                 "of inputs> (tfpipe.fit does this from its data), or use balance='params'."
             )
-        self.model = model
-        self.options = options
-        self.replicas = options.replicas
+        self.model, self.options, self.replicas = model, options, options.replicas
         self.schedule, self.replica_devices = _lay_out(options)
         stage_devices = self.replica_devices[0]
         self.layer_costs: list[LayerCost] | None = None
@@ -307,6 +305,8 @@ class Pipeline:
         """Prints (and returns) the bytes one training step on `(x, y)` sends between each pair
         of devices, by kind, as TensorFlow placed it (`tfpipe.traffic.step_traffic`: the step
         runs once, then every variable it changed is set back); `summary()` then shows it."""
+        if self.executor.loops is not None:
+            raise PipelineError(LOOPS_UNSEEN)
         with self._attached():
             self._traffic = step_traffic(self.executor.train_step, self.model, x, y)
         text = self._traffic.table()

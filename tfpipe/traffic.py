@@ -217,6 +217,16 @@ def kinds_table(pairs: dict[Pair, dict[str, int]]) -> str:
     return "\n".join(text_table([header, *rows], numeric=set(range(1, len(header)))))
 
 
+LOOPS_UNSEEN = (
+    "Pipeline.traffic reads the step's placed partition graphs, and they do not show what the "
+    "rank loops send between stages (each queue is read by a function call whose own partition "
+    "graphs TensorFlow does not report), so its table would leave the activations and "
+    "gradients out. Build the pipeline with rank_loops=False to see the unrolled step's "
+    "traffic; the loops send the same tensors (`benchmarks/traffic.py --rank-loops true` "
+    "measures them over loopback between worker processes).")
+"""Why `Pipeline.traffic` refuses a pipeline that runs the rank loops."""
+
+
 @dataclass(frozen=True)
 class StepTraffic:
     """What one measured training step sent between devices.
