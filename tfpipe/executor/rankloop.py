@@ -152,9 +152,9 @@ class RankLoops:
         sws = [] if sw is None else keras.tree.flatten(sw)
         micro = micro_size([*inputs, *ys, *sws], self.m)
         if self.region is not None and micro != self.micro:  # a short last batch, say
-            loops = self.variants.setdefault(micro, RankLoops(self.runner, self.stages,
-                                                              self.schedule))
-            return loops(shares, inputs, y, sw, x)
+            if micro not in self.variants:
+                self.variants[micro] = RankLoops(self.runner, self.stages, self.schedule)
+            return self.variants[micro](shares, inputs, y, sw, x)
         if self.region is None:
             self.micro = micro
             with tf.init_scope():
