@@ -112,6 +112,7 @@ def main() -> None:
         started = time.perf_counter()
         model.fit(zeros(spec[0], batch), zeros(spec[1], batch), batch_size=batch, verbose=0)
         keras_first = time.perf_counter() - started
+        whole = None
         if args.whole_fit:
             model, spec = build(args)
             started = time.perf_counter()
@@ -145,7 +146,7 @@ def main() -> None:
                      "trace_s": trace, "ops": ops, "calls": calls,
                      "functions": functions,
                      "first_run_s": first, "steady_s": steady, "keras_first_s": keras_first,
-                     "fit_first_s": whole if args.whole_fit else None})
+                     "fit_first_s": whole})
         print(
             f"{args.model} K={args.stages} M={m:3d} {args.schedule} "
             f"{'rank loops' if looped else 'unrolled'}: trace {trace:6.2f} s, "
@@ -188,10 +189,12 @@ def steady_side_by_side(args: argparse.Namespace, m: int, rounds: int) -> dict[s
     from benchmarks.common import side_by_side
 
     batch = 4 * m
-    pipes = {label: tfpipe.Pipeline(build(args)[0], stages=args.stages, micro_batches=m,
+    built = {label: (build(args), loops) for label, loops in (("rank loops", True),
+                                                             ("unrolled", False))}
+    pipes = {label: tfpipe.Pipeline(model, stages=args.stages, micro_batches=m,
                                     schedule=args.schedule, rank_loops=loops)
-             for label, loops in (("rank loops", True), ("unrolled", False))}
-    _, (x_spec, y_spec) = build(args)
+             for label, ((model, _), loops) in built.items()}
+    x_spec, y_spec = built["unrolled"][0][1]
     x, y = zeros(x_spec, 4 * batch), zeros(y_spec, 4 * batch)
     for pipe in pipes.values():
         pipe.fit(x[:batch], y[:batch], batch_size=batch, verbose=0)

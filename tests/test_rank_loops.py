@@ -78,7 +78,7 @@ def test_skips_sparse_gradients_losses_sample_weights_and_a_short_last_batch():
 def test_stages_are_traced_for_the_micro_batch_size_and_a_short_batch_for_any_size():
     """Equal micro-batches of a batch whose size is known when tracing: each stage's functions
     take that size (static shapes let Grappler drop the gradients' broadcast reductions: the
-    steady step went from 1.24x the unrolled step's to 1.04x, docs/benchmarks.md); a short
+    steady step went from 1.24x the unrolled step's to 1.15x, docs/benchmarks.md); a short
     last batch builds the loops once more, for any size, and trains as `model.fit`."""
     x, y = data("mlp", n=48)  # three batches of 16
     ref, model = build("mlp"), build("mlp")

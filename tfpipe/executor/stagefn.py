@@ -144,8 +144,9 @@ class StageFunctions:
 
     def tracing_counts(self) -> dict[tuple[int, bool], int]:
         """How many times each `(stage index, training)` function was traced (not inline)."""
-        return {k: f.experimental_get_tracing_count() for k, f in self._functions.items()
-                if not self.inline}
+        if self.inline:  # plain Python functions, traced with the step
+            return {}
+        return {k: f.experimental_get_tracing_count() for k, f in self._functions.items()}
 
     def compiled(self) -> dict[tuple[int, bool], bool]:
         """Whether each `(stage index, training)` function was built with `jit_compile=True`."""
