@@ -23,6 +23,7 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import keras
@@ -209,6 +210,29 @@ def test_stage_xla_cannot_compile_runs_without_it_and_the_others_stay_compiled()
     assert_same_training(ref, ref_log, model, log)
 
 
+def test_a_whole_step_xla_cannot_compile_is_compiled_by_stage_with_one_warning():
+    """One device, one micro-batch: Keras would compile the whole step, and a stage XLA
+    cannot lower failed its first step with TensorFlow's error. The stages are lowered
+    before Keras builds the step: the step is then compiled stage by stage, that stage
+    without XLA, one warning naming it, and training equals plain Keras."""
+    x, y = data("mlp", n=48)
+    ref, ref_log = numpy_model(jit_compile=False), StepLog()
+    ref.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0, callbacks=[ref_log])
+    model, log = numpy_model(), StepLog()
+    with pytest.warns(UserWarning) as caught:
+        history = tfpipe.fit(model, x, y, batch_size=16, epochs=1, shuffle=False, verbose=0,
+                             callbacks=[log], stages=2, balance=[2, 3], micro_batches=1,
+                             devices=["/cpu:0", "/cpu:0"], jit_compile=True)
+    mine = [str(w.message) for w in caught if "jit_compile" in str(w.message)]
+    assert len(mine) == 1, mine
+    assert "XLA cannot compile stage 1 (numpy_double, d2, head)" in mine[0]
+    assert "PyFunc" in mine[0] and "not compiled whole" in mine[0]
+    pipe = history.pipeline
+    assert not pipe.whole_step_xla
+    assert pipe.executor.runner.functions.compiled() == {(0, True): True, (1, True): False}
+    assert_same_training(ref, ref_log, model, log)
+
+
 def test_stages_that_are_not_stage_functions_warn_once():
     with pytest.warns(UserWarning, match=r"stage 0 \(.*\); stage 1 .* without XLA: "
                                          r"check_numerics=True"):
@@ -226,7 +250,10 @@ def test_stages_that_are_not_stage_functions_warn_once():
     model.compile("sgd", "mse")
     model(np.zeros((1, 8), "float32"))
     with pytest.warns(UserWarning, match=r"stage 0 .* without XLA: tfpipe calls subclassed"):
-        tfpipe.Pipeline(model, stages=1, jit_compile=True)
+        tfpipe.Pipeline(model, stages=1, micro_batches=2, jit_compile=True)
+    with warnings.catch_warnings():  # one micro-batch: Keras compiles the step, model and all
+        warnings.simplefilter("error")
+        assert tfpipe.Pipeline(model, stages=1, micro_batches=1, jit_compile=True).whole_step_xla
 
 
 def test_auto_follows_the_models_own_jit_compile():

@@ -190,13 +190,13 @@ class Pipeline:
             scope.stages = self.stages
             self.recompute = _recompute_flags(options, self.stages)
             self.jit_compile = options.xla(model_jit_compile(model))
-            self.whole_step_xla = options.whole_step_xla(self.jit_compile, len(set(stage_devices)))
             self.executor = Executor(
                 model, self.stages, self.schedule, profile=options.profile,
                 recompute=self.recompute, check_numerics=options.check_numerics,
                 replica_devices=self.replica_devices, batch_norm=options.batch_norm,
                 jit_compile=self.jit_compile, rank_loops=options.rank_loops,
-                whole_step_xla=self.whole_step_xla)
+                whole_step_xla=options.whole_step_xla(self.jit_compile, len(set(stage_devices))))
+            self.whole_step_xla = self.executor.whole_step_xla
             _place(model, self.stages)
         self._functions: dict[str, Any] = dict.fromkeys(_FUNCTIONS)
         self._traffic: StepTraffic | None = None  # the latest traffic() step

@@ -103,7 +103,9 @@ class StageRunner:
             # model outputs made before the last stage: its tape watches them for the loss
             early = [i for i in self.output_ids if made_by.get(i, self.last) != self.last]
             self.early_outputs = early
-        if jit_compile and (check_numerics or self.opaque):
+        if inline:
+            self.functions.compile_whole(stages)
+        if jit_compile and not self.functions.inline and (check_numerics or self.opaque):
             warn_uncompiled(stages, (
                 f"tfpipe calls subclassed model {model.name!r} whole, not as a stage function"
                 if self.opaque else "check_numerics=True calls each stage's layers one by one "

@@ -47,7 +47,10 @@ Design:
   to fuse (one loop fusion of 211 operations over twelve LayerNormalizations' gradients in
   the demo Transformer, where `model.fit`'s largest had 81), and the step ran at 0.97 of
   `model.fit(jit_compile=True)`'s throughput; inline at 1.03 (a probe, side by side, 5 x 30
-  steps) and 1.000 (`benchmarks/overhead.py --jit`).
+  steps) and 1.000 (`benchmarks/overhead.py --jit`). Such a step is compiled by Keras, so a
+  stage found uncompilable while it is traced could not fall back: the whole step failed with
+  TensorFlow's error. So the stages are lowered when the pipeline is built, for their graph
+  inputs' shapes (`compile_whole`); if one cannot be, the step is compiled stage by stage.
 """
 
 from __future__ import annotations
@@ -152,9 +155,35 @@ class StageFunctions:
         """Whether each `(stage index, training)` function was built with `jit_compile=True`."""
         return dict(self._compiled)
 
-    def _build(
-        self, stage: Stage, training: bool, key: tuple[int, bool], inputs: list[Any]
-    ) -> Any:
+    def compile_whole(self, stages: Sequence[Stage]) -> bool:
+        """Whether a step Keras compiles whole with XLA (`inline`) can be: lowers each stage's
+        forward and gradient first (`xla_refusal`, for its graph inputs' shapes). When one
+        cannot be lowered, the stages become functions again, compiled one by one with that
+        stage (`refused`) running without XLA, and one warning says so (a refusal found while
+        Keras traced its XLA step could not be acted on: the step would fail to compile).
+
+        Args:
+            stages: the pipeline's stages (a subclassed model trained whole is not probed).
+        """
+        for stage in stages:
+            if not self.inline or stage.inputs is None:
+                continue
+            key = (stage.index, True)
+            reason = xla_refusal(stage, True, self._forward(stage, True, key), stage.inputs)
+            if reason is not None:
+                self.refused[stage.index] = reason
+                self.inline = False
+                warnings.warn(
+                    f"tfpipe jit_compile: XLA cannot compile stage {stage.index} "
+                    f"({', '.join(stage.names)}) on {stage.device}: {reason}. The step is not "
+                    "compiled whole; that stage runs without XLA and the other stages are "
+                    "compiled one by one (jit_compile=False turns XLA off for all).",
+                    stacklevel=3,
+                )
+        return self.inline
+
+    def _forward(self, stage: Stage, training: bool, key: tuple[int, bool]) -> Callable[
+            ..., tuple[list[Any], list[Any], list[Any]]]:
         def forward(
             inputs: list[Any], weights: list[Any] | None = None
         ) -> tuple[list[Any], list[Any], list[Any]]:
@@ -165,6 +194,12 @@ class StageFunctions:
             self._moment_layers[key] = [layer for layer, _ in got]
             return outs, losses, [t for _, ms in got for t in ms]
 
+        return forward
+
+    def _build(
+        self, stage: Stage, training: bool, key: tuple[int, bool], inputs: list[Any]
+    ) -> Any:
+        forward = self._forward(stage, training, key)
         jit = self.jit_compile and stage.index not in self.refused
         if jit:
             reason = xla_refusal(stage, training, forward, inputs)

@@ -59,7 +59,6 @@ from tfpipe.schedules import Action, Schedule, format_schedule
 __all__ = ["Executor"]
 
 
-
 class _At(NamedTuple):
     """Where a handler runs: the (replica-shifted) action, its stage and its device, and the
     replica's read of the stage's weights (None for copy 0, which reads the variables)."""
@@ -88,8 +87,8 @@ class Executor:
             updated once per batch from all micro-batches (`tfpipe.executor.batchnorm`).
         jit_compile: compile each stage's forward (and so its backward) with XLA on its
             device (`tfpipe.executor.stagefn`).
-        whole_step_xla: Keras compiles the whole step with XLA (`PipelineOptions.
-            whole_step_xla`): the stages' forwards are traced inline into it.
+        whole_step_xla: Keras compiles the whole step with XLA (`PipelineOptions.whole_step_xla`,
+            unless a stage cannot be: `StageFunctions.compile_whole`): forwards traced inline.
         rank_loops: run the training step as one in-graph loop per rank
             (`tfpipe.executor.rankloop`): a graph that grows with K, not M x K. `"auto"`:
             when the loops run every feature asked for, else the unrolled step.
@@ -137,6 +136,7 @@ class Executor:
         self.deferred = DeferredBatchNorm(stages) if batch_norm == "deferred" else None
         self.runner = StageRunner(model, stages, check_numerics, self.deferred, jit_compile,
                                   inline=whole_step_xla)
+        self.whole_step_xla = self.runner.functions.inline
         self.add_all = sum_function()  # the step's dense gradient sums
         self.traces: Counter[str] = Counter()
         self.produced: dict[Action, list[Any]] = {}
