@@ -40,14 +40,14 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test,hub]'
+	$(PY) -m pip install --quiet --no-cache-dir --upgrade pip
+	$(PY) -m pip install --quiet --no-cache-dir -e '.[test,hub]'
 	touch $(STAMP)
 
 $(COMPAT_STAMP): pyproject.toml constraints/oldest.txt
 	$(PYTHON) -m venv $(COMPAT_VENV)
-	$(COMPAT_PY) -m pip install --quiet --upgrade pip
-	$(COMPAT_PY) -m pip install --quiet -c constraints/oldest.txt -e '.[test]'
+	$(COMPAT_PY) -m pip install --quiet --no-cache-dir --upgrade pip
+	$(COMPAT_PY) -m pip install --quiet --no-cache-dir -c constraints/oldest.txt -e '.[test]'
 	touch $(COMPAT_STAMP)
 
 demo: $(STAMP)

@@ -24,7 +24,6 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
-import tensorflow as tf
 from tensorflow.core.protobuf import config_pb2, rewriter_config_pb2
 from tensorflow.python.eager import context
 from tensorflow.python.eager.polymorphic_function import concrete_function
@@ -89,11 +88,6 @@ def call_graph_function(function: Any, args: Sequence[Any]) -> list[Any]:
 def operation_count(function: Any) -> int:
     """Operations in a concrete function's own graph (not those of the functions it calls)."""
     return len(function.graph.get_operations())
-
-
-def no_inline(fn: Callable[..., Any]) -> Any:
-    """`fn` as a `tf.function` that the runtime does not inline into its caller."""
-    return tf.function(fn, autograph=False, experimental_attributes={"_noinline": True})
 
 
 _GLUE_OFF = ("layout_optimizer", "constant_folding", "shape_optimization", "remapping",

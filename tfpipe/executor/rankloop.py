@@ -28,8 +28,9 @@ Design:
   (steady step 1.24x the unrolled step's, docs/benchmarks.md). Another size (a short last
   batch) builds the loops once more, for any size (`variants`).
 - Activations and gradients cross stages through one FIFO queue per (tensor, consumer stage),
-  made once on the sender's device; reads go through a non-inlined function on that device
-  (so a reading loop sends its condition there at each iteration, docs/benchmarks.md).
+  made once on the sender's device, where the reads run too (so a reading loop sends its
+  condition there at each iteration; a read was once a non-inlined function call on that
+  device, which cost a call per read, docs/benchmarks.md).
   `program.loop_refusal` checks that each queue's reader reads in its writer's order.
 - TensorFlow behaviours this is built around (each one hung, or silently skipped work, in
   the probe this module grew from): automatic control dependencies order every op touching

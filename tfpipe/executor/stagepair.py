@@ -248,19 +248,14 @@ class StagePair:
 
 
 class Queue:
-    """A FIFO queue of one tensor, made once on the sender's device; read through a
-    non-inlined function on that device."""
+    """A FIFO queue of one tensor, made once on the sender's device, where its reads run too
+    (a queue's operations run where it lives: the reading loop sends its condition there at
+    each iteration, docs/benchmarks.md)."""
 
     def __init__(self, device: str, spec: Any, capacity: int) -> None:
         self.device, self.spec = device, spec
         with tf.init_scope(), tf.device(device):
             self.queue = tf.queue.FIFOQueue(capacity, [spec.dtype])
-
-        def dequeue() -> Any:
-            with tf.device(device):
-                return self.queue.dequeue()
-
-        self.read = functions.no_inline(dequeue)
 
     def put(self, value: Any) -> Any:
         """Enqueues `value` (an operation, on the sender's device)."""
@@ -268,7 +263,8 @@ class Queue:
             return self.queue.enqueue([value])
 
     def take(self) -> tf.Tensor:
-        """The next value, on the caller's device."""
-        got = self.read()
+        """The next value (dequeued on the sender's device, read on the caller's)."""
+        with tf.device(self.device):
+            got = self.queue.dequeue()
         got.set_shape(self.spec.shape)
         return got
