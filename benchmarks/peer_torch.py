@@ -1,7 +1,7 @@
 """The PyTorch peer: `torch.distributed.pipelining` on the peer MLP, two one-thread processes.
 
 The same model as `workers.py` (8 x Linear(1024, 1024) + ReLU, then Linear(1024, 10); batch
-256; SGD, learning rate 0.01; cross-entropy), timed in the same configurations:
+256 or `--batch N`; SGD, learning rate 0.01; cross-entropy), timed in the same configurations:
 
 - `baseline`: one process with one thread (`torch.set_num_threads(1)`) running the whole
   model on the whole batch;
@@ -22,7 +22,7 @@ and every wait is bounded.
 Needs the `bench` extra: `pip install -e '.[bench]'` (torch 2.13.0).
 
 Usage:
-    python -m benchmarks.peer_torch [--quick] [--rounds 3] [--runs 2] [--steps 10]
+    python -m benchmarks.peer_torch [--quick] [--batch 256] [--rounds 3] [--runs 2] [--steps 10]
         [--micro-batches 2,4,8,16] [--schedules gpipe,1f1b] [--quiet 0.3 --quiet-wait 30]
         [--json out/peer_torch.json]
 """
@@ -53,7 +53,6 @@ from benchmarks.speed_table import (
     write_json,
 )
 
-BATCH = 256
 WIDTH = 1024
 DEPTH = 8
 CLASSES = 10
@@ -104,7 +103,8 @@ def torch_round(args: argparse.Namespace, round_index: int, logs: Path,
     busy = [] if busy is None else busy
     common = ["--micro-batches", args.micro_batches, "--schedules", args.schedules,
               "--steps", str(args.steps), "--runs", str(args.runs), "--warmup", str(args.warmup),
-              "--round", str(round_index), "--quiet-wait", str(args.quiet_wait)]
+              "--round", str(round_index), "--quiet-wait", str(args.quiet_wait),
+              "--batch", str(args.batch)]
     if args.quiet is not None:
         common += ["--quiet", str(args.quiet)]
     cmd = [sys.executable, "-m", "benchmarks.peer_torch"]
@@ -170,11 +170,11 @@ def _model() -> Any:
     return nn.Sequential(*layers, nn.Linear(WIDTH, CLASSES))
 
 
-def _data() -> list[tuple[Any, Any]]:
+def _data(batch: int) -> list[tuple[Any, Any]]:
     import torch
 
     g = torch.Generator().manual_seed(0)
-    return [(torch.randn(BATCH, WIDTH, generator=g), torch.randint(0, CLASSES, (BATCH,),
+    return [(torch.randn(batch, WIDTH, generator=g), torch.randint(0, CLASSES, (batch,),
                                                                     generator=g))
             for _ in range(DISTINCT_BATCHES)]
 
@@ -213,7 +213,7 @@ def single(args: argparse.Namespace) -> dict[str, list[float]]:
     import torch
 
     _one_thread()
-    data = _data()
+    data = _data(args.batch)
     loss_fn = torch.nn.CrossEntropyLoss()
     ms = [1] + [m for m in _ints(args.micro_batches) if m > 1]
     out = {}
@@ -247,7 +247,7 @@ def rank(args: argparse.Namespace) -> dict[str, list[float]]:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{args.port}", rank=args.rank,
                             world_size=2, timeout=timedelta(seconds=300 + args.quiet_wait))
     kinds = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}
-    data = _data()
+    data = _data(args.batch)
     loss_fn = torch.nn.CrossEntropyLoss()
     configs = [(s, m) for m in _ints(args.micro_batches) if m > 1
                for s in args.schedules.split(",") if s]

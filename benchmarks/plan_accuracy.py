@@ -3,9 +3,9 @@
 The setup is target 3's (`benchmarks/workers.py`): two one-thread `python -m tfpipe worker`
 processes on free loopback ports and one client process connected with
 `tfpipe.cluster(..., threads=1)`; the peer model, 8 x Dense(1024, relu) + Dense(10), batch
-256, SGD. The client:
+256 or `--batch N`, SGD. The client:
 
-1. plans: `tfpipe.plan(model, x[:256], devices=<the two workers' CPUs>, parallel=True)`
+1. plans: `tfpipe.plan(model, x, devices=<the two workers' CPUs>, parallel=True)`, x one batch
    (the layers are profiled on worker 0; the two workers are separate processes, so they
    compute at the same time), and prints the plan's table;
 2. measures, with tfpipe on the workers, the plan's top 3 configurations and the
@@ -16,7 +16,7 @@ processes on free loopback ports and one client process connected with
    of the plan with that stage count, schedule and M, without recomputation;
 3. times fixed costs per step (as `workers.py`'s probes do): one empty function call that
    touches both workers (`dispatch`; the planner measures its own and adds it to every
-   step), feeding one 256 x 1024 batch from the client to worker 0 (`feed`, left out of the
+   step), feeding one batch x 1024 batch from the client to worker 0 (`feed`, left out of the
    cost model), and a call on worker 0 that fetches 4 scalars (`profile-call`, what each
    timed profiling call pays and the profiler's loop difference removes).
 
@@ -59,7 +59,7 @@ from benchmarks.speed_table import (
     quick_timing,
     write_json,
 )
-from benchmarks.workers import BATCH, ClientProcess, record_end
+from benchmarks.workers import ClientProcess, record_end
 from tfpipe import processes
 from tfpipe.processes import WorkerPool
 
@@ -79,7 +79,7 @@ class Client(ClientProcess):
         cmd = [sys.executable, "-m", "benchmarks.plan_accuracy", "--client", ",".join(addresses),
                "--extra", args.extra, "--steps", str(args.steps), "--runs", str(args.runs),
                "--warmup", str(args.warmup), "--repeats", str(args.repeats),
-               "--micro-batches", args.micro_batches]
+               "--micro-batches", args.micro_batches, "--batch", str(args.batch)]
         super().__init__(cmd, pool)
 
 
@@ -117,7 +117,7 @@ def parent(args: argparse.Namespace) -> None:
     print(report["best"]["line"])
     print(f"[probes] fixed costs per step: one empty call on both workers "
           f"{median(times['probe:dispatch']):.2f} ms (the plan's own measurement: "
-          f"{report['plan']['step_overhead_ms']}); feeding a {BATCH}x1024 batch to "
+          f"{report['plan']['step_overhead_ms']}); feeding a {args.batch}x1024 batch to "
           f"worker 0 {median(times['probe:feed']):.2f} ms (not in the cost model); a "
           f"profiling call's round trip "
           f"per layer call (an empty call on worker 0 and 4 fetched scalars) "
@@ -211,7 +211,7 @@ def client(args: argparse.Namespace) -> None:
     from benchmarks.workers import Probe, Runner, _reduce, serve, traces, visit_round
     from tfpipe.measure import dispatch_function
 
-    data = data_for("mlp", BATCH, 8)
+    data = data_for("mlp", args.batch, 8)
     x = tf.constant(next(iter(data))[0])  # on the client
     runners: dict[str, Any] = {}
     pipes: dict[str, Any] = {}

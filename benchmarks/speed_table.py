@@ -35,7 +35,13 @@ import statistics
 from typing import Any
 
 PIPELINED = ("gpipe", "1f1b")
-"""Schedule names that label pipelined configurations (the torch ones use the same names)."""
+"""Schedule names that label pipelined configurations (the torch ones use the same names);
+`"1f1b+loops"` is 1F1B run by tfpipe's rank loops (`workers.py --rank-loops both`)."""
+
+
+def schedule_of(config: str) -> str:
+    """`"1f1b+loops"` -> `"1f1b"`: the schedule a configuration's name starts with."""
+    return config.partition("+")[0]
 
 HEADER = (
     f"{'system':<7} {'config':<10} {'M':>3} {'ms/step':>8} {'spread':>6} {'speedup':>7} "
@@ -82,7 +88,7 @@ def rows(system: str, times: dict[str, list[float]]) -> list[dict[str, Any]]:
             "runs": len(times[label]),
             "speedup": base / ms if base else None,
         }
-        if name in PIPELINED:
+        if schedule_of(name) in PIPELINED:  # against the same micro-batches in sequence
             seq = med.get("baseline" if m == 1 else f"sequential M={m}")
             row["bound"] = bound(m)
             row["efficiency"] = row["speedup"] / bound(m) if base else None
@@ -92,7 +98,8 @@ def rows(system: str, times: dict[str, list[float]]) -> list[dict[str, Any]]:
             row["comm_ms"] = med.get(f"comm M={m}")
         out.append(row)
     order = {"baseline": 0, "model.fit": 1, "sequential": 2, "gpipe": 3, "1f1b": 4}
-    return sorted(out, key=lambda r: (order.get(r["config"], 9), r["M"]))
+    return sorted(out, key=lambda r: (order.get(schedule_of(r["config"]), 9), r["config"],
+                                      r["M"]))
 
 
 def _num(value: float | None, width: int, digits: int) -> str:
@@ -115,7 +122,8 @@ def format_rows(table: list[dict[str, Any]]) -> list[str]:
 
 def best(table: list[dict[str, Any]]) -> dict[str, Any] | None:
     """The pipelined row with the highest speedup over the baseline, or None."""
-    piped = [r for r in table if r["config"] in PIPELINED and r["speedup"] is not None]
+    piped = [r for r in table
+             if schedule_of(r["config"]) in PIPELINED and r["speedup"] is not None]
     return max(piped, key=lambda r: r["speedup"]) if piped else None
 
 
@@ -128,14 +136,16 @@ def summary(table: list[dict[str, Any]]) -> str:
         f"{top['system']}: best speedup {top['speedup']:.2f} over its baseline "
         f"({top['config']} M={top['M']}, {top['ms']:.1f} ms/step)"
     )
-    effs = [
-        (r["efficiency_vs_sequential"], r["M"])
-        for r in table
-        if r["config"] == "1f1b" and r.get("efficiency_vs_sequential") is not None
-    ]
-    if effs:
-        low, at = min(effs)
-        line += f"; 1F1B efficiency vs same-M sequential: lowest {low:.2f} (M={at})"
+    for config in ("1f1b", "1f1b+loops"):
+        effs = [
+            (r["efficiency_vs_sequential"], r["M"])
+            for r in table
+            if r["config"] == config and r.get("efficiency_vs_sequential") is not None
+        ]
+        if effs:
+            low, at = min(effs)
+            name = config.replace("1f1b", "1F1B").replace("+loops", " (rank loops)")
+            line += f"; {name} efficiency vs same-M sequential: lowest {low:.2f} (M={at})"
     return line
 
 
@@ -183,9 +193,13 @@ def median(values: list[float]) -> float:
 
 def add_timing_args(parser: argparse.ArgumentParser, quick: str, json_path: str,
                     quiet: bool = False) -> None:
-    """`--rounds`, `--runs`, `--steps`, `--warmup`: how each configuration is timed; `--quick`
+    """`--batch` (the peer model's batch, default 256); `--rounds`, `--runs`, `--steps`,
+    `--warmup`: how each configuration is timed; `--quick`
     (with help `quick`), `--round-timeout`, `--json` (default `json_path`); with `quiet`,
     `--quiet` and `--quiet-wait` (see `wait_quiet`)."""
+    parser.add_argument("--batch", type=int, default=256,
+                        help="samples per step (256: small micro-batches, where pipelining on a "
+                        "CPU cannot win; 2048: micro-batches that keep a device busy)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--runs", type=int, default=2, help="timed runs per visit")
     parser.add_argument("--steps", type=int, default=10, help="steps per timed run")

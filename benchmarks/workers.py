@@ -3,14 +3,17 @@
 The script starts two `python -m tfpipe worker` processes on free loopback ports and one
 client process that connects with `tfpipe.cluster(..., threads=1)` (thread limits of a
 worker are the client's, so each worker runs on one thread), then times, on the peer model
-(8 x Dense(1024, relu) + Dense(10), batch 256, SGD):
+(8 x Dense(1024, relu) + Dense(10), batch 256 or `--batch N`, SGD):
 
 - `baseline`: tfpipe with 1 stage, M = 1 on worker 0 (the whole model on one process);
 - `model.fit`: plain Keras `model.fit` with its step placed on worker 0;
 - `sequential M=m`: tfpipe, 1 stage on worker 0, M micro-batches in sequence;
-- `gpipe M=m`, `1f1b M=m`: tfpipe, 2 stages on workers 0 and 1;
+- `gpipe M=m`, `1f1b M=m`: tfpipe, 2 stages on workers 0 and 1 (`--rank-loops true`: the
+  pipelines of M > 1 run as rank loops, `rank_loops=True`; `--rank-loops both`: also
+  `gpipe+loops M=m`, `1f1b+loops M=m` rows, the same pipelines as rank loops, in the same
+  rounds, each against the same unrolled `sequential M=m`);
 - `comm M=m`: the step's 2 M boundary hops alone: a function that sends a
-  (256/M) x 1024 float tensor worker 0 -> 1 -> 0 ... M times (each hop waits for the one
+  (batch/M) x 1024 float tensor worker 0 -> 1 -> 0 ... M times (each hop waits for the one
   before), minus the same function kept on worker 0 (`tfpipe.measure.hop_function`, the
   planner's transfer probe); an upper bound on what transfers add
   to a step (in a pipeline they can overlap with compute);
@@ -19,7 +22,7 @@ worker are the client's, so each worker runs on one thread), then times, on the 
   which tells idle time (a worker waiting) from contention (the same work taking longer);
 - probes: the time of one empty function call that touches both workers (`dispatch`:
   `tfpipe.measure.dispatch_function`, what the planner times), the
-  extra time of feeding one 256 x 1024 batch from the client to worker 0 (`feed`), and
+  extra time of feeding one batch x 1024 batch from the client to worker 0 (`feed`), and
   whether a worker sends a tensor while it computes something else (`chain`, `overlap`:
   see `_overlap`).
 
@@ -43,9 +46,9 @@ Worker and client processes are always ended at the end, also on an error, SIGTE
 Ctrl-C; every wait on them is bounded.
 
 Usage:
-    python -m benchmarks.workers [--quick] [--rounds 3] [--runs 2] [--steps 10]
-        [--micro-batches 1,2,4,8,16] [--schedules gpipe,1f1b] [--peer] [--timeline]
-        [--quiet 0.3 --quiet-wait 30] [--json out/workers.json]
+    python -m benchmarks.workers [--quick] [--batch 256] [--rounds 3] [--runs 2] [--steps 10]
+        [--rank-loops false|true|both] [--micro-batches 1,2,4,8,16] [--schedules gpipe,1f1b]
+        [--peer] [--timeline] [--quiet 0.3 --quiet-wait 30] [--json out/workers.json]
 """
 
 from __future__ import annotations
@@ -82,7 +85,6 @@ from tfpipe import processes
 from tfpipe.processes import ROOT, Lines, ProcessGroup, WorkerPool
 from tfpipe.schedules.timeline import rank_busy
 
-BATCH = 256
 WIDTH = 1024
 
 
@@ -125,7 +127,8 @@ class Client(ClientProcess):
                "--micro-batches", args.micro_batches, "--schedules", args.schedules,
                "--steps", str(args.steps), "--runs", str(args.runs), "--warmup", str(args.warmup),
                "--quiet-wait", str(args.quiet_wait), "--inter-op", str(args.inter_op),
-               "--worker-pids", ",".join(map(str, pool.pids))]
+               "--worker-pids", ",".join(map(str, pool.pids)), "--batch", str(args.batch),
+               "--rank-loops", args.rank_loops]
         if args.quiet is not None:
             cmd += ["--quiet", str(args.quiet)]
         super().__init__(cmd, pool, echo_prefix="  [client] ")
@@ -181,8 +184,9 @@ def parent(args: argparse.Namespace) -> None:
     probes = times["tfpipe"]
     chain, overlap = median(probes["probe:chain"]), median(probes["probe:overlap"])
     print(f"[probes] one empty call on both workers {median(probes['probe:dispatch']):.2f} ms; "
-          f"feeding a {BATCH}x{WIDTH} batch to worker 0 adds {median(probes['probe:feed']):.2f} "
-          f"ms; a tensor sent by a busy worker: {overlap:.1f} ms = {overlap / chain:.2f} chains "
+          f"feeding a {args.batch}x{WIDTH} batch to worker 0 adds "
+          f"{median(probes['probe:feed']):.2f} ms; a tensor sent by a busy worker: "
+          f"{overlap:.1f} ms = {overlap / chain:.2f} chains "
           f"of {chain:.1f} ms (2 = sent while it computes, 3 = only once it is idle)")
     _print_cpu(report["cpu"], times["tfpipe"])
     print("[summary] " + summary([r for r in table if r["system"] == "tfpipe"]))
@@ -327,14 +331,15 @@ def client(args: argparse.Namespace) -> None:
     d0, d1 = devices
     ms = [int(m) for m in args.micro_batches.split(",")]
     schedules = [s for s in args.schedules.split(",") if s]
-    data = data_for("mlp", BATCH, 8)
+    data = data_for("mlp", args.batch, 8)
     fit = dict(epochs=1, verbose=0)
 
     def piped(stages: int, m: int, schedule: str = "gpipe", profile: bool = False,
-              one_worker: bool = False) -> Any:
+              one_worker: bool = False, loops: bool = False) -> Any:
         devices = [d0, d0 if one_worker else d1][:stages]
         return tfpipe.Pipeline(compiled("mlp"), stages=stages, devices=devices,
-                               micro_batches=m, schedule=schedule, profile=profile)
+                               micro_batches=m, schedule=schedule, profile=profile,
+                               rank_loops=loops)
 
     def fitting(pipe: Any) -> Callable[[int, Any], None]:
         return lambda n, cb: pipe.fit(data, steps_per_epoch=n, callbacks=[cb], **fit)
@@ -347,18 +352,23 @@ def client(args: argparse.Namespace) -> None:
         lambda n, cb: plain.fit(data, steps_per_epoch=n, callbacks=[cb], **fit), pids)
     for m in ms:
         labels = ([f"sequential M={m}"] if m > 1 else []) + [f"{s} M={m}" for s in schedules]
+        if args.rank_loops == "both" and m > 1:
+            labels += [f"{s}+loops M={m}" for s in schedules]
         for label in labels:
-            schedule, _ = split_label(label)
-            pipes[label] = piped(1, m) if schedule == "sequential" else piped(2, m, schedule)
+            schedule, _, suffix = split_label(label)[0].partition("+")
+            loops = suffix == "loops" or (args.rank_loops == "true" and m > 1)
+            one = schedule == "sequential"  # one stage: its M micro-batches in sequence
+            pipes[label] = piped(1 if one else 2, m, "gpipe" if one else schedule, loops=loops)
             runners[label] = Runner(fitting(pipes[label]), pids)
         # the step's 2 M boundary hops (activations there, gradients back), minus the adds
-        runners[f"comm M={m}"] = Probe(hop_function(d0, d1, (BATCH // m, WIDTH), 2 * m),
-                                       hop_function(d0, d0, (BATCH // m, WIDTH), 2 * m))
+        hop = (args.batch // m, WIDTH)
+        runners[f"comm M={m}"] = Probe(hop_function(d0, d1, hop, 2 * m),
+                                       hop_function(d0, d0, hop, 2 * m))
     runners["probe:dispatch"] = Probe(dispatch_function([d0, d1]))
     x = tf.constant(next(iter(data))[0])  # on the client
     small = tf.constant(x[:1])
     runners["probe:feed"] = Probe(_reduce(d0, tf, x), _reduce(d0, tf, small))
-    chain, overlap = _overlap(d0, d1, tf)
+    chain, overlap = _overlap(d0, d1, tf, args.batch)
     runners["probe:chain"] = Probe(chain)
     runners["probe:overlap"] = Probe(overlap)
 
@@ -369,6 +379,7 @@ def client(args: argparse.Namespace) -> None:
         "stage_params": [st.num_params for st in pipe2.stages],
         "model_fit_kernel_device": plain.layers[0].kernel.value.device,
         "tensorflow": tf.__version__, "keras": keras.__version__,
+        "rank_loops": sorted(label for label, p in pipes.items() if p.executor.loops),
     }
     serve({
         "setup": lambda _: setup,
@@ -441,13 +452,14 @@ def _plain_on(device: str, compiled: Callable[..., Any], tf: Any) -> Any:
     return model
 
 
-def _overlap(d0: str, d1: str, tf: Any) -> tuple[Callable[[], Any], Callable[[], Any]]:
-    """Can a worker send a tensor while it computes? `chain`: 6 matmuls (256 x 1024 by
+def _overlap(d0: str, d1: str, tf: Any, batch: int
+             ) -> tuple[Callable[[], Any], Callable[[], Any]]:
+    """Can a worker send a tensor while it computes? `chain`: 6 matmuls (batch x 1024 by
     1024 x 1024) on worker 0. `overlap`: on worker 0 a chain `a`, then a chain `b` (after
     `a`); on worker 1 a chain on `a`. It takes 2 chains when worker 0 sends `a` while it runs
     `b`, 3 when the transfer waits until worker 0 is idle."""
     with tf.device(d0):
-        x = tf.Variable(tf.random.normal((BATCH, WIDTH)))
+        x = tf.Variable(tf.random.normal((batch, WIDTH)))
         w0 = tf.Variable(tf.random.normal((WIDTH, WIDTH)) * 0.03)
     with tf.device(d1):
         w1 = tf.Variable(tf.random.normal((WIDTH, WIDTH)) * 0.03)
@@ -582,6 +594,11 @@ def main() -> None:
                         "intra-op stays 1 (default 1: tfpipe.cluster(threads=1))")
     parser.add_argument("--worker-threads", type=int, default=1,
                         help="an investigation: `tfpipe worker --threads N`; 0 leaves it out")
+    parser.add_argument("--rank-loops", default="false", choices=["false", "true", "both"],
+                        help="true: the pipelines of M > 1 micro-batches (sequential too) run "
+                        "tfpipe's rank loops; both: also `<schedule>+loops` rows beside the "
+                        "unrolled ones, in the same rounds (--timeline's profiled runs are "
+                        "always unrolled: the loops do not profile)")
     parser.add_argument("--client", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--worker-pids", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()

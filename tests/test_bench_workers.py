@@ -27,11 +27,15 @@ def _run(script: str, *args: str, timeout: float = 600) -> subprocess.CompletedP
 def test_workers_benchmark_quick(tmp_path):
     out = tmp_path / "workers.json"
     proc = _run("workers.py", "--quick", "--schedules", "1f1b", "--micro-batches", "2",
-                "--timeline", "--json", str(out))
+                "--batch", "128", "--rank-loops", "both", "--timeline", "--json", str(out))
     report = json.loads(out.read_text())
     rows = report["rows"]
     assert {(r["config"], r["M"]) for r in rows} == {
-        ("baseline", 1), ("model.fit", 1), ("sequential", 2), ("1f1b", 2)}
+        ("baseline", 1), ("model.fit", 1), ("sequential", 2), ("1f1b", 2), ("1f1b+loops", 2)}
+    assert report["setup"]["rank_loops"] == ["1f1b+loops M=2"]  # the others unrolled
+    loops = next(r for r in rows if r["config"] == "1f1b+loops")
+    assert loops["sequential_ms"] == next(r["ms"] for r in rows if r["config"] == "sequential")
+    assert "feeding a 128x1024 batch" in proc.stdout
     assert all(r["ms"] > 0 and r["runs"] == 2 for r in rows)  # 2 rounds x 1 run
     piped = next(r for r in rows if r["config"] == "1f1b")
     assert piped["bound"] == pytest.approx(4 / 3)
@@ -42,7 +46,7 @@ def test_workers_benchmark_quick(tmp_path):
     assert report["setup"]["model_fit_kernel_device"].endswith("task:0/device:CPU:0")
     # CPU accounting: per visit, cores busy of worker 0, worker 1 and the client
     cpu = report["cpu"]
-    assert set(cpu) == {"baseline", "model.fit", "sequential M=2", "1f1b M=2"}
+    assert set(cpu) == {"baseline", "model.fit", "sequential M=2", "1f1b M=2", "1f1b+loops M=2"}
     assert all(len(visits) == 2 and all(len(v) == 3 and min(v) >= 0 for v in visits)
                for visits in cpu.values())
     assert cpu["1f1b M=2"][0][1] > 0 and cpu["baseline"][0][0] > 0  # the workers computed
@@ -52,6 +56,7 @@ def test_workers_benchmark_quick(tmp_path):
         "sequential M=2", "1f1b M=2, 1 worker", "1f1b M=2"]
     assert all(t["tail_ms"] is not None and t["span_ms"] > 0 for t in report["timeline"])
     assert "1f1b" in proc.stdout and "[summary] tfpipe" in proc.stdout
+    assert "1F1B (rank loops) efficiency vs same-M sequential" in proc.stdout
     # two workers and the client, all ended
     assert len(report["processes"]["pids"]) == 3
     assert all(gone(pid) for pid in report["processes"]["pids"])

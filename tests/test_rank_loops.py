@@ -232,6 +232,37 @@ def test_each_rank_splits_its_own_gradient_sums_on_its_device():
             assert op.device == op.inputs[0].op.device, op.name
 
 
+def test_a_large_weight_is_summed_alone_and_small_ones_together():
+    """A variable of more than `OWN_SUM` elements is summed in its own loop variable (in one
+    flat sum with the others its gradient was copied at every backward), the small ones in
+    one sum per dtype; training equals Keras."""
+    from tfpipe.executor.stagepair import OWN_SUM
+
+    def make() -> keras.Model:
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential([keras.Input((320,)), keras.layers.Dense(320, name="wide"),
+                                  keras.layers.Dense(8, name="small"),
+                                  keras.layers.Dense(OWN_SUM // 8 + 1, name="big"),
+                                  keras.layers.Dense(3, name="head")])
+        model.compile(keras.optimizers.SGD(0.1),
+                      keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        return model
+
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(32, 320)).astype("float32"), rng.integers(0, 3, 32)
+    ref, ref_log = make(), StepLog()
+    ref.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0, callbacks=[ref_log])
+    model, log = make(), StepLog()
+    history = tfpipe.fit(model, x, y, batch_size=16, epochs=2, shuffle=False, verbose=0,
+                         callbacks=[log], rank_loops=True, stages=2, micro_batches=2,
+                         balance=[2, 2])
+    assert_same_training(ref, ref_log, model, log)
+    names = [[[pair.stage.trainable_variables[k].path.split("/", 1)[1] for k in group]
+              for group in pair.dense_groups()] for pair in history.pipeline.executor.loops.pairs]
+    assert names == [[["wide/kernel"], ["wide/bias", "small/kernel", "small/bias"]],
+                     [["big/kernel"], ["big/bias", "head/kernel", "head/bias"]]], names
+
+
 def loop_body_ops(pipe) -> list:
     """Every operation in the rank loops' bodies and branches (not in the stage functions)."""
     from tests.cluster_client import called_functions

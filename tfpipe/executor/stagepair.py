@@ -112,6 +112,11 @@ def edges(runner: StageRunner, stages: list[Stage]) -> list[tuple[int, int]]:
                    for i in stage_input_ids(runner, st) if i not in model_inputs})
 
 
+OWN_SUM = 1 << 16
+"""Variables larger than this (elements) are summed in a loop variable of their own
+(`StagePair.dense_groups`)."""
+
+
 class StagePair:
     """One stage's forward and backward functions and how their values are laid out.
 
@@ -222,11 +227,15 @@ class StagePair:
                 if not isinstance(g, tf.IndexedSlices)]
 
     def dense_groups(self) -> list[list[int]]:
-        """The densely differentiated variables by gradient dtype: the rank loops sum each
-        group in one flat loop variable (one per variable lowered to thousands of operations)."""
+        """The densely differentiated variables in the groups the rank loops sum, each in one
+        flat loop variable: a variable of more than `OWN_SUM` elements alone (concatenated, a
+        1024 x 1024 kernel's gradient was copied at every backward: 7 ms per action of the
+        peer MLP's stage), the others by gradient dtype (a loop variable each lowered to
+        thousands of operations for the 12-block Transformer's ~180 small variables)."""
         groups: dict[Any, list[int]] = {}
         for k, g in self.dense():
-            groups.setdefault(g.dtype, []).append(k)
+            size = self.stage.trainable_variables[k].shape.num_elements()
+            groups.setdefault(k if size > OWN_SUM else g.dtype, []).append(k)
         return list(groups.values())
 
     def sparse(self) -> list[tuple[int, Any]]:
