@@ -142,6 +142,23 @@ def test_rank_loops_true_refuses_what_they_do_not_run_with_the_grid():
                         rank_loops=True)
 
 
+def test_the_loops_refuse_gpu_stages_whose_queues_would_be_in_host_memory():
+    """TensorFlow's queues have CPU kernels only, so a queue made for a GPU stage would be
+    placed on the host and every activation would cross through host memory: refused (so
+    `"auto"` runs the unrolled step there). No GPU here: the check reads the devices."""
+    from types import SimpleNamespace
+
+    from tfpipe.executor.rankloop import loops_refusal
+
+    runner = SimpleNamespace(opaque=False, output_ids=[1])
+    gpu, cpu = (SimpleNamespace(index=k, device=f"/job:localhost/replica:0/task:0/device:{d}:0")
+                for k, d in ((0, "GPU"), (1, "CPU")))
+    reason = loops_refusal(runner, [gpu, cpu], None, {"profile": False})
+    assert reason == ("the rank loops do not run stages on GPUs (stages [0]: their queues "
+                      "would be in host memory) yet"), reason
+    assert "GPU" not in loops_refusal(runner, [cpu], None, {"profile": True})
+
+
 def test_auto_runs_unrolled_where_the_loops_cannot_and_the_default_is_unrolled():
     pipe = tfpipe.Pipeline(build("deep"), stages=2, micro_batches=2, schedule="zb-h1",
                            rank_loops="auto")

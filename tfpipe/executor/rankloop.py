@@ -97,6 +97,9 @@ def loops_refusal(runner: StageRunner, stages: list[Stage], schedule: Schedule,
         features: each feature asked for (by the name the reason gives), and whether it is on.
     """
     used = [name for name, on in features.items() if on]
+    gpus = [st.index for st in stages if tf.DeviceSpec.from_string(st.device).device_type == "GPU"]
+    if gpus:  # TensorFlow's queues have CPU kernels only: activations would go through the host
+        used.insert(0, f"stages on GPUs (stages {gpus}: their queues would be in host memory)")
     if runner.opaque:
         used.insert(0, "a subclassed model trained whole")
     elif len(runner.output_ids) > 1:  # Keras's per-output loss metrics read static batch sizes
