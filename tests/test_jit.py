@@ -191,23 +191,30 @@ def numpy_model(jit_compile: bool | str = "auto") -> keras.Model:
     return model
 
 
-def test_stage_xla_cannot_compile_runs_without_it_and_the_others_stay_compiled():
+def fit_numpy_model(**pipeline):
+    """`model.fit` without XLA and `tfpipe.fit(jit_compile=True, **pipeline)` of
+    `numpy_model`; checks they train alike and returns the pipeline and its one XLA
+    warning."""
     x, y = data("mlp", n=48)
     ref, ref_log = numpy_model(jit_compile=False), StepLog()
     ref.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0, callbacks=[ref_log])
     model, log = numpy_model(), StepLog()
     with pytest.warns(UserWarning) as caught:
         history = tfpipe.fit(model, x, y, batch_size=16, epochs=1, shuffle=False, verbose=0,
-                             callbacks=[log], balance=[1, 2, 2], micro_batches=2,
-                             jit_compile=True)
+                             callbacks=[log], jit_compile=True, **pipeline)
     mine = [str(w.message) for w in caught if "jit_compile" in str(w.message)]
     assert len(mine) == 1, mine
-    assert "XLA cannot compile stage 1 (d1, numpy_double)" in mine[0]
-    assert "PyFunc" in mine[0] and "the other stages stay compiled" in mine[0]
-    functions = history.pipeline.executor.runner.functions
+    assert_same_training(ref, ref_log, model, log)
+    return history.pipeline, mine[0]
+
+
+def test_stage_xla_cannot_compile_runs_without_it_and_the_others_stay_compiled():
+    pipe, warning = fit_numpy_model(balance=[1, 2, 2], micro_batches=2)
+    assert "XLA cannot compile stage 1 (d1, numpy_double)" in warning
+    assert "PyFunc" in warning and "the other stages stay compiled" in warning
+    functions = pipe.executor.runner.functions
     assert functions.compiled() == {(0, True): True, (1, True): False, (2, True): True}
     assert list(functions.refused) == [1]
-    assert_same_training(ref, ref_log, model, log)
 
 
 def test_a_whole_step_xla_cannot_compile_is_compiled_by_stage_with_one_warning():
@@ -215,22 +222,12 @@ def test_a_whole_step_xla_cannot_compile_is_compiled_by_stage_with_one_warning()
     cannot lower failed its first step with TensorFlow's error. The stages are lowered
     before Keras builds the step: the step is then compiled stage by stage, that stage
     without XLA, one warning naming it, and training equals plain Keras."""
-    x, y = data("mlp", n=48)
-    ref, ref_log = numpy_model(jit_compile=False), StepLog()
-    ref.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0, callbacks=[ref_log])
-    model, log = numpy_model(), StepLog()
-    with pytest.warns(UserWarning) as caught:
-        history = tfpipe.fit(model, x, y, batch_size=16, epochs=1, shuffle=False, verbose=0,
-                             callbacks=[log], stages=2, balance=[2, 3], micro_batches=1,
-                             devices=["/cpu:0", "/cpu:0"], jit_compile=True)
-    mine = [str(w.message) for w in caught if "jit_compile" in str(w.message)]
-    assert len(mine) == 1, mine
-    assert "XLA cannot compile stage 1 (numpy_double, d2, head)" in mine[0]
-    assert "PyFunc" in mine[0] and "not compiled whole" in mine[0]
-    pipe = history.pipeline
+    pipe, warning = fit_numpy_model(stages=2, balance=[2, 3], micro_batches=1,
+                                    devices=["/cpu:0", "/cpu:0"])
+    assert "XLA cannot compile stage 1 (numpy_double, d2, head)" in warning
+    assert "PyFunc" in warning and "not compiled whole" in warning
     assert not pipe.whole_step_xla
     assert pipe.executor.runner.functions.compiled() == {(0, True): True, (1, True): False}
-    assert_same_training(ref, ref_log, model, log)
 
 
 def test_stages_that_are_not_stage_functions_warn_once():
