@@ -254,8 +254,7 @@ class Pipeline:
                 stack.enter_context(
                     lend_methods(model, {name: getattr(self.executor, name) for name in _STEPS})
                 )
-                if self.executor.loops is not None:  # the step's own graph is glue only
-                    wrap_train_function(model, self.executor.glue_options)
+                wrap_train_function(model, self.executor.glue_options)  # the step: glue only
                 stack.enter_context(atomic_saves(model))
                 stack.enter_context(memory_errors(self.stages))
                 if getattr(model, "optimizer", None) is not None:

@@ -162,19 +162,17 @@ class Executor:
     # Keras step functions -------------------------------------------------------------------
 
     def train_step(self, data: Any) -> dict[str, Any]:
-        """One pipelined training step on a batch `(x, y[, sample_weight])` of size B.
-
-        Returns:
-            The model's metric results (`model.get_metrics_result()`), as Keras's own step.
-        """
+        """One pipelined training step on a batch `(x, y[, sample_weight])` of size B; returns
+        the model's metric results (`model.get_metrics_result()`), as Keras's own step."""
         self.traces["train"] += 1
         with functions.stage_options():  # the stage functions: all of Grappler
             return self._train_step(data)
 
     def glue_options(self) -> contextlib.AbstractContextManager[None]:
-        """How the step's own graph is optimised: with the rank loops (glue only), Grappler's
-        dependency optimiser alone (`_keras.functions.glue_only`); else all of Grappler."""
-        return functions.glue_only() if self.loops is not None else contextlib.nullcontext()
+        """How the step's own graph (glue around the stage calls) is optimised: by Grappler's
+        dependency optimiser alone (`_keras.functions.glue_only`), but with all of Grappler
+        where Keras compiles the step whole with XLA (its forwards are traced inline)."""
+        return contextlib.nullcontext() if self.whole_step_xla else functions.glue_only()
 
     def _train_step(self, data: Any) -> dict[str, Any]:
         x, y, sw = keras.utils.unpack_x_y_sample_weight(data)
