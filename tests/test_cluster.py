@@ -56,6 +56,17 @@ def run_client(*args: object, expect_status: int = 0) -> tuple[dict, subprocess.
 # real workers -----------------------------------------------------------------------------
 
 
+def stopped(pid: int, timeout_s: float = 10.0) -> None:
+    """Waits until process `pid` is stopped (state T in /proc/<pid>/stat), bounded."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with open(f"/proc/{pid}/stat") as f:
+            if f.read().rsplit(")", 1)[1].split()[0] in ("T", "t"):
+                return
+        time.sleep(0.01)
+    raise AssertionError(f"process {pid} did not stop within {timeout_s} s")
+
+
 def test_worker_serves_answers_status_and_exits_0_on_sigterm_and_sigint(workers):
     addresses, (w0, w1) = workers(2, tf_config_task=1)  # task 1 reads TF_CONFIG
     assert cluster_module.probe(addresses[0], 10.0) is None
@@ -63,6 +74,7 @@ def test_worker_serves_answers_status_and_exits_0_on_sigterm_and_sigint(workers)
 
     os.kill(w0.proc.pid, signal.SIGSTOP)
     try:
+        stopped(w0.proc.pid)  # a signal takes effect when the process next runs (a busy machine)
         # The kernel still accepts TCP connections for a stopped process ...
         with socket.create_connection(("localhost", int(addresses[0].rsplit(":", 1)[1])), 2):
             pass

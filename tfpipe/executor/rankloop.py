@@ -88,14 +88,9 @@ __all__ = ["RankLoops", "edges", "loops_refusal"]
 
 def loops_refusal(runner: StageRunner, stages: list[Stage], schedule: Schedule,
                   features: dict[str, bool]) -> str | None:
-    """Why the rank loops cannot run a training step yet, or None.
-
-    Args:
-        runner: the executor's `StageRunner`.
-        stages: the model's stages.
-        schedule: the schedule.
-        features: each feature asked for (by the name the reason gives), and whether it is on.
-    """
+    """Why the rank loops cannot run a training step of `stages` (the executor's `runner`)
+    with `schedule` yet, or None; `features`: each feature asked for (by the name the reason
+    gives), and whether it is on."""
     used = [name for name, on in features.items() if on]
     gpus = [st.index for st in stages if tf.DeviceSpec.from_string(st.device).device_type == "GPU"]
     if gpus:  # TensorFlow's queues have CPU kernels only: activations would go through the host
