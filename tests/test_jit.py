@@ -217,13 +217,20 @@ def test_stage_xla_cannot_compile_runs_without_it_and_the_others_stay_compiled()
     assert list(functions.refused) == [1]
 
 
-def test_a_whole_step_xla_cannot_compile_is_compiled_by_stage_with_one_warning():
+def test_a_whole_step_xla_cannot_compile_is_compiled_by_stage_with_one_warning(monkeypatch):
     """One device, one micro-batch: Keras would compile the whole step, and a stage XLA
     cannot lower failed its first step with TensorFlow's error. The stages are lowered
     before Keras builds the step: the step is then compiled stage by stage, that stage
     without XLA, one warning naming it, and training equals plain Keras."""
+    from tfpipe.executor import stagefn
+
+    probed = []
+    refusal = stagefn.xla_refusal
+    monkeypatch.setattr(stagefn, "xla_refusal", lambda stage, training, *args: (
+        probed.append((stage.index, training)), refusal(stage, training, *args))[1])
     pipe, warning = fit_numpy_model(stages=2, balance=[2, 3], micro_batches=1,
                                     devices=["/cpu:0", "/cpu:0"])
+    assert probed == [(0, True), (1, True)], probed  # each lowered once, when built
     assert "XLA cannot compile stage 1 (numpy_double, d2, head)" in warning
     assert "PyFunc" in warning and "not compiled whole" in warning
     assert not pipe.whole_step_xla

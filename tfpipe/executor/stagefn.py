@@ -116,6 +116,7 @@ class StageFunctions:
         self.jit_compile = jit_compile
         self.inline = inline
         self.refused: dict[int, str] = {}
+        self._lowered: set[int] = set()  # training forwards `compile_whole` lowered already
         self._functions: dict[tuple[int, bool], Any] = {}
         self._moment_layers: dict[tuple[int, bool], list[int]] = {}
         self._compiled: dict[tuple[int, bool], bool] = {}
@@ -170,7 +171,9 @@ class StageFunctions:
                 continue
             key = (stage.index, True)
             reason = xla_refusal(stage, True, self._forward(stage, True, key), stage.inputs)
-            if reason is not None:
+            if reason is None:
+                self._lowered.add(stage.index)
+            else:
                 self.refused[stage.index] = reason
                 self.inline = False
                 warnings.warn(
@@ -201,7 +204,7 @@ class StageFunctions:
     ) -> Any:
         forward = self._forward(stage, training, key)
         jit = self.jit_compile and stage.index not in self.refused
-        if jit:
+        if jit and not (training and stage.index in self._lowered):
             reason = xla_refusal(stage, training, forward, inputs)
             if reason is not None:
                 self.refused[stage.index] = reason
