@@ -209,25 +209,15 @@ def test_glue_only_optimises_the_step_lightly_and_its_stage_functions_fully():
     assert ctx.function_call_options is before
 
 
-def test_fit_calls_the_step_as_glue_and_each_stage_call_with_every_pass(monkeypatch):
+def test_fit_calls_the_step_as_glue_and_each_stage_call_with_every_pass(glue_calls):
     """The step `fit` runs is traced and called under `glue_only`; the call operations of the
     stage functions inside the rank loops carry the options with every Grappler pass."""
     from tensorflow.core.protobuf import rewriter_config_pb2
 
-    from tfpipe._keras import functions
-
-    entered = []
-    glue_only = functions.glue_only
-
-    def counted():
-        entered.append(len(entered))
-        return glue_only()
-
-    monkeypatch.setattr(functions, "glue_only", counted)
     x, y = data("deep")
     history = tfpipe.fit(build("deep"), x[:32], y[:32], batch_size=16, epochs=1, verbose=0,
                          stages=2, micro_batches=2, schedule="1f1b", rank_loops=True)
-    assert len(entered) == 2, entered  # once per step (2 batches)
+    assert len(glue_calls) == 2, glue_calls  # once per step (2 batches)
     stage_calls = [op for op in loop_body_ops(history.pipeline)
                    if op.type in ("PartitionedCall", "StatefulPartitionedCall")]
     off = rewriter_config_pb2.RewriterConfig.OFF

@@ -60,23 +60,13 @@ def test_uneven_micro_batches_trace_one_more_signature_only():
     assert set(counts.values()) <= {1, 2}, counts
 
 
-def test_fit_runs_the_unrolled_step_as_glue_and_its_stage_calls_with_every_pass(monkeypatch):
+def test_fit_runs_the_unrolled_step_as_glue_and_its_stage_calls_with_every_pass(glue_calls):
     """The unrolled step's own graph (slicing, losses, gradient sums, call operations) is
     optimised as the rank loops' is, by Grappler's dependency optimiser alone (its first run at
     K = 4, M = 32 fell from 15.0 s to 8.5 s, steady step unchanged, docs/benchmarks.md); each
     stage function's call carries the options with every pass. Training still equals Keras."""
     from tensorflow.core.protobuf import config_pb2, rewriter_config_pb2
 
-    from tfpipe._keras import functions
-
-    entered = []
-    glue_only = functions.glue_only
-
-    def counted():
-        entered.append(len(entered))
-        return glue_only()
-
-    monkeypatch.setattr(functions, "glue_only", counted)
     x, y = data("mlp")
     ref, ref_log = build("mlp"), StepLog()
     ref.fit(x, y, batch_size=16, epochs=1, shuffle=False, verbose=0, callbacks=[ref_log])
@@ -84,7 +74,7 @@ def test_fit_runs_the_unrolled_step_as_glue_and_its_stage_calls_with_every_pass(
     history = tfpipe.fit(model, x, y, batch_size=16, epochs=1, shuffle=False, verbose=0,
                          callbacks=[log], stages=2, micro_batches=2)
     assert history.pipeline.executor.loops is None  # the unrolled step
-    assert len(entered) == len(log.batches), entered  # once per step
+    assert len(glue_calls) == len(log.batches), glue_calls  # once per step
     assert_same_training(ref, ref_log, model, log)
     with history.pipeline._attached():  # noqa: SLF001 (tests only): the hooks fit installs
         step = tf.function(history.pipeline.executor.train_step, autograph=False)
