@@ -156,18 +156,18 @@ class StageFunctions:
         """Whether each `(stage index, training)` function was built with `jit_compile=True`."""
         return dict(self._compiled)
 
-    def compile_whole(self, stages: Sequence[Stage]) -> bool:
-        """Whether a step Keras compiles whole with XLA (`inline`) can be: lowers each stage's
-        forward and gradient first (`xla_refusal`, for its graph inputs' shapes). When one
-        cannot be lowered, the stages become functions again, compiled one by one with that
-        stage (`refused`) running without XLA, and one warning says so (a refusal found while
-        Keras traced its XLA step could not be acted on: the step would fail to compile).
+    def compile_whole(self, stages: Sequence[Stage]) -> None:
+        """Before a step Keras compiles whole with XLA (`inline`): lowers each stage's forward
+        and gradient (`xla_refusal`, for its graph inputs' shapes). When one cannot be
+        lowered, the stages become functions again (`inline` False), compiled one by one with
+        that stage (`refused`) running without XLA, and one warning says so (a refusal found
+        while Keras traced its XLA step could not be acted on: the step would fail to compile).
 
         Args:
             stages: the pipeline's stages (a subclassed model trained whole is not probed).
         """
         for stage in stages:
-            if not self.inline or stage.inputs is None:
+            if stage.inputs is None:
                 continue
             key = (stage.index, True)
             reason = xla_refusal(stage, True, self._forward(stage, True, key), stage.inputs)
@@ -183,7 +183,7 @@ class StageFunctions:
                     "compiled one by one (jit_compile=False turns XLA off for all).",
                     stacklevel=3,
                 )
-        return self.inline
+                return
 
     def _forward(self, stage: Stage, training: bool, key: tuple[int, bool]) -> Callable[
             ..., tuple[list[Any], list[Any], list[Any]]]:
@@ -204,7 +204,8 @@ class StageFunctions:
     ) -> Any:
         forward = self._forward(stage, training, key)
         jit = self.jit_compile and stage.index not in self.refused
-        if jit and not (training and stage.index in self._lowered):
+        # inline, a stage is part of Keras's XLA step: nothing to fall back to, nothing to probe
+        if jit and not self.inline and not (training and stage.index in self._lowered):
             reason = xla_refusal(stage, training, forward, inputs)
             if reason is not None:
                 self.refused[stage.index] = reason
