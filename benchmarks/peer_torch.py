@@ -11,7 +11,9 @@ The same model as `workers.py` (8 x Linear(1024, 1024) + ReLU, then Linear(1024,
   4 Linear + ReLU, stage 1 the other 4 and the head (tfpipe's split by parameters), with
   `ScheduleGPipe` / `Schedule1F1B`; rank 0 holds the data, rank 1 the targets and the loss.
 
-A round starts a fresh single process, then a fresh pair; each runs every configuration once
+With `--pin true` (the default) the single process runs on the first core and rank r on the
+(r+1)-th (`taskset`), as tfpipe's one-core workers. A round starts a fresh single process,
+then a fresh pair; each runs every configuration once
 (in an order rotated from round to round): `--warmup` untimed steps, then `--runs` timed runs
 of `--steps` steps (pipelined runs start and end at a barrier of both ranks). Figures are
 medians over all timed runs. The table's columns are described in `speed_table.py`.
@@ -98,7 +100,10 @@ def torch_round(args: argparse.Namespace, round_index: int, logs: Path,
     With `args.quiet`, each part (the single process, the pair) waits for the machine to be
     quiet first (`speed_table.wait_quiet`); `[part, round, busy fraction]` go to `busy`.
     """
-    from tfpipe.processes import ROOT, ProcessGroup, free_port
+    from tfpipe.processes import ROOT, ProcessGroup, free_port, nth_core
+
+    def on(core: int) -> list[str]:  # `--pin true`: on the core tfpipe's worker `core` gets
+        return ["taskset", "-c", str(nth_core(core))] if args.pin == "true" else []
 
     busy = [] if busy is None else busy
     common = ["--micro-batches", args.micro_batches, "--schedules", args.schedules,
@@ -112,13 +117,15 @@ def torch_round(args: argparse.Namespace, round_index: int, logs: Path,
     out: dict[str, list[float]] = {}
     try:
         busy.append(["torch single", round_index, wait_quiet(args.quiet, args.quiet_wait)])
-        single = group.spawn([*cmd, "--role", "single", *common], "torch-single.log", cwd=ROOT)
+        single = group.spawn([*on(0), *cmd, "--role", "single", *common], "torch-single.log",
+                             cwd=ROOT)
         out.update(_result(single, logs / "torch-single.log", "single process",
                            args.round_timeout))
         busy.append(["torch pair", round_index, wait_quiet(args.quiet, args.quiet_wait)])
         port = free_port()
-        pair = [group.spawn([*cmd, "--role", "rank", "--rank", str(rank), "--port", str(port),
-                             *common], f"torch-rank{rank}.log", cwd=ROOT) for rank in (0, 1)]
+        pair = [group.spawn([*on(rank), *cmd, "--role", "rank", "--rank", str(rank), "--port",
+                             str(port), *common], f"torch-rank{rank}.log", cwd=ROOT)
+                for rank in (0, 1)]
         out.update(_result(pair[0], logs / "torch-rank0.log", "rank 0", args.round_timeout))
         _result(pair[1], logs / "torch-rank1.log", "rank 1", 60)
     finally:

@@ -87,7 +87,7 @@ def parent(args: argparse.Namespace) -> None:
     """Starts the workers and the client, plans, runs the rounds, prints and writes results."""
     processes.raise_on_signals()  # so the finally below ends the children
     logs = Path(tempfile.mkdtemp(prefix="tfpipe-plan-bench-"))
-    pool = WorkerPool(logs, threads=1)
+    pool = WorkerPool(logs, threads=1, pin=args.pin == "true")
     report: dict[str, Any] = {"args": vars(args), "load_before": os.getloadavg()}
     times: dict[str, list[float]] = {}
     try:

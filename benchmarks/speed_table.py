@@ -194,7 +194,7 @@ def median(values: list[float]) -> float:
 def add_timing_args(parser: argparse.ArgumentParser, quick: str, json_path: str,
                     quiet: bool = False) -> None:
     """`--batch` (the peer model's batch, default 256); `--rounds`, `--runs`, `--steps`,
-    `--warmup`: how each configuration is timed; `--quick`
+    `--warmup`: how each configuration is timed; `--pin`; `--quick`
     (with help `quick`), `--round-timeout`, `--json` (default `json_path`); with `quiet`,
     `--quiet` and `--quiet-wait` (see `wait_quiet`)."""
     parser.add_argument("--batch", type=int, default=256,
@@ -207,6 +207,9 @@ def add_timing_args(parser: argparse.ArgumentParser, quick: str, json_path: str,
     parser.add_argument("--quick", action="store_true", help=quick)
     parser.add_argument("--round-timeout", type=float, default=1800.0)
     parser.add_argument("--json", "--out", dest="json", default=json_path)
+    parser.add_argument("--pin", default="true", choices=["true", "false"],
+                        help="true: each worker, and each torch process, on a core of its own "
+                        "(one-core devices; the one-process rows on the first core)")
     if quiet:
         parser.add_argument("--quiet", type=float, default=None, metavar="BUSY",
                             help="before timing each configuration, wait until the CPUs are "

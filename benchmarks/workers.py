@@ -36,9 +36,11 @@ configuration, for where the time goes. The machine's load (`os.getloadavg`) is 
 before and after; on a shared machine `--quiet 0.3` makes each visit first wait (at most
 `--quiet-wait` seconds) until the CPUs are less than 30% busy, and records what it saw.
 
-Investigation knobs (not for the headline figures): `--inter-op N` gives the client, and so
-each worker, N inter-op threads (intra-op stays 1); `--worker-threads N` is passed as
-`tfpipe worker --threads N` (0 leaves it out). `--timeline`'s spans come from
+One-core workers: each worker runs on a core of its own (`tfpipe worker --cpus C`, the
+baseline's and the sequential rows' worker 0 too; `--pin false` leaves them unpinned), with
+one intra-op thread and, from `tfpipe.cluster(threads=1)`, two inter-op threads: the second
+sends a finished stage's output while the first computes (with one, TensorFlow's executor
+queued the send behind the next compute; see docs/benchmarks.md). `--timeline`'s spans come from
 `profile=True`, which keeps each device's actions in schedule order and the devices
 independent (see tfpipe/executor/profiling.py), so ranks overlap there as they do unprofiled.
 
@@ -48,7 +50,8 @@ Ctrl-C; every wait on them is bounded.
 Usage:
     python -m benchmarks.workers [--quick] [--batch 256] [--rounds 3] [--runs 2] [--steps 10]
         [--rank-loops false|true|both] [--micro-batches 1,2,4,8,16] [--schedules gpipe,1f1b]
-        [--peer] [--timeline] [--quiet 0.3 --quiet-wait 30] [--json out/workers.json]
+        [--peer] [--timeline] [--pin true|false] [--quiet 0.3 --quiet-wait 30]
+        [--json out/workers.json]
 """
 
 from __future__ import annotations
@@ -126,7 +129,7 @@ class Client(ClientProcess):
         cmd = [sys.executable, "-m", "benchmarks.workers", "--client", ",".join(addresses),
                "--micro-batches", args.micro_batches, "--schedules", args.schedules,
                "--steps", str(args.steps), "--runs", str(args.runs), "--warmup", str(args.warmup),
-               "--quiet-wait", str(args.quiet_wait), "--inter-op", str(args.inter_op),
+               "--quiet-wait", str(args.quiet_wait),
                "--worker-pids", ",".join(map(str, pool.pids)), "--batch", str(args.batch),
                "--rank-loops", args.rank_loops]
         if args.quiet is not None:
@@ -138,7 +141,7 @@ def parent(args: argparse.Namespace) -> None:
     """Starts the workers and the client, runs the rounds, prints and writes the results."""
     processes.raise_on_signals()  # SIGTERM and SIGINT: the finally below ends the children
     logs = Path(tempfile.mkdtemp(prefix="tfpipe-workers-bench-"))
-    pool = WorkerPool(logs, threads=args.worker_threads)
+    pool = WorkerPool(logs, pin=args.pin == "true")
     peer = None
     if args.peer:
         from benchmarks import peer_torch as peer  # optional: needs torch
@@ -148,6 +151,7 @@ def parent(args: argparse.Namespace) -> None:
     times: dict[str, dict[str, list[float]]] = {"tfpipe": {}, "torch": {}}
     try:
         addresses, _ = pool.start(2)
+        report["worker_cores"] = [sorted(os.sched_getaffinity(pid)) for pid in pool.pids]
         client = Client(args, addresses, pool)
         report["setup"] = client.request("setup", processes.READY_TIMEOUT_S + 300)
         print(f"[workers] {addresses}, stages {report['setup']['stage_layers']}, "
@@ -314,14 +318,7 @@ def client(args: argparse.Namespace) -> None:
     """The client process: connects, builds every configuration, answers commands on stdin."""
     import tfpipe
 
-    if args.inter_op == 1:
-        devices = tfpipe.cluster(args.client, threads=1, timeout_s=60)  # before TF starts
-    else:  # an investigation: one intra-op thread, more inter-op threads per worker
-        import tensorflow as tf
-
-        tf.config.threading.set_intra_op_parallelism_threads(1)
-        tf.config.threading.set_inter_op_parallelism_threads(args.inter_op)
-        devices = tfpipe.cluster(args.client, timeout_s=60)
+    devices = tfpipe.cluster(args.client, threads=1, timeout_s=60)  # before TF starts
     import keras
     import tensorflow as tf
 
@@ -589,11 +586,6 @@ def main() -> None:
                         help="also time torch.distributed.pipelining in every round")
     parser.add_argument("--timeline", action="store_true",
                         help="also record tfpipe's measured timeline of each configuration")
-    parser.add_argument("--inter-op", type=int, default=1,
-                        help="an investigation: the client's (so the workers') inter-op threads; "
-                        "intra-op stays 1 (default 1: tfpipe.cluster(threads=1))")
-    parser.add_argument("--worker-threads", type=int, default=1,
-                        help="an investigation: `tfpipe worker --threads N`; 0 leaves it out")
     parser.add_argument("--rank-loops", default="false", choices=["false", "true", "both"],
                         help="true: the pipelines of M > 1 micro-batches (sequential too) run "
                         "tfpipe's rank loops; both: also `<schedule>+loops` rows beside the "

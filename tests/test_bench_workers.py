@@ -15,6 +15,7 @@ import sys
 import pytest
 
 from tests.workers import ENV, ROOT, gone
+from tfpipe.processes import nth_core
 
 
 def _run(script: str, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
@@ -33,6 +34,7 @@ def test_workers_benchmark_quick(tmp_path):
     assert {(r["config"], r["M"]) for r in rows} == {
         ("baseline", 1), ("model.fit", 1), ("sequential", 2), ("1f1b", 2), ("1f1b+loops", 2)}
     assert report["setup"]["rank_loops"] == ["1f1b+loops M=2"]  # the others unrolled
+    assert report["worker_cores"] == [[nth_core(0)], [nth_core(1)]]  # one-core workers
     loops = next(r for r in rows if r["config"] == "1f1b+loops")
     assert loops["sequential_ms"] == next(r["ms"] for r in rows if r["config"] == "sequential")
     assert "feeding a 128x1024 batch" in proc.stdout
@@ -60,4 +62,16 @@ def test_workers_benchmark_quick(tmp_path):
     # two workers and the client, all ended
     assert len(report["processes"]["pids"]) == 3
     assert all(gone(pid) for pid in report["processes"]["pids"])
+
+
+def test_send_delay_reproduces_the_one_thread_send_and_its_fix():
+    """benchmarks/send_delay.py, the TensorFlow-only reproduction for upstream: with one
+    inter-op thread a busy worker sends only once idle, with two while it computes. If
+    TensorFlow changes this, the first half fails, and `tfpipe.cluster`'s extra inter-op
+    thread may go."""
+    proc = _run("send_delay.py", "--runs", "2", timeout=300)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("inter-op")]
+    assert len(lines) == 4, proc.stdout
+    assert all(line.endswith("sent once idle") for line in lines[:2]), lines
+    assert all(line.endswith("sent while computing") for line in lines[2:]), lines
 

@@ -26,6 +26,7 @@ import tfpipe
 from tests.workers import ENV, WorkerPool, free_port
 from tfpipe import cli
 from tfpipe.devices import resolve_devices
+from tfpipe.processes import nth_core
 
 cluster_module = importlib.import_module("tfpipe.cluster")  # `tfpipe.cluster` is the function
 watchdog_module = importlib.import_module("tfpipe.watchdog")
@@ -91,6 +92,22 @@ def test_worker_serves_answers_status_and_exits_0_on_sigterm_and_sigint(workers)
         assert worker.next_line(5) == f"tfpipe worker {[w0, w1].index(worker)} stopping on {sig.name}"
 
 
+def test_a_pinned_worker_runs_every_thread_on_its_core(tmp_path):
+    pool = WorkerPool(tmp_path, pin=True)
+    try:
+        _, started = pool.start(2)
+        for task, worker in enumerate(started):
+            want = str(nth_core(task))
+            tids = os.listdir(f"/proc/{worker.proc.pid}/task")
+            assert len(tids) > 10  # TensorFlow's and gRPC's threads, made after pinning
+            for tid in tids:
+                with open(f"/proc/{worker.proc.pid}/task/{tid}/status") as f:
+                    allowed = [ln.split()[1] for ln in f if ln.startswith("Cpus_allowed_list")]
+                assert allowed == [want], (task, tid, allowed)
+    finally:
+        pool.stop_all()
+
+
 def test_worker_on_a_taken_port_exits_1(tmp_path):
     with socket.create_server(("localhost", 0)) as taken:
         address = f"localhost:{taken.getsockname()[1]}"
@@ -135,6 +152,20 @@ def test_two_stage_fit_on_two_workers_equals_model_fit(workers):
     assert "not a device of the connected cluster" in refused["/job:worker/replica:0/task:7/device:CPU:0"]
     assert "does not exist" in refused["/device:CPU:3"]
     assert result["partial_stage_devices"] == ["/job:worker/task:0", "/job:worker/task:1"]
+
+
+def test_a_one_thread_worker_hands_a_tensor_over_while_it_computes(workers):
+    """`tfpipe.cluster(threads=1)`: one intra-op thread, two inter-op threads. With one,
+    TensorFlow's executor queued worker 0's send of `a` behind the chain `b` that became
+    ready with it (it ran `b` inline), so worker 1 got `a` only once worker 0 was idle; the
+    next stage then idled for one forward per hand-over (docs/benchmarks.md)."""
+    addresses, _ = workers(2)
+    result, _ = run_client("handover", ",".join(addresses))
+    assert result["threads"] == [1, 2]
+    for got, started, ended in zip(result["a_on_worker1"], result["b_started"],
+                                   result["b_done"]):
+        assert ended - started > 0.05, result  # `b` ran: 40 products of 256 x 1024 x 1024
+        assert got < ended, result  # and still ran on worker 0 when worker 1 had `a`
 
 
 def test_subclassed_task_with_nested_backbone_split_on_two_workers_equals_model_fit(workers):
@@ -243,6 +274,8 @@ def test_tf_config(monkeypatch):
     (["--cluster", "localhost:1", "--task", "1"], "--task 1 is not in the cluster localhost:1"),
     (["--cluster", "localhost", "--task", "0"], "is not 'host:port'"),
     ([], "TF_CONFIG is not set"),
+    (["--cluster", "localhost:1", "--task", "0", "--cpus", "0,9999"],
+     "--cpus 0,9999: this process may use cores "),
 ])
 def test_worker_usage_errors(capsys, monkeypatch, args, words):
     monkeypatch.delenv("TF_CONFIG", raising=False)

@@ -183,6 +183,12 @@ def _add_worker_parser(sub: _Subparsers[_Parser]) -> None:
         "tfpipe.cluster(..., threads=N) in the client",
     )
     worker.add_argument(
+        "--cpus", type=cli_worker.parse_cpus, default=None, metavar="LIST",
+        help="run only on these CPU cores, such as 0 or 0-3,8 (Linux: the affinity of every "
+        "thread of the worker, set before TensorFlow starts); a worker emulating one device "
+        "per core, or one NUMA node's worker, then keeps to its cores",
+    )
+    worker.add_argument(
         "--gpu", type=_index, default=None, metavar="I",
         help="use only GPU I of this machine (as nvidia-smi -L numbers them): sets "
         "CUDA_VISIBLE_DEVICES=I before TensorFlow starts and turns on memory growth, so that "

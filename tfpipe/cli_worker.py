@@ -5,12 +5,14 @@ Design: the steps run in the only order that works.
    is one line on stderr and exit status 2, before anything starts.
 2. A sentinel left on this port by a predecessor the kernel killed for memory
    (`tfpipe.sentinel`) is asked to leave, so that restarting a task on its old port works.
-3. `--gpu I` sets `CUDA_VISIBLE_DEVICES=I` and memory growth (`tfpipe.devices.use_one_gpu`)
+3. `--cpus LIST` pins every thread of the process to those cores before TensorFlow's
+   threads start (the ones it makes later inherit the mask).
+4. `--gpu I` sets `CUDA_VISIBLE_DEVICES=I` and memory growth (`tfpipe.devices.use_one_gpu`)
    before TensorFlow lists its devices: importing TensorFlow (which `python -m tfpipe` does
    first) does not start CUDA; starting the server does.
-4. The sentinel is started as this process's child, so it shares its cgroup, and this
+5. The sentinel is started as this process's child, so it shares its cgroup, and this
    process stays the TensorFlow server itself (tests signal and restart worker pids).
-5. The server runs (`tfpipe.cluster.serve`) until SIGTERM or SIGINT; then the sentinel is
+6. The server runs (`tfpipe.cluster.serve`) until SIGTERM or SIGINT; then the sentinel is
    ended and the process exits with status 0 through `os._exit`: TensorFlow's gRPC server
    has no clean stop, and its threads must not race the interpreter's shutdown.
 """
@@ -26,6 +28,7 @@ import threading
 
 from tfpipe import sentinel
 from tfpipe.errors import DeviceConfigurationError, PipelineError
+from tfpipe.processes import pin
 
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
@@ -35,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     """Runs `tfpipe worker` with parsed arguments (see `tfpipe.cli`).
 
     Args:
-        args: `cluster`, `task`, `threads`, `gpu` and `oom_report_s`.
+        args: `cluster`, `task`, `threads`, `cpus`, `gpu` and `oom_report_s`.
 
     Returns:
         2 for a usage error, 1 when the worker cannot start; on SIGTERM or SIGINT it does
@@ -43,6 +46,8 @@ def run(args: argparse.Namespace) -> int:
     """
     try:
         addresses, task = _cluster_and_task(args)
+        if args.cpus is not None:
+            pin(args.cpus)  # a PipelineError names the cores it may use
     except (PipelineError, _UsageError) as err:
         return _fail(str(err))
     stop = threading.Event()
@@ -85,6 +90,22 @@ def run(args: argparse.Namespace) -> int:
 
 class _UsageError(Exception):
     """A worker command line that names no task of a cluster."""
+
+
+def parse_cpus(text: str) -> tuple[int, ...]:
+    """argparse type of `--cpus`: `"0"`, `"0-3"`, `"0-3,8"` as sorted core numbers."""
+    cores: set[int] = set()
+    try:
+        for part in text.split(","):
+            first, _, last = part.partition("-")
+            lo, hi = int(first), int(last or first)
+            if not 0 <= lo <= hi:
+                raise ValueError(part)
+            cores.update(range(lo, hi + 1))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"must be core numbers such as 0, 0-3 or 0-3,8, got {text!r}") from None
+    return tuple(sorted(cores))
 
 
 def _cluster_and_task(args: argparse.Namespace) -> tuple[list[str], int]:

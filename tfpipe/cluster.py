@@ -9,7 +9,12 @@ Design:
 - Thread limits of the pools that run the client's work on a worker are the *client's*
   settings (the client's config travels with its remote context); a worker's own
   `ConfigProto` does not hold them. `cluster(threads=N)` therefore sets the client's limits
-  before connecting.
+  before connecting: N intra-op threads and N + 1 inter-op threads. The extra one is for
+  hand-overs: TensorFlow's executor counts a `_Send` on a CPU as an expensive op, queues it
+  on the inter-op pool and runs the compute that became ready with it inline, so with one
+  inter-op thread a stage's output left its worker only once that worker had nothing else
+  to run (the next stage idled for a forward per hand-over). A worker's cores are bounded by
+  `tfpipe worker --cpus`, not by its threads.
 - Health and interrupting a blocked step: `tfpipe.watchdog` (`Watchdog`). The status call
   itself (`probe`) and the record of the connected cluster live in `tfpipe.health`, below
   the front layer, so that a failed step's error translation (`tfpipe.oom`) can use them.
@@ -252,10 +257,12 @@ def cluster(
     Args:
         spec: the workers, `"host:port,host:port"` or a list, task 0 first, exactly as given
             to `tfpipe worker --cluster`; None reads the `"worker"` job of `TF_CONFIG`.
-        threads: if given, the intra- and inter-op thread pool sizes of this process, set
-            before connecting. The workers run this process's work with this process's
-            settings, so this is what limits each worker to N threads (a worker's own
-            `--threads` does not). Needs TensorFlow not yet initialised in this process,
+        threads: if given, N intra-op threads (the threads of one matrix product) and
+            N + 1 inter-op threads (ops run at once: one more, so that a worker sends a
+            tensor while it computes) for this process, set before connecting. The workers
+            run this process's work with this process's settings, so this is what limits
+            each worker's threads (a worker's own `--threads` does not; its cores:
+            `tfpipe worker --cpus`). Needs TensorFlow not yet initialised in this process,
             unless it already has these values.
         timeout_s: how long to wait for every worker to answer before connecting.
 
@@ -288,7 +295,7 @@ def cluster(
 def _set_client_threads(threads: int) -> None:
     try:
         tf.config.threading.set_intra_op_parallelism_threads(threads)
-        tf.config.threading.set_inter_op_parallelism_threads(threads)
+        tf.config.threading.set_inter_op_parallelism_threads(threads + 1)  # + 1: hand-overs
     except RuntimeError as err:
         have = (tf.config.threading.get_intra_op_parallelism_threads(),
                 tf.config.threading.get_inter_op_parallelism_threads())

@@ -10,8 +10,9 @@ caller's `finally` (and atexit) run. Output is read line by line in a thread (`L
 every wait for a line has a deadline. Ports come from the kernel (`free_port`): a port that
 was free a moment ago, bound by the worker moments later. A `WorkerPool` subclass can run each
 worker under a launcher command (`WorkerPool.launcher`; `benchmarks/cgroups.py` puts each
-worker into its own memory cgroup so). This module imports no TensorFlow (`import
-tfpipe.processes` still runs the package's `__init__`, which does).
+worker into its own memory cgroup so), and `pin` keeps a process on given cores (`tfpipe
+worker --cpus`). This module imports no TensorFlow (`import tfpipe.processes` still runs the
+package's `__init__`, which does).
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import FrameType
 from typing import Any
+
+from tfpipe.errors import PipelineError
 
 ROOT = Path(__file__).resolve().parents[1]
 """The folder that holds the `tfpipe` package (a worker started here imports the same one)."""
@@ -55,6 +58,32 @@ def worker_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     """
     path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
     return {**os.environ, "PYTHONPATH": path, "TF_CPP_MIN_LOG_LEVEL": "2", **(extra or {})}
+
+
+def pin(cores: Sequence[int]) -> None:
+    """Sets the CPU affinity of every thread of this process to `cores` (Linux); threads
+    made later inherit it. Call before TensorFlow (or torch) starts its thread pools.
+
+    Raises:
+        PipelineError: not Linux, or a core this process may not use (names the ones it may).
+    """
+    if not hasattr(os, "sched_setaffinity"):
+        raise PipelineError("pinning to cores (--cpus) needs Linux's sched_setaffinity")
+    allowed = os.sched_getaffinity(0)
+    if not cores or not set(cores) <= allowed:
+        raise PipelineError(f"--cpus {','.join(map(str, cores))}: this process may use cores "
+                            f"{','.join(map(str, sorted(allowed)))} only")
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            os.sched_setaffinity(int(tid), set(cores))
+        except ProcessLookupError:  # a thread that ended meanwhile
+            pass
+
+
+def nth_core(i: int) -> int:
+    """The i-th core this process may use, modulo their number (where `pin` puts task i)."""
+    cores = sorted(os.sched_getaffinity(0))
+    return cores[i % len(cores)]
 
 
 def free_port() -> int:
@@ -268,6 +297,9 @@ class WorkerPool(ProcessGroup):
             n-th restart).
         env: the workers' environment (default `worker_env()`).
         threads: passed as `tfpipe worker --threads N`; 0 leaves the option out.
+        pin: each worker on a core of its own (`tfpipe worker --cpus C`: task i on the i-th
+            core this process may use, modulo their number), so a worker emulates one
+            device of one core.
         ready_timeout_s: the longest wait for a batch of workers to be ready.
         args: more `tfpipe worker` options for every worker, such as
             `["--oom-report-s", "0"]`.
@@ -275,9 +307,10 @@ class WorkerPool(ProcessGroup):
 
     def __init__(self, directory: Path, env: Mapping[str, str] | None = None,
                  threads: int = 1, ready_timeout_s: float = READY_TIMEOUT_S,
-                 args: Sequence[str] = ()) -> None:
+                 args: Sequence[str] = (), pin: bool = False) -> None:
         super().__init__(directory, env)
         self.threads = threads
+        self.pin = pin
         self.ready_timeout_s = ready_timeout_s
         self.args = list(args)
         self.workers: list[Worker] = []
@@ -324,6 +357,8 @@ class WorkerPool(ProcessGroup):
             args = ["--cluster", ",".join(addresses), "--task", str(task)]
         if self.threads:
             args += ["--threads", str(self.threads)]
+        if self.pin:
+            args += ["--cpus", str(nth_core(task))]
         args += self.args
         runs = sum(1 for w in self.workers if w.task == task)
         log = f"worker{task}.log" if runs == 0 else f"worker{task}-{runs}.log"
