@@ -1,9 +1,9 @@
 """Issue #7 (planner): `tfpipe.plan`'s predicted step times against measured ones, on workers.
 
 The setup is target 3's (`benchmarks/workers.py`): two one-thread `python -m tfpipe worker`
-processes on free loopback ports and one client process connected with
-`tfpipe.cluster(..., threads=1)`; the peer model, 8 x Dense(1024, relu) + Dense(10), batch
-256 or `--batch N`, SGD. The client:
+processes on free loopback ports, each on a core of its own (`--pin true`, the default), and
+one client process connected with `tfpipe.cluster(..., threads=1)`; the peer model,
+8 x Dense(1024, relu) + Dense(10), batch 256 or `--batch N`, SGD. The client:
 
 1. plans: `tfpipe.plan(model, x, devices=<the two workers' CPUs>, parallel=True)`, x one batch
    (the layers are profiled on worker 0; the two workers are separate processes, so they

@@ -102,6 +102,17 @@ def test_shared_processor_adds_up_all_work():
     assert shared.step_time > shared.simulation.step_time
 
 
+def test_a_split_backward_costs_two_backwards():
+    """`I` runs the stage function's whole gradient function and `W` re-derives the backward
+    chain (docs/schedules.md, "Known costs and limits"): measured on workers, I and W each
+    took as long as B, so the plan prices them so."""
+    model = CostModel(synthetic(), 64, bandwidth=math.inf, parallel=False)
+    zb, plain = model.estimate([4, 4], 8, "zb-h1"), model.estimate([4, 4], 8, "1f1b")
+    backward = 2 / 3 * 4 * (1e-3 + 1e-5 * 8)  # a stage of 4 layers at 8 samples, 2/3 of it
+    assert sum(zb.simulation.busy_time) == pytest.approx(
+        sum(plain.simulation.busy_time) + 2 * 8 * backward, rel=1e-9)
+
+
 def test_step_overhead_is_paid_once_per_step_by_device_count():
     free = CostModel(synthetic(), 64, 10e9)
     paid = CostModel(synthetic(), 64, 10e9, step_overhead=(1e-3, 2e-3))
