@@ -47,20 +47,20 @@ def _port() -> int:
         return int(s.getsockname()[1])
 
 
-def client(addresses: str, inter_op: int, runs: int) -> None:
-    """The client process: times `runs` calls (after one warm-up) and prints one line each."""
+def handover(d0: str, d1: str, runs: int) -> list[tuple[float, float, float]]:
+    """On device `d0`: `a`, then (after it) the chain `b`; on `d1`, a read of `a`. Returns, per
+    run after one warm-up, the times (s, one clock) `b` started, `d1` had `a`, `b` ended.
+
+    Built with `wrap_function`, whose graph has no automatic control dependencies: in a
+    `tf.function` the `tf.timestamp`s (stateful ops) would run in program order.
+    """
     import tensorflow as tf
 
-    tf.config.threading.set_intra_op_parallelism_threads(1)
-    tf.config.threading.set_inter_op_parallelism_threads(inter_op)
-    tf.config.experimental_connect_to_cluster(
-        tf.train.ClusterSpec({"worker": addresses.split(",")}))
-    d0, d1 = "/job:worker/task:0/device:CPU:0", "/job:worker/task:1/device:CPU:0"
     with tf.device(d0):
         x = tf.Variable(tf.random.normal((256, 1024)))
         w = tf.Variable(tf.random.normal((1024, 1024)) * 0.03)
 
-    def step() -> tuple[tf.Tensor, ...]:  # wrap_function: no automatic control dependencies
+    def step() -> tuple[tf.Tensor, ...]:
         with tf.device(d0):
             a = tf.matmul(x, w)
             with tf.control_dependencies([a]):
@@ -79,8 +79,23 @@ def client(addresses: str, inter_op: int, runs: int) -> None:
 
     fn = tf.compat.v1.wrap_function(step, [])
     fn()
+    out = []
     for _ in range(runs):
         b_start, a_here, b_end = (float(t) for t in fn()[:3])
+        out.append((b_start, a_here, b_end))
+    return out
+
+
+def client(addresses: str, inter_op: int, runs: int) -> None:
+    """The client process: connects with `inter_op` threads and prints one line per run."""
+    import tensorflow as tf
+
+    tf.config.threading.set_intra_op_parallelism_threads(1)
+    tf.config.threading.set_inter_op_parallelism_threads(inter_op)
+    tf.config.experimental_connect_to_cluster(
+        tf.train.ClusterSpec({"worker": addresses.split(",")}))
+    d0, d1 = "/job:worker/task:0/device:CPU:0", "/job:worker/task:1/device:CPU:0"
+    for b_start, a_here, b_end in handover(d0, d1, runs):
         print(f"inter-op {inter_op}: worker 1 had a {1e3 * (a_here - b_start):6.1f} ms after b "
               f"started; b took {1e3 * (b_end - b_start):6.1f} ms: "
               f"{'sent while computing' if a_here < b_end else 'sent once idle'}", flush=True)

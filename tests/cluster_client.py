@@ -288,40 +288,16 @@ def run_failure(mode: str, addresses: str, pid: int, timeout_s: float,
 
 def run_handover(addresses: str) -> dict:
     """Worker 0 makes `a`, then (after `a`) a chain of 40 matrix products `b`; worker 1 reads
-    `a`. The times at which `a` was on worker 1 and `b` ended on worker 0, per run.
+    `a` (`benchmarks/send_delay.py`'s `handover`, its reproduction for upstream). The times at
+    which `b` started and ended on worker 0 and `a` was on worker 1, per run."""
+    from benchmarks.send_delay import handover
 
-    Built with `wrap_function`, whose graph has no automatic control dependencies: in a
-    `tf.function` the two `tf.timestamp`s (stateful ops) would run in program order.
-    """
-    devices = tfpipe.cluster(addresses, threads=1)
-    d0, d1 = devices
-    with tf.device(d0):
-        x = tf.Variable(tf.random.normal((256, 1024)))
-        w = tf.Variable(tf.random.normal((1024, 1024)) * 0.03)
-
-    def step() -> tuple[tf.Tensor, ...]:
-        with tf.device(d0):
-            a = tf.matmul(x, w)
-            with tf.control_dependencies([a]):
-                b = x.read_value()
-                b_start = tf.timestamp()
-            for _ in range(40):
-                b = tf.matmul(b, w)
-            b_sum = tf.reduce_sum(b[:1, :1])  # an output: else Grappler prunes the chain
-            with tf.control_dependencies([b_sum]):
-                b_done = tf.timestamp()
-        with tf.device(d1):
-            a_sum = tf.reduce_sum(a[:1, :1])
-            with tf.control_dependencies([a_sum]):
-                a_here = tf.timestamp()
-        return a_here, b_done, b_start, a_sum, b_sum
-
-    fn = tf.compat.v1.wrap_function(step, [])
-    runs = [[float(t) for t in fn()[:3]] for _ in range(4)]
+    d0, d1 = tfpipe.cluster(addresses, threads=1)
+    runs = handover(d0, d1, 3)
     return {"threads": [tf.config.threading.get_intra_op_parallelism_threads(),
                         tf.config.threading.get_inter_op_parallelism_threads()],
-            "a_on_worker1": [r[0] for r in runs[1:]], "b_done": [r[1] for r in runs[1:]],
-            "b_started": [r[2] for r in runs[1:]]}
+            "b_started": [r[0] for r in runs], "a_on_worker1": [r[1] for r in runs],
+            "b_done": [r[2] for r in runs]}
 
 
 def _timed(fn: object) -> float:
