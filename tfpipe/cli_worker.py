@@ -25,10 +25,10 @@ import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Sequence
 
 from tfpipe import sentinel
 from tfpipe.errors import DeviceConfigurationError, PipelineError
-from tfpipe.processes import pin
 
 EXIT_USAGE = 2
 EXIT_FAILURE = 1
@@ -106,6 +106,26 @@ def parse_cpus(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(
             f"must be core numbers such as 0, 0-3 or 0-3,8, got {text!r}") from None
     return tuple(sorted(cores))
+
+
+def pin(cores: Sequence[int]) -> None:
+    """Sets the CPU affinity of every thread of this process to `cores` (Linux); threads
+    made later inherit it. Call before TensorFlow (or torch) starts its thread pools.
+
+    Raises:
+        PipelineError: not Linux, or a core this process may not use (names the ones it may).
+    """
+    if not hasattr(os, "sched_setaffinity"):
+        raise PipelineError("pinning to cores (--cpus) needs Linux's sched_setaffinity")
+    allowed = os.sched_getaffinity(0)
+    if not cores or not set(cores) <= allowed:
+        raise PipelineError(f"--cpus {','.join(map(str, cores))}: this process may use cores "
+                            f"{','.join(map(str, sorted(allowed)))} only")
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            os.sched_setaffinity(int(tid), set(cores))
+        except ProcessLookupError:  # a thread that ended meanwhile
+            pass
 
 
 def _cluster_and_task(args: argparse.Namespace) -> tuple[list[str], int]:

@@ -10,9 +10,9 @@ caller's `finally` (and atexit) run. Output is read line by line in a thread (`L
 every wait for a line has a deadline. Ports come from the kernel (`free_port`): a port that
 was free a moment ago, bound by the worker moments later. A `WorkerPool` subclass can run each
 worker under a launcher command (`WorkerPool.launcher`; `benchmarks/cgroups.py` puts each
-worker into its own memory cgroup so), and `pin` keeps a process on given cores (`tfpipe
-worker --cpus`). This module imports no TensorFlow (`import tfpipe.processes` still runs the
-package's `__init__`, which does).
+worker into its own memory cgroup so), or pin each to a core of its own (`pin=True`:
+`tfpipe worker --cpus`). This module imports no TensorFlow (`import tfpipe.processes` still
+runs the package's `__init__`, which does).
 """
 
 from __future__ import annotations
@@ -31,8 +31,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import FrameType
 from typing import Any
-
-from tfpipe.errors import PipelineError
 
 ROOT = Path(__file__).resolve().parents[1]
 """The folder that holds the `tfpipe` package (a worker started here imports the same one)."""
@@ -60,28 +58,9 @@ def worker_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": path, "TF_CPP_MIN_LOG_LEVEL": "2", **(extra or {})}
 
 
-def pin(cores: Sequence[int]) -> None:
-    """Sets the CPU affinity of every thread of this process to `cores` (Linux); threads
-    made later inherit it. Call before TensorFlow (or torch) starts its thread pools.
-
-    Raises:
-        PipelineError: not Linux, or a core this process may not use (names the ones it may).
-    """
-    if not hasattr(os, "sched_setaffinity"):
-        raise PipelineError("pinning to cores (--cpus) needs Linux's sched_setaffinity")
-    allowed = os.sched_getaffinity(0)
-    if not cores or not set(cores) <= allowed:
-        raise PipelineError(f"--cpus {','.join(map(str, cores))}: this process may use cores "
-                            f"{','.join(map(str, sorted(allowed)))} only")
-    for tid in os.listdir("/proc/self/task"):
-        try:
-            os.sched_setaffinity(int(tid), set(cores))
-        except ProcessLookupError:  # a thread that ended meanwhile
-            pass
-
-
 def nth_core(i: int) -> int:
-    """The i-th core this process may use, modulo their number (where `pin` puts task i)."""
+    """The i-th core this process may use, modulo their number (`WorkerPool(pin=True)`'s core
+    for task i)."""
     cores = sorted(os.sched_getaffinity(0))
     return cores[i % len(cores)]
 
