@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import select
 import socket
 import subprocess
 import sys
@@ -101,6 +102,14 @@ def client(addresses: str, inter_op: int, runs: int) -> None:
               f"{'sent while computing' if a_here < b_end else 'sent once idle'}", flush=True)
 
 
+def _wait_ready(server: subprocess.Popen[str], deadline: float) -> None:
+    """Waits until `server` printed its "ready" line, at most until `deadline`."""
+    assert server.stdout is not None
+    readable, _, _ = select.select([server.stdout], [], [], max(0.0, deadline - time.monotonic()))
+    if not readable or server.stdout.readline() != "ready\n":
+        raise RuntimeError("a tf.distribute.Server did not start within 120 s")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--inter-op", default="1,2", help="client inter-op threads to try")
@@ -117,9 +126,8 @@ def main() -> None:
                    for task in (0, 1)]
         try:
             deadline = time.monotonic() + 120
-            for server in servers:  # each prints "ready" once it serves
-                assert server.stdout is not None and server.stdout.readline() == "ready\n"
-                assert time.monotonic() < deadline, "a server did not start in 120 s"
+            for server in servers:  # each prints "ready" once it serves; a bounded wait
+                _wait_ready(server, deadline)
             subprocess.run([sys.executable, "-m", "benchmarks.send_delay", "--client",
                             addresses, "--inter-op", str(inter_op), "--runs", str(args.runs)],
                            check=True, env=ENV, timeout=300)
