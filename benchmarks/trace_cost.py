@@ -87,9 +87,11 @@ def main() -> None:
     parser.add_argument("--stages", type=int, default=4)
     parser.add_argument("--micro-batches", default="4,16,64")
     parser.add_argument("--schedule", default="1f1b")
-    parser.add_argument("--rank-loops", default="auto", choices=["auto", "true", "false"],
-                        help="the step as one in-graph loop per rank (auto: where supported) "
-                        "or unrolled (false)")
+    parser.add_argument("--rank-loops", default="auto",
+                        choices=["auto", "true", "false", "steady"],
+                        help="the step as one in-graph loop per rank (auto: where supported), "
+                        "its steady phase as one loop over all ranks (steady) or unrolled "
+                        "(false)")
     parser.add_argument("--whole-fit", action="store_true",
                         help="also time the whole first tfpipe.fit against model.fit's")
     parser.add_argument("--steady-rounds", type=int, default=0,
@@ -97,7 +99,7 @@ def main() -> None:
                         "side by side, this many fits of each")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
-    loops = {"auto": "auto", "true": True, "false": False}[args.rank_loops]
+    loops = {"auto": "auto", "true": True, "false": False, "steady": "steady"}[args.rank_loops]
 
     import tfpipe
 
@@ -136,31 +138,34 @@ def main() -> None:
             with pipe.executor.glue_options():
                 first, steady = _timed(lambda: concrete(x, y)), _timed(lambda: concrete(x, y))
         looped = pipe.executor.loops is not None
+        label = _label(pipe.executor.loops)
         # the rank loops' own graph too (their loop and branch bodies are not counted, as the
         # stage functions' bodies are not)
         ops = len(concrete.graph.get_operations()) + (
             pipe.executor.loops.operation_count() if looped else 0)
         calls = sum(op.type in _CALLS for op in concrete.graph.get_operations())
         functions = len(concrete.graph.as_graph_def().library.function)
-        rows.append({"K": args.stages, "M": m, "step": "rank loops" if looped else "unrolled",
+        rows.append({"K": args.stages, "M": m, "step": label,
                      "trace_s": trace, "ops": ops, "calls": calls,
                      "functions": functions,
                      "first_run_s": first, "steady_s": steady, "keras_first_s": keras_first,
                      "fit_first_s": whole})
         print(
             f"{args.model} K={args.stages} M={m:3d} {args.schedule} "
-            f"{'rank loops' if looped else 'unrolled'}: trace {trace:6.2f} s, "
+            f"{label}: trace {trace:6.2f} s, "
             f"{ops:6d} ops, {calls:5d} calls, {functions:4d} functions, first run {first:6.2f} s, "
             f"steady {steady:5.2f} s; first step "
             f"{trace + first:6.2f} s vs model.fit's {keras_first:5.2f} s "
             f"({(trace + first) / keras_first:.1f}x)"
         )
         if args.steady_rounds:
-            steady_s = steady_side_by_side(args, m, args.steady_rounds)
+            looping = "steady" if loops == "steady" else True
+            steady_s = steady_side_by_side(args, m, args.steady_rounds, looping)
             rows[-1]["steady_side_by_side_s"] = steady_s
-            loops_s, unrolled_s = steady_s["rank loops"], steady_s["unrolled"]
+            kind = "steady loop" if looping == "steady" else "rank loops"
+            loops_s, unrolled_s = steady_s[kind], steady_s["unrolled"]
             print(f"{args.model} K={args.stages} M={m:3d} {args.schedule} steady side by side "
-                  f"({args.steady_rounds} fits each): rank loops {loops_s:.3f} s, unrolled "
+                  f"({args.steady_rounds} fits each): {kind} {loops_s:.3f} s, unrolled "
                   f"{unrolled_s:.3f} s ({loops_s / unrolled_s:.2f}x)")
     write_json(args.json, {"args": vars(args), "rows": rows})
 
@@ -180,16 +185,26 @@ def _warm_up() -> None:
     model.fit(np.zeros((8, 4)), np.zeros((8, 1)), batch_size=8, verbose=0)
 
 
-def steady_side_by_side(args: argparse.Namespace, m: int, rounds: int) -> dict[str, float]:
-    """Median seconds per steady step of the rank loops and the unrolled step, K = `args.stages`,
-    M = `m`, each pipeline fitted once untimed, then `rounds` fits of 4 steps in turn."""
+def _label(loops: Any) -> str:
+    """How a pipeline runs its training step."""
+    if loops is None:
+        return "unrolled"
+    return "steady loop" if type(loops).__name__ == "SteadyLoop" else "rank loops"
+
+
+def steady_side_by_side(args: argparse.Namespace, m: int, rounds: int,
+                        looping: bool | str = True) -> dict[str, float]:
+    """Median seconds per steady step of the loops (`looping`: True, the rank loops, or
+    "steady") and the unrolled step, K = `args.stages`, M = `m`, each pipeline fitted once
+    untimed, then `rounds` fits of 4 steps in turn."""
     from statistics import median
 
     import tfpipe
     from benchmarks.common import side_by_side
 
     batch = 4 * m
-    built = {label: (build(args), loops) for label, loops in (("rank loops", True),
+    kind = "steady loop" if looping == "steady" else "rank loops"
+    built = {label: (build(args), loops) for label, loops in ((kind, looping),
                                                              ("unrolled", False))}
     pipes = {label: tfpipe.Pipeline(model, stages=args.stages, micro_batches=m,
                                     schedule=args.schedule, rank_loops=loops)

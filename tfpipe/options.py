@@ -67,7 +67,9 @@ class PipelineOptions:
             `True` or `False` (see `xla`).
         rank_loops: `False` (the unrolled step), `True` (each device's share of a training
             step as one in-graph loop, or an error naming what the loops do not run yet) or
-            `"auto"` (the loops when they run every feature asked for, else unrolled).
+            `"auto"` (the loops when they run every feature asked for, else unrolled), or
+            `"steady"` (experimental: the schedule's steady phase as one loop over all
+            devices, `tfpipe.executor.steadyloop`).
 
     Raises:
         PipelineError: for an option that is not valid whatever the model, or options that
@@ -126,11 +128,12 @@ class PipelineOptions:
                 "batch_norm='micro-batch'."
             )
         _check_jit_compile(self.jit_compile)
-        if not (isinstance(self.rank_loops, bool) or self.rank_loops == "auto"):
+        if not (isinstance(self.rank_loops, bool) or self.rank_loops in ("auto", "steady")):
             raise PipelineError(
                 f"rank_loops={self.rank_loops!r}: use False (the default: the unrolled step), "
                 "True (one in-graph loop per device, or an error naming what it does not run "
-                "yet) or 'auto' (the loops where they run every feature asked for)."
+                "yet), 'auto' (the loops where they run every feature asked for) or 'steady' "
+                "(the steady phase as one loop over all devices, experimental)."
             )
         if self.jit_compile is True and self.replicas > 1:
             raise PipelineError(

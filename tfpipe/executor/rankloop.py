@@ -68,18 +68,19 @@ from tfpipe.executor.stagepair import (
     Queue,
     StagePair,
     edges,
-    fresh_zeros,
     get,
     got_op,
+    initial_state,
     micro_size,
     micro_spec,
+    moved_lists,
     relaxed,
-    reserve,
     set_item,
     shape_of,
     split_list,
     stage_input_ids,
 )
+from tfpipe.executor.steady import steady_phase
 from tfpipe.partition import Stage
 from tfpipe.schedules import Schedule
 
@@ -87,20 +88,24 @@ __all__ = ["RankLoops", "edges", "loops_refusal"]
 
 
 def loops_refusal(runner: StageRunner, stages: list[Stage], schedule: Schedule,
-                  features: dict[str, bool]) -> str | None:
-    """Why the rank loops cannot run a training step of `stages` (the executor's `runner`)
-    with `schedule` yet, or None; `features`: each feature asked for (by the name the reason
-    gives), and whether it is on."""
+                  features: dict[str, bool], steady: bool = False) -> str | None:
+    """Why the rank loops (or with `steady`, the steady loop, `tfpipe.executor.steadyloop`)
+    cannot run a training step of `stages` (the executor's `runner`) with `schedule` yet, or
+    None; `features`: each feature asked for (by the name the reason gives), and whether it
+    is on."""
     used = [name for name, on in features.items() if on]
     gpus = [st.index for st in stages if tf.DeviceSpec.from_string(st.device).device_type == "GPU"]
-    if gpus:  # TensorFlow's queues have CPU kernels only: activations would go through the host
+    if gpus and not steady:  # queues have CPU kernels only: activations would cross the host
         used.insert(0, f"stages on GPUs (stages {gpus}: their queues would be in host memory)")
     if runner.opaque:
         used.insert(0, "a subclassed model trained whole")
     elif len(runner.output_ids) > 1:  # Keras's per-output loss metrics read static batch sizes
         used.insert(0, "a model with several outputs")
     if used:
-        return f"the rank loops do not run {', '.join(used)} yet"
+        return f"the {'steady loop' if steady else 'rank loops'} do not run {', '.join(used)} yet"
+    if steady:
+        return None if steady_phase(schedule, edges(runner, stages)) else (
+            f"{schedule.name} has no steady phase one loop can carry (tfpipe.executor.steady)")
     return loop_refusal(schedule, edges(runner, stages))
 
 
@@ -152,7 +157,7 @@ class RankLoops:
         micro = micro_size([*inputs, *ys, *sws], self.m)
         if self.region is not None and micro != self.micro:  # a short last batch, say
             if micro not in self.variants:
-                self.variants[micro] = RankLoops(self.runner, self.stages, self.schedule)
+                self.variants[micro] = type(self)(self.runner, self.stages, self.schedule)
             return self.variants[micro](shares, inputs, y, sw, x)
         if self.region is None:
             self.micro = micro
@@ -195,20 +200,10 @@ class RankLoops:
         return functions.operation_count(self.region) if self.region is not None else 0
 
     def _build(self, inputs: list[Any], y: Any, sw: Any, ys: list[Any], sws: list[Any]) -> None:
-        runner = self.runner
-        spec_of = {i: micro_spec(t, self.micro) for i, t in zip(runner.input_ids, inputs)}
-        metrics = has_compiled_metrics(runner.model)
-        for st in self.stages:
-            labels = None
-            if st.index == runner.last:
-                labels = (y, sw, *([micro_spec(t, self.micro) for t in ts] for ts in (ys, sws)))
-            ids = stage_input_ids(runner, st)
-            pair = StagePair(runner, st, [spec_of[i] for i in ids], labels, metrics)
-            self.pairs.append(pair)
-            self.stores[st.index] = store_for(pair, self.rows.depth.get(st.index, 1),
-                                              self.rows.width.get(st.index, 1))
-            for i, n in pair.out_at.items():
-                spec_of[i] = pair.specs[n]
+        spec_of = self._make_pairs(inputs, y, sw, ys, sws)
+        for pair in self.pairs:
+            s = pair.stage.index
+            self.stores[s] = store_for(pair, self.rows.depth.get(s, 1), self.rows.width.get(s, 1))
         producer = {id(t): st.index for st in self.stages for t in graph_outputs(st)}
         for pair in self.pairs:
             c = pair.stage.index
@@ -224,10 +219,32 @@ class RankLoops:
                                 f"{producer[i]}, so the loops cannot pass one back: use "
                                 "rank_loops=False for this model.")
                         self.grads[(i, c)] = Queue(pair.stage.device, spec_of[i], self.m)
-        n = len(inputs) + len(ys) + len(sws)
-        signature = [tf.TensorSpec([], tf.variant)] * n + [tf.TensorSpec([self.m], tf.float32)] * 2
-        self._counts = (len(inputs), len(ys), len(sws))
-        self.region = functions.graph_function("tfpipe_rank_loops", self._region, signature)
+        self._make_region(len(inputs), len(ys), len(sws))
+
+    def _make_pairs(self, inputs: list[Any], y: Any, sw: Any, ys: list[Any], sws: list[Any]
+                    ) -> dict[int, Any]:
+        """Builds each stage's `StagePair`; returns each graph tensor's micro-batch spec."""
+        runner = self.runner
+        spec_of = {i: micro_spec(t, self.micro) for i, t in zip(runner.input_ids, inputs)}
+        metrics = has_compiled_metrics(runner.model)
+        for st in self.stages:
+            labels = None
+            if st.index == runner.last:
+                labels = (y, sw, *([micro_spec(t, self.micro) for t in ts] for ts in (ys, sws)))
+            ids = stage_input_ids(runner, st)
+            pair = StagePair(runner, st, [spec_of[i] for i in ids], labels, metrics)
+            self.pairs.append(pair)
+            for i, n in pair.out_at.items():
+                spec_of[i] = pair.specs[n]
+        return spec_of
+
+    def _make_region(self, nx: int, ny: int, nsw: int) -> None:
+        """Traces `_region` (every rank's loop) for nx inputs, ny labels, nsw sample weights."""
+        signature = [tf.TensorSpec([], tf.variant)] * (nx + ny + nsw)
+        signature += [tf.TensorSpec([self.m], tf.float32)] * 2
+        self._counts = (nx, ny, nsw)
+        self.region = functions.graph_function(f"tfpipe_{type(self).__name__}", self._region,
+                                               signature)
 
     def _region(self, *args: Any) -> list[Any]:
         """Every rank's loop; returns their flat results (`self.layout` gives the structure)."""
@@ -288,19 +305,10 @@ class RankLoops:
         rows = self.rows
         tables = (rows.codes[r], rows.micro_batches[r], rows.slots[r], rows.ages[r])
         with tf.device(device):
-            init = {
-                "tick": tf.constant(0), "loss": tf.zeros([]),
-                "res": [self.stores[s].initial() for s, _ in pairs],
-                "sums": [[fresh_zeros(sum(p.stage.trainable_variables[k].shape.num_elements()
-                                     for k in group), p.var_grads[group[0]].dtype)
-                          for group in p.dense_groups()] for _, p in pairs],
-                "slices": [[(reserve(relaxed(g.values), self.m),
-                             reserve(relaxed(g.indices), self.m))
-                            for _, g in p.sparse()] for _, p in pairs],
-                "preds": [reserve(spec, self.m) for spec in self._pred_specs(branches)],
-            }
+            init = {**initial_state([p for _, p in pairs], self.m, self._pred_specs(branches)),
+                    "res": [self.stores[s].initial() for s, _ in pairs]}
             code_table, mb_table, slot_table, age_table = (tf.constant(t) for t in tables)
-            lists = self._moved(pairs, lists)
+            lists = moved_lists([p for _, p in pairs], lists)
 
             def body(n: Any, state: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
                 at = _At(mb_table[n], slot_table[n], age_table[n])
@@ -311,17 +319,6 @@ class RankLoops:
             _, final = tf.while_loop(lambda n, _: n < len(tables[0]), body, (tf.constant(0), init),
                                      parallel_iterations=1)
         return dict(final)
-
-    @staticmethod
-    def _moved(pairs: list[tuple[int, StagePair]], lists: dict[str, Any]) -> dict[str, Any]:
-        """The batch's lists and loss weights a rank reads, moved to its device before its loop
-        (in its device scope): read on the host, each iteration on a worker waited on the host;
-        passed into the loop, a list crossed at every forward (docs/benchmarks.md)."""
-        ids, last = {i for _, p in pairs for i in p.in_ids}, any(p.last for _, p in pairs)
-        return {"x": {i: tf.identity(t) for i, t in lists["x"].items() if i in ids},
-                "labels": [tf.identity(t) for t in lists["labels"]] if last else [],
-                "data_scale": tf.identity(lists["data_scale"]),
-                "extra_scale": tf.identity(lists["extra_scale"])}
 
     def _branch(self, pair: StagePair, kind: str, pos: int, state: dict[str, Any],
                 at: _At, lists: dict[str, Any]) -> Any:

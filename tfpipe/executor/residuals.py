@@ -30,7 +30,7 @@ import tensorflow as tf
 
 from tfpipe.executor.stagepair import StagePair, get, set_item
 
-__all__ = ["MAX_SLOTS", "ListStore", "RingStore", "store_for"]
+__all__ = ["MAX_SLOTS", "ListStore", "RingStore", "store_for", "unpacked"]
 
 MAX_SLOTS = 8
 """The longest ring a stage keeps as loop variables (`RingStore`); past it, `ListStore`."""
@@ -69,13 +69,19 @@ class RingStore:
             return {}
         packed = state[0] if self.depth == 1 else tf.switch_case(
             at.age, [lambda j=j: state[j] for j in range(self.depth)])
-        specs = [self.pair.specs[n] for n in self.pair.residuals]
-        values = tf.raw_ops.OptionalGetValue(
-            optional=packed, output_types=[s.dtype for s in specs],
-            output_shapes=[s.shape for s in specs])
-        for value, spec in zip(values, specs):
-            value.set_shape(spec.shape)
-        return dict(zip(self.pair.residuals, values))
+        return unpacked(self.pair, packed)
+
+
+def unpacked(pair: StagePair, packed: tf.Tensor) -> dict[int, tf.Tensor]:
+    """A micro-batch's residuals from their `Optional`, by their index among the stage's
+    forward outputs."""
+    specs = [pair.specs[n] for n in pair.residuals]
+    values = tf.raw_ops.OptionalGetValue(
+        optional=packed, output_types=[s.dtype for s in specs],
+        output_shapes=[s.shape for s in specs])
+    for value, spec in zip(values, specs):
+        value.set_shape(spec.shape)
+    return dict(zip(pair.residuals, values))
 
 
 class ListStore:

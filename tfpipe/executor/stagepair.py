@@ -24,7 +24,7 @@ from tfpipe.executor.forward import StageRunner, graph_inputs, graph_outputs
 from tfpipe.partition import Stage
 from tfpipe.partition.stages import check_gradient_path
 
-__all__ = ["StagePair", "Queue", "edges", "stage_input_ids"]
+__all__ = ["StagePair", "Queue", "edges", "initial_state", "moved_lists", "stage_input_ids"]
 
 
 def relaxed(t: Any) -> tf.TensorSpec:
@@ -94,6 +94,32 @@ def got_op(got: list[Any]) -> Any:
     """The call operation behind a backward's outputs (its first tensor's producer)."""
     first = next(g for g in got if g is not None)
     return (first.values if isinstance(first, tf.IndexedSlices) else first).op
+
+
+def initial_state(pairs: list[StagePair], m: int, pred_specs: list[Any]) -> dict[str, Any]:
+    """A rank's loop state before its first action (made on its device): its action counter,
+    loss, dense gradient sums (`StagePair.dense_groups`, per stage of the rank) and
+    TensorLists of the M micro-batches' IndexedSlices and predictions."""
+    return {
+        "tick": tf.constant(0), "loss": tf.zeros([]),
+        "sums": [[fresh_zeros(sum(p.stage.trainable_variables[k].shape.num_elements()
+                             for k in group), p.var_grads[group[0]].dtype)
+                  for group in p.dense_groups()] for p in pairs],
+        "slices": [[(reserve(relaxed(g.values), m), reserve(relaxed(g.indices), m))
+                    for _, g in p.sparse()] for p in pairs],
+        "preds": [reserve(spec, m) for spec in pred_specs],
+    }
+
+
+def moved_lists(pairs: list[StagePair], lists: dict[str, Any]) -> dict[str, Any]:
+    """The batch's lists and loss weights a rank's stages read, moved to its device before
+    its loop (in its device scope): read on the host, each iteration on a worker waited on
+    the host; passed into the loop, a list crossed at every forward (docs/benchmarks.md)."""
+    ids, last = {i for p in pairs for i in p.in_ids}, any(p.last for p in pairs)
+    return {"x": {i: tf.identity(t) for i, t in lists["x"].items() if i in ids},
+            "labels": [tf.identity(t) for t in lists["labels"]] if last else [],
+            "data_scale": tf.identity(lists["data_scale"]),
+            "extra_scale": tf.identity(lists["extra_scale"])}
 
 
 def stage_input_ids(runner: StageRunner, stage: Stage) -> list[int]:

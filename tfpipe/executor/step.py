@@ -52,6 +52,7 @@ from tfpipe.executor.profiling import stamper, timeline
 from tfpipe.executor.program import Program, scope_name
 from tfpipe.executor.rankloop import RankLoops, loops_refusal
 from tfpipe.executor.replicas import ReplicaReducer
+from tfpipe.executor.steadyloop import SteadyLoop
 from tfpipe.executor.weights import read_replica_weights
 from tfpipe.partition import Stage
 from tfpipe.schedules import Action, Schedule, format_schedule
@@ -146,13 +147,14 @@ class Executor:
         refusal = loops_refusal(self.runner, stages, schedule, {
             "replicas": self.replicas > 1, "recompute": any(self.recompute), "profile": profile,
             "check_numerics": check_numerics, "batch_norm='deferred'": self.deferred is not None,
-            "jit_compile": jit_compile}) if rank_loops else None
-        if rank_loops is True and refusal:
+            "jit_compile": jit_compile}, steady=rank_loops == "steady") if rank_loops else None
+        if rank_loops in (True, "steady") and refusal:
             raise PipelineError(
-                f"rank_loops=True: {refusal}. Use rank_loops='auto' or False (the unrolled "
-                "step runs every feature).\n" + format_schedule(schedule))
+                f"rank_loops={rank_loops!r}: {refusal}. Use rank_loops='auto' or False (the "
+                "unrolled step runs every feature).\n" + format_schedule(schedule))
         if rank_loops and refusal is None:
-            self.loops = RankLoops(self.runner, stages, schedule)
+            kind = SteadyLoop if rank_loops == "steady" else RankLoops
+            self.loops = kind(self.runner, stages, schedule)
 
     @property
     def stamps(self) -> tf.Variable | None:

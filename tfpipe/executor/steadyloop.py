@@ -1,0 +1,219 @@
+"""The steady loop: a training step with its steady phase traced once, as one in-graph loop.
+
+Design:
+- Why: the unrolled step traces each of its M x K actions, and TensorFlow builds each
+  called function's body once per call operation before the first run, so its first step
+  grows with M x K (8x `model.fit`'s at K = 8, M = 64, docs/benchmarks.md); the rank loops
+  (`tfpipe.executor.rankloop`) trace one loop per rank but pass every value through a
+  FIFO queue (CPU kernels only) and run one action per iteration. Here the schedule is
+  cut (`tfpipe.executor.steady`) into the actions before its steady phase, one iteration
+  of the steady phase on every rank, and the actions after it; the first and last are
+  traced as in the unrolled step, the middle once, as the body of one `tf.while_loop`
+  spanning all devices. Values pass between stages as plain tensors (`Send`/`Recv` where
+  devices differ), on any device type.
+- It runs the rank loops' stage functions (`StagePair`: forward with residuals, backward
+  from them) and keeps their state per rank (`LoopState`): the loss, the dense gradient
+  sums, the IndexedSlices and predictions per micro-batch in TensorLists, and a per-rank
+  counter that each action waits on and advances, which keeps every rank's actions in its
+  row's order.
+- A value made in iteration i and read in iteration i + d (`Steady.delay`: an activation
+  one stage on in 1F1B, a stage's residuals K - s iterations later) is carried as one of
+  the loop's last d values of its stream; inside the body the values are keyed by the
+  micro-batch they have in iteration 0, so the body is traced by the same handlers as the
+  actions around the loop.
+- The step is traced without automatic control dependencies (`_keras.functions.
+  graph_function`): with them, every stateful operation in a loop body (each function call
+  is one) becomes a control output of the iteration, and the next iteration waits for all
+  of them: two devices then take turns instead of overlapping (a probe on 2 logical CPU
+  devices: 20.5 ms per iteration against 10.7 ms unrolled, 10.7 ms without them,
+  docs/benchmarks.md).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import tensorflow as tf
+
+from tfpipe._keras import functions
+from tfpipe.executor.forward import StageRunner, graph_outputs
+from tfpipe.executor.program import trace_order
+from tfpipe.executor.rankloop import RankLoops
+from tfpipe.executor.residuals import unpacked
+from tfpipe.executor.stagepair import (
+    StagePair,
+    edges,
+    get,
+    got_op,
+    initial_state,
+    moved_lists,
+    set_item,
+)
+from tfpipe.executor.steady import Steady, steady_phase
+from tfpipe.partition import Stage
+from tfpipe.schedules import Action, Schedule
+
+__all__ = ["SteadyLoop"]
+
+Key = tuple[Any, ...]
+"""A stream: `("act", tensor id, consumer stage)`, `("grad", tensor id, consumer stage)` or
+`("res", stage)`; with a micro-batch, one value of it."""
+
+
+class SteadyLoop(RankLoops):
+    """The training step of a schedule with its steady phase as one in-graph loop.
+
+    Args:
+        runner: the executor's `StageRunner`.
+        stages: the model's stages, stage k on `stages[k].device`.
+        schedule: a schedule with a steady phase (`loops_refusal(..., steady=True)` is None).
+    """
+
+    def __init__(self, runner: StageRunner, stages: list[Stage], schedule: Schedule) -> None:
+        super().__init__(runner, stages, schedule)
+        cut = steady_phase(schedule, edges(runner, stages))
+        assert cut is not None, "loops_refusal(steady=True) found a steady phase"
+        self.cut: Steady = cut
+        self.rank_of = {a: r for r, row in enumerate(schedule.ranks) for a in row}
+        self.order = {a: n for n, a in enumerate(trace_order(schedule))}
+
+    def _build(self, inputs: list[Any], y: Any, sw: Any, ys: list[Any], sws: list[Any]) -> None:
+        spec_of = self._make_pairs(inputs, y, sw, ys, sws)
+        producer = {id(t): st.index for st in self.stages for t in graph_outputs(st)}
+        self.streams: list[tuple[Key, tuple[int, str], tuple[int, str]]] = []
+        for pair in self.pairs:
+            c = pair.stage.index
+            if pair.residuals:
+                self.streams.append((("res", c), (c, "F"), (c, "B")))
+            for i in pair.in_ids:
+                if i in producer:
+                    p = producer[i]
+                    self.consumers.setdefault(i, []).append(c)
+                    self.streams.append((("act", i, c), (p, "F"), (c, "F")))
+                    if spec_of[i].dtype.is_floating:
+                        self.streams.append((("grad", i, c), (c, "B"), (p, "B")))
+        self.sends = {key[1:] for key, _, _ in self.streams if key[0] == "grad"}
+        self._make_region(len(inputs), len(ys), len(sws))
+
+    def _region(self, *args: Any) -> list[Any]:
+        nx, ny, nsw = self._counts
+        lists = {"x": dict(zip(self.runner.input_ids, args[:nx])),
+                 "labels": list(args[nx: nx + ny + nsw]),
+                 "data_scale": args[-2], "extra_scale": args[-1]}
+        ranks = range(len(self.schedule.ranks))
+        pairs = [self._rank_pairs(self.rows.branches[r]) for r in ranks]
+        moved, states = [], []
+        for r in ranks:
+            with tf.device(self.stages[pairs[r][0][0]].device):
+                moved.append(moved_lists([p for _, p in pairs[r]], lists))
+                states.append(initial_state([p for _, p in pairs[r]], self.m,
+                                            self._pred_specs(self.rows.branches[r])))
+        values: dict[Key, Any] = {}
+        self._run(self.cut.before, states, moved, values, 0)
+        carried = [(key, self.cut.template[p], self.cut.delay(p, c))
+                   for key, p, c in self.streams if self.cut.delay(p, c) > 0]
+        lines = [[values.pop((*key, p0 - d + j)) for j in range(d)] for key, p0, d in carried]
+
+        def body(i: Any, states: list[Any], lines: list[Any]) -> tuple[Any, list[Any], list[Any]]:
+            vals = {(*key, p0 - d + j): v for (key, p0, d), line in zip(carried, lines)
+                    for j, v in enumerate(line)}
+            states = [dict(s) for s in states]
+            self._run(self.cut.body, states, moved, vals, i)
+            return i + 1, states, [[vals[(*key, p0 - d + 1 + j)] for j in range(d)]
+                                   for key, p0, d in carried]
+
+        _, states, lines = tf.while_loop(
+            lambda i, *_: i < self.cut.count, body, (tf.constant(0), states, lines),
+            parallel_iterations=len(ranks) + 1)
+        for (key, p0, d), line in zip(carried, lines):
+            values.update({(*key, p0 - d + j + self.cut.count): v for j, v in enumerate(line)})
+        self._run(self.cut.after, states, moved, values, 0)
+        out: dict[str, Any] = {"loss": [], "ticks": [], "grads": {}, "preds": []}
+        for r in ranks:
+            out["loss"].append(states[r]["loss"])
+            out["ticks"].append(states[r]["tick"])
+            with tf.device(self.stages[pairs[r][0][0]].device):
+                self._collect(self.rows.branches[r], states[r], out)
+        self.layout = out
+        flat: list[Any] = tf.nest.flatten(out)
+        return flat
+
+    def _run(self, rows: list[list[Action]], states: list[dict[str, Any]],
+             moved: list[dict[str, Any]], values: dict[Key, Any], offset: Any) -> None:
+        """Traces `rows`' actions in trace order; `offset`: added to each micro-batch to index
+        the batch (the loop counter in the body, 0 around it)."""
+        for a in sorted((a for row in rows for a in row), key=self.order.__getitem__):
+            r = self.rank_of[a]
+            pos = [s for s, _ in self._rank_pairs(self.rows.branches[r])].index(a.stage)
+            pair = self.pairs[a.stage]
+            with tf.device(pair.stage.device):
+                step = self._forward_at if a.kind == "F" else self._backward_at
+                states[r] = step(pair, pos, states[r], a.micro_batch, offset, values, moved[r])
+
+    def _forward_at(self, pair: StagePair, pos: int, state: dict[str, Any], mb: int,
+                    offset: Any, values: dict[Key, Any], lists: dict[str, Any]
+                    ) -> dict[str, Any]:
+        s, real = pair.stage.index, mb + offset
+        specs = pair.function.structured_input_signature[0]
+        with tf.control_dependencies([state["tick"]]):
+            ins = [get(lists["x"][i], real, specs[j]) if i in lists["x"]
+                   else tf.identity(values.pop(("act", i, s, mb)))
+                   for j, i in enumerate(pair.in_ids)]
+            if pair.last:
+                ins += [get(lst, real, spec)
+                        for lst, spec in zip(lists["labels"], specs[len(pair.in_ids):])]
+                ins.append(tf.gather(lists["data_scale"], real))
+            ins.append(tf.gather(lists["extra_scale"], real))
+        outs = functions.call_forward(pair.fw, ins + list(pair.function.captured_inputs))
+        for i, n in pair.out_at.items():
+            for c in self.consumers.get(i, []):
+                values[("act", i, c, mb)] = outs[n]
+        if pair.residuals:  # one value per micro-batch, however many residuals (`RingStore`)
+            values[("res", s, mb)] = tf.raw_ops.OptionalFromValue(
+                components=[outs[n] for n in pair.residuals])
+        new = dict(state)
+        if pair.loss_at is not None:
+            new["loss"] = state["loss"] + outs[pair.loss_at]
+        if state["preds"] and pair.last:
+            new["preds"] = [set_item(lst, real, outs[pair.preds_at + j])
+                            for j, lst in enumerate(state["preds"])]
+        return self._done(new, [*ins, new["loss"], *new["preds"], outs[0].op])
+
+    def _backward_at(self, pair: StagePair, pos: int, state: dict[str, Any], mb: int,
+                     offset: Any, values: dict[Key, Any], lists: dict[str, Any]
+                     ) -> dict[str, Any]:
+        s = pair.stage.index
+        res = unpacked(pair, values.pop(("res", s, mb))) if pair.residuals else {}
+        floats = [i for i, n in sorted(pair.out_at.items(), key=lambda t: t[1])
+                  if n < pair.seeded]
+        if not pair.seeded:
+            return self._done(state, [])
+        with tf.control_dependencies([state["tick"]]):
+            seeds = [tf.add_n([values.pop(("grad", i, c, mb)) for c in self.consumers[i]])
+                     for i in floats]
+            if pair.loss_at is not None:
+                seeds.append(tf.ones([], pair.specs[pair.seeded - 1].dtype))
+        res.update({n: tf.constant(v, pair.specs[n].dtype) for n, v in pair.constants.items()})
+        caps = [c if n is None else res[n] for n, c in pair.bw_caps]
+        got = functions.call_backward(pair.bw, seeds, caps)
+        return self._sum(pair, pos, state, got, mb + offset, values, mb, seeds)
+
+    def _sum(self, pair: StagePair, pos: int, state: dict[str, Any], got: list[Any],
+             real: Any, values: dict[Key, Any], mb: int, seeds: list[Any]) -> dict[str, Any]:
+        """Passes a backward's input gradients on and adds its weight gradients."""
+        s = pair.stage.index
+        sent = []
+        for j, i in enumerate(pair.in_ids):
+            if (i, s) in self.sends:
+                values[("grad", i, s, mb)] = got[j]
+                sent.append(got[j])
+        of = {k: got[pair.num_args + j] for j, k in enumerate(pair.var_of) if k is not None}
+        flat = tf.constant([-1])
+        sums = [total + tf.concat([tf.reshape(of[k], flat) for k in group], 0)
+                for group, total in zip(pair.dense_groups(), state["sums"][pos])]
+        slices = [(set_item(v, real, of[k].values), set_item(i, real, of[k].indices))
+                  for (k, _), (v, i) in zip(pair.sparse(), state["slices"][pos])]
+        new = {**state, "sums": [*state["sums"][:pos], sums, *state["sums"][pos + 1:]],
+               "slices": [*state["slices"][:pos], slices, *state["slices"][pos + 1:]]}
+        return self._done(new, [*seeds, *sent, *sums, *[t for p in slices for t in p],
+                                got_op(got)])
