@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import tensorflow as tf
 
 import tfpipe
 from tests.models import StepLog, assert_same_training, build, data
 from tests.test_rank_loops import skip_model
+from tfpipe.errors import PipelineError
 
 
 def fit_both(make, x, y, batch_size=16, sample_weight=None, **pipeline):
@@ -47,3 +49,62 @@ def test_skips_sparse_gradients_losses_sample_weights_and_a_short_last_batch():
                                            split_points=["mid", "mid2", "join"],
                                            micro_batches=6, schedule="1f1b")
     assert_same_training(ref, ref_log, model, log)
+
+
+def traced(stages, micro_batches):
+    """The steady loop's training step of the deep model traced for batch 8 * M."""
+    pipe = tfpipe.Pipeline(build("deep"), stages=stages, micro_batches=micro_batches,
+                           schedule="1f1b", rank_loops="steady")
+    spec = (tf.TensorSpec((8 * micro_batches, 8), tf.float32), tf.TensorSpec((None,), tf.int64))
+    with pipe._attached():
+        step = tf.function(lambda x, y: pipe.executor.train_step((x, y)), autograph=False)
+        concrete = step.get_concrete_function(*spec)
+    return pipe, concrete
+
+
+def test_graph_grows_with_stages_not_micro_batches():
+    sizes = {}
+    for k, m in [(2, 4), (2, 32), (4, 8), (4, 32)]:
+        pipe, concrete = traced(k, m)
+        sizes[(k, m)] = (len(concrete.graph.get_operations()), pipe.executor.loops.operation_count())
+    for k, m in ((2, 4), (4, 8)):  # more micro-batches: a handful of operations more, not 4-8x
+        assert sizes[(k, 32)][0] - sizes[(k, m)][0] <= 8, sizes
+        assert sizes[(k, 32)][1] == sizes[(k, m)][1], sizes
+    assert sizes[(4, 8)][1] > sizes[(2, 4)][1], sizes  # more stages: a longer warm-up
+
+
+def test_one_loop_runs_each_stage_once_per_iteration_on_its_device():
+    """The loop body holds one forward and one backward call per stage, each placed on its
+    stage's device; warm-up and cool-down hold the rest of the schedule (1F1B, K = 4: the
+    rows of `steady_phase`)."""
+    pipe, _ = traced(4, 8)
+    loops = pipe.executor.loops
+    region = loops.region.graph
+    (loop,) = [op for op in region.get_operations() if op.type in ("While", "StatelessWhile")]
+    body = region._get_function(loop.get_attr("body").name).graph
+    calls = [op for op in body.get_operations()
+             if op.type in ("PartitionedCall", "StatefulPartitionedCall")]
+    placed = sorted((op.get_attr("f").name, tf.DeviceSpec.from_string(op.device).device_index)
+                    for op in calls)
+    expected = sorted((fn.name, st.index) for st, pair in zip(loops.stages, loops.pairs)
+                      for fn in (pair.fw, pair.bw))
+    assert [(name.decode() if isinstance(name, bytes) else name, d) for name, d in placed] == [
+        (name.decode() if isinstance(name, bytes) else name, d) for name, d in expected]
+    outside = [op for op in region.get_operations()
+               if op.type in ("PartitionedCall", "StatefulPartitionedCall")]
+    cut = loops.cut
+    assert len(outside) == sum(len(r) for r in cut.before + cut.after) == 2 * 4 * 8 - 2 * 4 * 5
+    for op in outside:
+        assert tf.DeviceSpec.from_string(op.device).device_type == "CPU" and op.device
+
+
+def test_steady_refuses_what_it_does_not_run_with_the_grid():
+    with pytest.raises(PipelineError, match=r"no steady phase(.|\n)*rank0  F0"):
+        tfpipe.Pipeline(build("deep"), stages=2, micro_batches=4, schedule="gpipe",
+                        rank_loops="steady")
+    with pytest.raises(PipelineError, match=r"steady loop do not run recompute"):
+        tfpipe.Pipeline(build("deep"), stages=2, micro_batches=4, schedule="1f1b",
+                        recompute="always", rank_loops="steady")
+    with pytest.raises(PipelineError, match=r"no steady phase"):  # one iteration: nothing to loop
+        tfpipe.Pipeline(build("deep"), stages=4, micro_batches=4, schedule="1f1b",
+                        rank_loops="steady")

@@ -95,7 +95,8 @@ class Pipeline:
             runs without, with a warning (see `tfpipe.executor.stagefn`).
         rank_loops: `True`: each device runs its share of a training step as one in-graph
             loop, a graph that grows with K, not M x K (an error names what they do not run
-            yet); `"auto"`: where they run every feature asked for; `False` (default): unrolled.
+            yet); `"auto"`: where they run every feature asked for; `"steady"` (experimental):
+            the steady phase as one loop over all devices; `False` (default): unrolled.
 
     Attributes:
         stages: the `Stage`s: `.model` (Keras sub-model), `.device`, `.num_params`, `.layers`;

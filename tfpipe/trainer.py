@@ -84,7 +84,7 @@ def fit(
             `jit_compile` is True, as `model.compile`'s default makes it on a GPU machine),
             `True` (XLA on each stage's forward and backward, on its device) or `False`.
         rank_loops: `False` (default), `True` or `"auto"`: each device's share of a step as
-            one in-graph loop (see `Pipeline`).
+            one in-graph loop; `"steady"`: its steady phase as one loop (see `Pipeline`).
         callbacks, validation_data, verbose, steps_per_epoch, **fit_kwargs: as `model.fit`.
         plan: a `tfpipe.planner.PlanConfig` (for example `tfpipe.plan(...).best`): its
             `stages`, `balance`, `micro_batches`, `schedule`, `recompute`, `chunks` and
