@@ -44,6 +44,7 @@ class Steady:
         count: how many times the loop runs.
         after: per rank, the actions after its loop (row order).
         template: each body branch's micro-batch in iteration 0.
+        num_micro_batches: M.
 
     Example:
         >>> from tfpipe.schedules import one_f_one_b
@@ -59,10 +60,32 @@ class Steady:
     count: int
     after: list[list[Action]]
     template: dict[Branch, int]
+    num_micro_batches: int
 
     def delay(self, producer: Branch, consumer: Branch) -> int:
         """Iterations from a body action making a value to the body action reading it."""
         return self.template[producer] - self.template[consumer]
+
+    def iterations(self, first: int, last: int) -> list[list[Action]]:
+        """Per rank, the body's actions in iterations `first` to `last - 1` (negative: before
+        the loop) on micro-batches that exist (0 to M - 1), in row order."""
+        m = self.num_micro_batches
+        return [[_shifted(a, i) for i in range(first, last) for a in row
+                 if 0 <= a.micro_batch + i < m] for row in self.body]
+
+    def edges_as_iterations(self) -> tuple[int, int] | None:
+        """`(lead, tail)` when the actions before and after the loop are the body's in `lead`
+        more iterations before it and `tail` after it, each action kept only where its
+        micro-batch exists (1F1B: K - 1 each, the warm-up's forwards and the cool-down's
+        backwards), else None. Then the executor runs them as masked iterations of the
+        same body (`tfpipe.executor.steadyloop`), so nothing is traced action by action."""
+        lead = max(self.template.values())
+        tail = self.num_micro_batches - min(self.template.values()) - self.count
+        if self.iterations(-lead, 0) != self.before:
+            return None
+        if self.iterations(self.count, self.count + tail) != self.after:
+            return None
+        return lead, tail
 
 
 def _shifted(a: Action, by: int) -> Action:
@@ -126,7 +149,7 @@ def steady_phase(schedule: Schedule, edges: Sequence[tuple[int, int]]) -> Steady
         body.append(list(row[start: start + period]))
         after.append(list(row[start + count * period:]))
     template = {(a.stage, a.kind): a.micro_batch for row in body for a in row}
-    steady = Steady(before, body, count, after, template)
+    steady = Steady(before, body, count, after, template, m)
     return steady if _carried(steady, schedule, edges) else None
 
 

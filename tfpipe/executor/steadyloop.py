@@ -47,6 +47,7 @@ from tfpipe.executor.stagepair import (
     got_op,
     initial_state,
     moved_lists,
+    relaxed,
     set_item,
 )
 from tfpipe.executor.steady import Steady, steady_phase
@@ -80,19 +81,24 @@ class SteadyLoop(RankLoops):
     def _build(self, inputs: list[Any], y: Any, sw: Any, ys: list[Any], sws: list[Any]) -> None:
         spec_of = self._make_pairs(inputs, y, sw, ys, sws)
         producer = {id(t): st.index for st in self.stages for t in graph_outputs(st)}
-        self.streams: list[tuple[Key, tuple[int, str], tuple[int, str]]] = []
+        streams: list[tuple[Key, tuple[int, str], tuple[int, str], Any]] = []
         for pair in self.pairs:
             c = pair.stage.index
             if pair.residuals:
-                self.streams.append((("res", c), (c, "F"), (c, "B")))
+                streams.append((("res", c), (c, "F"), (c, "B"), None))
             for i in pair.in_ids:
                 if i in producer:
                     p = producer[i]
                     self.consumers.setdefault(i, []).append(c)
-                    self.streams.append((("act", i, c), (p, "F"), (c, "F")))
+                    streams.append((("act", i, c), (p, "F"), (c, "F"), spec_of[i]))
                     if spec_of[i].dtype.is_floating:
-                        self.streams.append((("grad", i, c), (c, "B"), (p, "B")))
-        self.sends = {key[1:] for key, _, _ in self.streams if key[0] == "grad"}
+                        streams.append((("grad", i, c), (c, "B"), (p, "B"), spec_of[i]))
+        self.sends = {key[1:] for key, _, _, _ in streams if key[0] == "grad"}
+        # the streams the loop carries: (stream, its producer's micro-batch in iteration 0,
+        # iterations from making a value to reading it, its spec: None for residuals)
+        self.carried = [(key, self.cut.template[p], self.cut.delay(p, c), spec)
+                        for key, p, c, spec in streams if self.cut.delay(p, c) > 0]
+        self.made_on = {key: self.stages[p[0]].device for key, p, _, _ in streams}
         self._make_region(len(inputs), len(ys), len(sws))
 
     def _region(self, *args: Any) -> list[Any]:
@@ -108,26 +114,23 @@ class SteadyLoop(RankLoops):
                 moved.append(moved_lists([p for _, p in pairs[r]], lists))
                 states.append(initial_state([p for _, p in pairs[r]], self.m,
                                             self._pred_specs(self.rows.branches[r])))
-        values: dict[Key, Any] = {}
-        self._run(self.cut.before, states, moved, values, 0)
-        carried = [(key, self.cut.template[p], self.cut.delay(p, c))
-                   for key, p, c in self.streams if self.cut.delay(p, c) > 0]
-        lines = [[values.pop((*key, p0 - d + j)) for j in range(d)] for key, p0, d in carried]
-
-        def body(i: Any, states: list[Any], lines: list[Any]) -> tuple[Any, list[Any], list[Any]]:
-            vals = {(*key, p0 - d + j): v for (key, p0, d), line in zip(carried, lines)
-                    for j, v in enumerate(line)}
-            states = [dict(s) for s in states]
-            self._run(self.cut.body, states, moved, vals, i)
-            return i + 1, states, [[vals[(*key, p0 - d + 1 + j)] for j in range(d)]
-                                   for key, p0, d in carried]
-
-        _, states, lines = tf.while_loop(
-            lambda i, *_: i < self.cut.count, body, (tf.constant(0), states, lines),
-            parallel_iterations=len(ranks) + 1)
-        for (key, p0, d), line in zip(carried, lines):
-            values.update({(*key, p0 - d + j + self.cut.count): v for j, v in enumerate(line)})
-        self._run(self.cut.after, states, moved, values, 0)
+        cut, edges = self.cut, self.cut.edges_as_iterations()
+        if edges is None:  # the warm-up and cool-down action by action
+            values: dict[Key, Any] = {}
+            self._run(cut.before, states, moved, values, 0)
+            lines = [[values.pop((*key, p0 - d + j)) for j in range(d)]
+                     for key, p0, d, _ in self.carried]
+            states, lines = self._loop(states, lines, moved, 0, cut.count)
+            for (key, p0, d, _), line in zip(self.carried, lines):
+                values.update({(*key, p0 - d + j + cut.count): v for j, v in enumerate(line)})
+            self._run(cut.after, states, moved, values, 0)
+        else:  # all of it as iterations of the body, the warm-up's and cool-down's masked
+            lead, tail = edges
+            lines = [[self._placeholder(key, spec) for _ in range(d)]
+                     for key, _, d, spec in self.carried]
+            for first, last, masked in ((-lead, 0, True), (0, cut.count, False),
+                                        (cut.count, cut.count + tail, True)):
+                states, lines = self._loop(states, lines, moved, first, last, masked)
         out: dict[str, Any] = {"loss": [], "ticks": [], "grads": {}, "preds": []}
         for r in ranks:
             out["loss"].append(states[r]["loss"])
@@ -138,17 +141,95 @@ class SteadyLoop(RankLoops):
         flat: list[Any] = tf.nest.flatten(out)
         return flat
 
+    def _placeholder(self, key: Key, spec: Any) -> tf.Tensor:
+        """A stand-in for a stream's value that no action reads (an iteration before its
+        first value or a masked action's): no rows, or an empty `Optional`."""
+        with tf.device(self.made_on[key]):
+            if spec is None:
+                return tf.raw_ops.OptionalNone()
+            dims = [0 if d is None else d for d in spec.shape]
+            return tf.zeros(dims[:1] and [0, *dims[1:]], spec.dtype)
+
+    def _loop(self, states: list[dict[str, Any]], lines: list[list[Any]],
+              moved: list[dict[str, Any]], first: int, last: int, masked: bool = False
+              ) -> tuple[list[dict[str, Any]], list[list[Any]]]:
+        """Iterations `first` to `last - 1` of the body as one `tf.while_loop` (`masked`:
+        each action only where its micro-batch exists); returns the states and lines."""
+        if last <= first:
+            return states, lines
+        carried = self.carried
+
+        def body(i: Any, states: list[Any], lines: list[Any]) -> tuple[Any, list[Any], list[Any]]:
+            vals = {(*key, p0 - d + j): v for (key, p0, d, _), line in zip(carried, lines)
+                    for j, v in enumerate(line)}
+            states = [dict(s) for s in states]
+            self._run(self.cut.body, states, moved, vals, i, (first, last) if masked else None)
+            # a value an action not traced here would have made: a stand-in no action reads
+            return i + 1, states, [[vals[k] if (k := (*key, p0 - d + 1 + j)) in vals else
+                                    self._placeholder(key, spec) for j in range(d)]
+                                   for key, p0, d, spec in carried]
+
+        shapes = (tf.TensorShape([]), [tf.nest.map_structure(lambda t: t.shape, st)
+                                       for st in states],
+                  [[tf.TensorShape([]) if spec is None else relaxed(spec).shape] * d
+                   for _, _, d, spec in carried])
+        _, states, lines = tf.while_loop(
+            lambda i, *_: i < last, body, (tf.constant(first), states, lines),
+            shape_invariants=shapes, parallel_iterations=len(self.schedule.ranks) + 1)
+        return states, lines
+
     def _run(self, rows: list[list[Action]], states: list[dict[str, Any]],
-             moved: list[dict[str, Any]], values: dict[Key, Any], offset: Any) -> None:
+             moved: list[dict[str, Any]], values: dict[Key, Any], offset: Any,
+             masked: tuple[int, int] | None = None) -> None:
         """Traces `rows`' actions in trace order; `offset`: added to each micro-batch to index
-        the batch (the loop counter in the body, 0 around it)."""
+        the batch (the loop counter in the body, 0 around it); `masked`: the loop's first and
+        last iteration, where an action whose micro-batch exists in some of them but not all
+        runs in a `tf.cond` on it existing (one that exists in none is not traced)."""
+        m = self.m
         for a in sorted((a for row in rows for a in row), key=self.order.__getitem__):
             r = self.rank_of[a]
             pos = [s for s, _ in self._rank_pairs(self.rows.branches[r])].index(a.stage)
             pair = self.pairs[a.stage]
+            step = self._forward_at if a.kind == "F" else self._backward_at
+            lo, hi = (a.micro_batch + masked[0], a.micro_batch + masked[1] - 1) if masked else (
+                0, 0)
+            if hi < 0 or lo >= m:  # in none of the loop's iterations
+                continue
             with tf.device(pair.stage.device):
-                step = self._forward_at if a.kind == "F" else self._backward_at
-                states[r] = step(pair, pos, states[r], a.micro_batch, offset, values, moved[r])
+                if lo >= 0 and hi < m:  # in all of them
+                    states[r] = step(pair, pos, states[r], a.micro_batch, offset, values,
+                                     moved[r])
+                    continue
+                real = a.micro_batch + offset
+                exists = tf.logical_and(real >= 0, real < self.m)
+                states[r] = self._masked(exists, step, pair, pos, states[r], a.micro_batch,
+                                         offset, values, moved[r])
+
+    def _masked(self, exists: Any, step: Any, pair: StagePair, pos: int, state: dict[str, Any],
+                mb: int, offset: Any, values: dict[Key, Any], lists: dict[str, Any]
+                ) -> dict[str, Any]:
+        """`step` in a `tf.cond` on `exists`: otherwise the state is kept and the values it
+        would make are placeholders (no action reads them)."""
+        made: dict[str, Any] = {}
+
+        def run() -> tuple[dict[str, Any], list[Any]]:  # traced first (`tf.cond`)
+            local = dict(values)
+            new = step(pair, pos, state, mb, offset, local, lists)
+            made["keys"] = [k for k in local if k not in values]
+            made["read"] = [k for k in values if k not in local]
+            made["values"] = [local[k] for k in made["keys"]]
+            return new, made["values"]
+
+        def skip() -> tuple[dict[str, Any], list[Any]]:
+            return state, [tf.raw_ops.OptionalNone() if k[0] == "res" else
+                           tf.zeros([0, *[0 if d is None else d for d in v.shape[1:]]], v.dtype)
+                           for k, v in zip(made["keys"], made["values"])]
+
+        new, outs = tf.cond(exists, run, skip)
+        for k in made["read"]:
+            values.pop(k)
+        values.update(zip(made["keys"], outs))
+        return dict(new)
 
     def _forward_at(self, pair: StagePair, pos: int, state: dict[str, Any], mb: int,
                     offset: Any, values: dict[Key, Any], lists: dict[str, Any]
@@ -157,7 +238,7 @@ class SteadyLoop(RankLoops):
         specs = pair.function.structured_input_signature[0]
         with tf.control_dependencies([state["tick"]]):
             ins = [get(lists["x"][i], real, specs[j]) if i in lists["x"]
-                   else tf.identity(values.pop(("act", i, s, mb)))
+                   else _shaped(values.pop(("act", i, s, mb)), specs[j])
                    for j, i in enumerate(pair.in_ids)]
             if pair.last:
                 ins += [get(lst, real, spec)
@@ -189,7 +270,8 @@ class SteadyLoop(RankLoops):
         if not pair.seeded:
             return self._done(state, [])
         with tf.control_dependencies([state["tick"]]):
-            seeds = [tf.add_n([values.pop(("grad", i, c, mb)) for c in self.consumers[i]])
+            seeds = [_shaped(tf.add_n([values.pop(("grad", i, c, mb))
+                                       for c in self.consumers[i]]), pair.specs[pair.out_at[i]])
                      for i in floats]
             if pair.loss_at is not None:
                 seeds.append(tf.ones([], pair.specs[pair.seeded - 1].dtype))
@@ -217,3 +299,11 @@ class SteadyLoop(RankLoops):
                "slices": [*state["slices"][:pos], slices, *state["slices"][pos + 1:]]}
         return self._done(new, [*seeds, *sent, *sums, *[t for p in slices for t in p],
                                 got_op(got)])
+
+
+def _shaped(value: tf.Tensor, spec: Any) -> tf.Tensor:
+    """`value` (a loop variable of any batch size) with `spec`'s static shape, as the stage
+    function it goes to was traced for."""
+    got = tf.identity(value)
+    got.set_shape(spec.shape)
+    return got
