@@ -87,7 +87,10 @@ def test_three_loops_run_each_stage_once_per_iteration_on_its_device():
     assert not [op for op in region.get_operations() if op.type in calls]
     whiles = [op for op in region.get_operations() if op.type in ("While", "StatelessWhile")]
     assert len(whiles) == 3
-    name = (lambda n: n.decode() if isinstance(n, bytes) else n)
+
+    def name(n):
+        return n.decode() if isinstance(n, bytes) else n
+
     expected = sorted((name(fn.name), st.index) for st, pair in zip(loops.stages, loops.pairs)
                       for fn in (pair.fw, pair.bw))
     conds = []
