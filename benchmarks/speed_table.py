@@ -136,7 +136,7 @@ def summary(table: list[dict[str, Any]]) -> str:
         f"{top['system']}: best speedup {top['speedup']:.2f} over its baseline "
         f"({top['config']} M={top['M']}, {top['ms']:.1f} ms/step)"
     )
-    for config in ("1f1b", "1f1b+loops"):
+    for config in ("1f1b", "1f1b+loops", "1f1b+steady"):
         effs = [
             (r["efficiency_vs_sequential"], r["M"])
             for r in table
@@ -144,7 +144,8 @@ def summary(table: list[dict[str, Any]]) -> str:
         ]
         if effs:
             low, at = min(effs)
-            name = config.replace("1f1b", "1F1B").replace("+loops", " (rank loops)")
+            name = config.replace("1f1b", "1F1B").replace("+loops", " (rank loops)").replace(
+                "+steady", " (steady loop)")
             line += f"; {name} efficiency vs same-M sequential: lowest {low:.2f} (M={at})"
     return line
 

@@ -332,7 +332,7 @@ def client(args: argparse.Namespace) -> None:
     fit = dict(epochs=1, verbose=0)
 
     def piped(stages: int, m: int, schedule: str = "gpipe", profile: bool = False,
-              one_worker: bool = False, loops: bool = False) -> Any:
+              one_worker: bool = False, loops: bool | str = False) -> Any:
         devices = [d0, d0 if one_worker else d1][:stages]
         return tfpipe.Pipeline(compiled("mlp"), stages=stages, devices=devices,
                                micro_batches=m, schedule=schedule, profile=profile,
@@ -349,11 +349,13 @@ def client(args: argparse.Namespace) -> None:
         lambda n, cb: plain.fit(data, steps_per_epoch=n, callbacks=[cb], **fit), pids)
     for m in ms:
         labels = ([f"sequential M={m}"] if m > 1 else []) + [f"{s} M={m}" for s in schedules]
-        if args.rank_loops == "both" and m > 1:
-            labels += [f"{s}+loops M={m}" for s in schedules]
+        if args.rank_loops in ("both", "steady") and m > 1:
+            kind = "loops" if args.rank_loops == "both" else "steady"
+            labels += [f"{s}+{kind} M={m}" for s in schedules]
         for label in labels:
             schedule, _, suffix = split_label(label)[0].partition("+")
-            loops = suffix == "loops" or (args.rank_loops == "true" and m > 1)
+            loops: bool | str = "steady" if suffix == "steady" else (
+                suffix == "loops" or (args.rank_loops == "true" and m > 1))
             one = schedule == "sequential"  # one stage: its M micro-batches in sequence
             pipes[label] = piped(1 if one else 2, m, "gpipe" if one else schedule, loops=loops)
             runners[label] = Runner(fitting(pipes[label]), pids)
@@ -586,11 +588,13 @@ def main() -> None:
                         help="also time torch.distributed.pipelining in every round")
     parser.add_argument("--timeline", action="store_true",
                         help="also record tfpipe's measured timeline of each configuration")
-    parser.add_argument("--rank-loops", default="false", choices=["false", "true", "both"],
+    parser.add_argument("--rank-loops", default="false",
+                        choices=["false", "true", "both", "steady"],
                         help="true: the pipelines of M > 1 micro-batches (sequential too) run "
                         "tfpipe's rank loops; both: also `<schedule>+loops` rows beside the "
-                        "unrolled ones, in the same rounds (--timeline's profiled runs are "
-                        "always unrolled: the loops do not profile)")
+                        "unrolled ones, in the same rounds; steady: `<schedule>+steady` rows, "
+                        "the steady loop (1F1B) (--timeline's profiled runs are always "
+                        "unrolled: the loops do not profile)")
     parser.add_argument("--client", default=None, help=argparse.SUPPRESS)
     parser.add_argument("--worker-pids", default="", help=argparse.SUPPRESS)
     args = parser.parse_args()
