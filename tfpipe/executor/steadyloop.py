@@ -6,16 +6,18 @@ Design:
   grows with M x K (8x `model.fit`'s at K = 8, M = 64, docs/benchmarks.md); the rank loops
   (`tfpipe.executor.rankloop`) trace one loop per rank but pass every value through a
   FIFO queue (CPU kernels only) and run one action per iteration. Here the schedule is
-  cut (`tfpipe.executor.steady`) into the actions before its steady phase, one iteration
-  of the steady phase on every rank, and the actions after it; the first and last are
-  traced as in the unrolled step, the middle once, as the body of one `tf.while_loop`
-  spanning all devices. Values pass between stages as plain tensors (`Send`/`Recv` where
-  devices differ), on any device type.
+  cut (`tfpipe.executor.steady`) into one iteration of its steady phase on every rank,
+  traced once as the body of a `tf.while_loop` spanning all devices. Where the warm-up and
+  cool-down are the same body's iterations before and after it with some actions missing
+  (`Steady.edges_as_iterations`: 1F1B), they are two more loops over the same body, each
+  action that exists in only some of their iterations in a `tf.cond` on its micro-batch
+  existing; otherwise they are traced action by action around the loop. Values pass
+  between stages as plain tensors (`Send`/`Recv` where devices differ), on any device type.
 - It runs the rank loops' stage functions (`StagePair`: forward with residuals, backward
-  from them) and keeps their state per rank (`LoopState`): the loss, the dense gradient
-  sums, the IndexedSlices and predictions per micro-batch in TensorLists, and a per-rank
-  counter that each action waits on and advances, which keeps every rank's actions in its
-  row's order.
+  from them) and keeps their state per rank (`stagepair.initial_state`): the loss, the
+  dense gradient sums, the IndexedSlices and predictions per micro-batch in TensorLists,
+  and a per-rank counter that each action waits on and advances, which keeps every rank's
+  actions in its row's order.
 - A value made in iteration i and read in iteration i + d (`Steady.delay`: an activation
   one stage on in 1F1B, a stage's residuals K - s iterations later) is carried as one of
   the loop's last d values of its stream; inside the body the values are keyed by the
@@ -36,6 +38,7 @@ from typing import Any
 import tensorflow as tf
 
 from tfpipe._keras import functions
+from tfpipe.errors import PipelineError
 from tfpipe.executor.forward import StageRunner, graph_outputs
 from tfpipe.executor.program import trace_order
 from tfpipe.executor.rankloop import RankLoops
@@ -92,6 +95,7 @@ class SteadyLoop(RankLoops):
                     self.consumers.setdefault(i, []).append(c)
                     streams.append((("act", i, c), (p, "F"), (c, "F"), spec_of[i]))
                     if spec_of[i].dtype.is_floating:
+                        _check_gradient(pair, i, p)
                         streams.append((("grad", i, c), (c, "B"), (p, "B"), spec_of[i]))
         self.sends = {key[1:] for key, _, _, _ in streams if key[0] == "grad"}
         # the streams the loop carries: (stream, its producer's micro-batch in iteration 0,
@@ -307,3 +311,12 @@ def _shaped(value: tf.Tensor, spec: Any) -> tf.Tensor:
     got = tf.identity(value)
     got.set_shape(spec.shape)
     return got
+
+
+def _check_gradient(pair: StagePair, i: int, producer: int) -> None:
+    """Refuses a stage that gives no gradient for a float input another stage sends it."""
+    if pair.input_grads[pair.in_ids.index(i)] is None:
+        raise PipelineError(
+            f"tfpipe steady loop: stage {pair.stage.index} ({', '.join(pair.stage.names)}) "
+            f"gives no gradient for an input it reads from stage {producer}, so the loop "
+            "cannot pass one back: use rank_loops=False for this model.")
