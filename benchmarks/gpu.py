@@ -12,7 +12,8 @@ initialises) and measures, each part in its own process with a time limit:
   too) and target 2 (1 stage, M micro-batches against M = 1, and against sequential
   accumulation), on one logical GPU; then per-stage XLA on and off (`measure_jit`: 1 stage
   and `model.fit`, each with and without XLA, and K = `--logical` stages with and without),
-  through `benchmarks/overhead.py`.
+  through `benchmarks/overhead.py`; then the steady loop (`rank_loops="steady"`) against the
+  unrolled step, 1F1B over all logical GPUs, side by side (`steady_loop`).
 - `memory`: allocator peak of one training step on each logical GPU
   (`tfpipe.allocator.peak_bytes("GPU:i")` after `tfpipe.allocator.reset`) for
   GPipe / 1F1B with recompute never, and 1F1B with except_last and always; K = `--logical`.
@@ -136,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         "overhead": {},
         "micro_batching": {},
         "jit": {},
+        "steady_loop": {},
         "memory": {},
         "traffic": {},
         "replicas": {},
@@ -380,7 +382,8 @@ def part_warmup(args: argparse.Namespace, devices: list[str], mem: list[str],
 def part_speed(args: argparse.Namespace, devices: list[str], mem: list[str],
                results: Results) -> None:
     """Targets 1 and 2 on the first logical device (where `model.fit` runs by default), then
-    per-stage XLA on and off (`measure_jit`, K = all logical devices)."""
+    per-stage XLA on and off (`measure_jit`, K = all logical devices), then the steady loop
+    against the unrolled step (`steady_loop`)."""
     from benchmarks.overhead import (
         jit_table,
         measure_jit,
@@ -410,6 +413,25 @@ def part_speed(args: argparse.Namespace, devices: list[str], mem: list[str],
         r = measure_jit(name, batch, args.steps, args.repeats, devices)
         results.put("jit", name, r)
         print(jit_table(name, r), flush=True)
+    steady_loop(args, devices, results)
+
+
+def steady_loop(args: argparse.Namespace, devices: list[str], results: Results) -> None:
+    """The steady loop (`rank_loops="steady"`) against the unrolled step, 1F1B over all
+    logical devices, side by side under `fit` (issue #21: whether it can be the default)."""
+    from benchmarks.trace_cost import steady_side_by_side
+
+    smoke = args.cpu_smoke
+    model = argparse.Namespace(model="transformer", blocks=2 if smoke else 4,
+                               width=16 if smoke else 64, stages=len(devices), schedule="1f1b")
+    m = 2 * len(devices)
+    got = steady_side_by_side(model, m, 1 if smoke else 3, "steady")
+    ratio = got["steady loop"] / got["unrolled"]
+    results.put("steady_loop", "transformer", {"K": len(devices), "M": m, "s_per_step": got,
+                                               "steady_vs_unrolled": ratio})
+    print(f"[steady loop] transformer ({model.blocks} blocks) K={len(devices)} M={m} 1f1b: "
+          f"steady loop {got['steady loop'] * 1000:.1f} ms/step, unrolled "
+          f"{got['unrolled'] * 1000:.1f} ({ratio:.3f}x)", flush=True)
 
 
 def step_peaks(fit_once: Callable[[], Any], mem: list[str], repeats: int) -> dict[str, Any]:

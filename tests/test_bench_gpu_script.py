@@ -74,6 +74,9 @@ def test_gpu_sh_cpu_smoke(tmp_path):
     jit = report["jit"]["mlp"]  # per-stage XLA on and off
     assert jit["stages"] == 4 and len(jit["ms"]) == 6
     assert {"one_stage_xla_vs_model_fit_xla", "k_stages_xla_vs_no_xla"} <= set(jit)
+    steady = report["steady_loop"]["transformer"]  # the steady loop beside the unrolled step
+    assert (steady["K"], steady["M"]) == (4, 8) and steady["steady_vs_unrolled"] > 0
+    assert set(steady["s_per_step"]) == {"steady loop", "unrolled"}
 
     rows = report["memory"]["rows"]
     assert [(r["schedule"], r["recompute"]) for r in rows] == [
