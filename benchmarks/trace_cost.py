@@ -99,7 +99,9 @@ def main() -> None:
                         "side by side, this many fits of each")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
-    loops = {"auto": "auto", "true": True, "false": False, "steady": "steady"}[args.rank_loops]
+    choice: dict[str, bool | str] = {"auto": "auto", "true": True, "false": False,
+                                     "steady": "steady"}
+    loops = choice[args.rank_loops]
 
     import tfpipe
 
@@ -137,12 +139,11 @@ def main() -> None:
             x, y = zeros(spec[0], batch), zeros(spec[1], batch)
             with pipe.executor.glue_options():
                 first, steady = _timed(lambda: concrete(x, y)), _timed(lambda: concrete(x, y))
-        looped = pipe.executor.loops is not None
         label = _label(pipe.executor.loops)
         # the rank loops' own graph too (their loop and branch bodies are not counted, as the
         # stage functions' bodies are not)
         ops = len(concrete.graph.get_operations()) + (
-            pipe.executor.loops.operation_count() if looped else 0)
+            pipe.executor.loops.operation_count() if pipe.executor.loops is not None else 0)
         calls = sum(op.type in _CALLS for op in concrete.graph.get_operations())
         functions = len(concrete.graph.as_graph_def().library.function)
         rows.append({"K": args.stages, "M": m, "step": label,
