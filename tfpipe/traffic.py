@@ -219,12 +219,13 @@ def kinds_table(pairs: dict[Pair, dict[str, int]]) -> str:
 
 LOOPS_UNSEEN = (
     "Pipeline.traffic reads the step's placed partition graphs, and they do not show what the "
-    "rank loops send between stages (each queue is read by a function call whose own partition "
-    "graphs TensorFlow does not report), so its table would leave the activations and "
-    "gradients out. Build the pipeline with rank_loops=False to see the unrolled step's "
-    "traffic; the loops send the same tensors (`benchmarks/traffic.py --rank-loops true` "
-    "measures them over loopback between worker processes).")
-"""Why `Pipeline.traffic` refuses a pipeline that runs the rank loops."""
+    "loops send between stages (the steady loop's sends run once per iteration of a loop "
+    "body; the rank loops' queues are read by function calls whose own partition graphs "
+    "TensorFlow does not report), so its table would leave the activations and gradients "
+    "out. Build the pipeline with rank_loops=False to see the unrolled step's traffic; the "
+    "loops send the same tensors (`benchmarks/traffic.py --rank-loops true` measures them "
+    "over loopback between worker processes).")
+"""Why `Pipeline.traffic` refuses a pipeline that runs the rank loops or the steady loop."""
 
 
 @dataclass(frozen=True)
