@@ -14,16 +14,18 @@ from tests.models import MODELS, StepLog, assert_same_training, build, data
 from tfpipe.errors import PipelineError
 
 
-def fit_both(make, x, y, batch_size=16, sample_weight=None, **pipeline):
-    """`model.fit` and `tfpipe.fit(rank_loops=True)` on fresh copies of one model."""
+def fit_both(make, x, y, batch_size=16, sample_weight=None, rank_loops=True, **pipeline):
+    """`model.fit` and `tfpipe.fit(rank_loops=...)` on fresh copies of one model (`True`: the
+    rank loops; `"steady"`: the steady loop, `tests/test_steady_loop.py`)."""
     ref, ref_log = make(), StepLog()
     ref.fit(x, y, sample_weight=sample_weight, batch_size=batch_size, epochs=2, shuffle=False,
             verbose=0, callbacks=[ref_log])
     model, log = make(), StepLog()
     history = tfpipe.fit(model, x, y, sample_weight=sample_weight, batch_size=batch_size,
-                         epochs=2, shuffle=False, verbose=0, callbacks=[log], rank_loops=True,
-                         **pipeline)
-    assert history.pipeline.executor.loops is not None, "the rank loops did not run"
+                         epochs=2, shuffle=False, verbose=0, callbacks=[log],
+                         rank_loops=rank_loops, **pipeline)
+    kind = "SteadyLoop" if rank_loops == "steady" else "RankLoops"
+    assert type(history.pipeline.executor.loops).__name__ == kind, f"{kind} did not run"
     return ref, ref_log, model, log
 
 
@@ -98,10 +100,10 @@ def test_stages_are_traced_for_the_micro_batch_size_and_a_short_batch_for_any_si
     assert_same_training(ref, ref_log, model, log)
 
 
-def traced_step(model, stages, micro_batches):
+def traced_step(model, stages, micro_batches, rank_loops=True):
     """The pipelined training step traced for batch 8 * M, and the pipeline."""
     pipe = tfpipe.Pipeline(model, stages=stages, micro_batches=micro_batches, schedule="1f1b",
-                           rank_loops=True)
+                           rank_loops=rank_loops)
     spec = (tf.TensorSpec((8 * micro_batches, 8), tf.float32), tf.TensorSpec((None,), tf.int64))
     with pipe._attached():
         step = tf.function(lambda x, y: pipe.executor.train_step((x, y)), autograph=False)

@@ -8,23 +8,15 @@ import pytest
 import tensorflow as tf
 
 import tfpipe
-from tests.models import StepLog, assert_same_training, build, data
-from tests.test_rank_loops import skip_model
+from tests.models import assert_same_training, build, data
+from tests.test_rank_loops import fit_both as rank_loops_fit_both
+from tests.test_rank_loops import skip_model, traced_step
 from tfpipe.errors import PipelineError
 
 
-def fit_both(make, x, y, batch_size=16, sample_weight=None, **pipeline):
+def fit_both(make, x, y, **kwargs):
     """`model.fit` and `tfpipe.fit(rank_loops="steady")` on fresh copies of one model."""
-    ref, ref_log = make(), StepLog()
-    ref.fit(x, y, sample_weight=sample_weight, batch_size=batch_size, epochs=2, shuffle=False,
-            verbose=0, callbacks=[ref_log])
-    model, log = make(), StepLog()
-    history = tfpipe.fit(model, x, y, sample_weight=sample_weight, batch_size=batch_size,
-                         epochs=2, shuffle=False, verbose=0, callbacks=[log],
-                         rank_loops="steady", **pipeline)
-    loops = history.pipeline.executor.loops
-    assert type(loops).__name__ == "SteadyLoop", "the steady loop did not run"
-    return ref, ref_log, model, log, loops
+    return rank_loops_fit_both(make, x, y, rank_loops="steady", **kwargs)
 
 
 @pytest.mark.parametrize("kind,opt,stages,micro_batches,schedule", [
@@ -35,7 +27,7 @@ def fit_both(make, x, y, batch_size=16, sample_weight=None, **pipeline):
 ])
 def test_steady_loop_equals_keras(kind, opt, stages, micro_batches, schedule):
     x, y = data(kind)
-    ref, ref_log, model, log, _ = fit_both(lambda: build(kind, opt), x, y, stages=stages,
+    ref, ref_log, model, log = fit_both(lambda: build(kind, opt), x, y, stages=stages,
                                            micro_batches=micro_batches, schedule=schedule)
     assert_same_training(ref, ref_log, model, log)
 
@@ -45,7 +37,7 @@ def test_skips_sparse_gradients_losses_sample_weights_and_a_short_last_batch():
     x, y = rng.integers(0, 20, (46, 6)).astype("int32"), rng.integers(0, 3, 46)
     weights = rng.uniform(0.5, 2.0, 46).astype("float32")
     # 46 = 2 x 16 + 14: the last batch's 6 micro-batches hold 3, 3, 2, 2, 2, 2 samples
-    ref, ref_log, model, log, _ = fit_both(skip_model, x, y, sample_weight=weights,
+    ref, ref_log, model, log = fit_both(skip_model, x, y, sample_weight=weights,
                                            split_points=["mid", "mid2", "join"],
                                            micro_batches=6, schedule="1f1b")
     assert_same_training(ref, ref_log, model, log)
@@ -53,13 +45,7 @@ def test_skips_sparse_gradients_losses_sample_weights_and_a_short_last_batch():
 
 def traced(stages, micro_batches):
     """The steady loop's training step of the deep model traced for batch 8 * M."""
-    pipe = tfpipe.Pipeline(build("deep"), stages=stages, micro_batches=micro_batches,
-                           schedule="1f1b", rank_loops="steady")
-    spec = (tf.TensorSpec((8 * micro_batches, 8), tf.float32), tf.TensorSpec((None,), tf.int64))
-    with pipe._attached():
-        step = tf.function(lambda x, y: pipe.executor.train_step((x, y)), autograph=False)
-        concrete = step.get_concrete_function(*spec)
-    return pipe, concrete
+    return traced_step(build("deep"), stages, micro_batches, rank_loops="steady")
 
 
 def test_graph_grows_with_stages_not_micro_batches():

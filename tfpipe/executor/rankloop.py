@@ -67,8 +67,9 @@ from tfpipe.executor.residuals import ListStore, RingStore, store_for
 from tfpipe.executor.stagepair import (
     Queue,
     StagePair,
+    add_weight_grads,
     edges,
-    get,
+    forward_args,
     got_op,
     initial_state,
     micro_size,
@@ -337,15 +338,8 @@ class RankLoops:
     def _forward(self, pair: StagePair, pos: int, state: dict[str, Any], at: _At,
                  lists: dict[str, Any]) -> dict[str, Any]:
         s, mb = pair.stage.index, at.micro_batch
-        specs = pair.function.structured_input_signature[0]
         with tf.control_dependencies([state["tick"]]):
-            ins = [get(lists["x"][i], mb, specs[j]) if i in lists["x"] else self.acts[(i, s)].take()
-                   for j, i in enumerate(pair.in_ids)]
-            if pair.last:
-                ins += [get(lst, mb, spec)
-                        for lst, spec in zip(lists["labels"], specs[len(pair.in_ids):])]
-                ins.append(tf.gather(lists["data_scale"], mb))
-            ins.append(tf.gather(lists["extra_scale"], mb))
+            ins = forward_args(pair, lists, mb, lambda _, i: self.acts[(i, s)].take())
         outs = functions.call_forward(pair.fw, ins + list(pair.function.captured_inputs))
         sent = [self.acts[(i, c)].put(outs[n]) for i, n in pair.out_at.items()
                 for c in self.consumers.get(i, [])]
@@ -377,15 +371,9 @@ class RankLoops:
         got = functions.call_backward(pair.bw, seeds, caps)
         sent = [self.grads[(i, s)].put(got[j]) for j, i in enumerate(pair.in_ids)
                 if (i, s) in self.grads]
-        of = {k: got[pair.num_args + j] for j, k in enumerate(pair.var_of) if k is not None}
-        flat = tf.constant([-1])
-        sums = [total + tf.concat([tf.reshape(of[k], flat) for k in group], 0)
-                for group, total in zip(pair.dense_groups(), state["sums"][pos])]
-        slices = [(set_item(v, mb, of[k].values), set_item(i, mb, of[k].indices))
-                  for (k, _), (v, i) in zip(pair.sparse(), state["slices"][pos])]
-        new = {**state, "sums": [*state["sums"][:pos], sums, *state["sums"][pos + 1:]],
-               "slices": [*state["slices"][:pos], slices, *state["slices"][pos + 1:]]}
-        after = [*seeds, *sent, *sums, *[t for pair_ in slices for t in pair_], got_op(got)]
+        new = add_weight_grads(pair, state, pos, got, mb)
+        after = [*seeds, *sent, *new["sums"][pos], *tf.nest.flatten(new["slices"][pos]),
+                 got_op(got)]
         return self._done(new, after)
 
 

@@ -13,6 +13,7 @@ for a gathered table).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import keras
@@ -24,7 +25,8 @@ from tfpipe.executor.forward import StageRunner, graph_inputs, graph_outputs
 from tfpipe.partition import Stage
 from tfpipe.partition.stages import check_gradient_path
 
-__all__ = ["StagePair", "Queue", "edges", "initial_state", "moved_lists", "stage_input_ids"]
+__all__ = ["StagePair", "Queue", "add_weight_grads", "edges", "forward_args", "initial_state",
+           "moved_lists", "stage_input_ids"]
 
 
 def relaxed(t: Any) -> tf.TensorSpec:
@@ -109,6 +111,37 @@ def initial_state(pairs: list[StagePair], m: int, pred_specs: list[Any]) -> dict
                     for _, g in p.sparse()] for p in pairs],
         "preds": [reserve(spec, m) for spec in pred_specs],
     }
+
+
+def forward_args(pair: StagePair, lists: dict[str, Any], index: Any,
+                 take: Callable[[int, int], Any]) -> list[Any]:
+    """The arguments of a stage's forward for micro-batch `index`: its model inputs from the
+    batch's lists (`moved_lists`), its other inputs from `take(position, tensor id)`, on the
+    last stage the labels, sample weights and loss weight, then its regularisation share."""
+    specs = pair.function.structured_input_signature[0]
+    ins = [get(lists["x"][i], index, specs[j]) if i in lists["x"] else take(j, i)
+           for j, i in enumerate(pair.in_ids)]
+    if pair.last:
+        ins += [get(lst, index, spec)
+                for lst, spec in zip(lists["labels"], specs[len(pair.in_ids):])]
+        ins.append(tf.gather(lists["data_scale"], index))
+    ins.append(tf.gather(lists["extra_scale"], index))
+    return ins
+
+
+def add_weight_grads(pair: StagePair, state: dict[str, Any], pos: int, got: list[Any],
+                     index: Any) -> dict[str, Any]:
+    """A rank's loop `state` with a backward's weight gradients (`got`: its outputs) added:
+    each dense group's flattened into its sum, the IndexedSlices set at micro-batch `index`
+    of their TensorLists (`pos`: the stage's place among the rank's)."""
+    of = {k: got[pair.num_args + j] for j, k in enumerate(pair.var_of) if k is not None}
+    flat = tf.constant([-1])
+    sums = [total + tf.concat([tf.reshape(of[k], flat) for k in group], 0)
+            for group, total in zip(pair.dense_groups(), state["sums"][pos])]
+    slices = [(set_item(v, index, of[k].values), set_item(i, index, of[k].indices))
+              for (k, _), (v, i) in zip(pair.sparse(), state["slices"][pos])]
+    return {**state, "sums": [*state["sums"][:pos], sums, *state["sums"][pos + 1:]],
+            "slices": [*state["slices"][:pos], slices, *state["slices"][pos + 1:]]}
 
 
 def moved_lists(pairs: list[StagePair], lists: dict[str, Any]) -> dict[str, Any]:

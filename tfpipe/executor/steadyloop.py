@@ -45,8 +45,9 @@ from tfpipe.executor.rankloop import RankLoops
 from tfpipe.executor.residuals import unpacked
 from tfpipe.executor.stagepair import (
     StagePair,
+    add_weight_grads,
     edges,
-    get,
+    forward_args,
     got_op,
     initial_state,
     moved_lists,
@@ -241,14 +242,8 @@ class SteadyLoop(RankLoops):
         s, real = pair.stage.index, mb + offset
         specs = pair.function.structured_input_signature[0]
         with tf.control_dependencies([state["tick"]]):
-            ins = [get(lists["x"][i], real, specs[j]) if i in lists["x"]
-                   else _shaped(values.pop(("act", i, s, mb)), specs[j])
-                   for j, i in enumerate(pair.in_ids)]
-            if pair.last:
-                ins += [get(lst, real, spec)
-                        for lst, spec in zip(lists["labels"], specs[len(pair.in_ids):])]
-                ins.append(tf.gather(lists["data_scale"], real))
-            ins.append(tf.gather(lists["extra_scale"], real))
+            ins = forward_args(pair, lists, real, lambda j, i: _shaped(
+                values.pop(("act", i, s, mb)), specs[j]))
         outs = functions.call_forward(pair.fw, ins + list(pair.function.captured_inputs))
         for i, n in pair.out_at.items():
             for c in self.consumers.get(i, []):
@@ -293,16 +288,9 @@ class SteadyLoop(RankLoops):
             if (i, s) in self.sends:
                 values[("grad", i, s, mb)] = got[j]
                 sent.append(got[j])
-        of = {k: got[pair.num_args + j] for j, k in enumerate(pair.var_of) if k is not None}
-        flat = tf.constant([-1])
-        sums = [total + tf.concat([tf.reshape(of[k], flat) for k in group], 0)
-                for group, total in zip(pair.dense_groups(), state["sums"][pos])]
-        slices = [(set_item(v, real, of[k].values), set_item(i, real, of[k].indices))
-                  for (k, _), (v, i) in zip(pair.sparse(), state["slices"][pos])]
-        new = {**state, "sums": [*state["sums"][:pos], sums, *state["sums"][pos + 1:]],
-               "slices": [*state["slices"][:pos], slices, *state["slices"][pos + 1:]]}
-        return self._done(new, [*seeds, *sent, *sums, *[t for p in slices for t in p],
-                                got_op(got)])
+        new = add_weight_grads(pair, state, pos, got, real)
+        return self._done(new, [*seeds, *sent, *new["sums"][pos],
+                                *tf.nest.flatten(new["slices"][pos]), got_op(got)])
 
 
 def _shaped(value: tf.Tensor, spec: Any) -> tf.Tensor:
