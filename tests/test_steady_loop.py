@@ -105,3 +105,19 @@ def test_steady_refuses_what_it_does_not_run_with_the_grid():
     with pytest.raises(PipelineError, match=r"no steady phase"):  # one iteration: nothing to loop
         tfpipe.Pipeline(build("deep"), stages=4, micro_batches=4, schedule="1f1b",
                         rank_loops="steady")
+
+
+def test_a_layer_shared_by_two_stages_and_skips_across_four_equal_keras():
+    """One variable read by stages 0 and 2 (its gradient summed from both), and skip
+    connections across stages (carried for as many iterations as they span)."""
+    from tests.test_functional_graphs import X8, Y3, residual_mlp, shared_layer
+    from tests.test_functional_graphs import fit_both as graph_fit_both
+
+    pipe, _, _ = graph_fit_both(shared_layer, X8, Y3, dict(balance=[1, 2, 2], micro_batches=4,
+                                                          schedule="1f1b", rank_loops="steady"))
+    assert type(pipe.executor.loops).__name__ == "SteadyLoop"
+    pipe, _, _ = graph_fit_both(residual_mlp, X8, Y3, dict(stages=4, micro_batches=8,
+                                                          schedule="1f1b", rank_loops="steady"))
+    assert type(pipe.executor.loops).__name__ == "SteadyLoop"
+    spans = [d for key, _, d, _ in pipe.executor.loops.carried if key[0] == "act"]
+    assert max(spans) >= 2, spans  # an activation read two or more stages on
