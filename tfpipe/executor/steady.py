@@ -77,8 +77,8 @@ class Steady:
         """`(lead, tail)` when the actions before and after the loop are the body's in `lead`
         more iterations before it and `tail` after it, each action kept only where its
         micro-batch exists (1F1B: K - 1 each, the warm-up's forwards and the cool-down's
-        backwards), else None. Then the executor runs them as masked iterations of the
-        same body (`tfpipe.executor.steadyloop`), so nothing is traced action by action."""
+        backwards), else None. The executor runs them as masked iterations of the same
+        body (`tfpipe.executor.steadyloop`), so nothing is traced action by action."""
         lead = max(self.template.values())
         tail = self.num_micro_batches - min(self.template.values()) - self.count
         if self.iterations(-lead, 0) != self.before:
@@ -126,7 +126,9 @@ def steady_phase(schedule: Schedule, edges: Sequence[tuple[int, int]]) -> Steady
 
     Returns:
         The cut, or None: a split backward, a rank with no periodic stretch of at least two
-        periods, or a dependency the loop cannot carry.
+        periods, a dependency the loop cannot carry, or actions before or after the loop
+        that are not the body's iterations with some actions missing
+        (`Steady.edges_as_iterations`).
     """
     m = schedule.num_micro_batches
     if any(a.kind not in "FB" for row in schedule.ranks for a in row):
@@ -150,7 +152,9 @@ def steady_phase(schedule: Schedule, edges: Sequence[tuple[int, int]]) -> Steady
         after.append(list(row[start + count * period:]))
     template = {(a.stage, a.kind): a.micro_batch for row in body for a in row}
     steady = Steady(before, body, count, after, template, m)
-    return steady if _carried(steady, schedule, edges) else None
+    if not _carried(steady, schedule, edges) or steady.edges_as_iterations() is None:
+        return None
+    return steady
 
 
 def _carried(steady: Steady, schedule: Schedule, edges: Sequence[tuple[int, int]]) -> bool:

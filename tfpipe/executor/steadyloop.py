@@ -7,12 +7,13 @@ Design:
   (`tfpipe.executor.rankloop`) trace one loop per rank but pass every value through a
   FIFO queue (CPU kernels only) and run one action per iteration. Here the schedule is
   cut (`tfpipe.executor.steady`) into one iteration of its steady phase on every rank,
-  traced once as the body of a `tf.while_loop` spanning all devices. Where the warm-up and
+  traced once as the body of a `tf.while_loop` spanning all devices. The warm-up and
   cool-down are the same body's iterations before and after it with some actions missing
-  (`Steady.edges_as_iterations`: 1F1B), they are two more loops over the same body, each
+  (`Steady.edges_as_iterations`: 1F1B), so they are two more loops over the same body, each
   action that exists in only some of their iterations in a `tf.cond` on its micro-batch
-  existing; otherwise they are traced action by action around the loop. Values pass
-  between stages as plain tensors (`Send`/`Recv` where devices differ), on any device type.
+  existing (conditions in the steady loop itself cost 13 % on one-thread workers,
+  docs/benchmarks.md). Values pass between stages as plain tensors (`Send`/`Recv` where
+  devices differ), on any device type.
 - It runs the rank loops' stage functions (`StagePair`: forward with residuals, backward
   from them) and keeps their state per rank (`stagepair.initial_state`): the loss, the
   dense gradient sums, the IndexedSlices and predictions per micro-batch in TensorLists,
@@ -120,22 +121,14 @@ class SteadyLoop(RankLoops):
                 states.append(initial_state([p for _, p in pairs[r]], self.m,
                                             self._pred_specs(self.rows.branches[r])))
         cut, edges = self.cut, self.cut.edges_as_iterations()
-        if edges is None:  # the warm-up and cool-down action by action
-            values: dict[Key, Any] = {}
-            self._run(cut.before, states, moved, values, 0)
-            lines = [[values.pop((*key, p0 - d + j)) for j in range(d)]
-                     for key, p0, d, _ in self.carried]
-            states, lines = self._loop(states, lines, moved, 0, cut.count)
-            for (key, p0, d, _), line in zip(self.carried, lines):
-                values.update({(*key, p0 - d + j + cut.count): v for j, v in enumerate(line)})
-            self._run(cut.after, states, moved, values, 0)
-        else:  # all of it as iterations of the body, the warm-up's and cool-down's masked
-            lead, tail = edges
-            lines = [[self._placeholder(key, spec) for _ in range(d)]
-                     for key, _, d, spec in self.carried]
-            for first, last, masked in ((-lead, 0, True), (0, cut.count, False),
-                                        (cut.count, cut.count + tail, True)):
-                states, lines = self._loop(states, lines, moved, first, last, masked)
+        assert edges is not None, "steady_phase cuts only where the edges are iterations"
+        lead, tail = edges
+        lines = [[self._placeholder(key, spec) for _ in range(d)]
+                 for key, _, d, spec in self.carried]
+        # the warm-up and cool-down: the body's iterations before and after, masked
+        for first, last, masked in ((-lead, 0, True), (0, cut.count, False),
+                                    (cut.count, cut.count + tail, True)):
+            states, lines = self._loop(states, lines, moved, first, last, masked)
         out: dict[str, Any] = {"loss": [], "ticks": [], "grads": {}, "preds": []}
         for r in ranks:
             out["loss"].append(states[r]["loss"])
@@ -187,7 +180,7 @@ class SteadyLoop(RankLoops):
              moved: list[dict[str, Any]], values: dict[Key, Any], offset: Any,
              masked: tuple[int, int] | None = None) -> None:
         """Traces `rows`' actions in trace order; `offset`: added to each micro-batch to index
-        the batch (the loop counter in the body, 0 around it); `masked`: the loop's first and
+        the batch (the loop counter); `masked`: the loop's first and
         last iteration, where an action whose micro-batch exists in some of them but not all
         runs in a `tf.cond` on it existing (one that exists in none is not traced)."""
         m = self.m
