@@ -6,17 +6,18 @@ Design:
   cost"). In a 1F1B step, though, after its warm-up every rank repeats the same few actions,
   each on the next micro-batch. `steady_phase` finds that stretch, so the executor
   (`tfpipe.executor.steadyloop`) traces it once, as the body of one in-graph loop over all
-  ranks, and traces only the warm-up before it and the cool-down after it: the graph then
-  grows with K (the warm-up and cool-down), not with M.
+  ranks, and runs the warm-up before it and the cool-down after it as more iterations of
+  the same body with some actions missing (`Steady.edges_as_iterations`): the graph then
+  grows with K, not with M.
 - A rank's row is periodic from position a with period p when each action p places later is
   the same `(stage, kind)` on the next micro-batch. p is the rank's actions per micro-batch.
   Each rank's longest periodic stretch is its steady phase; all ranks loop the same number
   of times (the fewest any rank has), each from the start of its stretch; the rest of a
-  longer stretch is traced after the loop.
+  longer stretch belongs to the cool-down.
 - The loop runs iteration i of every rank's body on micro-batch `template + i`. A value a
   body action makes in iteration i is read in iteration `i + delay` (`Steady.delay`), so the
-  loop carries the last `delay` values of each such stream; values made before the loop
-  enter as the first ones. `steady_phase` checks that every dependency allows that: no
+  loop carries the last `delay` values of each such stream; values the warm-up made enter
+  as the first ones. `steady_phase` checks that every dependency allows that: no
   action before the loop needs one inside it, and no body action needs one from a later
   iteration or from after the loop. Otherwise (GPipe: all forwards, then all backwards; a
   split backward's I/W) there is no steady phase and the executor unrolls the step.

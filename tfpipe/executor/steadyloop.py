@@ -143,10 +143,7 @@ class SteadyLoop(RankLoops):
         """A stand-in for a stream's value that no action reads (an iteration before its
         first value or a masked action's): no rows, or an empty `Optional`."""
         with tf.device(self.made_on[key]):
-            if spec is None:
-                return tf.raw_ops.OptionalNone()
-            dims = [0 if d is None else d for d in spec.shape]
-            return tf.zeros(dims[:1] and [0, *dims[1:]], spec.dtype)
+            return _nothing(key, spec)
 
     def _loop(self, states: list[dict[str, Any]], lines: list[list[Any]],
               moved: list[dict[str, Any]], first: int, last: int, masked: bool = False
@@ -219,9 +216,7 @@ class SteadyLoop(RankLoops):
             return new, made["values"]
 
         def skip() -> tuple[dict[str, Any], list[Any]]:
-            return state, [tf.raw_ops.OptionalNone() if k[0] == "res" else
-                           tf.zeros([0, *[0 if d is None else d for d in v.shape[1:]]], v.dtype)
-                           for k, v in zip(made["keys"], made["values"])]
+            return state, [_nothing(k, v) for k, v in zip(made["keys"], made["values"])]
 
         new, outs = tf.cond(exists, run, skip)
         for k in made["read"]:
@@ -284,6 +279,15 @@ class SteadyLoop(RankLoops):
         new = add_weight_grads(pair, state, pos, got, real)
         return self._done(new, [*seeds, *sent, *new["sums"][pos],
                                 *tf.nest.flatten(new["slices"][pos]), got_op(got)])
+
+
+def _nothing(key: Key, like: Any) -> tf.Tensor:
+    """A stand-in for a value of stream `key` shaped like `like` (a spec or tensor) that no
+    action reads: an empty `Optional` for residuals, else no rows."""
+    if key[0] == "res":
+        return tf.raw_ops.OptionalNone()
+    dims = [0 if d is None else d for d in like.shape]
+    return tf.zeros(dims[:1] and [0, *dims[1:]], like.dtype)
 
 
 def _shaped(value: tf.Tensor, spec: Any) -> tf.Tensor:
