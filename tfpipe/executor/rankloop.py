@@ -233,7 +233,7 @@ class RankLoops:
             if st.index == runner.last:
                 labels = (y, sw, *([micro_spec(t, self.micro) for t in ts] for ts in (ys, sws)))
             ids = stage_input_ids(runner, st)
-            pair = StagePair(runner, st, [spec_of[i] for i in ids], labels, metrics)
+            pair = StagePair(runner, st, [spec_of[i] for i in ids], labels, metrics, self.pairs)
             self.pairs.append(pair)
             for i, n in pair.out_at.items():
                 spec_of[i] = pair.specs[n]
