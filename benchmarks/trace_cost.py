@@ -4,10 +4,10 @@ Builds the pipelined training step for K stages and M micro-batches, traces it f
 spec (`trace_s`, and the number of operations in its graph), runs it once (`first_run_s`:
 TensorFlow's own graph optimisation and function set-up) and again (`steady_s`), and times
 `model.fit`'s first step on the same model and batch (`keras_first_s`, one per model). With
-the rank loops (`tfpipe.executor.rankloop`, this script's default where they run; tfpipe's
-default is the unrolled step) the graph grows with K only; the unrolled step (`--rank-loops
-false`) calls each stage's function once per micro-batch (`tfpipe.executor.stagefn`), so its
-graph grows by call operations per micro-batch.
+tfpipe's default step for 1F1B, the steady loop (`tfpipe.executor.steadyloop`, `--rank-loops
+auto` or `steady`), or the rank loops (`true`), the graph grows with K only; the unrolled
+step (`--rank-loops false`) calls each stage's function once per micro-batch
+(`tfpipe.executor.stagefn`), so its graph grows by call operations per micro-batch.
 
 It also counts the step graph's function-call operations (`calls`) and the functions in its
 library (`functions`): the first run grows with calls x the size of the function each calls,
@@ -17,7 +17,7 @@ step (docs/benchmarks.md, "First-step cost").
 Models: `mlp` (8 x Dense(256)), `transformer` (`benchmarks.common.transformer`: the demo's
 character Transformer, `--blocks` blocks of width `--width`, sequence 32) or `plain` (the same
 with each block written out in plain Keras layers, `benchmarks.common.plain_transformer`),
-batch 4 M. `--rank-loops false` measures the unrolled step (`true`: the rank loops).
+batch 4 M.
 
 `--whole-fit` also times the whole first `tfpipe.fit` of a fresh copy on one batch (the
 pipeline built, Keras's train function made, the step traced for the batch's static size,
@@ -89,14 +89,15 @@ def main() -> None:
     parser.add_argument("--schedule", default="1f1b")
     parser.add_argument("--rank-loops", default="auto",
                         choices=["auto", "true", "false", "steady"],
-                        help="the step as one in-graph loop per rank (auto: where supported), "
-                        "its steady phase as one loop over all ranks (steady) or unrolled "
-                        "(false)")
+                        help="the default step (auto: the steady phase as one loop over all "
+                        "ranks where it runs, else unrolled), that loop (steady), one loop "
+                        "per rank (true) or unrolled (false)")
     parser.add_argument("--whole-fit", action="store_true",
                         help="also time the whole first tfpipe.fit against model.fit's")
     parser.add_argument("--steady-rounds", type=int, default=0,
-                        help="also time the rank loops' and the unrolled step's steady steps "
-                        "side by side, this many fits of each")
+                        help="also time the loop's (the steady loop's, or with --rank-loops "
+                        "true the rank loops') and the unrolled step's steady steps side by "
+                        "side, this many fits of each")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     choice: dict[str, bool | str] = {"auto": "auto", "true": True, "false": False,
@@ -160,7 +161,7 @@ def main() -> None:
             f"({(trace + first) / keras_first:.1f}x)"
         )
         if args.steady_rounds:
-            looping = "steady" if loops == "steady" else True
+            looping = "steady" if loops in ("auto", "steady") else True
             steady_s = steady_side_by_side(args, m, args.steady_rounds, looping)
             rows[-1]["steady_side_by_side_s"] = steady_s
             kind = "steady loop" if looping == "steady" else "rank loops"
@@ -207,8 +208,10 @@ def steady_side_by_side(args: argparse.Namespace, m: int, rounds: int,
     kind = "steady loop" if looping == "steady" else "rank loops"
     built = {label: (build(args), loops) for label, loops in ((kind, looping),
                                                              ("unrolled", False))}
+    # without XLA for both: the loops do not compile their stages yet (on a GPU machine
+    # Keras's "auto" would ask for it)
     pipes = {label: tfpipe.Pipeline(model, stages=args.stages, micro_batches=m,
-                                    schedule=args.schedule, rank_loops=loops)
+                                    schedule=args.schedule, rank_loops=loops, jit_compile=False)
              for label, ((model, _), loops) in built.items()}
     x_spec, y_spec = built["unrolled"][0][1]
     x, y = zeros(x_spec, 4 * batch), zeros(y_spec, 4 * batch)

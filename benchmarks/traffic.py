@@ -10,10 +10,13 @@ meanwhile (run it on an otherwise quiet machine). Beside it, the bytes
 `tfpipe.traffic.placed_transfers` finds in the step's placed partition graphs (traced in this
 process with the same placement; a collective's own messages are not among them).
 
-`--rank-loops true` runs the step as one loop per worker (`tfpipe.executor.rankloop`;
-the replicas row is then skipped: the loops do not run replicas). The placed graphs do not
-show what the loops send (it crosses inside the calls that read their queues, whose
-partition graphs the step's run metadata does not carry); loopback does.
+`--rank-loops true` runs the step as one loop per worker (`tfpipe.executor.rankloop`),
+`--rank-loops steady --schedule 1f1b` its steady phase as one loop over both
+(`tfpipe.executor.steadyloop`, the default step for 1F1B); the replicas row is then
+skipped: the loops do not run replicas. The placed graphs do not show what the loops send
+(the rank loops' crosses inside the calls that read their queues, whose partition graphs the
+step's run metadata does not carry; the steady loop's sends are in a loop body, counted once
+however many iterations run); loopback does.
 
 Then, with `--replicas R` (default 2; 1 skips it), one more row: Adam, R copies of the
 2-stage pipeline on 2R workers, M micro-batches per copy (the batch is R*M micro-batches).
@@ -31,7 +34,8 @@ its weights (one copy per step). With R = 1 the last term is 0.
 Usage:
     python benchmarks/traffic.py [--width 1024] [--layers 8] [--batch 256] [--micro-batches 4]
         [--steps 3] [--optimizers sgd,adam,adamw,clipnorm,global_clipnorm,mixed_float16]
-        [--replicas 2] [--rank-loops false] [--json out/traffic.json]
+        [--replicas 2] [--rank-loops false|true|steady] [--schedule gpipe|1f1b]
+        [--json out/traffic.json]
 """
 
 from __future__ import annotations
@@ -118,6 +122,10 @@ def placed_and_least(pipe: Any, x: Any, y: Any) -> tuple[list[Any], int]:
     return sent, least_bytes(pipe, x, y)
 
 
+LOOPS: dict[str, bool | str] = {"false": False, "true": True, "steady": "steady"}
+"""`--rank-loops`: the unrolled step, the rank loops or the steady loop."""
+
+
 def measure(name: str, devices: list[str], args: argparse.Namespace,
             replicas: int = 1) -> dict[str, Any]:
     """One optimizer's MiB per step (loopback and placed graphs) and the least needed, for
@@ -129,7 +137,8 @@ def measure(name: str, devices: list[str], args: argparse.Namespace,
 
     model, x, y = build(name, args.width, args.layers, args.batch)
     pipe = tfpipe.Pipeline(model, stages=2, devices=devices, micro_batches=args.micro_batches,
-                           replicas=replicas, rank_loops=args.rank_loops == "true")
+                           schedule=args.schedule, replicas=replicas,
+                           rank_loops=LOOPS[args.rank_loops])
     fit = dict(batch_size=args.batch, epochs=1, verbose=0, shuffle=False)
     pipe.fit(np.concatenate([x, x]), np.concatenate([y, y]), **fit)  # traces; two steps
     before = loopback_bytes()
@@ -154,7 +163,8 @@ def main() -> None:
     parser.add_argument("--optimizers", default=",".join(OPTIMIZERS))
     parser.add_argument("--replicas", type=int, default=2,
                         help="copies of the pipeline in the extra Adam row (1: no such row)")
-    parser.add_argument("--rank-loops", default="false", choices=["true", "false"])
+    parser.add_argument("--rank-loops", default="false", choices=list(LOOPS))
+    parser.add_argument("--schedule", default="gpipe", help="gpipe, or 1f1b for the steady loop")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
 

@@ -326,8 +326,6 @@ CASES = [
          tfpipe.PipelineError, r"replicas=2 copies of a 2-device pipeline need 4 devices.*Give 4 devices"),
     Case("timeline without profiling", lambda: tfpipe.Pipeline(mlp(), stages=2).timeline(),
          ValueError, r"No timeline: build the Pipeline with profile=True", after_placement=True),
-    Case("traffic of the rank loops", lambda: tfpipe.Pipeline(mlp(), stages=2, rank_loops=True).traffic(*xy(16)),
-         tfpipe.PipelineError, r"do not show what the loops send.*rank_loops=False", after_placement=True),
     Case("the steady loop on a schedule without a steady phase", lambda: tfpipe.Pipeline(mlp(), stages=2, micro_batches=4, schedule="gpipe", rank_loops="steady"),
          tfpipe.PipelineError, r"gpipe has no steady phase one loop can carry(.|\n)*rank0  F0"),
 ]

@@ -161,15 +161,56 @@ def test_the_loops_refuse_gpu_stages_whose_queues_would_be_in_host_memory():
     assert "GPU" not in loops_refusal(runner, [cpu], None, {"profile": True})
 
 
-def test_auto_runs_unrolled_where_the_loops_cannot_and_the_default_is_unrolled():
-    pipe = tfpipe.Pipeline(build("deep"), stages=2, micro_batches=2, schedule="zb-h1",
-                           rank_loops="auto")
-    assert pipe.executor.loops is None
-    pipe = tfpipe.Pipeline(build("deep"), stages=2, micro_batches=2, schedule="1f1b",
-                           rank_loops="auto")
-    assert pipe.executor.loops is not None
-    pipe = tfpipe.Pipeline(build("deep"), stages=2, micro_batches=2, schedule="1f1b")
-    assert pipe.executor.loops is None
+def test_the_default_runs_the_steady_loop_where_it_can_and_unrolls_elsewhere():
+    """`rank_loops="auto"` (the default): the steady loop for a schedule with a steady phase
+    and no feature it does not run; the unrolled step otherwise; the rank loops only when
+    asked for."""
+
+    def loops(**kwargs):
+        options = {"stages": 2, "micro_batches": 4, "schedule": "1f1b", **kwargs}
+        return type(tfpipe.Pipeline(build("deep"), **options).executor.loops).__name__
+
+    assert loops() == "SteadyLoop"
+    assert loops(rank_loops=True) == "RankLoops"
+    assert loops(rank_loops=False) == "NoneType"
+    assert loops(schedule="gpipe") == loops(schedule="zb-h1") == "NoneType"
+    assert loops(micro_batches=2) == "NoneType"  # one steady iteration: nothing to loop
+    assert loops(recompute="always") == loops(check_numerics=True) == "NoneType"
+
+
+class StopsGradient(keras.layers.Layer):
+    """Passes its input on with no gradient back."""
+
+    def call(self, x):
+        return keras.ops.stop_gradient(x)
+
+
+def stopped_model():
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((8,))
+    h = keras.layers.Dense(8, activation="tanh", name="first")(inputs)
+    h = keras.layers.Dense(8, activation="relu")(StopsGradient(name="stop")(h))
+    model = keras.Model(inputs, keras.layers.Dense(3, activation="softmax")(h))
+    model.compile(optimizer="sgd", loss="sparse_categorical_crossentropy")
+    return model
+
+
+def test_the_default_unrolls_a_model_the_steady_loop_refuses_when_tracing():
+    """Stage 1 gives no gradient for the input stage 0 sends it, which shows only once the
+    stage is traced: `rank_loops="steady"` says so; the default trains it unrolled, as
+    `model.fit` does."""
+    x, y = data("mlp")
+    with pytest.raises(PipelineError, match=r"stage 1 \(stop, .*gives no gradient"):
+        tfpipe.fit(stopped_model(), x, y, batch_size=16, verbose=0, split_points=["stop"],
+                   micro_batches=4, schedule="1f1b", rank_loops="steady")
+    ref, ref_log = stopped_model(), StepLog()
+    ref.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0, callbacks=[ref_log])
+    model, log = stopped_model(), StepLog()
+    history = tfpipe.fit(model, x, y, batch_size=16, epochs=2, shuffle=False, verbose=0,
+                         callbacks=[log], split_points=["stop"], micro_batches=4,
+                         schedule="1f1b")
+    assert history.pipeline.executor.loops is None
+    assert_same_training(ref, ref_log, model, log)
 
 
 def test_a_frozen_first_stage_that_sends_only_integers():

@@ -149,3 +149,18 @@ def test_stages_with_the_same_graph_share_one_traced_pair():
     assert pairs[0].fw is pairs[1].fw and pairs[0].bw is pairs[1].bw
     assert len({id(p.fw) for p in pairs}) == 3 and len({id(p.bw) for p in pairs}) == 3
     assert pairs[0].function.captured_inputs[0] is not pairs[1].function.captured_inputs[0]
+
+
+def test_traffic_of_a_pipeline_that_runs_the_steady_loop_is_its_unrolled_steps():
+    """The placed graphs hold a loop's sends once per loop, so `traffic` measures the unrolled
+    step of the same stages and schedule, and says so under the table."""
+    x, y = data("mlp", n=16)
+    tables = {}
+    for loops in ("auto", False):
+        pipe = tfpipe.Pipeline(build("mlp"), stages=2, micro_batches=4, schedule="1f1b",
+                               devices=["/cpu:1", "/cpu:2"], rank_loops=loops)
+        tables[loops] = pipe.traffic(x, y, print_fn=lambda _: None)
+        assert (pipe.executor.loops is None) == (loops is False)
+    assert tables["auto"].startswith(tables[False] + "\n")
+    assert "activations" in tables[False] and "/device:CPU:1 -> /device:CPU:2" in tables[False]
+    assert "The unrolled step of these stages" in tables["auto"]

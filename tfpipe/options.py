@@ -65,11 +65,11 @@ class PipelineOptions:
         jit_compile: `"auto"` (XLA on each stage's forward exactly when the model's own
             `jit_compile`, as Keras resolved it at `compile`, is True, and `replicas` is 1),
             `True` or `False` (see `xla`).
-        rank_loops: `False` (the unrolled step), `True` (each device's share of a training
-            step as one in-graph loop, or an error naming what the loops do not run yet) or
-            `"auto"` (the loops when they run every feature asked for, else unrolled), or
-            `"steady"` (experimental: the schedule's steady phase as one loop over all
-            devices, `tfpipe.executor.steadyloop`).
+        rank_loops: `"auto"` (the schedule's steady phase as one in-graph loop over all
+            devices, `tfpipe.executor.steadyloop`, where it runs every feature asked for,
+            else the unrolled step), `"steady"` (that loop, or an error naming what it does
+            not run yet), `True` (each device's share of a step as one loop,
+            `tfpipe.executor.rankloop`, or an error) or `False` (the unrolled step).
 
     Raises:
         PipelineError: for an option that is not valid whatever the model, or options that
@@ -93,7 +93,7 @@ class PipelineOptions:
     replicas: int = 1
     batch_norm: str = "micro-batch"
     jit_compile: bool | str = "auto"
-    rank_loops: bool | str = False
+    rank_loops: bool | str = "auto"
     _pieces: int | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -130,10 +130,10 @@ class PipelineOptions:
         _check_jit_compile(self.jit_compile)
         if not (isinstance(self.rank_loops, bool) or self.rank_loops in ("auto", "steady")):
             raise PipelineError(
-                f"rank_loops={self.rank_loops!r}: use False (the default: the unrolled step), "
-                "True (one in-graph loop per device, or an error naming what it does not run "
-                "yet), 'auto' (the loops where they run every feature asked for) or 'steady' "
-                "(the steady phase as one loop over all devices, experimental)."
+                f"rank_loops={self.rank_loops!r}: use 'auto' (the default: the steady phase "
+                "as one loop over all devices where it runs, else the unrolled step), "
+                "'steady' (that loop, or an error naming what it does not run yet), True "
+                "(one in-graph loop per device, or an error) or False (the unrolled step)."
             )
         if self.jit_compile is True and self.replicas > 1:
             raise PipelineError(

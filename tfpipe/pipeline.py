@@ -39,7 +39,7 @@ from tfpipe.oom import memory_errors
 from tfpipe.options import PipelineOptions
 from tfpipe.partition import Stage, check_gradient_paths, read_graph, split
 from tfpipe.placement import place_model, updates_on_variable_devices
-from tfpipe.traffic import LOOPS_UNSEEN, StepTraffic, step_traffic
+from tfpipe.traffic import LOOPS_UNROLLED, StepTraffic, step_traffic
 
 _STEPS = ("train_step", "test_step", "predict_step")
 _FUNCTIONS = ("train_function", "test_function", "predict_function")
@@ -93,10 +93,10 @@ class Pipeline:
             device: `"auto"` (default: when the model's own `jit_compile` is True, as Keras's
             `"auto"` makes it on a GPU machine), `True` or `False`. A stage XLA cannot compile
             runs without, with a warning (see `tfpipe.executor.stagefn`).
-        rank_loops: `True`: each device runs its share of a training step as one in-graph
-            loop, a graph that grows with K, not M x K (an error names what they do not run
-            yet); `"auto"`: where they run every feature asked for; `"steady"` (experimental):
-            the steady phase as one loop over all devices; `False` (default): unrolled.
+        rank_loops: `"auto"` (default): the steady phase as one in-graph loop over all
+            devices (a graph that grows with K, not M x K) where it runs every feature asked
+            for, else unrolled; `"steady"`: that loop or an error naming what it does not
+            run; `True`: one loop per device (or an error); `False`: unrolled.
 
     Attributes:
         stages: the `Stage`s: `.model` (Keras sub-model), `.device`, `.num_params`, `.layers`;
@@ -133,7 +133,7 @@ class Pipeline:
         replicas: int = 1,
         batch_norm: str = "micro-batch",
         jit_compile: bool | str = "auto",
-        rank_loops: bool | str = False,
+        rank_loops: bool | str = "auto",
     ) -> None:
         _check_model(model)
         options = PipelineOptions(
@@ -303,13 +303,13 @@ class Pipeline:
 
     def traffic(self, x: Any, y: Any, print_fn: Callable[[str], None] = print) -> str:
         """Prints (and returns) the bytes one training step on `(x, y)` sends between each pair
-        of devices, by kind, as TensorFlow placed it (`tfpipe.traffic.step_traffic`: the step
-        runs once, then every variable it changed is set back); `summary()` then shows it."""
-        if self.executor.loops is not None:
-            raise PipelineError(LOOPS_UNSEEN)
+        of devices, by kind, as TensorFlow placed it (`tfpipe.traffic.step_traffic`: run once,
+        then its changes set back; a step run as loops: its unrolled step, said so)."""
+        step = self.executor if self.executor.loops is None else Executor(
+            self.model, self.stages, self.schedule, rank_loops=False)
         with self._attached():
-            self._traffic = step_traffic(self.executor.train_step, self.model, x, y)
-        text = self._traffic.table()
+            self._traffic = step_traffic(step.train_step, self.model, x, y)
+        text = self._traffic.table() + ("" if step is self.executor else "\n" + LOOPS_UNROLLED)
         print_fn(text)
         return text
 

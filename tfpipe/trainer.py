@@ -45,7 +45,7 @@ def fit(
     replicas: int = 1,
     batch_norm: str = "micro-batch",
     jit_compile: bool | str = "auto",
-    rank_loops: bool | str = False,
+    rank_loops: bool | str = "auto",
     callbacks: list[keras.callbacks.Callback] | None = None,
     validation_data: Any = None,
     verbose: str | int = "auto",
@@ -83,8 +83,9 @@ def fit(
         jit_compile: `"auto"` (default: XLA on each stage when the model's own
             `jit_compile` is True, as `model.compile`'s default makes it on a GPU machine),
             `True` (XLA on each stage's forward and backward, on its device) or `False`.
-        rank_loops: `False` (default), `True` or `"auto"`: each device's share of a step as
-            one in-graph loop; `"steady"`: its steady phase as one loop (see `Pipeline`).
+        rank_loops: `"auto"` (default: the steady phase as one in-graph loop where it
+            runs every feature asked for, else unrolled), `"steady"`, `True` (one loop per
+            device) or `False` (unrolled); see `Pipeline`.
         callbacks, validation_data, verbose, steps_per_epoch, **fit_kwargs: as `model.fit`.
         plan: a `tfpipe.planner.PlanConfig` (for example `tfpipe.plan(...).best`): its
             `stages`, `balance`, `micro_batches`, `schedule`, `recompute`, `chunks` and

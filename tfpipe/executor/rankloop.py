@@ -58,7 +58,6 @@ import tensorflow as tf
 
 from tfpipe._keras import functions, has_compiled_metrics
 from tfpipe.devices import HOST
-from tfpipe.errors import PipelineError
 from tfpipe.executor.forward import StageRunner, graph_outputs
 from tfpipe.executor.grads import combine_listed
 from tfpipe.executor.microbatch import Shares
@@ -68,6 +67,7 @@ from tfpipe.executor.stagepair import (
     Queue,
     StagePair,
     add_weight_grads,
+    check_input_gradient,
     edges,
     forward_args,
     got_op,
@@ -208,17 +208,12 @@ class RankLoops:
         producer = {id(t): st.index for st in self.stages for t in graph_outputs(st)}
         for pair in self.pairs:
             c = pair.stage.index
-            for j, i in enumerate(pair.in_ids):
+            for i in pair.in_ids:
                 if i in producer:
                     self.consumers.setdefault(i, []).append(c)
                     self.acts[(i, c)] = Queue(self.stages[producer[i]].device, spec_of[i], self.m)
                     if spec_of[i].dtype.is_floating:
-                        if pair.input_grads[j] is None:
-                            raise PipelineError(
-                                f"tfpipe rank loops: stage {c} ({', '.join(pair.stage.names)}) "
-                                f"gives no gradient for an input it reads from stage "
-                                f"{producer[i]}, so the loops cannot pass one back: use "
-                                "rank_loops=False for this model.")
+                        check_input_gradient(pair, i, producer[i], "rank loops")
                         self.grads[(i, c)] = Queue(pair.stage.device, spec_of[i], self.m)
         self._make_region(len(inputs), len(ys), len(sws))
 

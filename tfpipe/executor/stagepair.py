@@ -25,8 +25,8 @@ from tfpipe.executor.forward import StageRunner, graph_inputs, graph_outputs
 from tfpipe.partition import Stage
 from tfpipe.partition.stages import check_gradient_path
 
-__all__ = ["StagePair", "Queue", "add_weight_grads", "edges", "forward_args", "initial_state",
-           "moved_lists", "stage_input_ids"]
+__all__ = ["StagePair", "Queue", "add_weight_grads", "check_input_gradient", "edges",
+           "forward_args", "initial_state", "moved_lists", "stage_input_ids"]
 
 
 def relaxed(t: Any) -> tf.TensorSpec:
@@ -144,6 +144,16 @@ def add_weight_grads(pair: StagePair, state: dict[str, Any], pos: int, got: list
             "slices": [*state["slices"][:pos], slices, *state["slices"][pos + 1:]]}
 
 
+def check_input_gradient(pair: StagePair, i: int, producer: int, loops: str) -> None:
+    """Refuses a stage that gives no gradient for a float input (tensor id `i`) that stage
+    `producer` sends it: the `loops` (named in the error) cannot pass one back."""
+    if pair.input_grads[pair.in_ids.index(i)] is None:
+        raise PipelineError(
+            f"tfpipe {loops}: stage {pair.stage.index} ({', '.join(pair.stage.names)}) gives "
+            f"no gradient for an input it reads from stage {producer}, so they cannot pass "
+            "one back: use rank_loops='auto' (the default, which unrolls such a model) or False.")
+
+
 def moved_lists(pairs: list[StagePair], lists: dict[str, Any]) -> dict[str, Any]:
     """The batch's lists and loss weights a rank's stages read, moved to its device before
     its loop (in its device scope): read on the host, each iteration on a worker waited on
@@ -189,6 +199,11 @@ class StagePair:
             `structure` gives its forward and backward functions (not built again).
     """
 
+    fw: Any
+    bw: Any
+    structure: tuple[Any, ...]
+    self_contained: bool
+
     def __init__(self, runner: StageRunner, stage: Stage, specs: list[Any],
                  labels: tuple[Any, Any, list[Any], list[Any]] | None, metrics: bool,
                  built: Sequence[StagePair] = ()) -> None:
@@ -214,19 +229,7 @@ class StagePair:
             graph_out = self.function.graph.outputs
             check_gradient_path(stage, runner.stages, [graph_out[self.out_at[i]].dtype
                                                        for i in out_ids])
-        # a stage with an earlier one's graph (a repeated block) calls its functions with its
-        # own arguments: building a backward took 0.12-0.25 s a stage (12-block Transformer)
-        self.structure = functions.structure(self.function)
-        self.fw: Any
-        self.bw: Any
-        self.self_contained: bool
-        twin = next((p for p in built if p.structure == self.structure and p.self_contained),
-                    None)
-        if twin is not None:
-            self.fw, self.bw, outputs = twin.fw, twin.bw, twin.function.graph.outputs
-        else:
-            self.fw, self.bw = functions.forward_backward(self.function, self.seeded)
-            outputs = self.function.graph.outputs  # now with the residuals appended
+        outputs = self._pair(built)
         self.specs = [tf.TensorSpec(o.shape, o.dtype) for o in outputs]  # as traced
         pos = {id(t): n for n, t in enumerate(outputs)}
         self.bw_caps = [(pos.get(id(c)), c) for c in self.bw.captured_inputs]
@@ -257,7 +260,21 @@ class StagePair:
             raise PipelineError(
                 f"tfpipe rank loops: stage {stage.index}'s backward takes "
                 f"{functions.seed_count(self.bw)} output gradients, expected {self.seeded}; "
-                "use rank_loops=False for this model.")
+                "use rank_loops='auto' (the default, which unrolls such a model) or False.")
+
+    def _pair(self, built: Sequence[StagePair]) -> list[Any]:
+        """Sets `fw` and `bw`: TensorFlow's forward and backward for this stage's function,
+        or those of a stage in `built` with the same graph (a repeated block), called with
+        this stage's own arguments (building a backward took 0.12-0.25 s a stage of the
+        12-block Transformer); returns the forward's outputs, the residuals appended."""
+        self.structure = functions.structure(self.function)
+        twin = next((p for p in built if p.structure == self.structure and p.self_contained),
+                    None)
+        if twin is not None:
+            self.fw, self.bw = twin.fw, twin.bw
+            return list(twin.function.graph.outputs)
+        self.fw, self.bw = functions.forward_backward(self.function, self.seeded)
+        return list(self.function.graph.outputs)
 
     def _forward(self, runner: StageRunner, labels: tuple[Any, Any, list[Any], list[Any]] | None,
                  metrics: bool) -> Any:

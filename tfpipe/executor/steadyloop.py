@@ -39,7 +39,6 @@ from typing import Any
 import tensorflow as tf
 
 from tfpipe._keras import functions
-from tfpipe.errors import PipelineError
 from tfpipe.executor.forward import StageRunner, graph_outputs
 from tfpipe.executor.program import trace_order
 from tfpipe.executor.rankloop import RankLoops
@@ -47,6 +46,7 @@ from tfpipe.executor.residuals import unpacked
 from tfpipe.executor.stagepair import (
     StagePair,
     add_weight_grads,
+    check_input_gradient,
     edges,
     forward_args,
     got_op,
@@ -97,7 +97,7 @@ class SteadyLoop(RankLoops):
                     self.consumers.setdefault(i, []).append(c)
                     streams.append((("act", i, c), (p, "F"), (c, "F"), spec_of[i]))
                     if spec_of[i].dtype.is_floating:
-                        _check_gradient(pair, i, p)
+                        check_input_gradient(pair, i, p, "steady loop")
                         streams.append((("grad", i, c), (c, "B"), (p, "B"), spec_of[i]))
         self.sends = {key[1:] for key, _, _, _ in streams if key[0] == "grad"}
         # the streams the loop carries: (stream, its producer's micro-batch in iteration 0,
@@ -297,11 +297,3 @@ def _shaped(value: tf.Tensor, spec: Any) -> tf.Tensor:
     got.set_shape(spec.shape)
     return got
 
-
-def _check_gradient(pair: StagePair, i: int, producer: int) -> None:
-    """Refuses a stage that gives no gradient for a float input another stage sends it."""
-    if pair.input_grads[pair.in_ids.index(i)] is None:
-        raise PipelineError(
-            f"tfpipe steady loop: stage {pair.stage.index} ({', '.join(pair.stage.names)}) "
-            f"gives no gradient for an input it reads from stage {producer}, so the loop "
-            "cannot pass one back: use rank_loops=False for this model.")

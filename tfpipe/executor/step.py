@@ -38,14 +38,7 @@ from tfpipe.errors import PipelineError
 from tfpipe.executor.batchnorm import DeferredBatchNorm
 from tfpipe.executor.dataflow import Dataflow, Recorded
 from tfpipe.executor.forward import StageRunner
-from tfpipe.executor.grads import (
-    GradSums,
-    all_reduce,
-    apply_gradients,
-    dense,
-    sum_function,
-    vjp,
-)
+from tfpipe.executor.grads import GradSums, all_reduce, apply_gradients, dense, sum_function, vjp
 from tfpipe.executor.microbatch import MicroBatches, Shares, loss_reduction
 from tfpipe.executor.numerics import check_gradients
 from tfpipe.executor.profiling import stamper, timeline
@@ -90,9 +83,11 @@ class Executor:
             device (`tfpipe.executor.stagefn`).
         whole_step_xla: Keras compiles the whole step with XLA (`PipelineOptions.whole_step_xla`,
             unless a stage cannot be: `StageFunctions.compile_whole`): forwards traced inline.
-        rank_loops: run the training step as one in-graph loop per rank
-            (`tfpipe.executor.rankloop`): a graph that grows with K, not M x K. `"auto"`:
-            when the loops run every feature asked for, else the unrolled step.
+        rank_loops: `"auto"`: the schedule's steady phase as one in-graph loop over all
+            devices (`tfpipe.executor.steadyloop`: a graph that grows with K, not M x K)
+            where it runs every feature asked for, else the unrolled step; `"steady"`: that
+            loop or an error; `True`: one loop per rank (`tfpipe.executor.rankloop`) or an
+            error; `False`: the unrolled step.
 
     Attributes:
         traces: how many times each step kind was traced (`"train"`, `"test"`, `"predict"`);
@@ -143,18 +138,19 @@ class Executor:
         self.produced: dict[Action, list[Any]] = {}
         devices = {d for row in self.devices for d in row}
         self.stamper = stamper(profile, devices, len(self.program.runs))
-        self.loops = None
+        self.loops: RankLoops | None = None
+        self.rank_loops = rank_loops
+        steady = rank_loops in ("auto", "steady")
         refusal = loops_refusal(self.runner, stages, schedule, {
             "replicas": self.replicas > 1, "recompute": any(self.recompute), "profile": profile,
             "check_numerics": check_numerics, "batch_norm='deferred'": self.deferred is not None,
-            "jit_compile": jit_compile}, steady=rank_loops == "steady") if rank_loops else None
+            "jit_compile": jit_compile}, steady=steady) if rank_loops else None
         if rank_loops in (True, "steady") and refusal:
             raise PipelineError(
                 f"rank_loops={rank_loops!r}: {refusal}. Use rank_loops='auto' or False (the "
                 "unrolled step runs every feature).\n" + format_schedule(schedule))
         if rank_loops and refusal is None:
-            kind = SteadyLoop if rank_loops == "steady" else RankLoops
-            self.loops = kind(self.runner, stages, schedule)
+            self.loops = (SteadyLoop if steady else RankLoops)(self.runner, stages, schedule)
 
     @property
     def stamps(self) -> tf.Variable | None:
@@ -176,6 +172,16 @@ class Executor:
         where Keras compiles the step whole with XLA (its forwards are traced inline)."""
         return contextlib.nullcontext() if self.whole_step_xla else functions.glue_only()
 
+    def _loop_step(self, x: Any, y: Any, sw: Any) -> dict[str, Any]:
+        assert self.loops is not None
+        with tf.device(HOST):
+            shares = Shares.of(x, sw, self.micro_batches, self.reduction)
+            inputs = self.runner.flatten_inputs(x)
+        losses, grads = self.loops(shares, inputs, y, sw, x)
+        with tf.control_dependencies(losses):  # no update (weight decay) before any read
+            apply_gradients(self.model, self.stages, self.runner.owner, grads)
+        return self._results(losses, shares.batch)
+
     def _train_step(self, data: Any) -> dict[str, Any]:
         x, y, sw = keras.utils.unpack_x_y_sample_weight(data)
         if y is None:
@@ -185,13 +191,12 @@ class Executor:
                 "(x, y, sample_weight). Pass y=... with array inputs, or a dataset of (x, y) pairs."
             )
         if self.loops is not None:
-            with tf.device(HOST):
-                shares = Shares.of(x, sw, self.micro_batches, self.reduction)
-                inputs = self.runner.flatten_inputs(x)
-            losses, grads = self.loops(shares, inputs, y, sw, x)
-            with tf.control_dependencies(losses):  # no update (weight decay) before any read
-                apply_gradients(self.model, self.stages, self.runner.owner, grads)
-            return self._results(losses, shares.batch)
+            try:
+                return self._loop_step(x, y, sw)
+            except PipelineError:  # some refusals show only when the stages are traced
+                if self.rank_loops != "auto":
+                    raise
+                self.loops = None
         flow = Dataflow(self._split(x, y, sw))
         sums = GradSums(self.stages, self.replicas, self.micro_batches, self.add_all)
         self.runner.feed(flow)
@@ -377,15 +382,8 @@ class Executor:
             sent.append(tf.zeros_like(t) if g is None else g)
         return sent + [tf.ones_like(t) for t in rec.targets[len(rec.target_ids) :]]
 
-    def _keep(
-        self,
-        at: _At,
-        flow: Dataflow,
-        sums: GradSums,
-        rec: Recorded,
-        input_grads: list[Any],
-        weight_grads: list[Any],
-    ) -> list[Any]:
+    def _keep(self, at: _At, flow: Dataflow, sums: GradSums, rec: Recorded,
+              input_grads: list[Any], weight_grads: list[Any]) -> list[Any]:
         """Sends input gradients to the stages that made those inputs; sums weight gradients."""
         s, kind, m = at.action.stage, at.action.kind, at.action.micro_batch
         if self.check_numerics:
