@@ -119,6 +119,28 @@ def test_fit_with_xla_equals_keras_with_xla(kind, stages):
     assert relative_difference(model, ref) <= 1e-5
 
 
+@pytest.mark.parametrize("kind", ["mlp", "transformer"])
+def test_the_steady_loop_with_xla_equals_keras_with_xla(kind):
+    """1F1B, K = 4, M = 8 (the default step: the steady loop): each stage's forward and
+    backward marked `_XlaMustCompile`, called in the loops on the stage's device."""
+    ref, ref_log = reference(kind)
+    model, log = make(kind), StepLog()
+    x, y = xy(kind)
+    history = tfpipe.fit(model, x, y, batch_size=16, epochs=2, shuffle=False, verbose=0,
+                         callbacks=[log], stages=4, jit_compile=True, micro_batches=8,
+                         schedule="1f1b")
+    loops = history.pipeline.executor.loops
+    assert type(loops).__name__ == "SteadyLoop"
+    region = loops.region.graph
+    for pair in loops.pairs:
+        assert pair.jit
+        for fn in (pair.fw, pair.bw):
+            name = fn.name.decode() if isinstance(fn.name, bytes) else fn.name
+            assert region._get_function(name).cached_definition.attr["_XlaMustCompile"].b, name
+    assert_same_training(ref, ref_log, model, log)
+    assert relative_difference(model, ref) <= 1e-5
+
+
 def traced_step(pipe: tfpipe.Pipeline, x: np.ndarray, y: np.ndarray) -> tf.Graph:
     with pipe._attached():  # noqa: SLF001 (tests only): the hooks fit installs
         step = tf.function(pipe.executor.train_step, autograph=False)
@@ -215,6 +237,14 @@ def test_stage_xla_cannot_compile_runs_without_it_and_the_others_stay_compiled()
     functions = pipe.executor.runner.functions
     assert functions.compiled() == {(0, True): True, (1, True): False, (2, True): True}
     assert list(functions.refused) == [1]
+
+
+def test_in_the_steady_loop_a_stage_xla_cannot_compile_runs_without_it():
+    pipe, warning = fit_numpy_model(balance=[1, 2, 2], micro_batches=4, schedule="1f1b")
+    assert "XLA cannot compile stage 1 (d1, numpy_double)" in warning
+    assert type(pipe.executor.loops).__name__ == "SteadyLoop"
+    assert [pair.jit for pair in pipe.executor.loops.pairs] == [True, False, True]
+    assert list(pipe.executor.runner.functions.refused) == [1]
 
 
 def test_a_whole_step_xla_cannot_compile_is_compiled_by_stage_with_one_warning(monkeypatch):

@@ -185,6 +185,25 @@ class StageFunctions:
                 )
                 return
 
+    def xla_for(self, stage: Stage, training: bool, forward: Callable[..., Any],
+                inputs: Sequence[Any], probed: bool = False) -> bool:
+        """Whether to compile `stage`'s function with XLA: when `jit_compile` is on and XLA
+        can lower `forward` (`xla_refusal`, unless `probed` already); else False, and the
+        first refusal of a stage is kept in `refused` and warned about once."""
+        if not self.jit_compile or stage.index in self.refused:
+            return False
+        reason = None if probed else xla_refusal(stage, training, forward, inputs)
+        if reason is not None:
+            self.refused[stage.index] = reason
+            warnings.warn(
+                f"tfpipe jit_compile: XLA cannot compile stage {stage.index} "
+                f"({', '.join(stage.names)}) on {stage.device}: {reason}. That stage runs "
+                "without XLA; the other stages stay compiled (jit_compile=False turns XLA "
+                "off for all).",
+                stacklevel=3,
+            )
+        return reason is None
+
     def _forward(self, stage: Stage, training: bool, key: tuple[int, bool]) -> Callable[
             ..., tuple[list[Any], list[Any], list[Any]]]:
         def forward(
@@ -203,20 +222,9 @@ class StageFunctions:
         self, stage: Stage, training: bool, key: tuple[int, bool], inputs: list[Any]
     ) -> Any:
         forward = self._forward(stage, training, key)
-        jit = self.jit_compile and stage.index not in self.refused
         # inline, a stage is part of Keras's XLA step: nothing to fall back to, nothing to probe
-        if jit and not self.inline and not (training and stage.index in self._lowered):
-            reason = xla_refusal(stage, training, forward, inputs)
-            if reason is not None:
-                self.refused[stage.index] = reason
-                warnings.warn(
-                    f"tfpipe jit_compile: XLA cannot compile stage {stage.index} "
-                    f"({', '.join(stage.names)}) on {stage.device}: {reason}. That stage runs "
-                    "without XLA; the other stages stay compiled (jit_compile=False turns XLA "
-                    "off for all).",
-                    stacklevel=2,
-                )
-                jit = False
+        lowered = self.inline or (training and stage.index in self._lowered)
+        jit = self.xla_for(stage, training, forward, inputs, probed=lowered)
         self._compiled[key] = jit
         if self.inline:
             return forward

@@ -1,6 +1,7 @@
-"""The rank loops' stage functions (forward and backward), queues, and TensorList helpers.
+"""The loops' stage functions (forward and backward), queues, and TensorList helpers.
 
-Design: see `tfpipe.executor.rankloop`. A stage's forward is traced once as a `tf.function`
+Design: see `tfpipe.executor.rankloop` and `tfpipe.executor.steadyloop`, which both call
+these. A stage's forward is traced once as a `tf.function`
 of its inputs (on the last stage also the micro-batch's labels, sample weights and loss
 weight, and on every stage its share of the regularisation losses) and returns, in this
 order, the values its backward seeds (float outputs sent to later stages, then the scaled
@@ -8,7 +9,9 @@ loss), then the rest (non-float outputs, the unscaled loss, the predictions for 
 metrics). TensorFlow's forward/backward pair for a call of it (`_keras.functions`) then
 gives the forward with its residuals appended and the backward from output gradients and
 residuals to input and weight gradients (None for a weight the stage does not use, IndexedSlices
-for a gathered table).
+for a gathered table). With `jit_compile`, the forward is built with XLA on (when XLA can
+lower it: `StageFunctions.xla_for`), and TensorFlow marks both functions `_XlaMustCompile`,
+so each compiles on the device of the stage that calls it.
 """
 
 from __future__ import annotations
@@ -190,7 +193,8 @@ class StagePair:
     """One stage's forward and backward functions and how their values are laid out.
 
     Args:
-        runner: the executor's `StageRunner` (model inputs, predictions, extra losses).
+        runner: the executor's `StageRunner` (model inputs, predictions, extra losses, and
+            whether to compile with XLA).
         stage: the stage.
         specs: one spec per stage input (`in_ids` order), batch dimension unknown.
         labels: on the last stage, the specs of the flat labels and sample weights.
@@ -203,6 +207,7 @@ class StagePair:
     bw: Any
     structure: tuple[Any, ...]
     self_contained: bool
+    jit: bool
 
     def __init__(self, runner: StageRunner, stage: Stage, specs: list[Any],
                  labels: tuple[Any, Any, list[Any], list[Any]] | None, metrics: bool,
@@ -214,11 +219,14 @@ class StagePair:
         y_specs, sw_specs = labels[2:] if labels else ([], [])
         self.layout: dict[str, Any] = {}
         extra_specs = [*y_specs, *sw_specs, tf.TensorSpec([], tf.float32)] if self.last else []
+        forward = self._forward(runner, labels, metrics)
+        args = [*specs, *extra_specs, tf.TensorSpec([], tf.float32)]
+        self.jit = runner.functions.xla_for(stage, True, lambda xs: (forward(*xs), [], []), args)
         with tf.device(stage.device):
             self.function = tf.function(
-                self._forward(runner, labels, metrics), autograph=False,
+                forward, autograph=False, jit_compile=True if self.jit else None,
                 experimental_attributes={"_noinline": True},
-            ).get_concrete_function(*specs, *extra_specs, tf.TensorSpec([], tf.float32))
+            ).get_concrete_function(*args)
         self.num_args = len(specs) + len(extra_specs) + 1
         self.seeded: int = self.layout["seeded"]
         # where each stage output is among the forward's outputs: floats, (loss), others
@@ -267,7 +275,7 @@ class StagePair:
         or those of a stage in `built` with the same graph (a repeated block), called with
         this stage's own arguments (building a backward took 0.12-0.25 s a stage of the
         12-block Transformer); returns the forward's outputs, the residuals appended."""
-        self.structure = functions.structure(self.function)
+        self.structure = (self.jit, functions.structure(self.function))
         twin = next((p for p in built if p.structure == self.structure and p.self_contained),
                     None)
         if twin is not None:

@@ -143,8 +143,8 @@ class Executor:
         steady = rank_loops in ("auto", "steady")
         refusal = loops_refusal(self.runner, stages, schedule, {
             "replicas": self.replicas > 1, "recompute": any(self.recompute), "profile": profile,
-            "check_numerics": check_numerics, "batch_norm='deferred'": self.deferred is not None,
-            "jit_compile": jit_compile}, steady=steady) if rank_loops else None
+            "check_numerics": check_numerics, "batch_norm='deferred'": self.deferred is not None
+            }, steady=steady) if rank_loops else None
         if rank_loops in (True, "steady") and refusal:
             raise PipelineError(
                 f"rank_loops={rank_loops!r}: {refusal}. Use rank_loops='auto' or False (the "
