@@ -17,7 +17,8 @@ step (docs/benchmarks.md, "First-step cost").
 Models: `mlp` (8 x Dense(256)), `transformer` (`benchmarks.common.transformer`: the demo's
 character Transformer, `--blocks` blocks of width `--width`, sequence 32) or `plain` (the same
 with each block written out in plain Keras layers, `benchmarks.common.plain_transformer`),
-batch 4 M.
+batch 4 M. `--jit` compiles the model with `jit_compile=True`: `model.fit` compiles its
+whole step with XLA, tfpipe each stage's functions on its device.
 
 `--whole-fit` also times the whole first `tfpipe.fit` of a fresh copy on one batch (the
 pipeline built, Keras's train function made, the step traced for the batch's static size,
@@ -69,7 +70,8 @@ def build(args: argparse.Namespace) -> Any:
         make = transformer if args.model == "transformer" else plain_transformer
         model = make(vocab=96, seq_len=32, dim=args.width, blocks=args.blocks)
         x_spec = y_spec = tf.TensorSpec((None, 32), tf.int32)
-    model.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    model.compile("sgd", keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                  jit_compile=True if getattr(args, "jit", False) else "auto")
     return model, (x_spec, y_spec)
 
 
@@ -98,6 +100,9 @@ def main() -> None:
                         help="also time the loop's (the steady loop's, or with --rank-loops "
                         "true the rank loops') and the unrolled step's steady steps side by "
                         "side, this many fits of each")
+    parser.add_argument("--jit", action="store_true",
+                        help="compile with XLA: model.fit's whole step, and tfpipe's stages "
+                        "(jit_compile='auto' follows the model's)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     choice: dict[str, bool | str] = {"auto": "auto", "true": True, "false": False,
