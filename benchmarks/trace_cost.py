@@ -213,10 +213,10 @@ def steady_side_by_side(args: argparse.Namespace, m: int, rounds: int,
     kind = "steady loop" if looping == "steady" else "rank loops"
     built = {label: (build(args), loops) for label, loops in ((kind, looping),
                                                              ("unrolled", False))}
-    # without XLA for both: the loops do not compile their stages yet (on a GPU machine
-    # Keras's "auto" would ask for it)
+    # XLA for both with --jit, else for neither (on a GPU machine Keras's "auto" would ask)
+    jit = bool(getattr(args, "jit", False))
     pipes = {label: tfpipe.Pipeline(model, stages=args.stages, micro_batches=m,
-                                    schedule=args.schedule, rank_loops=loops, jit_compile=False)
+                                    schedule=args.schedule, rank_loops=loops, jit_compile=jit)
              for label, ((model, _), loops) in built.items()}
     x_spec, y_spec = built["unrolled"][0][1]
     x, y = zeros(x_spec, 4 * batch), zeros(y_spec, 4 * batch)

@@ -121,14 +121,14 @@ def test_fit_with_xla_equals_keras_with_xla(kind, stages):
 
 @pytest.mark.parametrize("kind", ["mlp", "transformer"])
 def test_the_steady_loop_with_xla_equals_keras_with_xla(kind):
-    """1F1B, K = 4, M = 8 (the default step: the steady loop): each stage's forward and
-    backward marked `_XlaMustCompile`, called in the loops on the stage's device."""
+    """1F1B, K = 4, M = 8, the steady loop asked for (by default XLA runs unrolled): each
+    stage's forward and backward marked `_XlaMustCompile`, called in the loops."""
     ref, ref_log = reference(kind)
     model, log = make(kind), StepLog()
     x, y = xy(kind)
     history = tfpipe.fit(model, x, y, batch_size=16, epochs=2, shuffle=False, verbose=0,
                          callbacks=[log], stages=4, jit_compile=True, micro_batches=8,
-                         schedule="1f1b")
+                         schedule="1f1b", rank_loops="steady")
     loops = history.pipeline.executor.loops
     assert type(loops).__name__ == "SteadyLoop"
     region = loops.region.graph
@@ -240,7 +240,8 @@ def test_stage_xla_cannot_compile_runs_without_it_and_the_others_stay_compiled()
 
 
 def test_in_the_steady_loop_a_stage_xla_cannot_compile_runs_without_it():
-    pipe, warning = fit_numpy_model(balance=[1, 2, 2], micro_batches=4, schedule="1f1b")
+    pipe, warning = fit_numpy_model(balance=[1, 2, 2], micro_batches=4, schedule="1f1b",
+                                    rank_loops="steady")
     assert "XLA cannot compile stage 1 (d1, numpy_double)" in warning
     assert type(pipe.executor.loops).__name__ == "SteadyLoop"
     assert [pair.jit for pair in pipe.executor.loops.pairs] == [True, False, True]

@@ -143,7 +143,9 @@ class Executor:
         steady = rank_loops in ("auto", "steady")
         refusal = loops_refusal(self.runner, stages, schedule, {
             "replicas": self.replicas > 1, "recompute": any(self.recompute), "profile": profile,
-            "check_numerics": check_numerics, "batch_norm='deferred'": self.deferred is not None
+            "check_numerics": check_numerics, "batch_norm='deferred'": self.deferred is not None,
+            # with XLA the steady step was 1.11x the unrolled one's (docs/benchmarks.md)
+            "jit_compile by default": jit_compile and rank_loops == "auto",
             }, steady=steady) if rank_loops else None
         if rank_loops in (True, "steady") and refusal:
             raise PipelineError(
