@@ -65,9 +65,9 @@ class PipelineOptions:
         jit_compile: `"auto"` (XLA on each stage's forward exactly when the model's own
             `jit_compile`, as Keras resolved it at `compile`, is True, and `replicas` is 1),
             `True` or `False` (see `xla`).
-        rank_loops: `"auto"` (the schedule's steady phase as one in-graph loop over all
-            devices, `tfpipe.executor.steadyloop`, where it runs every feature asked for,
-            else the unrolled step), `"steady"` (that loop, or an error naming what it does
+        rank_loops: `"auto"` (the steady phase as one in-graph loop over all devices,
+            `tfpipe.executor.steadyloop`, where it runs every feature asked for and XLA is
+            off, else the unrolled step), `"steady"` (that loop, or an error naming what it does
             not run yet), `True` (each device's share of a step as one loop,
             `tfpipe.executor.rankloop`, or an error) or `False` (the unrolled step).
 

@@ -95,7 +95,7 @@ class Pipeline:
             runs without, with a warning (see `tfpipe.executor.stagefn`).
         rank_loops: `"auto"` (default): the steady phase as one in-graph loop over all
             devices (a graph that grows with K, not M x K) where it runs every feature asked
-            for, else unrolled; `"steady"`: that loop or an error naming what it does not
+            for, XLA off, else unrolled; `"steady"`: that loop or an error naming what it does not
             run; `True`: one loop per device (or an error); `False`: unrolled.
 
     Attributes:

@@ -84,7 +84,7 @@ def fit(
             `jit_compile` is True, as `model.compile`'s default makes it on a GPU machine),
             `True` (XLA on each stage's forward and backward, on its device) or `False`.
         rank_loops: `"auto"` (default: the steady phase as one in-graph loop where it
-            runs every feature asked for, else unrolled), `"steady"`, `True` (one loop per
+            runs every feature asked for, XLA off, else unrolled), `"steady"`, `True` (one loop per
             device) or `False` (unrolled); see `Pipeline`.
         callbacks, validation_data, verbose, steps_per_epoch, **fit_kwargs: as `model.fit`.
         plan: a `tfpipe.planner.PlanConfig` (for example `tfpipe.plan(...).best`): its

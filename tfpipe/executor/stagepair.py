@@ -266,7 +266,7 @@ class StagePair:
         self.input_grads = grads[: len(self.in_ids)]
         if functions.seed_count(self.bw) != self.seeded:
             raise PipelineError(
-                f"tfpipe rank loops: stage {stage.index}'s backward takes "
+                f"tfpipe loops: stage {stage.index}'s backward takes "
                 f"{functions.seed_count(self.bw)} output gradients, expected {self.seeded}; "
                 "use rank_loops='auto' (the default, which unrolls such a model) or False.")
 

@@ -83,9 +83,9 @@ class Executor:
             device (`tfpipe.executor.stagefn`).
         whole_step_xla: Keras compiles the whole step with XLA (`PipelineOptions.whole_step_xla`,
             unless a stage cannot be: `StageFunctions.compile_whole`): forwards traced inline.
-        rank_loops: `"auto"`: the schedule's steady phase as one in-graph loop over all
-            devices (`tfpipe.executor.steadyloop`: a graph that grows with K, not M x K)
-            where it runs every feature asked for, else the unrolled step; `"steady"`: that
+        rank_loops: `"auto"`: the steady phase as one in-graph loop over all devices
+            (`tfpipe.executor.steadyloop`: a graph that grows with K, not M x K) where it
+            runs every feature asked for, without XLA, else the unrolled step; `"steady"`: that
             loop or an error; `True`: one loop per rank (`tfpipe.executor.rankloop`) or an
             error; `False`: the unrolled step.
 
