@@ -54,10 +54,10 @@ def forward_backward(function: Any, num_seeded: int) -> tuple[Any, Any]:
 def structure(function: Any) -> tuple[Any, ...]:
     """A concrete function's graph with its names left out: each operation's type, device,
     inputs and control inputs (by operation position, the latter in any order) and
-    attributes, then which operations are its inputs and
-    outputs, with their dtypes and shapes. Two functions with the same structure compute
-    the same thing from the same arguments and captures (their captures in the same order),
-    and TensorFlow builds the same gradient for both.
+    attributes, then which operations are its inputs and outputs, with their dtypes and
+    shapes. Two functions with the same structure compute the same thing from the same
+    arguments and captures (their captures in the same order), and TensorFlow builds the
+    same gradient for both.
 
     TensorFlow 2.16-2.21: `FuncGraph.as_graph_def`, `inputs`, `outputs`.
     """
@@ -65,9 +65,9 @@ def structure(function: Any) -> tuple[Any, ...]:
     nodes = graph.as_graph_def().node
     at = {n.name: k for k, n in enumerate(nodes)}
 
-    def ref(name: str) -> tuple[Any, ...]:
+    def ref(name: str) -> tuple[int, str]:
         op, _, out = name.lstrip("^").partition(":")
-        return name.startswith("^"), at[op], out
+        return at[op], out
 
     ops = tuple((n.op, n.device, tuple(ref(i) for i in n.input if not i.startswith("^")),
                  tuple(sorted(ref(i) for i in n.input if i.startswith("^"))),
