@@ -177,9 +177,9 @@ class SteadyLoop(RankLoops):
              moved: list[dict[str, Any]], values: dict[Key, Any], offset: Any,
              masked: tuple[int, int] | None = None) -> None:
         """Traces `rows`' actions in trace order; `offset`: added to each micro-batch to index
-        the batch (the loop counter); `masked`: the loop's first and
-        last iteration, where an action whose micro-batch exists in some of them but not all
-        runs in a `tf.cond` on it existing (one that exists in none is not traced)."""
+        the batch (the loop counter); `masked`: the loop's first and last iteration, where an
+        action whose micro-batch exists in some of them but not all runs in a `tf.cond` on it
+        existing (one that exists in none is not traced)."""
         m = self.m
         for a in sorted((a for row in rows for a in row), key=self.order.__getitem__):
             r = self.rank_of[a]
@@ -296,4 +296,3 @@ def _shaped(value: tf.Tensor, spec: Any) -> tf.Tensor:
     got = tf.identity(value)
     got.set_shape(spec.shape)
     return got
-
