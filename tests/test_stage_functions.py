@@ -88,3 +88,40 @@ def test_fit_runs_the_unrolled_step_as_glue_and_its_stage_calls_with_every_pass(
     for op in calls:
         rewrite = config_pb2.ConfigProto.FromString(op.get_attr("config_proto"))
         assert rewrite.graph_options.rewrite_options.remapping != off, op.name
+
+
+def test_a_large_gradient_is_summed_in_the_step_and_the_small_ones_in_one_call():
+    """A weight of more than `OWN_SUM` elements gets its micro-batch sums as additions in the
+    step's graph on its stage's device (the runtime can write them into the running sum's
+    buffer); the small ones stay one sum call per stage and micro-batch. Training equals
+    `model.fit`."""
+    from tfpipe.executor.grads import OWN_SUM
+
+    width = OWN_SUM // 8 + 1  # Dense(8 -> width): a kernel just over OWN_SUM elements
+
+    def big() -> keras.Model:
+        keras.utils.set_random_seed(0)
+        model = keras.Sequential([keras.Input((8,)), keras.layers.Dense(width, name="big"),
+                                  keras.layers.Dense(3, name="head")])
+        model.compile(optimizer="sgd", loss="sparse_categorical_crossentropy")
+        return model
+
+    x, y = data("mlp", n=32)
+    m = 4
+    pipe = tfpipe.Pipeline(big(), stages=2, micro_batches=m, schedule="1f1b", rank_loops=False)
+    graph = traced_step(pipe, x, y)
+    big_shape = [8, width]
+    adds = [op for op in graph.get_operations()
+            if op.type == "AddV2" and op.outputs[0].shape.as_list() == big_shape]
+    assert len(adds) == m - 1, [op.name for op in adds]
+    assert {op.device for op in adds} == {pipe.stages[0].device}
+    sum_calls = [op for op in graph.get_operations() if op.type.endswith("PartitionedCall")
+                 and "_sum_pairs" in op.get_attr("f").name]
+    # stage 0's bias (small) and stage 1's kernel and bias: one call per stage per later mb
+    assert len(sum_calls) == 2 * (m - 1), [op.get_attr("f").name for op in sum_calls]
+    ref, ref_log = big(), StepLog()
+    ref.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0, callbacks=[ref_log])
+    model, log = big(), StepLog()
+    tfpipe.fit(model, x, y, batch_size=16, epochs=2, shuffle=False, verbose=0, callbacks=[log],
+               stages=2, micro_batches=m, schedule="1f1b", rank_loops=False)
+    assert_same_training(ref, ref_log, model, log)

@@ -62,6 +62,12 @@ def vjp(
     return [tf.zeros_like(s) if g is None else g for s, g in zip(inputs, grads[:n])], grads[n:]
 
 
+OWN_SUM = 1 << 16
+"""Variables larger than this (elements) get a sum of their own: a loop variable in the
+loops (`StagePair.dense_groups`), an addition in the step's graph in the unrolled step
+(`GradSums.add`), where the runtime can write it into the running sum's buffer."""
+
+
 class SparseParts(list[Any]):
     """The IndexedSlices gradients of one variable from several micro-batches, combined by
     `combine_sparse` once all are known."""
@@ -194,14 +200,22 @@ class GradSums:
     def add(self, stage: int, micro_batch: int, grads: list[Any]) -> list[Any]:
         """Adds one micro-batch's weight gradients of `stage`; returns the stage's new sums.
 
-        The dense sums are one call of `add_all` (one function per stage, not one addition
-        per variable per micro-batch in the step's graph).
+        A dense gradient of more than `OWN_SUM` elements is added in the step's graph, where
+        the runtime writes the sum into the running sum's buffer; the smaller ones are one
+        call of `add_all` (one function per stage, not one addition per variable in the
+        step's graph). In a function the sum is always a new buffer: with the large ones
+        there too, 1F1B of the 8 x Dense(1024) MLP on two one-core workers (batch 2048,
+        M = 8) was 3 % slower, its sequential accumulation on one core 5 % slower
+        (docs/benchmarks.md).
         """
         k = (micro_batch // self.micro_batches) * self.num_stages + stage  # this replica's stage
         row = self.rows[k]
         dense = [i for i, (t, g) in enumerate(zip(row, grads)) if _dense(t) and _dense(g)]
-        summed = dict(zip(dense, self.add_all([row[i] for i in dense], [grads[i] for i in dense])
-                          if dense else []))
+        large = [i for i in dense if (row[i].shape.num_elements() or 0) > OWN_SUM]
+        small = [i for i in dense if i not in large]
+        summed = dict(zip(small, self.add_all([row[i] for i in small], [grads[i] for i in small])
+                          if small else []))
+        summed.update(zip(large, _sum_pairs([row[i] for i in large], [grads[i] for i in large])))
         self.rows[k] = [summed[i] if i in summed else accumulate(total, g)
                         for i, (total, g) in enumerate(zip(row, grads))]
         return list(self.rows[k])

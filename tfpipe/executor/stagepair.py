@@ -25,6 +25,7 @@ import tensorflow as tf
 from tfpipe._keras import compiled_loss, functions
 from tfpipe.errors import PipelineError
 from tfpipe.executor.forward import StageRunner, graph_inputs, graph_outputs
+from tfpipe.executor.grads import OWN_SUM
 from tfpipe.partition import Stage
 from tfpipe.partition.stages import check_gradient_path
 
@@ -182,11 +183,6 @@ def edges(runner: StageRunner, stages: list[Stage]) -> list[tuple[int, int]]:
     model_inputs = set(runner.input_ids)
     return sorted({(producer[i], st.index) for st in stages
                    for i in stage_input_ids(runner, st) if i not in model_inputs})
-
-
-OWN_SUM = 1 << 16
-"""Variables larger than this (elements) are summed in a loop variable of their own
-(`StagePair.dense_groups`)."""
 
 
 class StagePair:
