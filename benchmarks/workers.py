@@ -73,6 +73,7 @@ if not __package__:  # `python benchmarks/workers.py`: import its folder as the 
 
 from benchmarks.speed_table import (
     add_timing_args,
+    bound,
     check_timing,
     format_rows,
     load_line,
@@ -192,6 +193,7 @@ def parent(args: argparse.Namespace) -> None:
           f"{median(probes['probe:feed']):.2f} ms; a tensor sent by a busy worker: "
           f"{overlap:.1f} ms = {overlap / chain:.2f} chains "
           f"of {chain:.1f} ms (2 = sent while it computes, 3 = only once it is idle)")
+    _print_tf_alone(probes)
     _print_cpu(report["cpu"], times["tfpipe"])
     print("[summary] " + summary([r for r in table if r["system"] == "tfpipe"]))
     if peer is not None:
@@ -207,6 +209,21 @@ def parent(args: argparse.Namespace) -> None:
               f"{100 * max(seen):.0f}% busy (median {100 * median(seen):.0f}%; limit "
               f"{100 * args.quiet:.0f}%, waits of at most {args.quiet_wait:.0f} s)")
     write_json(args.json, report)
+
+
+def _print_tf_alone(probes: dict[str, list[float]]) -> None:
+    """The `probe:tf` rows: TensorFlow's own cost of M pieces, and the bound it leaves."""
+    whole = median(probes["probe:tf M=1"])
+    parts = []
+    for label in sorted((k for k in probes if k.startswith("probe:tf M=")),
+                        key=lambda k: int(k.split("=")[1])):
+        m = int(label.split("=")[1])
+        if m > 1:
+            cost = median(probes[label]) / whole
+            parts.append(f"M={m}: {cost:.3f}x, bound {bound(m) / cost:.2f}")
+    print(f"[tf alone] the model's forward and backward on worker 0 in TensorFlow alone "
+          f"(no engine, no optimizer), {whole:.1f} ms whole; M pieces cost, and the speedup "
+          f"over the whole batch that leaves at most (2M/(M+1) / cost): {'; '.join(parts)}")
 
 
 def _print_cpu(cpu: dict[str, list[list[float]]], times: dict[str, list[float]]) -> None:
@@ -363,6 +380,8 @@ def client(args: argparse.Namespace) -> None:
         hop = (args.batch // m, WIDTH)
         runners[f"comm M={m}"] = Probe(hop_function(d0, d1, hop, 2 * m),
                                        hop_function(d0, d0, hop, 2 * m))
+    for m in sorted({1, *ms}):
+        runners[f"probe:tf M={m}"] = Probe(_tf_pieces(plain, d0, data, m, tf))
     runners["probe:dispatch"] = Probe(dispatch_function([d0, d1]))
     x = tf.constant(next(iter(data))[0])  # on the client
     small = tf.constant(x[:1])
@@ -449,6 +468,30 @@ def _plain_on(device: str, compiled: Callable[..., Any], tf: Any) -> Any:
 
     model.train_step = train_step
     return model
+
+
+def _tf_pieces(model: Any, device: str, data: Any, m: int, tf: Any) -> Callable[[], Any]:
+    """TensorFlow alone, no engine: `model`'s forward, loss and backward for a batch on
+    `device`, in `m` pieces in sequence (one tape each, gradients summed in the same
+    function; no optimizer step). Against `m = 1` it is what TensorFlow's kernels charge for
+    splitting the batch, which bounds any engine's speedup on these kernels."""
+    x, y = next(iter(data))
+    with tf.device(device):
+        x, y = tf.Variable(x), tf.Variable(y)
+    loss_fn = model.loss
+
+    @tf.function(autograph=False)
+    def pieces() -> Any:
+        with tf.device(device):
+            total = None
+            for xs, ys in zip(tf.split(x.read_value(), m), tf.split(y.read_value(), m)):
+                with tf.GradientTape() as tape:
+                    loss = loss_fn(ys, model(xs, training=True)) / m
+                grads = tape.gradient(loss, model.trainable_variables)
+                total = grads if total is None else [a + b for a, b in zip(total, grads)]
+            return tf.add_n([tf.reduce_sum(g) for g in total])
+
+    return pieces
 
 
 def _overlap(d0: str, d1: str, tf: Any, batch: int

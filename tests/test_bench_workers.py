@@ -9,6 +9,7 @@ environment does not install, so it is exercised by running the benchmark, not h
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -38,6 +39,11 @@ def test_workers_benchmark_quick(tmp_path):
     loops = next(r for r in rows if r["config"] == "1f1b+loops")
     assert loops["sequential_ms"] == next(r["ms"] for r in rows if r["config"] == "sequential")
     assert "feeding a 128x1024 batch" in proc.stdout
+    # TensorFlow alone, whole and in M = 2 pieces, and the bound that leaves
+    tf_alone = report["times_ms"]["tfpipe"]
+    assert all(len(tf_alone[f"probe:tf M={m}"]) == 2 and min(tf_alone[f"probe:tf M={m}"]) > 0
+               for m in (1, 2))
+    assert re.search(r"\[tf alone\].* M=2: \d\.\d{3}x, bound \d\.\d\d", proc.stdout)
     assert all(r["ms"] > 0 and r["runs"] == 2 for r in rows)  # 2 rounds x 1 run
     piped = next(r for r in rows if r["config"] == "1f1b")
     assert piped["bound"] == pytest.approx(4 / 3)
