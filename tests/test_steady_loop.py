@@ -164,3 +164,28 @@ def test_traffic_of_a_pipeline_that_runs_the_steady_loop_is_its_unrolled_steps()
     assert tables["auto"].startswith(tables[False] + "\n")
     assert "activations" in tables[False] and "/device:CPU:1 -> /device:CPU:2" in tables[False]
     assert "The unrolled step of these stages" in tables["auto"]
+
+
+def test_no_value_crosses_between_a_loop_and_the_host_per_iteration():
+    """Each loop's counter and condition sit on the first stage's device, so an iteration
+    needs nothing from the host: on the host, every iteration sent the condition to each
+    stage's device and the counter to those that index the batch with it (on workers, a
+    message from the client to each worker per iteration). What remains between the host
+    and the devices crosses once per step: the batch's lists and loss weights into the
+    loops, the results out of them."""
+    from tfpipe.devices import HOST, canonical
+    from tfpipe.traffic import placed_transfers
+
+    x, y = data("mlp", n=32)
+    pipe = tfpipe.Pipeline(build("mlp"), stages=2, micro_batches=8, schedule="1f1b",
+                           devices=["/cpu:1", "/cpu:2"])
+    assert type(pipe.executor.loops).__name__ == "SteadyLoop"
+    with pipe._attached():  # noqa: SLF001 (tests only): the hooks fit installs
+        step = tf.function(lambda a, b: pipe.executor.train_step((a, b)), autograph=False)
+        with pipe.executor.glue_options():
+            sent = placed_transfers(step, tf.constant(x), tf.constant(y))
+    host = canonical(HOST)
+    to_loops = [t for t in sent if t.source == host and "while" in t.tensor + "".join(t.readers)]
+    assert to_loops == [], to_loops
+    from_loops = [t for t in sent if t.target == host and "while" in t.tensor]
+    assert from_loops and all("/exit/" in t.tensor for t in from_loops), from_loops

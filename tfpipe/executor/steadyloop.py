@@ -168,9 +168,12 @@ class SteadyLoop(RankLoops):
                                        for st in states],
                   [[tf.TensorShape([]) if spec is None else relaxed(spec).shape] * d
                    for _, _, d, spec in carried])
-        _, states, lines = tf.while_loop(
-            lambda i, *_: i < last, body, (tf.constant(first), states, lines),
-            shape_invariants=shapes, parallel_iterations=len(self.schedule.ranks) + 1)
+        # the counter and its condition on the first stage's device: on the host, every
+        # iteration sent the condition and the counter from the host to every device
+        with tf.device(self.stages[0].device):
+            _, states, lines = tf.while_loop(
+                lambda i, *_: i < last, body, (tf.constant(first), states, lines),
+                shape_invariants=shapes, parallel_iterations=len(self.schedule.ranks) + 1)
         return states, lines
 
     def _run(self, rows: list[list[Action]], states: list[dict[str, Any]],
