@@ -141,6 +141,10 @@ def run_fit(addresses: str) -> dict:
         except tfpipe.PipelineError as err:
             refused[name] = str(err)
     partial = tfpipe.Pipeline(make_model(), stages=2, devices=["/job:worker/task:0", "/job:worker/task:1"])
+    one_f_one_b = {"stages": 2, "micro_batches": 4, "schedule": "1f1b"}
+    steps = [tfpipe.Pipeline(make_model(), devices=devices, **one_f_one_b),
+             tfpipe.Pipeline(make_model(), devices=devices, rank_loops="steady", **one_f_one_b),
+             tfpipe.Pipeline(make_model(), devices=[devices[0]] * 2, **one_f_one_b)]
 
     variables = {v.path: device_task(v.value.device) for v in model.weights}
     optimizer = model.optimizer
@@ -168,6 +172,8 @@ def run_fit(addresses: str) -> dict:
         "weight_diffs": diffs,
         "variables": variables, "slots": slots, "ops": by_kind,
         "summary": pipe.summary(print_fn=lambda _: None),
+        # which step each runs: the default on two workers, asked for, on one worker
+        "loops": [type(p.executor.loops).__name__ for p in steps],
     }
 
 

@@ -146,6 +146,9 @@ def test_two_stage_fit_on_two_workers_equals_model_fit(workers):
     for kind in ("MatMul", "BiasAddGrad", "TanhGrad", "AssignSubVariableOp"):
         assert ops[kind] and set(ops[kind]) == {"task:0", "task:1"}, (kind, ops[kind])
     assert "/job:worker/replica:0/task:1/device:CPU:0" in result["summary"]
+    # 1F1B M = 4 over two processes runs unrolled by default (a loop over several processes
+    # synchronises them every iteration); asked for, or on one worker, the steady loop
+    assert result["loops"] == ["NoneType", "SteadyLoop", "SteadyLoop"]
 
     # Remote names are checked against the connected cluster; partial names are accepted.
     refused = result["refused"]
@@ -236,6 +239,16 @@ def test_uninterruptible_step_ends_the_process_with_exit_status_75(workers):
 
 
 # the pieces, in this process (no TensorFlow cluster) --------------------------------------
+
+
+def test_processes_counts_this_process_and_each_worker_task():
+    from tfpipe.devices import processes
+
+    assert processes(["/cpu:1", "/device:CPU:2", "/job:localhost/replica:0/task:0/device:CPU:0"]) == 1
+    assert processes(["/cpu:0", "/job:worker/replica:0/task:0/device:CPU:0",
+                      "/job:worker/task:1"]) == 3
+    assert processes(["/job:worker/replica:0/task:1/device:GPU:0",
+                      "/job:worker/task:1/device:GPU:1"]) == 1
 
 
 def test_parse_addresses():

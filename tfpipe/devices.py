@@ -175,6 +175,19 @@ def is_local(device: str) -> bool:
     return tf.DeviceSpec.from_string(device).job in (None, "localhost")
 
 
+def processes(devices: Sequence[str]) -> int:
+    """How many processes `devices` belong to: this one, and each worker task.
+
+    Example:
+        >>> processes(["/cpu:1", "/job:worker/replica:0/task:0/device:CPU:0",
+        ...            "/job:worker/task:1"])
+        3
+    """
+    specs = [tf.DeviceSpec.from_string(d) for d in devices]
+    return len({None if is_local(d) else (s.job, s.replica or 0, s.task or 0)
+                for d, s in zip(devices, specs)})
+
+
 HOST = "/job:localhost/replica:0/task:0/device:CPU:0"
 """This process's first CPU: where its data arrives and where a batch is split."""
 

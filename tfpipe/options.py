@@ -66,10 +66,10 @@ class PipelineOptions:
             `jit_compile`, as Keras resolved it at `compile`, is True, and `replicas` is 1),
             `True` or `False` (see `xla`).
         rank_loops: `"auto"` (the steady phase as one in-graph loop over all devices,
-            `tfpipe.executor.steadyloop`, where it runs every feature asked for and XLA is
-            off, else the unrolled step), `"steady"` (that loop, or an error naming what it does
-            not run yet), `True` (each device's share of a step as one loop,
-            `tfpipe.executor.rankloop`, or an error) or `False` (the unrolled step).
+            `tfpipe.executor.steadyloop`, where it runs every feature asked for, XLA is off
+            and the stages are in one process, else the unrolled step), `"steady"` (that
+            loop, or an error naming what it does not run yet), `True` (each device's share
+            of a step as one loop, `tfpipe.executor.rankloop`, or an error) or `False`.
 
     Raises:
         PipelineError: for an option that is not valid whatever the model, or options that

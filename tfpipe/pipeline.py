@@ -95,8 +95,8 @@ class Pipeline:
             runs without, with a warning (see `tfpipe.executor.stagefn`).
         rank_loops: `"auto"` (default): the steady phase as one in-graph loop over all
             devices (a graph that grows with K, not M x K) where it runs every feature asked
-            for, XLA off, else unrolled; `"steady"`: that loop or an error naming what it
-            does not run; `True`: one loop per device (or an error); `False`: unrolled.
+            for, XLA off, stages in one process, else unrolled; `"steady"`: that loop or an
+            error naming what it does not run; `True`: one loop per device; `False`: unrolled.
 
     Attributes:
         stages: the `Stage`s: `.model` (Keras sub-model), `.device`, `.num_params`, `.layers`;

@@ -83,9 +83,9 @@ def fit(
         jit_compile: `"auto"` (default: XLA on each stage when the model's own
             `jit_compile` is True, as `model.compile`'s default makes it on a GPU machine),
             `True` (XLA on each stage's forward and backward, on its device) or `False`.
-        rank_loops: `"auto"` (default: the steady phase as one in-graph loop where it
-            runs every feature asked for, XLA off, else unrolled), `"steady"`, `True` (one loop per
-            device) or `False` (unrolled); see `Pipeline`.
+        rank_loops: `"auto"` (default: the steady phase as one in-graph loop where it runs
+            every feature asked for, XLA off, stages in one process, else unrolled),
+            `"steady"`, `True` (one loop per device) or `False` (unrolled); see `Pipeline`.
         callbacks, validation_data, verbose, steps_per_epoch, **fit_kwargs: as `model.fit`.
         plan: a `tfpipe.planner.PlanConfig` (for example `tfpipe.plan(...).best`): its
             `stages`, `balance`, `micro_batches`, `schedule`, `recompute`, `chunks` and

@@ -6,8 +6,9 @@ Design:
   one `tf.function` per training flag (and input signature), called once per micro-batch; the
   per-stage tapes differentiate the call through the one gradient function TensorFlow makes
   for it. The small dense weight-gradient sums are one call per stage and micro-batch too
-  (`tfpipe.executor.grads`; a large one is one addition in the step's graph). Measured on a 12-block Transformer (width 64, sequence 32,
-  K = 4, 1F1B, 2 CPU cores, `benchmarks/trace_cost.py`; figures in docs/benchmarks.md): at
+  (`tfpipe.executor.grads`; a large one is one addition in the step's graph). Measured on
+  a 12-block Transformer (width 64, sequence 32, K = 4, 1F1B, 2 CPU cores,
+  `benchmarks/trace_cost.py`; figures in docs/benchmarks.md): at
   M = 8 the traced step went from 53,467 operations to 1,723 and its trace from 16.4 s to
   3.6 s; at M = 32 from 211,915 to 4,363, and the first step from 185 s to 22 s.
 - With replicas, a copy past the first passes its one read of the stage's weights per step

@@ -24,6 +24,9 @@ Design:
   the loop's last d values of its stream; inside the body the values are keyed by the
   micro-batch they have in iteration 0, so the body is traced by the same handlers as the
   actions around the loop.
+- Each loop's counter and condition run on the first stage's device: a loop spanning
+  devices sends its condition to every device each iteration, and from the host that was a
+  message from the client to every worker per iteration (`tests/test_steady_loop.py`).
 - The step is traced without automatic control dependencies (`_keras.functions.
   graph_function`): with them, every stateful operation in a loop body (each function call
   is one) becomes a control output of the iteration, and the next iteration waits for all

@@ -33,7 +33,7 @@ import keras
 import tensorflow as tf
 
 from tfpipe._keras import functions, layer_name_of, loss_tracker, unscale_loss
-from tfpipe.devices import HOST
+from tfpipe.devices import HOST, processes
 from tfpipe.errors import PipelineError
 from tfpipe.executor.batchnorm import DeferredBatchNorm
 from tfpipe.executor.dataflow import Dataflow, Recorded
@@ -85,9 +85,9 @@ class Executor:
             unless a stage cannot be: `StageFunctions.compile_whole`): forwards traced inline.
         rank_loops: `"auto"`: the steady phase as one in-graph loop over all devices
             (`tfpipe.executor.steadyloop`: a graph that grows with K, not M x K) where it
-            runs every feature asked for, without XLA, else the unrolled step; `"steady"`: that
-            loop or an error; `True`: one loop per rank (`tfpipe.executor.rankloop`) or an
-            error; `False`: the unrolled step.
+            runs every feature asked for, without XLA, in one process, else unrolled;
+            `"steady"`: that loop or an error; `True`: one loop per rank
+            (`tfpipe.executor.rankloop`) or an error; `False`: the unrolled step.
 
     Attributes:
         traces: how many times each step kind was traced (`"train"`, `"test"`, `"predict"`);
@@ -140,12 +140,12 @@ class Executor:
         self.stamper = stamper(profile, devices, len(self.program.runs))
         self.loops: RankLoops | None = None
         self.rank_loops = rank_loops
-        steady = rank_loops in ("auto", "steady")
+        steady, auto = rank_loops in ("auto", "steady"), rank_loops == "auto"
         refusal = loops_refusal(self.runner, stages, schedule, {
             "replicas": self.replicas > 1, "recompute": any(self.recompute), "profile": profile,
             "check_numerics": check_numerics, "batch_norm='deferred'": self.deferred is not None,
-            # with XLA the steady step was 1.11x the unrolled one's (docs/benchmarks.md)
-            "jit_compile by default": jit_compile and rank_loops == "auto",
+            "jit_compile by default": jit_compile and auto,  # both: docs/benchmarks.md
+            "stages in several processes by default": auto and processes(self.devices[0]) > 1,
             }, steady=steady) if rank_loops else None
         if rank_loops in (True, "steady") and refusal:
             raise PipelineError(
