@@ -24,7 +24,11 @@ worker are the client's, so each worker runs on one thread), then times, on the 
   `tfpipe.measure.dispatch_function`, what the planner times), the
   extra time of feeding one batch x 1024 batch from the client to worker 0 (`feed`), and
   whether a worker sends a tensor while it computes something else (`chain`, `overlap`:
-  see `_overlap`).
+  see `_overlap`);
+- TensorFlow alone (`tf M=m`, printed as `[tf alone]`): the model's forward, loss and
+  backward on worker 0 in one function, whole and in M pieces, no engine and no optimizer
+  (`_tf_pieces`): what TensorFlow's kernels charge for M pieces, and so the speedup
+  2M/(M+1) / that cost which no engine on these kernels can pass.
 
 Method: every configuration is visited once per round, in a rotated order, for `--rounds`
 rounds (A B C ... B C A ...); each visit runs `--warmup` untimed steps (the first visit's

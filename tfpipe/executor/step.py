@@ -144,7 +144,7 @@ class Executor:
         refusal = loops_refusal(self.runner, stages, schedule, {
             "replicas": self.replicas > 1, "recompute": any(self.recompute), "profile": profile,
             "check_numerics": check_numerics, "batch_norm='deferred'": self.deferred is not None,
-            "jit_compile by default": jit_compile and auto,  # both: docs/benchmarks.md
+            "jit_compile by default": jit_compile and auto,  # both slower: docs/benchmarks.md
             "stages in several processes by default": auto and processes(self.devices[0]) > 1,
             }, steady=steady) if rank_loops else None
         if rank_loops in (True, "steady") and refusal:
