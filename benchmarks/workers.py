@@ -384,8 +384,10 @@ def client(args: argparse.Namespace) -> None:
         hop = (args.batch // m, WIDTH)
         runners[f"comm M={m}"] = Probe(hop_function(d0, d1, hop, 2 * m),
                                        hop_function(d0, d0, hop, 2 * m))
+    with tf.device(d0):  # one copy of a batch on worker 0, read by every tf-alone probe
+        on_d0 = [tf.Variable(t) for t in next(iter(data))]
     for m in sorted({1, *ms}):
-        runners[f"probe:tf M={m}"] = Probe(_tf_pieces(plain, d0, data, m, tf))
+        runners[f"probe:tf M={m}"] = Probe(_tf_pieces(plain, d0, on_d0, m, tf))
     runners["probe:dispatch"] = Probe(dispatch_function([d0, d1]))
     x = tf.constant(next(iter(data))[0])  # on the client
     small = tf.constant(x[:1])
@@ -474,14 +476,14 @@ def _plain_on(device: str, compiled: Callable[..., Any], tf: Any) -> Any:
     return model
 
 
-def _tf_pieces(model: Any, device: str, data: Any, m: int, tf: Any) -> Callable[[], Any]:
-    """TensorFlow alone, no engine: `model`'s forward, loss and backward for a batch on
-    `device`, in `m` pieces in sequence (one tape each, gradients summed in the same
-    function; no optimizer step). Against `m = 1` it is what TensorFlow's kernels charge for
-    splitting the batch, which bounds any engine's speedup on these kernels."""
-    x, y = next(iter(data))
-    with tf.device(device):
-        x, y = tf.Variable(x), tf.Variable(y)
+def _tf_pieces(model: Any, device: str, batch: list[Any], m: int, tf: Any
+               ) -> Callable[[], Any]:
+    """TensorFlow alone, no engine: `model`'s forward, loss and backward for `batch` (the
+    variables `[x, y]` on `device`), in `m` pieces in sequence (one tape each, gradients
+    summed in the same function; no optimizer step). Against `m = 1` it is what
+    TensorFlow's kernels charge for splitting the batch, which bounds any engine's speedup
+    on these kernels."""
+    x, y = batch
     loss_fn = model.loss
 
     @tf.function(autograph=False)
