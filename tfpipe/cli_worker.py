@@ -6,9 +6,7 @@ Design: the steps run in the only order that works.
 2. A sentinel left on this port by a predecessor the kernel killed for memory
    (`tfpipe.sentinel`) is asked to leave, so that restarting a task on its old port works.
 3. `--cpus LIST` pins every thread of the process to those cores before TensorFlow's
-   threads start (the ones it makes later inherit the mask). Every thread also gets the
-   shortest scheduler slice (`tfpipe.slices`, inherited the same way), so that a tensor
-   another stage waits for is sent while this worker computes, not a slice or two later.
+   threads start (the ones it makes later inherit the mask).
 4. `--gpu I` sets `CUDA_VISIBLE_DEVICES=I` and memory growth (`tfpipe.devices.use_one_gpu`)
    before TensorFlow lists its devices: importing TensorFlow (which `python -m tfpipe` does
    first) does not start CUDA; starting the server does.
@@ -29,7 +27,7 @@ import sys
 import threading
 from collections.abc import Sequence
 
-from tfpipe import sentinel, slices
+from tfpipe import sentinel
 from tfpipe.errors import DeviceConfigurationError, PipelineError
 
 EXIT_USAGE = 2
@@ -50,9 +48,6 @@ def run(args: argparse.Namespace) -> int:
         addresses, task = _cluster_and_task(args)
         if args.cpus is not None:
             pin(args.cpus)  # a PipelineError names the cores it may use
-        unset = slices.set_slices(os.getpid())
-        if unset:
-            print(f"tfpipe worker: scheduler slices left as they were ({unset})", file=sys.stderr)
     except (PipelineError, _UsageError) as err:
         return _fail(str(err))
     stop = threading.Event()
