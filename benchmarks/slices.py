@@ -6,7 +6,7 @@ often two) before it runs. On a one-core worker the thread that sends a stage's 
 such a thread, so a tensor left a busy worker 3-4 ms after it was made. Linux 6.12+ lets a
 process choose a fair-class thread's slice (`sched_setattr`'s runtime, 0.1-100 ms, inherited
 by new threads); this script measures what the least one changes. Measured 2026-12-06: the
-hand-over 0.2 ms instead of 3.4-4.2, the pipelines' steps unchanged within the noise (so
+hand-over 0.2-1.3 ms instead of 3.4-4.2, the pipelines' steps unchanged within the noise (so
 `tfpipe worker` keeps the default; docs/benchmarks.md).
 
 Two pinned one-core `tfpipe worker` processes and this process as their client
@@ -193,8 +193,9 @@ def _rounds(args: argparse.Namespace, addresses: list[str], pids: list[int],
 
 
 def _hop(d0: str, d1: str, shape: tuple[int, int], busy: bool) -> Callable[[int], list[float]]:
-    """`calls` -> ms from a tensor made on `d0` to its read on `d1`, one per call, with `d0`
-    idle after making it or (`busy`) computing 4 more products that do not need the read."""
+    """`calls` -> [the median over that many calls of the ms from a tensor made on `d0` to its
+    read on `d1`], with `d0` idle after making it or (`busy`) computing 4 more products that
+    do not need the read."""
     import tensorflow as tf
 
     with tf.device(d0):

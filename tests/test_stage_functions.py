@@ -3,6 +3,8 @@ holds no per-micro-batch copy of any layer, and training still equals `model.fit
 
 from __future__ import annotations
 
+import re
+
 import keras
 import numpy as np
 import tensorflow as tf
@@ -125,3 +127,61 @@ def test_a_large_gradient_is_summed_in_the_step_and_the_small_ones_in_one_call()
     tfpipe.fit(model, x, y, batch_size=16, epochs=2, shuffle=False, verbose=0, callbacks=[log],
                stages=2, micro_batches=m, schedule="1f1b", rank_loops=False)
     assert_same_training(ref, ref_log, model, log)
+
+
+def _live_input_gradient_products(graph: tf.Graph, layer: str) -> list[str]:
+    """The products `dy @ kernel^T` (a Dense layer's input gradient) of `layer` that some
+    output of a backward function in `graph`'s library depends on (the others are pruned
+    when the function is instantiated)."""
+    found = []
+    for f in graph.as_graph_def().library.function:
+        if "backward" not in f.signature.name:
+            continue
+        nodes = {n.name: n for n in f.node_def}
+        live: set[str] = set()
+        todo = [v.split(":")[0] for v in f.ret.values()] + list(f.control_ret.values())
+        while todo:
+            name = todo.pop()
+            if name in live or name not in nodes:
+                continue
+            live.add(name)
+            todo += [i.lstrip("^").split(":")[0] for i in nodes[name].input]
+        found += [n for n in live if re.search(rf"/{layer}(_\d+)?/MatMul_grad/MatMul$", n)
+                  and nodes[n].op == "MatMul" and nodes[n].attr["transpose_b"].b]
+    return found
+
+
+def test_no_stage_function_computes_a_gradient_for_the_data():
+    # TensorFlow's gradient of a function call computes one for each float input; for the
+    # model's own inputs nobody reads it (Keras never differentiates by the data), and a
+    # call that is not inlined cannot drop it: the first Dense's input gradient, a
+    # batch x in x out product per micro-batch that model.fit does not run
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(32, 16)).astype("float32")
+    y = rng.integers(0, 3, size=32)
+
+    def model() -> keras.Model:
+        keras.utils.set_random_seed(0)
+        inputs = keras.Input((16,))
+        h = keras.layers.Dense(8, activation="relu", name="first")(inputs)
+        h = keras.layers.Dense(8, activation="relu", name="mid")(h)
+        out = keras.layers.Dense(3, name="head")(h)
+        built = keras.Model(inputs, out)
+        built.compile(optimizer="sgd", loss=keras.losses.SparseCategoricalCrossentropy(
+            from_logits=True))
+        return built
+
+    for loops in (False, "steady"):  # the unrolled step, and the loops' stage pairs
+        pipe = tfpipe.Pipeline(model(), stages=2, micro_batches=4, schedule="1f1b",
+                               balance=[2, 1], rank_loops=loops)
+        graph = traced_step(pipe, x, y)
+        assert _live_input_gradient_products(graph, "first") == [], loops
+        # the check can see one: the second layer's input gradient feeds the first's weights
+        assert _live_input_gradient_products(graph, "mid"), loops
+    ref = model()
+    ref.fit(x, y, batch_size=32, epochs=2, shuffle=False, verbose=0)
+    piped = model()
+    tfpipe.fit(piped, x, y, batch_size=32, epochs=2, shuffle=False, verbose=0, stages=2,
+               micro_batches=4, schedule="1f1b", balance=[2, 1])
+    for a, b in zip(ref.get_weights(), piped.get_weights()):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

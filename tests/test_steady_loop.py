@@ -126,15 +126,16 @@ def test_a_layer_shared_by_two_stages_and_skips_across_four_equal_keras():
 def test_stages_with_the_same_graph_share_one_traced_pair():
     """Stages whose forward graphs differ only in names (two `Dense(8, relu)` stages) share one
     forward and backward function, each called with its own weights; stages whose graphs
-    differ (another activation, the loss) get their own; training equals `model.fit`."""
+    differ (another activation, the data's stopped gradient, the loss) get their own;
+    training equals `model.fit`."""
 
     def make():
         keras = tf.keras
         keras.utils.set_random_seed(0)
         model = keras.Sequential([
             keras.Input((8,)),
-            keras.layers.Dense(8, activation="relu"), keras.layers.Dense(8, activation="relu"),
-            keras.layers.Dense(8, activation="tanh"), keras.layers.Dense(3, activation="softmax")])
+            keras.layers.Dense(8, activation="tanh"), keras.layers.Dense(8, activation="relu"),
+            keras.layers.Dense(8, activation="relu"), keras.layers.Dense(3, activation="softmax")])
         model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
         return model
 
@@ -146,9 +147,9 @@ def test_stages_with_the_same_graph_share_one_traced_pair():
     with pipe._attached():
         pipe.executor.train_step((tf.constant(x[:16]), tf.constant(y[:16])))
     pairs = pipe.executor.loops.pairs
-    assert pairs[0].fw is pairs[1].fw and pairs[0].bw is pairs[1].bw
+    assert pairs[1].fw is pairs[2].fw and pairs[1].bw is pairs[2].bw
     assert len({id(p.fw) for p in pairs}) == 3 and len({id(p.bw) for p in pairs}) == 3
-    assert pairs[0].function.captured_inputs[0] is not pairs[1].function.captured_inputs[0]
+    assert pairs[1].function.captured_inputs[0] is not pairs[2].function.captured_inputs[0]
 
 
 def test_traffic_of_a_pipeline_that_runs_the_steady_loop_is_its_unrolled_steps():

@@ -84,7 +84,6 @@ class StageRunner:
     ) -> None:
         self.model = model
         self.deferred = deferred
-        self.functions = StageFunctions(deferred, jit_compile, inline)
         self.losses: dict[int, list[Any]] = {}  # each stage's add_loss terms, latest call
         self.stages = stages
         self.last = len(stages) - 1
@@ -103,6 +102,7 @@ class StageRunner:
             # model outputs made before the last stage: its tape watches them for the loss
             early = [i for i in self.output_ids if made_by.get(i, self.last) != self.last]
             self.early_outputs = early
+        self.functions = StageFunctions(deferred, jit_compile, inline, self.input_ids)
         if inline:
             self.functions.compile_whole(stages)
         if jit_compile and not self.functions.inline and (check_numerics or self.opaque):

@@ -26,6 +26,7 @@ from tfpipe._keras import compiled_loss, functions
 from tfpipe.errors import PipelineError
 from tfpipe.executor.forward import StageRunner, graph_inputs, graph_outputs
 from tfpipe.executor.grads import OWN_SUM
+from tfpipe.executor.stagefn import without_data_gradients
 from tfpipe.partition import Stage
 from tfpipe.partition.stages import check_gradient_path
 
@@ -289,7 +290,8 @@ class StagePair:
         ny, nsw = len(y_specs), len(sw_specs)
 
         def forward(*args: Any) -> list[Any]:
-            inputs = list(args[: len(self.in_ids)])
+            inputs = without_data_gradients(list(args[: len(self.in_ids)]), self.in_ids,
+                                            runner.functions.data_ids)
             rest = args[len(self.in_ids):]
             outs = keras.tree.flatten(stage.model(inputs[: len(stage.inputs or [])],
                                                   training=True))
