@@ -29,9 +29,10 @@ Design:
 - The model's own inputs (the data) enter a stage function behind `tf.stop_gradient`
   (`without_data_gradients`). Keras's step never differentiates the loss by the data, but
   the gradient TensorFlow makes for a function call computes one for every float input of
-  the call, and the caller's unused result is not pruned from a call that is not inlined:
-  for the first Dense(1024) of the benchmarks' MLP, a batch-by-1024-by-1024 product per
-  step that `model.fit` does not run (the 1-stage step was 3-4 % slower than `model.fit`).
+  the call, and on the workers nothing pruned it from the calls, which are not inlined: for
+  the first Dense(1024) of the benchmarks' MLP, a batch x 1024 x 1024 product per step that
+  `model.fit` does not run (there the 1-stage step was 3-5 % slower than `model.fit`, and
+  1.7 % after; docs/benchmarks.md). Stopped inside, the gradient has none to compute.
 - XLA (`jit_compile`, resolved by `PipelineOptions.xla`): each stage's function is built
   with `jit_compile=True` and called under its stage's `tf.device`, so each stage compiles
   on its own device (one XLA program cannot span devices, so a whole pipelined step cannot
