@@ -41,9 +41,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/slices.py`
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # this process imports tfpipe, so TensorFlow
+if not __package__:  # `python benchmarks/slices.py`: import its folder as the package
+    sys.path[0] = str(Path(__file__).resolve().parents[1])
 
-from benchmarks.speed_table import (  # noqa: E402
+from benchmarks.speed_table import (
     add_timing_args,
     check_timing,
     load_line,
@@ -51,9 +53,8 @@ from benchmarks.speed_table import (  # noqa: E402
     quick_timing,
     write_json,
 )
-from tfpipe import processes  # noqa: E402
+from tfpipe import processes
 
-WIDTH = 1024
 SHORT_SLICE_NS = 100_000  # Linux's least (`sched_setattr`'s runtime is clamped to 0.1-100 ms)
 _SCHED_SETATTR = {"x86_64": 314, "aarch64": 274}  # syscall numbers (asm-generic: 274)
 _KEEP_POLICY = 0x08  # SCHED_FLAG_KEEP_POLICY
@@ -159,7 +160,7 @@ def _rounds(args: argparse.Namespace, addresses: list[str], pids: list[int],
 
     d0, d1 = tfpipe.cluster(addresses, threads=1, timeout_s=60)
     from benchmarks.common import compiled, data_for
-    from benchmarks.workers import Runner
+    from benchmarks.workers import WIDTH, Runner
 
     data = data_for("mlp", args.batch, 8)
     m = args.micro_batches
@@ -184,7 +185,7 @@ def _rounds(args: argparse.Namespace, addresses: list[str], pids: list[int],
                 if set(slices(pid).values()) != {length}:
                     sys.exit(f"worker {pid}'s threads have slices {slices(pid)}, not {length}")
             for name, hop in hops.items():
-                times[label].setdefault(name, []).extend(hop(args.hops))
+                times[label].setdefault(name, []).append(hop(args.hops))
             for name, runner in runners.items():
                 times[label].setdefault(name, []).extend(
                     runner.visit(args.warmup, args.runs, args.steps))
@@ -192,15 +193,16 @@ def _rounds(args: argparse.Namespace, addresses: list[str], pids: list[int],
     return times
 
 
-def _hop(d0: str, d1: str, shape: tuple[int, int], busy: bool) -> Callable[[int], list[float]]:
-    """`calls` -> [the median over that many calls of the ms from a tensor made on `d0` to its
-    read on `d1`], with `d0` idle after making it or (`busy`) computing 4 more products that
-    do not need the read."""
+def _hop(d0: str, d1: str, shape: tuple[int, int], busy: bool) -> Callable[[int], float]:
+    """`calls` -> the median over that many calls of the ms from a tensor of `shape` made on
+    `d0` to its read on `d1`, with `d0` idle after making it or (`busy`) computing 4 more
+    products that do not need the read."""
     import tensorflow as tf
 
     with tf.device(d0):
         x = tf.Variable(tf.random.normal(shape))
-        weights = [tf.Variable(tf.random.normal((WIDTH, WIDTH)) * 0.03) for _ in range(4)]
+        width = shape[1]
+        weights = [tf.Variable(tf.random.normal((width, width)) * 0.03) for _ in range(4)]
     with tf.device(d1):
         one = tf.Variable(1.0)
 
@@ -223,14 +225,14 @@ def _hop(d0: str, d1: str, shape: tuple[int, int], busy: bool) -> Callable[[int]
                 read = tf.timestamp()
         return made, read, more
 
-    def timed(calls: int) -> list[float]:
+    def timed(calls: int) -> float:
         for _ in range(2):
             hand_over()
         out = []
         for _ in range(calls):
             made, read, _ = hand_over()
             out.append(1e3 * float(read - made))
-        return [median(out)]
+        return median(out)
 
     return timed
 
