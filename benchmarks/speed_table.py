@@ -150,6 +150,49 @@ def summary(table: list[dict[str, Any]]) -> str:
     return line
 
 
+def stage_bounds(timelines: list[dict[str, Any]], times: dict[str, list[float]]
+                 ) -> list[dict[str, Any]]:
+    """What the measured stage costs leave to any engine: one dict per pipelined timeline
+    that has a `, 1 worker` twin (`workers.py --timeline`).
+
+    The twin runs the same two stages in schedule order on one worker, so its actions cost
+    what TensorFlow's kernels charge for this split and these micro-batches, with no
+    transfer and no second process; `predicted_span_ms` is the schedule's span with those
+    costs and free transfers (`tfpipe.schedules.simulate`). Profiling slows every action,
+    so that span is scaled by the sequential step's unprofiled over profiled time (`scale`).
+    The result leaves out the step's fixed costs (dispatch, feed, optimizer), so it is a
+    lower bound on the step time of any engine on these kernels.
+
+    Args:
+        timelines: `workers.py`'s timeline dicts (`config`, `wall_ms`, `predicted_span_ms`).
+        times: label -> unprofiled milliseconds per step of each timed run.
+
+    Returns:
+        Dicts with `config`, `M`, `bound_ms`, `scale`, `measured_ms`, `speedup_bound`
+        (baseline / bound_ms), `speedup` (baseline / measured_ms), `efficiency_vs_sequential_bound`
+        (sequential / bound_ms / `bound(M)`) and `of_bound` (bound_ms / measured_ms).
+    """
+    profiled = {t["config"]: t for t in timelines}
+    base = median(times.get("baseline", []))
+    out = []
+    for config, twin in profiled.items():
+        label = config.removesuffix(", 1 worker")
+        m = split_label(label)[1]
+        seq = profiled.get(f"sequential M={m}")
+        if label == config or seq is None or label not in times:
+            continue
+        seq_ms = median(times[f"sequential M={m}"])
+        scale = seq_ms / seq["wall_ms"]
+        bound_ms = twin["predicted_span_ms"] * scale
+        measured = median(times[label])
+        out.append({"config": split_label(label)[0], "M": m, "bound_ms": bound_ms,
+                    "scale": scale, "measured_ms": measured, "speedup_bound": base / bound_ms,
+                    "speedup": base / measured,
+                    "efficiency_vs_sequential_bound": seq_ms / bound_ms / bound(m),
+                    "of_bound": bound_ms / measured})
+    return out
+
+
 def cpu_busy(seconds: float = 2.0) -> float:
     """Fraction of all CPUs' time spent busy over the next `seconds` (Linux `/proc/stat`)."""
     import time

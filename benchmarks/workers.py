@@ -85,6 +85,7 @@ from benchmarks.speed_table import (
     quick_timing,
     rows,
     split_label,
+    stage_bounds,
     summary,
     wait_quiet,
     write_json,
@@ -204,6 +205,8 @@ def parent(args: argparse.Namespace) -> None:
         print("[summary] " + summary([r for r in table if r["system"] == "torch"]))
     if args.timeline:
         _print_timelines(report["timeline"])
+        report["stage_bounds"] = stage_bounds(report["timeline"], times["tfpipe"])
+        _print_stage_bounds(report["stage_bounds"])
     print(load_line(report["load_before"], report["load_after"]))
     if args.quiet is not None:
         seen = [b for k, v in times["tfpipe"].items() if k.startswith("busy:") for b in v]
@@ -263,6 +266,19 @@ def _print_timelines(timelines: list[dict[str, Any]]) -> None:
               f"{t['tail_ms']:5.1f} {t['predicted_span_ms']:6.1f} {busy[0]:6.1f} "
               f"{busy[1] if two else 0:6.1f} {f[0]:5.2f} {f[1] if two else 0:5.2f} "
               f"{b[0]:5.2f} {b[1] if two else 0:5.2f} {t['hop_ms'] or 0:5.2f}")
+
+
+def _print_stage_bounds(bounds: list[dict[str, Any]]) -> None:
+    print("[stage bound] what these stage costs leave to any engine (speed_table.stage_bounds): "
+          "the schedule's span with the actions' costs on one worker (the `, 1 worker` "
+          "timeline: no transfers) and free transfers, scaled by the sequential step's "
+          "unprofiled / profiled time; no fixed costs per step")
+    print(f"{'config':<10} {'M':>3} {'scale':>5} {'bound ms':>8} {'measured':>8} {'of bound':>8} "
+          f"{'speedup':>7} {'at most':>7} {'eff/seq at most':>15}")
+    for b in bounds:
+        print(f"{b['config']:<10} {b['M']:>3} {b['scale']:5.2f} {b['bound_ms']:8.1f} "
+              f"{b['measured_ms']:8.1f} {b['of_bound']:8.2f} {b['speedup']:7.2f} "
+              f"{b['speedup_bound']:7.2f} {b['efficiency_vs_sequential_bound']:15.2f}")
 
 
 # the client -----------------------------------------------------------------------------------

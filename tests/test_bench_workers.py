@@ -15,6 +15,7 @@ import sys
 
 import pytest
 
+from benchmarks.speed_table import stage_bounds
 from tests.workers import ENV, ROOT, gone
 from tfpipe.processes import nth_core
 
@@ -63,11 +64,34 @@ def test_workers_benchmark_quick(tmp_path):
     assert [t["config"] for t in report["timeline"]] == [
         "sequential M=2", "1f1b M=2, 1 worker", "1f1b M=2"]
     assert all(t["tail_ms"] is not None and t["span_ms"] > 0 for t in report["timeline"])
+    [stage] = report["stage_bounds"]  # 1f1b M=2 from its one-worker twin
+    assert (stage["config"], stage["M"]) == ("1f1b", 2) and stage["bound_ms"] > 0
+    assert "[stage bound]" in proc.stdout
     assert "1f1b" in proc.stdout and "[summary] tfpipe" in proc.stdout
     assert "1F1B (rank loops) efficiency vs same-M sequential" in proc.stdout
     # two workers and the client, all ended
     assert len(report["processes"]["pids"]) == 3
     assert all(gone(pid) for pid in report["processes"]["pids"])
+
+
+def test_stage_bounds_scale_the_one_worker_span_by_the_profiling_cost():
+    """A literal table: the one-worker twin's span (300 ms, profiled) scaled by the sequential
+    step's unprofiled / profiled time (540 / 600), against the baseline and the same-M
+    sequential step; configurations without a twin give no row."""
+    timelines = [{"config": "sequential M=4", "wall_ms": 600.0, "predicted_span_ms": 600.0},
+                 {"config": "1f1b M=4, 1 worker", "wall_ms": 610.0, "predicted_span_ms": 300.0},
+                 {"config": "1f1b M=4", "wall_ms": 420.0, "predicted_span_ms": 310.0},
+                 {"config": "gpipe M=4", "wall_ms": 430.0, "predicted_span_ms": 320.0}]
+    times = {"baseline": [500.0, 520.0, 510.0], "sequential M=4": [540.0],
+             "1f1b M=4": [360.0, 380.0], "gpipe M=4": [400.0]}
+    [row] = stage_bounds(timelines, times)
+    assert (row["config"], row["M"]) == ("1f1b", 4)
+    assert row["scale"] == pytest.approx(0.9) and row["bound_ms"] == pytest.approx(270.0)
+    assert row["measured_ms"] == pytest.approx(370.0)
+    assert row["speedup_bound"] == pytest.approx(510 / 270)
+    assert row["speedup"] == pytest.approx(510 / 370)
+    assert row["efficiency_vs_sequential_bound"] == pytest.approx(540 / 270 / 1.6)
+    assert row["of_bound"] == pytest.approx(270 / 370)
 
 
 def test_send_delay_reproduces_the_one_thread_send_and_its_fix():
