@@ -69,12 +69,13 @@ def test_waits_of_zb_h1_count_input_and_weight_gradients():
 
 
 def test_gradient_waits_chain_the_weight_gradient_sums_of_a_rank():
-    # GPipe: every backward of a rank after the one before it; ZB-H1: the Ws (Is are free)
+    # GPipe: every backward of a rank after the one before it; ZB-H1: the Is, which take the
+    # weight gradients (the Ws have nothing left to add)
     assert table(gradient_waits(gpipe(2, 3))) == {
         "0B1": "0B0", "0B2": "0B1", "1B1": "1B0", "1B2": "1B1",
     }
     assert table(gradient_waits(zb_h1(2, 3))) == {
-        "0W1": "0W0", "0W2": "0W1", "1W1": "1W0", "1W2": "1W1",
+        "0I1": "0I0", "0I2": "0I1", "1I1": "1I0", "1I2": "1I1",
     }
     assert Program.build(gpipe(2, 2), replicas=2).gradient_waits[Action(0, "B", 3)] == Action(
         0, "B", 2)  # replica 1's micro-batches 2 and 3

@@ -289,7 +289,7 @@ def test_dualpipe_v_figures_for_two_and_four_ranks():
         assert one.step_time == one_step and close(one.bubble_fraction, one_bubble)
     assert sim.peak_in_flight == (8, 7, 6, 5, 4, 3, 2, 1)  # 1F1B: (4, 3, 2, 1) of twice the size
     assert rank_peaks(sim.schedule) == [9, 9, 9, 9]  # ZB-V: 8
-    # W as long as a whole backward (the executor re-derives the chain; the planner's costs):
+    # W as long as a whole backward (what the executor's W cost while it re-derived the chain):
     # fewer split backwards than ZB-V, so a shorter step
     rederive = Costs(forward=0.5, backward=1.0, input_grad=0.5, weight_grad=1.0)
     for d, m, splits, steps in ((2, 4, (5, 16), (13.5, 16.5)), (4, 8, (22, 64), (27.5, 34.5))):

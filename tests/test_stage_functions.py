@@ -185,3 +185,25 @@ def test_no_stage_function_computes_a_gradient_for_the_data():
                micro_batches=4, schedule="1f1b", balance=[2, 1])
     for a, b in zip(ref.get_weights(), piped.get_weights()):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_a_split_backward_runs_each_stage_gradient_once_per_micro_batch():
+    # A stage's gradient function computes its input and weight gradients in one call, so the
+    # `I` of a zero-bubble schedule keeps both and its `W` calls nothing: as many backward
+    # calls as 1F1B's (a `W` that asked the tape again ran every backward twice)
+    x, y = data("mlp", n=32)
+    calls = {}
+    for schedule in ("1f1b", "zb-h1"):
+        pipe = tfpipe.Pipeline(build("mlp"), stages=2, micro_batches=4, schedule=schedule,
+                               rank_loops=False)
+        graph = traced_step(pipe, x, y)
+        calls[schedule] = sum(1 for op in graph.get_operations()
+                              if op.type.endswith("PartitionedCall")
+                              and "backward" in op.get_attr("f").name)
+    assert calls == {"1f1b": 2 * 4, "zb-h1": 2 * 4}  # K x M (12 for zb-h1 before)
+    ref, ref_log = build("mlp"), StepLog()
+    ref.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0, callbacks=[ref_log])
+    model, log = build("mlp"), StepLog()
+    tfpipe.fit(model, x, y, batch_size=16, epochs=2, shuffle=False, verbose=0, callbacks=[log],
+               stages=2, micro_batches=4, schedule="zb-h1")
+    assert_same_training(ref, ref_log, model, log)

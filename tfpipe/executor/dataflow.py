@@ -3,12 +3,11 @@
 Design: while a step is traced, each action hands symbolic tensors to later actions: a
 stage's outputs to the stages that consume them (`publish` / `inputs_for`), input gradients
 back to the stages that made those inputs (`send_grad` / `take_grad`, summed over consumers),
-a forward's tape to its backward (`keep_forward` / `take_forward`), an `I`'s tape and output
-gradients to its `W` (`defer_weight_grad` / `take_deferred`), and every action's results to
-the actions that must wait for it (`mark_done` / `done`). Values and gradients are keyed by
-(micro-batch, id of a KerasTensor of the user's graph); tapes by (stage, micro-batch). The
-schedule's trace order (`tfpipe.executor.program`) guarantees every key is written before it
-is read.
+a forward's tape to its backward (`keep_forward` / `take_forward`), and every action's
+results to the actions that must wait for it (`mark_done` / `done`). Values and gradients
+are keyed by (micro-batch, id of a KerasTensor of the user's graph); tapes by (stage,
+micro-batch). The schedule's trace order (`tfpipe.executor.program`) guarantees every key is
+written before it is read.
 
 A tensor read by stages on several devices (a skip connection) gets one gradient from each:
 those from one device are summed there, and the per-device sums are added on the device of
@@ -42,8 +41,7 @@ class Recorded:
     takes its weight gradients for whichever it used (`params`).
 
     `targets` are the stage's float outputs that other stages consume (ids in `target_ids`)
-    followed by its loss terms; `seeds`, set by an `I` action for its `W`, are their output
-    gradients: the gradients the consumers sent back, then ones for the loss terms.
+    followed by its loss terms.
     """
 
     tape: tf.GradientTape | None
@@ -51,7 +49,6 @@ class Recorded:
     watched_ids: list[int]
     targets: list[tf.Tensor]
     target_ids: list[int]
-    seeds: list[tf.Tensor]
     replay: tuple[list[Any], list[Any], list[tf.Tensor]] | None = None
     weights: list[tf.Tensor] | None = None
 
@@ -76,7 +73,6 @@ class Dataflow:
     _values: dict[Key, Any] = field(default_factory=dict)
     _grads: dict[Key, dict[str, Any]] = field(default_factory=dict)
     _forwards: dict[Key, Recorded] = field(default_factory=dict)
-    _deferred: dict[Key, Recorded] = field(default_factory=dict)
     _done: dict[Action, list[tf.Tensor]] = field(default_factory=dict)
 
     def publish(self, m: int, ids: list[int], values: list[Any]) -> None:
@@ -109,14 +105,6 @@ class Dataflow:
     def take_forward(self, action: Action) -> Recorded:
         """What the forward of `action`'s stage and micro-batch recorded (taken once)."""
         return self._forwards.pop((action.stage, action.micro_batch))
-
-    def defer_weight_grad(self, action: Action, rec: Recorded) -> None:
-        """Keeps an `I` action's tape and seeds for the `W` of its stage and micro-batch."""
-        self._deferred[(action.stage, action.micro_batch)] = rec
-
-    def take_deferred(self, action: Action) -> Recorded:
-        """What the `I` of `action`'s stage and micro-batch left for this `W` (taken once)."""
-        return self._deferred.pop((action.stage, action.micro_batch))
 
     def mark_done(self, action: Action, tensors: list[tf.Tensor]) -> None:
         """Records the tensors whose running means `action` ran."""

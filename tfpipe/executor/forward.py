@@ -5,7 +5,7 @@ Design:
   `GradientTape` under `tf.device(stage.device)` (`record`); its backward asks that tape for
   the vector-Jacobian product with the gradient arriving from stage s+1, again under the
   stage's device. One tape around the whole forward would put the backward on the caller's
-  device. Split backward (`I` then `W`, zero-bubble schedules) asks a persistent tape twice.
+  device. A split backward's `I` asks it for both (`tfpipe.executor.step`).
 - Recomputation runs the forward without a tape (its activations are freed at once) and the
   backward replays it (`replay`) from the kept inputs and the stage's state as it was.
 - A replica past the first passes its one read of the stage's weights per step (`weights`,
@@ -289,7 +289,6 @@ class StageRunner:
             watched_ids=[i for i, _ in watched],
             targets=[v for _, v in sent] + scaled,
             target_ids=[i for i, _ in sent],
-            seeds=[],
             weights=weights,
         )
         return outs, terms, rec
@@ -301,7 +300,6 @@ class StageRunner:
         rec: Recorded,
         flow: Dataflow,
         after: list[tf.Tensor],
-        persistent: bool,
     ) -> Recorded:
         """Re-runs a recomputed stage's forward under a tape, as it ran the first time.
 
@@ -317,7 +315,6 @@ class StageRunner:
             flow: the step's dataflow.
             after: what the replay waits for: its output gradients and the previous backward
                 on its rank.
-            persistent: whether the new tape is asked twice (`I` then `W`).
         """
         if rec.replay is None:
             return rec
@@ -328,7 +325,7 @@ class StageRunner:
         current = [tf.identity(v.value) for v in variables]
         for v, value in zip(variables, snapshot):
             v.assign(value)
-        tape = tf.GradientTape(persistent=persistent)
+        tape = tf.GradientTape()
         _, _, replayed = self.record(stage, m, inputs, in_ids, flow, tape=tape, replaying=True,
                                      weights=rec.weights)
         for v, value in zip(variables, current):

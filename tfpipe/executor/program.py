@@ -10,7 +10,7 @@ Design:
   what bounds in-flight activations (1F1B: stage s starts F(m+K-s) only after B(m)). So each
   `F` gets one control dependency (`rank_waits`): on the latest backward-type action (`B`,
   `I` or `W`) before it on its rank, if any. GPipe gets none, 1F1B gets exactly the warm-up
-  bound. Likewise each action that adds weight gradients (`B`, `W`) waits for the one
+  bound. Likewise each action that adds weight gradients (`B`, `I`) waits for the one
   before it on its rank (`gradient_waits`), which bounds gradient memory to the running sum
   and one micro-batch's gradients, whatever the schedule.
 - Replicas: with `replicas=R` the executor runs R copies of the schedule; copy r names the
@@ -70,7 +70,8 @@ def rank_waits(schedule: Schedule, kinds: str = "F") -> dict[Action, Action]:
 
 
 def gradient_waits(schedule: Schedule) -> dict[Action, Action]:
-    """For each action that adds weight gradients (`B`, `W`), the one before it on its rank.
+    """For each action that adds weight gradients (`B`, and `I`, which takes a split backward's
+    weight gradients: `tfpipe.executor.step`), the one before it on its rank.
 
     Chained so, a rank's weight-gradient sums grow one micro-batch at a time: without it the
     dataflow runtime may compute every micro-batch's gradients before adding any (GPipe, and
@@ -82,7 +83,7 @@ def gradient_waits(schedule: Schedule) -> dict[Action, Action]:
     for actions in schedule.ranks:
         latest = None
         for a in actions:
-            if a.kind in "BW":
+            if a.kind in "BI":
                 if latest is not None:
                     waits[a] = latest
                 latest = a
@@ -130,7 +131,7 @@ class Program:
         forward_runs: the `F` runs only, in the same order (evaluation and prediction).
         waits: the one control dependency each forward gets (see `rank_waits`).
         replay_waits: the dependency each recomputed `B` / `I` replay gets.
-        gradient_waits: the dependency each `B` / `W` gets (see `gradient_waits`).
+        gradient_waits: the dependency each `B` / `I` gets (see `gradient_waits`).
     """
 
     runs: list[Run]

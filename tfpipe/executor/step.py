@@ -11,9 +11,15 @@ Design:
   (`tfpipe.executor.forward`), sum weight gradients in `GradSums` (`tfpipe.executor.grads`),
   and bracket their work with the profiling `Stamper` (`tfpipe.executor.profiling`), a no-op
   unless `profile=True`.
-- Split backward (`I` then `W`, zero-bubble schedules) asks a persistent tape twice: first
-  for the input gradient (which unblocks stage s-1), later for the weight gradient; the `I`
-  hands its tape and output gradients to its `W` explicitly (`defer_weight_grad`).
+- Split backward (`I` then `W`, zero-bubble schedules): `I` runs the whole backward, input
+  and weight gradients, and `W` has nothing left to compute. A stage runs as one function
+  call (`tfpipe.executor.stagefn`), and the gradient TensorFlow makes for a call computes
+  every input's and weight's gradient in one function, so an `I` asked for the input
+  gradients alone cost a whole backward all the same, and a `W` asked the kept tape for the
+  weight gradients, a second whole backward (two one-core workers: `B` 42-49 ms, `I` 43-44,
+  `W` 43-44). Summed at `I`, the weight gradients cost nothing more and the tape (the
+  activations) goes at once; the schedule's `W` stays an action, stamped when profiled,
+  done once its `I` is.
 - With replicas, each copy past the first reads each stage's weights once, before the first
   action (`tfpipe.executor.weights`), and its handlers run its stages on that read.
 - After the last action, the sums are reduced over replicas and the model's own optimizer
@@ -24,7 +30,6 @@ Design:
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar, NamedTuple
@@ -306,9 +311,8 @@ class Executor:
                                                   weights=at.weights)
             rec.replay = (inputs, in_ids, snapshot)
         else:
-            tape = tf.GradientTape(persistent=self.schedule.splits_backward(s))
-            outs, terms, rec = self.runner.record(stage, m, inputs, in_ids, flow, tape=tape,
-                                                  weights=at.weights)
+            outs, terms, rec = self.runner.record(stage, m, inputs, in_ids, flow,
+                                                  tape=tf.GradientTape(), weights=at.weights)
         flow.losses.extend(terms)
         flow.keep_forward(at.action, rec)
         produced: list[Any] = keras.tree.flatten(outs) + terms
@@ -316,46 +320,29 @@ class Executor:
         return produced
 
     def _backward(self, at: _At, flow: Dataflow, sums: GradSums) -> list[Any]:
-        """B: VJP of the stage's forward for its inputs and weights, in one pass."""
+        """B, or the I of a split backward: VJP of the stage's forward for its inputs and
+        weights, in one pass (module docstring: why an `I` takes the weight gradients too)."""
         rec, seeds = self._backward_inputs(at, flow)
         assert rec.tape is not None, "replay gives a recomputed stage its tape"
         params = rec.params(at.stage.trainable_variables)
         input_grads, weight_grads = vjp(rec.tape, rec.targets, rec.watched, params, seeds)
         produced = self._keep(at, flow, sums, rec, input_grads, weight_grads)
-        self.stamper.end(at.device, produced)
-        return produced
-
-    def _input_grad(self, at: _At, flow: Dataflow, sums: GradSums) -> list[Any]:
-        """I: VJP for the stage's inputs only, so the stages that made them can go on."""
-        rec, seeds = self._backward_inputs(at, flow)
-        rec = dataclasses.replace(rec, seeds=seeds)
-        flow.defer_weight_grad(at.action, rec)
-        result: list[Any] = []
-        if rec.watched:
-            assert rec.tape is not None, "replay gives a recomputed stage its tape"
-            result, _ = vjp(rec.tape, rec.targets, rec.watched, [], seeds)
-        produced = self._keep(at, flow, sums, rec, result, [])
-        if not produced:  # nothing to send back (first stage): mark the action done all the same
+        if not produced:  # no input to send back nor weight (a weightless first stage)
             produced = [tf.identity(s) for s in seeds[:1]]
         self.stamper.end(at.device, produced)
         return produced
 
     def _weight_grad(self, at: _At, flow: Dataflow, sums: GradSums) -> list[Any]:
-        """W: VJP for the stage's weights, deferred by the schedule into a bubble."""
-        s, m = at.action.stage, at.action.micro_batch
-        rec = flow.take_deferred(at.action)
-        seeds = self.stamper.start(at.device, rec.seeds, flow.done(Action(s, "I", m))
-                                   + flow.done(self.program.gradient_waits.get(at.action)))
-        assert rec.tape is not None, "replay gave a recomputed stage its tape at its I"
-        params = rec.params(at.stage.trainable_variables)
-        _, result = vjp(rec.tape, rec.targets, [], params, seeds)
-        rec.tape = None  # the persistent tape's activations can go
-        produced = self._keep(at, flow, sums, rec, [], result)
-        self.stamper.end(at.device, produced)
-        return produced
+        """W: nothing left to compute, since its `I` summed the weight gradients. Its results
+        are its `I`'s (stamped when profiled), so what the schedule holds behind this `W` (a
+        forward: `rank_waits`) waits for that `I`."""
+        after = flow.done(Action(at.action.stage, "I", at.action.micro_batch))
+        held: list[Any] = self.stamper.start(at.device, after, [])
+        self.stamper.end(at.device, held)
+        return held
 
     _HANDLERS: ClassVar[dict[str, Callable[[Executor, _At, Dataflow, GradSums], list[Any]]]] = {
-        "F": _forward, "B": _backward, "I": _input_grad, "W": _weight_grad}
+        "F": _forward, "B": _backward, "I": _backward, "W": _weight_grad}
 
     # helpers of the backward handlers -------------------------------------------------------
 
@@ -370,8 +357,7 @@ class Executor:
         rec = flow.take_forward(at.action)
         seeds = self._seeds(rec, m, flow)
         wait = self.program.replay_waits.get(at.action)
-        persistent = self.schedule.splits_backward(s)
-        rec = self.runner.replay(stage, m, rec, flow, seeds + flow.done(wait), persistent)
+        rec = self.runner.replay(stage, m, rec, flow, seeds + flow.done(wait))
         seeds = self.stamper.start(at.device, seeds, flow.done(self.program.gradient_waits.get(
             at.action)), ready=flow.done(Action(s, "F", m)))
         return rec, seeds

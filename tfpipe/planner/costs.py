@@ -12,12 +12,12 @@ what the executor does, not an ideal:
   ratio for layers whose backward computes input and weight gradients.
 - A recomputed stage runs its forward again inside its backward (`B`, or `I` for split
   backwards), so that action costs one more forward.
-- A split backward's `I` and `W` each cost a whole backward (`ZB_INPUT_GRAD`,
+- A split backward's `I` costs a whole backward and its `W` nothing (`ZB_INPUT_GRAD`,
   `ZB_WEIGHT_GRAD`): `I` runs the gradient function TensorFlow made for the stage function's
-  call, which computes the weight gradients too (dropped), and `W` re-derives the backward
-  chain (docs/schedules.md, "Known costs and limits"). Measured on two one-core workers
-  (DualPipeV, M = 4, batch 2048, chunks of 2 Dense(1024)): `B` 42-49 ms, `I` 43-44 ms, `W`
-  43-44 ms; priced at half a backward, `I` made DualPipeV's predicted step 1.21x too short.
+  call, which computes the weight gradients too, and sums them (`tfpipe.executor.step`).
+  Measured on two one-core workers (DualPipeV, M = 4, batch 2048, chunks of 2 Dense(1024)),
+  when `W` still re-derived them: `B` 42-49 ms, `I` 43-44 ms, `W` 43-44 ms; priced at half a
+  backward, `I` made DualPipeV's predicted step 1.21x too short.
 - Every hop between devices costs `latency + bytes crossing the cut x micro-batch size /
   bandwidth`. The simulator takes one delay for all hops, so the largest cut's is used.
   `tfpipe.plan` measures latency and bandwidth between its first two devices
@@ -64,10 +64,10 @@ FORWARD_SHARE = 1.0 / 3.0
 
 ZB_INPUT_GRAD = 1.0
 """A split backward's `I` as a fraction of a full backward (it runs the stage's whole gradient
-function)."""
+function and keeps the weight gradients too)."""
 
-ZB_WEIGHT_GRAD = 1.0
-"""A split backward's `W` as a fraction of a full backward (it re-derives the backward chain)."""
+ZB_WEIGHT_GRAD = 0.0
+"""A split backward's `W` as a fraction of a full backward (its `I` left it nothing to do)."""
 
 LOCAL_BANDWIDTH = 10e9
 """Default bytes per second between devices of one host."""
@@ -246,16 +246,11 @@ def _rank_peak(
     for a in sched.ranks[rank]:
         s = a.stage
         stages.add(s)
-        split = sched.splits_backward(s)
         if a.kind == "F":
             live += kept[s]
-        elif a.kind == "B":
+        elif a.kind in "BI":  # an `I` frees what a `B` frees; its `W` holds nothing
             peak = max(peak, live + work[s])
             live -= kept[s]
-        elif a.kind == "I":
-            live += work[s]  # a recomputed stage's replay stays on its tape until W
-        elif a.kind == "W":
-            live -= kept[s] + (work[s] if split else 0.0)
         peak = max(peak, live)
     return peak + sum(state[s] for s in stages)
 

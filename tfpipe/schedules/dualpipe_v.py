@@ -35,9 +35,9 @@ for M >= 2D the step is 6 M f + (D - 1) f, ZB-V's: a bubble of (D-1)/(6M+D-1) (D
 what the simulator finds here. Memory: stage s holds at most 2D - s micro-batches (ZB-V's),
 a rank at most 2D + 1 chunk activations (the README's PP + 1; ZB-V: 2D), the one more
 being the forward of an overlapped pair beside its backward. It runs fewer split backwards
-than ZB-V (whose every backward is split), which matters here because a `W` re-derives the
-backward chain (docs/schedules.md, "Known costs and limits"). M < 2D is refused, as PyTorch
-and DeepSeek do; `zb-v` runs any M.
+than ZB-V (whose every backward is split), which shortens its step wherever a `W` costs more
+than half a backward (docs/schedules.md, "Known costs and limits"). M < 2D is refused, as
+PyTorch and DeepSeek do; `zb-v` runs any M.
 """  # noqa: E501 (the grid is wider than a line)
 
 from __future__ import annotations
