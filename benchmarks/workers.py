@@ -36,7 +36,8 @@ also trace), then `--runs` timed runs of `--steps` steps. Figures are medians ov
 runs (rounds x runs). `--peer` also runs PyTorch's `torch.distributed.pipelining`
 (benchmarks/peer_torch.py) in every round, after tfpipe's configurations, so both systems see
 the same machine state. `--timeline` adds tfpipe's measured timelines (`profile=True`) of each
-configuration, for where the time goes. The machine's load (`os.getloadavg`) is recorded
+configuration, for where the time goes, and `[stage bound]`, the step no engine on these
+kernels beats (`speed_table.stage_bounds`). The machine's load (`os.getloadavg`) is recorded
 before and after; on a shared machine `--quiet 0.3` makes each visit first wait (at most
 `--quiet-wait` seconds) until the CPUs are less than 30% busy, and records what it saw.
 
